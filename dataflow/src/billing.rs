@@ -1,0 +1,391 @@
+//! Billing path: every impression billed exactly once, only after a
+//! qualifying watch, and only once it is final.
+//!
+//! The whole outcome of an impression id is a pure function of the records
+//! that reached billing for it, each annotated with the watermark of its
+//! partition when it arrived (see [`Ingested`]):
+//!
+//! * impressions whose own window had closed when they arrived
+//!   (`watermark > ts + window`) are late and never enter (see [`admit`]);
+//! * the canonical impression is the least `(ts, event_id)` among the rest,
+//!   and its deadline is `D = ts + qualify_window`;
+//! * an `ad_progress` counts if `watermark <= D`, `watched_ms >= qualify_ms`
+//!   and `ts` lies in `[canonical.ts, D]`; the earliest such `ts` is
+//!   `qualified_ts`;
+//! * any other record with `watermark > D` arrived after the impression was
+//!   final: it is late and changes nothing.
+//!
+//! Because the rule reads only data, the answer does not depend on arrival
+//! order, worker count or partitioning. Differential computes it with one
+//! `reduce` keyed by impression id (which is also the dedup arrangement),
+//! and [`finalize`] releases an outcome only once the frontier has passed
+//! its deadline: records still able to change it travel at times at or
+//! before `coarse(D)` (see [`crate::time`]).
+//!
+//! State stays bounded: each record leaves the arrangement again
+//! `state_retention_ms` after the latest deadline it can influence. Outcome
+//! changes caused by those retractions happen after the deadline and are
+//! dropped by [`finalize`]; a duplicate that arrives after everything about
+//! its id has been retracted can produce a second outcome, which the billing
+//! sink's ledger (every finalized id, forever) rejects.
+
+use differential_dataflow::AsCollection;
+use serde::{Deserialize, Serialize};
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::core::OkErr;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::{Capability, Concat};
+use timely::dataflow::StreamVec;
+
+use std::collections::BTreeMap;
+
+use crate::config::PipelineConfig;
+use crate::event::{EventKind, Ingested, Position};
+use crate::time::{after, coarse, Time};
+
+/// An impression as it entered billing.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ImpressionFact {
+    // Field order matters: the derived `Ord` makes the canonical record
+    // (least `ts`, then `event_id` in byte order) sort first.
+    pub ts: u64,
+    pub event_id: String,
+    pub watermark: u64,
+    pub position: Position,
+    pub ad_id: String,
+    pub campaign_id: String,
+    pub advertiser_id: String,
+    pub stream_id: String,
+    pub viewer_id: String,
+    pub price_micros: u64,
+}
+
+/// An `ad_progress` that reached the qualifying threshold.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ProgressFact {
+    pub ts: u64,
+    pub event_id: String,
+    pub watermark: u64,
+    pub position: Position,
+}
+
+/// What billing keeps per impression id. Impressions sort before progress.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Fact {
+    Impression(ImpressionFact),
+    Progress(ProgressFact),
+}
+
+impl Fact {
+    fn ts(&self) -> u64 {
+        match self {
+            Fact::Impression(i) => i.ts,
+            Fact::Progress(p) => p.ts,
+        }
+    }
+    fn watermark(&self) -> u64 {
+        match self {
+            Fact::Impression(i) => i.watermark,
+            Fact::Progress(p) => p.watermark,
+        }
+    }
+}
+
+/// The final word on one impression id.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Outcome {
+    pub impression_id: String,
+    /// The canonical impression record.
+    pub impression: ImpressionFact,
+    /// `ts` of the earliest qualifying `ad_progress`; `None` means expired.
+    pub qualified_ts: Option<u64>,
+    /// On-time impression records other than the canonical one.
+    pub duplicates: u32,
+}
+
+impl Outcome {
+    /// `impression.ts + qualify_window`: final once the watermark passes it.
+    pub fn deadline(&self, config: &PipelineConfig) -> u64 {
+        self.impression.ts + config.qualify_window_ms
+    }
+    pub fn is_billed(&self) -> bool {
+        self.qualified_ts.is_some()
+    }
+}
+
+/// Why a record was not taken into account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum LateReason {
+    /// An impression whose own qualify window had closed when it arrived.
+    WindowClosed,
+    /// The impression it concerns was already final when it arrived.
+    ImpressionFinal,
+}
+
+impl LateReason {
+    pub fn code(&self) -> &'static str {
+        match self {
+            LateReason::WindowClosed => "window_closed",
+            LateReason::ImpressionFinal => "impression_final",
+        }
+    }
+}
+
+/// A record that arrived too late to count, for `late.jsonl`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LateRecord {
+    pub reason: LateReason,
+    /// `"impression"` or `"ad_progress"`.
+    pub kind: String,
+    pub event_id: String,
+    pub impression_id: String,
+    pub ts: u64,
+    pub position: Position,
+}
+
+impl LateRecord {
+    fn of(fact: &Fact, impression_id: &str, reason: LateReason) -> Self {
+        let (kind, event_id, position) = match fact {
+            Fact::Impression(i) => ("impression", &i.event_id, i.position),
+            Fact::Progress(p) => ("ad_progress", &p.event_id, p.position),
+        };
+        LateRecord {
+            reason,
+            kind: kind.to_string(),
+            event_id: event_id.clone(),
+            impression_id: impression_id.to_string(),
+            ts: fact.ts(),
+            position,
+        }
+    }
+}
+
+/// What leaves the billing path: only final outcomes and late records.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum BillingEvent {
+    Final(Outcome),
+    Late(LateRecord),
+}
+
+/// What the reduce says about an impression id at some time.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+enum Verdict {
+    Outcome(Outcome),
+    Late(LateRecord),
+}
+
+/// Builds the billing sub-graph on the stream of ingested impressions and
+/// `ad_progress` records (other event types may be present; they are ignored).
+pub fn billing<'s>(
+    ingested: StreamVec<'s, Time, Ingested>,
+    config: &PipelineConfig,
+) -> StreamVec<'s, Time, BillingEvent> {
+    let (facts, window_closed) = admit(ingested, config);
+    let verdicts = decide(facts, config);
+    finalize(verdicts, config).concat(window_closed.map(BillingEvent::Late))
+}
+
+/// Turns ingested records into billing facts, early: below-threshold
+/// progress and other event types are dropped here, so differential sees
+/// about two records per impression; impressions already past their own
+/// window are late on arrival.
+fn admit<'s>(
+    ingested: StreamVec<'s, Time, Ingested>,
+    config: &PipelineConfig,
+) -> (
+    StreamVec<'s, Time, (String, Fact)>,
+    StreamVec<'s, Time, LateRecord>,
+) {
+    let qualify_ms = config.qualify_ms;
+    let window = config.qualify_window_ms;
+    type Admitted<'s> = StreamVec<'s, Time, Option<(String, Fact)>>;
+    let (facts, late): (Admitted<'s>, StreamVec<'s, Time, LateRecord>) = ingested
+        .ok_err(move |record: Ingested| {
+            let Ingested {
+                event,
+                position,
+                watermark,
+            } = record;
+            match event.kind {
+                EventKind::Impression(imp) => {
+                    let fact = Fact::Impression(ImpressionFact {
+                        ts: event.ts,
+                        event_id: event.event_id,
+                        watermark,
+                        position,
+                        ad_id: imp.ad_id,
+                        campaign_id: imp.campaign_id,
+                        advertiser_id: imp.advertiser_id,
+                        stream_id: event.stream_id,
+                        viewer_id: event.viewer_id,
+                        price_micros: imp.price_micros,
+                    });
+                    if watermark > event.ts + window {
+                        Err(LateRecord::of(
+                            &fact,
+                            &imp.impression_id,
+                            LateReason::WindowClosed,
+                        ))
+                    } else {
+                        Ok(Some((imp.impression_id, fact)))
+                    }
+                }
+                EventKind::AdProgress(progress) if progress.watched_ms >= qualify_ms => {
+                    let fact = Fact::Progress(ProgressFact {
+                        ts: event.ts,
+                        event_id: event.event_id,
+                        watermark,
+                        position,
+                    });
+                    Ok(Some((progress.impression_id, fact)))
+                }
+                _ => Ok(None),
+            }
+        });
+    (facts.flat_map(|fact| fact), late)
+}
+
+/// The differential part: every fact enters at its arrival time and leaves
+/// again once it can no longer matter; one reduce per impression id decides.
+fn decide<'s>(
+    facts: StreamVec<'s, Time, (String, Fact)>,
+    config: &PipelineConfig,
+) -> StreamVec<'s, Time, ((String, Verdict), Time, isize)> {
+    let window = config.qualify_window_ms;
+    let granularity = config.time_granularity_ms;
+    let retention = config.state_retention_ms;
+    let updates = facts.unary(Pipeline, "EnterAndRetire", move |_, _| {
+        move |input, output| {
+            input.for_each_stamp(|cap, batches| {
+                let Some(&time) = cap.least() else { return };
+                let mut session = output.session(&cap);
+                for batch in batches {
+                    for (id, fact) in batch.drain(..) {
+                        // The latest deadline this fact can influence is its own
+                        // `ts + window` (for an impression: its own deadline; for
+                        // progress: the deadline of an impression at `ts - window`
+                        // or later). It must still be present when the frontier
+                        // passes that deadline, and may leave `retention` later.
+                        let last_useful = fact.watermark().max(fact.ts() + window);
+                        let retire = after(last_useful, granularity).saturating_add(retention);
+                        debug_assert!(retire > time);
+                        session.give(((id.clone(), fact.clone()), time, 1isize));
+                        session.give(((id, fact), retire, -1isize));
+                    }
+                }
+            });
+        }
+    });
+    updates
+        .as_collection()
+        .reduce_named("DecideImpression", move |id: &String, input, output| {
+            decide_impression(id, input, output, window)
+        })
+        .inner
+}
+
+/// The pure rule of the module docs, for one impression id. `input` is
+/// sorted, so impressions come first and the canonical one leads.
+fn decide_impression(
+    id: &str,
+    input: &[(&Fact, isize)],
+    output: &mut Vec<(Verdict, isize)>,
+    window: u64,
+) {
+    let Some((Fact::Impression(canonical), _)) = input.first() else {
+        // Only progress so far: the impression may still come.
+        return;
+    };
+    let deadline = canonical.ts + window;
+    let mut qualified_ts: Option<u64> = None;
+    let mut duplicates = 0u32;
+    for (fact, count) in &input[1..] {
+        if *count <= 0 {
+            continue;
+        }
+        if fact.watermark() > deadline {
+            output.push((
+                Verdict::Late(LateRecord::of(fact, id, LateReason::ImpressionFinal)),
+                1,
+            ));
+            continue;
+        }
+        match fact {
+            Fact::Impression(_) => duplicates += 1,
+            Fact::Progress(p) => {
+                if p.ts >= canonical.ts && p.ts <= deadline {
+                    qualified_ts = Some(qualified_ts.map_or(p.ts, |q| q.min(p.ts)));
+                }
+            }
+        }
+    }
+    output.push((
+        Verdict::Outcome(Outcome {
+            impression_id: id.to_string(),
+            impression: canonical.clone(),
+            qualified_ts,
+            duplicates,
+        }),
+        1,
+    ));
+}
+
+/// Releases each outcome once the frontier has passed its deadline, and late
+/// records once they are known. Outcome changes at times after the deadline
+/// (state retiring, or nothing at all in a correct run) are not changes of
+/// a final answer and are dropped.
+fn finalize<'s>(
+    verdicts: StreamVec<'s, Time, ((String, Verdict), Time, isize)>,
+    config: &PipelineConfig,
+) -> StreamVec<'s, Time, BillingEvent> {
+    let window = config.qualify_window_ms;
+    let granularity = config.time_granularity_ms;
+    verdicts.unary_frontier(Pipeline, "Finalize", move |_, _| {
+        // Outcome updates per deadline bucket, with a capability to emit them.
+        type Bucket = (Capability<Time>, Vec<(Outcome, isize)>);
+        let mut pending: BTreeMap<Time, Bucket> = BTreeMap::new();
+        move |(input, frontier), output| {
+            input.for_each_stamp(|cap, batches| {
+                for batch in batches {
+                    for ((_id, verdict), time, diff) in batch.drain(..) {
+                        match verdict {
+                            Verdict::Outcome(outcome) => {
+                                let bucket = coarse(outcome.impression.ts + window, granularity);
+                                if time > bucket {
+                                    continue;
+                                }
+                                pending
+                                    .entry(bucket)
+                                    .or_insert_with(|| (cap.delayed(&bucket, 0), Vec::new()))
+                                    .1
+                                    .push((outcome, diff));
+                            }
+                            Verdict::Late(late) if diff > 0 => {
+                                output
+                                    .session(&cap.delayed(&time, 0))
+                                    .give(BillingEvent::Late(late));
+                            }
+                            Verdict::Late(_) => {}
+                        }
+                    }
+                }
+            });
+            while let Some(entry) = pending.first_entry() {
+                if frontier.less_equal(entry.key()) {
+                    break;
+                }
+                let (cap, mut updates) = entry.remove();
+                differential_dataflow::consolidation::consolidate(&mut updates);
+                let mut session = output.session(&cap);
+                for (outcome, diff) in updates {
+                    // A consistent reduce leaves exactly one outcome per id.
+                    debug_assert_eq!(diff, 1, "outcome for {}", outcome.impression_id);
+                    if diff > 0 {
+                        session.give(BillingEvent::Final(outcome));
+                    }
+                }
+            }
+        }
+    })
+}

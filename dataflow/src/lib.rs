@@ -1,0 +1,17 @@
+//! The livepipe dataflow: one ingest, two paths that share nothing else.
+//!
+//! * [`live`]: a timely sub-graph that emits per-stream presence and chat
+//!   counts on a one-second wall-clock tick, whatever the frontier says.
+//! * [`billing`]: a differential sub-graph that deduplicates impressions,
+//!   joins qualifying watches and releases only final outcomes.
+//!
+//! This crate does no I/O: sources and sinks live in their own crates and
+//! meet the graph through the types in [`event`] and the streams returned
+//! here.
+
+pub mod billing;
+pub mod config;
+pub mod event;
+pub mod live;
+pub mod parse;
+pub mod time;

@@ -1,0 +1,338 @@
+//! Billing sink: final outcomes into the ledger, period files out of it.
+//!
+//! All billing output is written by one worker (worker 0), so files do not
+//! depend on the number of workers. Outcomes arrive already final; the sink
+//! commits them to the [`Ledger`] and, once its input frontier shows that a
+//! whole period is final, renders the period's file from the ledger:
+//!
+//! ```text
+//! OUT/billing/billable-<start_ms>-<end_ms>.csv        the rows, sorted by impression_id
+//! OUT/billing/billable-<start_ms>-<end_ms>.csv.done   completion marker (JSON)
+//! ```
+//!
+//! The CSV is written atomically first, then the marker; a reader that finds
+//! the marker can trust the CSV (row count, total price and SHA-256 of the
+//! exact bytes are in the marker). Periods run from the first that held a
+//! finalized impression; a period with nothing billed gets a header-only
+//! file, so "nothing to bill" is distinguishable from "not final yet".
+
+use livepipe_dataflow::billing::BillingEvent;
+use livepipe_dataflow::config::PipelineConfig;
+use livepipe_dataflow::time::{coarse, Time};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::StreamVec;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::fsutil::{sync_dir, write_atomic, TEMP_PREFIX};
+use crate::ledger::{BilledRow, Commit, FileRecord, Ledger, LEDGER_FILE};
+use crate::side::SideOutputs;
+
+pub const CSV_HEADER: &str = "impression_id,ad_id,campaign_id,advertiser_id,stream_id,viewer_id,impression_ts,qualified_ts,price_micros";
+
+/// The completion marker, `<csv>.done`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Marker {
+    /// The CSV's file name (no directory).
+    pub file: String,
+    pub period_start_ms: u64,
+    /// Exclusive.
+    pub period_end_ms: u64,
+    /// Data rows, header not counted.
+    pub rows: u64,
+    pub total_price_micros: u64,
+    /// Lower-case hex SHA-256 of the CSV's bytes.
+    pub sha256: String,
+}
+
+/// Counters a caller can read while the job runs.
+#[derive(Default, Debug)]
+pub struct BillingStats {
+    pub billed: AtomicU64,
+    pub expired: AtomicU64,
+    pub late: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub files: AtomicU64,
+}
+
+/// Whether trailing periods with nothing to bill get files as they become
+/// final. For a finite input they do not: its files span exactly the
+/// periods from the first to the last finalized impression, whatever the
+/// worker count. A live stream writes them, so billing can tell a quiet
+/// minute from a stalled pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrailingPeriods {
+    UpToLastImpression,
+    AsTheyFinalize,
+}
+
+pub struct BillingSink {
+    ledger: Ledger,
+    periods: PeriodWriter,
+    side: Arc<SideOutputs>,
+    /// Source name per partition, for `late.jsonl`.
+    sources: Vec<Arc<str>>,
+    trailing: TrailingPeriods,
+    buffered: Vec<livepipe_dataflow::billing::Outcome>,
+    next_period: Option<u64>,
+    stats: Arc<BillingStats>,
+}
+
+/// Renders and writes period files; the part of the sink that needs the
+/// period rules but not the ledger connection itself.
+struct PeriodWriter {
+    billing_dir: PathBuf,
+    config: PipelineConfig,
+    stats: Arc<BillingStats>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("billing ledger: {0}")]
+    Ledger(#[from] rusqlite::Error),
+    #[error("billing output: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl BillingSink {
+    /// Opens the ledger and the billing directory under `out_dir`, removing
+    /// temp files a crash may have left.
+    pub fn open(
+        out_dir: &Path,
+        config: PipelineConfig,
+        sources: Vec<Arc<str>>,
+        side: Arc<SideOutputs>,
+        trailing: TrailingPeriods,
+    ) -> Result<Self, SinkError> {
+        let billing_dir = out_dir.join("billing");
+        fs::create_dir_all(&billing_dir)?;
+        for entry in fs::read_dir(&billing_dir)? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                fs::remove_file(entry.path())?;
+            }
+        }
+        let ledger = Ledger::open(&out_dir.join(LEDGER_FILE))?;
+        let next_period = ledger.next_unwritten_period(config.billing_period_ms)?;
+        let stats = Arc::<BillingStats>::default();
+        Ok(BillingSink {
+            ledger,
+            periods: PeriodWriter {
+                billing_dir,
+                config,
+                stats: stats.clone(),
+            },
+            side,
+            sources,
+            trailing,
+            buffered: Vec::new(),
+            next_period,
+            stats,
+        })
+    }
+
+    pub fn stats(&self) -> Arc<BillingStats> {
+        self.stats.clone()
+    }
+
+    /// Takes one event from the billing path. Late records are written at
+    /// once; outcomes wait for [`BillingSink::advance`].
+    pub fn accept(&mut self, event: BillingEvent) -> Result<(), SinkError> {
+        match event {
+            BillingEvent::Final(outcome) => self.buffered.push(outcome),
+            BillingEvent::Late(late) => {
+                self.stats.late.fetch_add(1, Ordering::Relaxed);
+                self.side
+                    .late(source_name(&self.sources, late.position.partition), &late)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits buffered outcomes and writes every period that `frontier`
+    /// (the sink's input frontier; `None` once the input is exhausted) shows
+    /// to be final, all in one ledger transaction.
+    pub fn advance(&mut self, frontier: Option<Time>) -> Result<(), SinkError> {
+        let commit = self.ledger.begin()?;
+        for outcome in self.buffered.drain(..) {
+            let period = self.periods.config.period_start(outcome.impression.ts);
+            self.stats
+                .duplicates
+                .fetch_add(outcome.duplicates as u64, Ordering::Relaxed);
+            if !commit.finalize(&outcome, period)? {
+                // Already final (state retired long ago, or a replay): the
+                // first answer stands.
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                self.stats.late.fetch_add(1, Ordering::Relaxed);
+                let late = livepipe_dataflow::billing::LateRecord {
+                    reason: livepipe_dataflow::billing::LateReason::ImpressionFinal,
+                    kind: "impression".into(),
+                    event_id: outcome.impression.event_id.clone(),
+                    impression_id: outcome.impression_id.clone(),
+                    ts: outcome.impression.ts,
+                    position: outcome.impression.position,
+                };
+                let source = source_name(&self.sources, late.position.partition);
+                self.side.late_with_reason(source, &late, "already_final")?;
+            } else if outcome.is_billed() {
+                self.stats.billed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.stats.expired.fetch_add(1, Ordering::Relaxed);
+                self.side.expired(&outcome)?;
+            }
+        }
+        let range = commit.period_range()?;
+        tracing::debug!(?frontier, ?range, next = ?self.next_period, "billing commit");
+        // Until the first file is written, the first period is the least one
+        // finalized so far: outcomes of later periods can arrive before those
+        // of earlier ones, but once a period is final nothing earlier can come.
+        let mut next = self.next_period.or(range.map(|(first, _)| first));
+        let mut wrote = false;
+        while let Some(period) = next {
+            if !self.periods.is_final(period, frontier) {
+                break;
+            }
+            let last_impression_period = range.map(|(_, last)| last);
+            if self.trailing == TrailingPeriods::UpToLastImpression
+                && last_impression_period.is_none_or(|last| period > last)
+            {
+                break;
+            }
+            if commit.file_for(period)?.is_none() {
+                self.periods.write(&commit, period)?;
+                wrote = true;
+            }
+            next = Some(period + self.periods.config.billing_period_ms);
+            self.next_period = next;
+        }
+        if wrote {
+            sync_dir(&self.periods.billing_dir)?;
+        }
+        commit.commit()?;
+        self.side.flush()?;
+        Ok(())
+    }
+
+}
+
+fn source_name(sources: &[Arc<str>], partition: u32) -> &str {
+    sources.get(partition as usize).map_or("unknown", |name| name)
+}
+
+impl PeriodWriter {
+    /// A period is final once every impression in it is: the frontier has
+    /// passed the deadline of its last millisecond.
+    fn is_final(&self, period: u64, frontier: Option<Time>) -> bool {
+        let last_deadline =
+            period + self.config.billing_period_ms - 1 + self.config.qualify_window_ms;
+        frontier.is_none_or(|f| f > coarse(last_deadline, self.config.time_granularity_ms))
+    }
+
+    fn write(&self, commit: &Commit<'_>, period: u64) -> Result<(), SinkError> {
+        let end = period + self.config.billing_period_ms;
+        let rows = commit.billed_rows(period)?;
+        let (csv, total_price_micros) = render_csv(&rows)?;
+        let name = format!("billable-{period}-{end}.csv");
+        let sha256 = hex::encode(Sha256::digest(&csv));
+        write_atomic(&self.billing_dir.join(&name), &csv)?;
+        let marker = Marker {
+            file: name.clone(),
+            period_start_ms: period,
+            period_end_ms: end,
+            rows: rows.len() as u64,
+            total_price_micros,
+            sha256: sha256.clone(),
+        };
+        let mut marker_bytes = serde_json::to_vec_pretty(&marker).map_err(std::io::Error::from)?;
+        marker_bytes.push(b'\n');
+        write_atomic(&self.billing_dir.join(format!("{name}.done")), &marker_bytes)?;
+        commit.record_file(&FileRecord {
+            name,
+            period_start: period,
+            period_end: end,
+            rows: rows.len() as u64,
+            total_price_micros,
+            sha256,
+            written_at_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        })?;
+        self.stats.files.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The exact bytes of a period file: header, rows, `\n` line ends, fields
+/// quoted only when they hold `,` `"` `\r` or `\n`.
+pub fn render_csv(rows: &[BilledRow]) -> Result<(Vec<u8>, u64), std::io::Error> {
+    let mut writer = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::Any(b'\n'))
+        .quote_style(csv::QuoteStyle::Necessary)
+        .from_writer(Vec::with_capacity(64 + rows.len() * 96));
+    let mut total = 0u64;
+    writer.write_record(CSV_HEADER.split(','))?;
+    for row in rows {
+        total += row.price_micros;
+        writer.write_record([
+            row.impression_id.as_str(),
+            &row.ad_id,
+            &row.campaign_id,
+            &row.advertiser_id,
+            &row.stream_id,
+            &row.viewer_id,
+            &row.impression_ts.to_string(),
+            &row.qualified_ts.to_string(),
+            &row.price_micros.to_string(),
+        ])?;
+    }
+    let bytes = writer
+        .into_inner()
+        .map_err(|err| std::io::Error::other(err.to_string()))?;
+    Ok((bytes, total))
+}
+
+/// Attaches the sink to the billing stream: everything goes to worker 0,
+/// which commits whenever data arrives or its frontier moves. A sink error
+/// is handed to `on_fatal` (the job cannot bill without its ledger).
+pub fn attach<'s>(
+    events: StreamVec<'s, Time, BillingEvent>,
+    mut sink: Option<BillingSink>,
+    on_fatal: Arc<dyn Fn(String) + Send + Sync>,
+) {
+    let mut last_frontier: Option<Option<Time>> = None;
+    events.sink(Exchange::new(|_| 0), "BillingSink", move |(input, frontier)| {
+        let mut received = false;
+        let mut failed = None;
+        input.for_each_stamp(|_, batches| {
+            for batch in batches {
+                for event in batch.drain(..) {
+                    received = true;
+                    if let Some(sink) = sink.as_mut() {
+                        if let Err(err) = sink.accept(event) {
+                            failed.get_or_insert(err);
+                        }
+                    }
+                }
+            }
+        });
+        let current = frontier.frontier().first().copied();
+        if received || last_frontier != Some(current) {
+            last_frontier = Some(current);
+            if let Some(sink) = sink.as_mut() {
+                if let Err(err) = sink.advance(current) {
+                    failed.get_or_insert(err);
+                }
+            }
+        }
+        if let Some(err) = failed {
+            on_fatal(err.to_string());
+        }
+    });
+}

@@ -1,0 +1,226 @@
+//! The SQLite ledger in `OUT/ledger.sqlite`: the durable truth of billing.
+//!
+//! Every finalized impression id (billed *and* expired) is a row keyed by
+//! the id, inserted with `INSERT OR IGNORE`: an id is final once, forever,
+//! whatever the dataflow says later (a duplicate arriving after its state
+//! was retired, or a replay after a restart). Billed rows are also the
+//! content of the period files, which are rendered from here, and every
+//! written file is recorded with its checksum. Outcomes and files of one
+//! commit go in one transaction.
+
+use livepipe_dataflow::billing::Outcome;
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+use std::path::Path;
+use std::time::Duration;
+
+pub const LEDGER_FILE: &str = "ledger.sqlite";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS finalized (
+    impression_id TEXT PRIMARY KEY,
+    billed INTEGER NOT NULL,
+    period_start INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    ad_id TEXT NOT NULL,
+    campaign_id TEXT NOT NULL,
+    advertiser_id TEXT NOT NULL,
+    stream_id TEXT NOT NULL,
+    viewer_id TEXT NOT NULL,
+    impression_ts INTEGER NOT NULL,
+    qualified_ts INTEGER,
+    price_micros INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS finalized_by_period ON finalized (period_start, billed);
+CREATE TABLE IF NOT EXISTS files (
+    name TEXT PRIMARY KEY,
+    period_start INTEGER NOT NULL UNIQUE,
+    period_end INTEGER NOT NULL,
+    rows INTEGER NOT NULL,
+    total_price_micros INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    written_at_ms INTEGER NOT NULL
+);
+";
+
+/// One row of a billing file, in file column order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BilledRow {
+    pub impression_id: String,
+    pub ad_id: String,
+    pub campaign_id: String,
+    pub advertiser_id: String,
+    pub stream_id: String,
+    pub viewer_id: String,
+    pub impression_ts: u64,
+    pub qualified_ts: u64,
+    pub price_micros: u64,
+}
+
+/// A period file as recorded in the ledger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileRecord {
+    pub name: String,
+    pub period_start: u64,
+    pub period_end: u64,
+    pub rows: u64,
+    pub total_price_micros: u64,
+    pub sha256: String,
+    pub written_at_ms: u64,
+}
+
+pub struct Ledger {
+    conn: Connection,
+}
+
+impl Ledger {
+    pub fn open(path: &Path) -> rusqlite::Result<Self> {
+        let conn = Connection::open(path)?;
+        // busy_timeout first: WAL needs a lock when another reader has it open.
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Ledger { conn })
+    }
+
+    /// Starts the one transaction of a commit.
+    pub fn begin(&mut self) -> rusqlite::Result<Commit<'_>> {
+        Ok(Commit {
+            tx: self.conn.transaction()?,
+        })
+    }
+
+    /// The period after the last written file, if any file was written.
+    pub fn next_unwritten_period(&self, period_ms: u64) -> rusqlite::Result<Option<u64>> {
+        self.conn
+            .query_row("SELECT MAX(period_start) FROM files", [], |row| {
+                row.get::<_, Option<i64>>(0)
+            })
+            .map(|last| last.map(|start| start as u64 + period_ms))
+    }
+
+    pub fn files(&self) -> rusqlite::Result<Vec<FileRecord>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT name, period_start, period_end, rows, total_price_micros, sha256, written_at_ms
+             FROM files ORDER BY period_start",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            Ok(FileRecord {
+                name: row.get(0)?,
+                period_start: row.get::<_, i64>(1)? as u64,
+                period_end: row.get::<_, i64>(2)? as u64,
+                rows: row.get::<_, i64>(3)? as u64,
+                total_price_micros: row.get::<_, i64>(4)? as u64,
+                sha256: row.get(5)?,
+                written_at_ms: row.get::<_, i64>(6)? as u64,
+            })
+        })?;
+        rows.collect()
+    }
+}
+
+/// The transaction of one commit: outcomes in, files recorded, then
+/// [`Commit::commit`]. Dropped without commit, nothing happened.
+pub struct Commit<'l> {
+    tx: Transaction<'l>,
+}
+
+impl Commit<'_> {
+    /// Records a final outcome. Returns false if the id was already final
+    /// (then nothing changes).
+    pub fn finalize(&self, outcome: &Outcome, period_start: u64) -> rusqlite::Result<bool> {
+        let imp = &outcome.impression;
+        let mut stmt = self.tx.prepare_cached(
+            "INSERT OR IGNORE INTO finalized (impression_id, billed, period_start, event_id,
+                ad_id, campaign_id, advertiser_id, stream_id, viewer_id,
+                impression_ts, qualified_ts, price_micros)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        )?;
+        let inserted = stmt.execute(params![
+            outcome.impression_id,
+            outcome.is_billed(),
+            period_start as i64,
+            imp.event_id,
+            imp.ad_id,
+            imp.campaign_id,
+            imp.advertiser_id,
+            imp.stream_id,
+            imp.viewer_id,
+            imp.ts as i64,
+            outcome.qualified_ts.map(|ts| ts as i64),
+            imp.price_micros as i64,
+        ])?;
+        Ok(inserted == 1)
+    }
+
+    /// Least and greatest period holding a finalized impression.
+    pub fn period_range(&self) -> rusqlite::Result<Option<(u64, u64)>> {
+        self.tx.query_row(
+            "SELECT MIN(period_start), MAX(period_start) FROM finalized",
+            [],
+            |row| {
+                let min: Option<i64> = row.get(0)?;
+                let max: Option<i64> = row.get(1)?;
+                Ok(min.zip(max).map(|(a, b)| (a as u64, b as u64)))
+            },
+        )
+    }
+
+    /// The billed rows of one period, sorted by impression id in byte order
+    /// (SQLite's BINARY collation is `memcmp`).
+    pub fn billed_rows(&self, period_start: u64) -> rusqlite::Result<Vec<BilledRow>> {
+        let mut stmt = self.tx.prepare_cached(
+            "SELECT impression_id, ad_id, campaign_id, advertiser_id, stream_id, viewer_id,
+                    impression_ts, qualified_ts, price_micros
+             FROM finalized WHERE period_start = ?1 AND billed = 1
+             ORDER BY impression_id",
+        )?;
+        let rows = stmt.query_map([period_start as i64], |row| {
+            Ok(BilledRow {
+                impression_id: row.get(0)?,
+                ad_id: row.get(1)?,
+                campaign_id: row.get(2)?,
+                advertiser_id: row.get(3)?,
+                stream_id: row.get(4)?,
+                viewer_id: row.get(5)?,
+                impression_ts: row.get::<_, i64>(6)? as u64,
+                qualified_ts: row.get::<_, i64>(7)? as u64,
+                price_micros: row.get::<_, i64>(8)? as u64,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// Is there already a file for this period?
+    pub fn file_for(&self, period_start: u64) -> rusqlite::Result<Option<String>> {
+        self.tx
+            .query_row(
+                "SELECT name FROM files WHERE period_start = ?1",
+                [period_start as i64],
+                |row| row.get(0),
+            )
+            .optional()
+    }
+
+    pub fn record_file(&self, file: &FileRecord) -> rusqlite::Result<()> {
+        self.tx.execute(
+            "INSERT INTO files (name, period_start, period_end, rows, total_price_micros, sha256, written_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                file.name,
+                file.period_start as i64,
+                file.period_end as i64,
+                file.rows as i64,
+                file.total_price_micros as i64,
+                file.sha256,
+                file.written_at_ms as i64,
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn commit(self) -> rusqlite::Result<()> {
+        self.tx.commit()
+    }
+}

@@ -1,0 +1,181 @@
+//! The command line (SPEC §4). Flags are checked here so that a mistake is a
+//! usage error (exit 2) with a message naming the flag, before anything runs.
+
+use clap::{Args, Parser, Subcommand};
+use livepipe_dataflow::config::PipelineConfig;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "livepipe",
+    version,
+    about = "Live creator metrics and exactly-once ad billing from one livestream event stream",
+    long_about = "Reads livestream events (JSON) and serves two consumers: creators get viewers and \
+                  chat rate per stream every second, ads billing gets every impression billed \
+                  exactly once, in finalized period files and a SQLite ledger."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the pipeline: on files (--input), on Kafka (--brokers), or the embedded demo.
+    Run(RunArgs),
+    /// Write synthetic livestream traffic (JSON lines) with planted faults.
+    Gen(GenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Read these JSON-lines files to the end, finalize everything, write all outputs and exit.
+    /// Each file is one partition with its own watermark, read in file order.
+    #[arg(long, num_args = 1.., value_name = "FILE", conflicts_with = "brokers")]
+    pub input: Vec<PathBuf>,
+
+    /// Kafka bootstrap servers to read from instead of files.
+    #[arg(long, value_name = "HOST:PORT[,...]")]
+    pub brokers: Option<String>,
+
+    /// Kafka topic to read.
+    #[arg(long, default_value = "livestream-events", value_name = "TOPIC")]
+    pub topic: String,
+
+    /// Output directory: billing/ files, ledger.sqlite, live.json and the side outputs.
+    #[arg(long, default_value = "./out", value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Timely worker threads in this process [default: the number of cores].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
+
+    /// Address of the HTTP server (dashboard, API, metrics); 127.0.0.1:0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    pub http: SocketAddr,
+
+    #[command(flatten)]
+    pub rules: RuleArgs,
+
+    /// Number of processes of a multi-process timely cluster.
+    #[arg(long, value_name = "N", requires_all = ["process", "hostfile"])]
+    pub processes: Option<usize>,
+
+    /// Index of this process in the cluster (0-based).
+    #[arg(long, value_name = "I", requires = "processes")]
+    pub process: Option<usize>,
+
+    /// File with one host:port per line, one line per process.
+    #[arg(long, value_name = "FILE", requires = "processes")]
+    pub hostfile: Option<PathBuf>,
+}
+
+/// The business rules; defaults are SPEC's.
+#[derive(Debug, Args)]
+pub struct RuleArgs {
+    /// An ad_progress qualifies with watched_ms at least this.
+    #[arg(long, default_value_t = 2_000, value_name = "MS")]
+    pub qualify_ms: u64,
+
+    /// A qualifying ad_progress has ts within [impression ts, impression ts + this].
+    #[arg(long, default_value_t = 300_000, value_name = "MS")]
+    pub qualify_window_ms: u64,
+
+    /// Per-partition watermark = highest ts seen minus this.
+    #[arg(long, default_value_t = 5_000, value_name = "MS")]
+    pub allowed_lateness_ms: u64,
+
+    /// Length of a billing period (one file each), aligned to the epoch.
+    #[arg(long, default_value_t = 60_000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub billing_period_ms: u64,
+
+    /// A viewer counts while its latest join/heartbeat/chat is newer than now minus this.
+    #[arg(long, default_value_t = 30_000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub presence_ttl_ms: u64,
+
+    /// A caught-up Kafka partition with nothing new for this long stops holding the watermark back.
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    pub idle_timeout_ms: u64,
+
+    /// How long billing keeps an impression's records after it is final, to tell late
+    /// duplicates and progress apart in the dataflow (the ledger guards beyond that).
+    #[arg(long, default_value_t = 600_000, value_name = "MS")]
+    pub state_retention_ms: u64,
+}
+
+impl RuleArgs {
+    pub fn to_config(&self) -> Result<PipelineConfig, String> {
+        let config = PipelineConfig {
+            qualify_ms: self.qualify_ms,
+            qualify_window_ms: self.qualify_window_ms,
+            allowed_lateness_ms: self.allowed_lateness_ms,
+            billing_period_ms: self.billing_period_ms,
+            presence_ttl_ms: self.presence_ttl_ms,
+            idle_timeout_ms: self.idle_timeout_ms,
+            state_retention_ms: self.state_retention_ms,
+            ..PipelineConfig::default()
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct GenArgs {
+    /// Write JSON lines to this file.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub output: PathBuf,
+
+    /// Number of records to write.
+    #[arg(long, default_value_t = 100_000, value_name = "N")]
+    pub events: u64,
+
+    /// Seed: the same seed gives the same bytes.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+
+    /// Records per second of event time.
+    #[arg(long, default_value_t = 2_000, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub rate: u64,
+
+    /// Event time of the first record (ms since the epoch).
+    #[arg(long, default_value_t = 1_700_000_000_000, value_name = "MS")]
+    pub start_ts: u64,
+
+    /// Number of live streams.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub streams: u32,
+
+    /// Fraction of records re-sent as producer retries.
+    #[arg(long, default_value_t = 0.01, value_name = "RATE", value_parser = parse_rate)]
+    pub duplicate_rate: f64,
+
+    /// Fraction of records sent hours late.
+    #[arg(long, default_value_t = 0.001, value_name = "RATE", value_parser = parse_rate)]
+    pub late_rate: f64,
+
+    /// Fraction of malformed lines.
+    #[arg(long, default_value_t = 0.001, value_name = "RATE", value_parser = parse_rate)]
+    pub malformed_rate: f64,
+
+    /// Fraction of impressions whose watch never qualifies.
+    #[arg(long, default_value_t = 0.3, value_name = "RATE", value_parser = parse_rate)]
+    pub never_qualify_rate: f64,
+
+    /// Arrival order is shuffled within this bound (planted late records aside).
+    #[arg(long, default_value_t = 5_000, value_name = "MS")]
+    pub allowed_lateness_ms: u64,
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let rate: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number; give a fraction between 0 and 1"))?;
+    if (0.0..=1.0).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(format!("{rate} is out of range; give a fraction between 0 and 1"))
+    }
+}
