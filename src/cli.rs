@@ -176,6 +176,8 @@ fn parse_rate(text: &str) -> Result<f64, String> {
     if (0.0..=1.0).contains(&rate) {
         Ok(rate)
     } else {
-        Err(format!("{rate} is out of range; give a fraction between 0 and 1"))
+        Err(format!(
+            "{rate} is out of range; give a fraction between 0 and 1"
+        ))
     }
 }

@@ -61,9 +61,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         )
         .into());
     }
-    let workers = args.workers.map(usize::from).unwrap_or_else(|| {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    });
+    let workers = args
+        .workers
+        .map(usize::from)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     tracing::info!(
         inputs = args.input.len(),
         workers,
@@ -99,7 +100,10 @@ fn gen(args: GenArgs) -> anyhow::Result<()> {
         allowed_lateness_ms: args.allowed_lateness_ms,
     };
     let file = File::create(&args.output).map_err(|err| {
-        UsageError(format!("--output {}: cannot create: {err}", args.output.display()))
+        UsageError(format!(
+            "--output {}: cannot create: {err}",
+            args.output.display()
+        ))
     })?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let summary = write_jsonl(&config, &mut out)?;

@@ -104,7 +104,12 @@ fn scenario() -> impl Strategy<Value = Vec<String>> {
     )
         .prop_map(|(ids, beats, jitter, late, malformed)| {
             let mut records: Vec<Record> = ids.into_iter().flatten().collect();
-            records.extend(beats.into_iter().enumerate().map(|(n, t)| heartbeat(n, T0 + t)));
+            records.extend(
+                beats
+                    .into_iter()
+                    .enumerate()
+                    .map(|(n, t)| heartbeat(n, T0 + t)),
+            );
             let mut keyed: Vec<(u64, usize, Record)> = records
                 .into_iter()
                 .enumerate()

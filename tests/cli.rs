@@ -24,7 +24,12 @@ fn dir_bytes(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .map(|p| (p.file_name().unwrap().to_string_lossy().to_string(), std::fs::read(&p).unwrap()))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().to_string(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -41,19 +46,38 @@ fn generated_file_bills_exactly_and_identically_for_1_and_2_workers() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("events.jsonl");
     let input_str = input.to_str().unwrap();
-    let gen = livepipe(&["gen", "--output", input_str, "--events", "60000", "--seed", "11"]);
-    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    let gen = livepipe(&[
+        "gen", "--output", input_str, "--events", "60000", "--seed", "11",
+    ]);
+    assert!(
+        gen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
 
     let mut outputs = Vec::new();
     for workers in ["1", "2"] {
         let out = dir.path().join(format!("out-{workers}"));
         let run = livepipe(&[
-            "run", "--input", input_str, "--out", out.to_str().unwrap(), "--workers", workers,
+            "run",
+            "--input",
+            input_str,
+            "--out",
+            out.to_str().unwrap(),
+            "--workers",
+            workers,
         ]);
-        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
         outputs.push(out);
     }
-    let billing: Vec<_> = outputs.iter().map(|o| dir_bytes(&o.join("billing"))).collect();
+    let billing: Vec<_> = outputs
+        .iter()
+        .map(|o| dir_bytes(&o.join("billing")))
+        .collect();
     assert_eq!(billing[0], billing[1], "1 and 2 workers differ");
 
     // Against the reference.
@@ -64,7 +88,12 @@ fn generated_file_bills_exactly_and_identically_for_1_and_2_workers() {
     }
     let want = expected(
         &lines,
-        Rules { qualify_ms: 2_000, window: 300_000, lateness: 5_000, period: 60_000 },
+        Rules {
+            qualify_ms: 2_000,
+            window: 300_000,
+            lateness: 5_000,
+            period: 60_000,
+        },
     );
     let csvs: BTreeMap<String, Vec<u8>> = billing[0]
         .iter()
@@ -72,7 +101,10 @@ fn generated_file_bills_exactly_and_identically_for_1_and_2_workers() {
         .map(|(n, b)| (n.clone(), b.clone()))
         .collect();
     assert!(!want.files.is_empty());
-    assert_eq!(csvs.keys().collect::<Vec<_>>(), want.files.keys().collect::<Vec<_>>());
+    assert_eq!(
+        csvs.keys().collect::<Vec<_>>(),
+        want.files.keys().collect::<Vec<_>>()
+    );
     for (name, bytes) in &want.files {
         assert!(csvs[name] == *bytes, "{name} differs from the reference");
     }
@@ -100,13 +132,17 @@ fn generated_file_bills_exactly_and_identically_for_1_and_2_workers() {
         .unwrap();
     assert_eq!(billed, distinct);
     assert_eq!(billed as u64, billed_rows);
-    let files: i64 = ledger.query_row("SELECT COUNT(*) FROM files", [], |r| r.get(0)).unwrap();
+    let files: i64 = ledger
+        .query_row("SELECT COUNT(*) FROM files", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(files as usize, csvs.len());
 
     // Side outputs: every malformed line, with its line number; expired ids.
     let rejected = json_lines(&out.join("rejected.jsonl"));
-    let lines_rejected: BTreeSet<u64> =
-        rejected.iter().map(|v| v["offset"].as_u64().unwrap()).collect();
+    let lines_rejected: BTreeSet<u64> = rejected
+        .iter()
+        .map(|v| v["offset"].as_u64().unwrap())
+        .collect();
     assert_eq!(lines_rejected, want.rejected_lines);
     assert!(rejected.iter().all(|v| v["source"] == input_str
         && v["partition"] == 0
@@ -116,13 +152,19 @@ fn generated_file_bills_exactly_and_identically_for_1_and_2_workers() {
         .map(|v| v["impression_id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(expired, want.expired);
-    assert!(!json_lines(&out.join("late.jsonl")).is_empty(), "the generator plants late records");
+    assert!(
+        !json_lines(&out.join("late.jsonl")).is_empty(),
+        "the generator plants late records"
+    );
 
     // live.json: the last snapshot of every stream, sorted by stream_id.
     let live: Vec<Value> =
         serde_json::from_slice(&std::fs::read(out.join("live.json")).unwrap()).unwrap();
     assert!(!live.is_empty());
-    let ids: Vec<&str> = live.iter().map(|s| s["stream_id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = live
+        .iter()
+        .map(|s| s["stream_id"].as_str().unwrap())
+        .collect();
     let mut sorted = ids.clone();
     sorted.sort();
     assert_eq!(ids, sorted);
@@ -140,12 +182,32 @@ fn every_reason_code_reaches_the_dead_letter_file_with_its_line() {
         ("".into(), "not_json"),
         ("[1]".into(), "not_object"),
         (r#"{"type":"join","type":"join"}"#.into(), "duplicate_key"),
-        (r#"{"type":"wave","event_id":"e","ts":1,"stream_id":"s","viewer_id":"v"}"#.into(), "unknown_type"),
-        (r#"{"type":"join","event_id":"e","stream_id":"s","viewer_id":"v"}"#.into(), "missing_field:ts"),
-        (r#"{"type":"join","event_id":"e","ts":2e3,"stream_id":"s","viewer_id":"v"}"#.into(), "wrong_type:ts"),
-        (r#"{"type":"join","event_id":"e","ts":0,"stream_id":"s","viewer_id":"v"}"#.into(), "out_of_range:ts"),
-        (format!(r#"{{"type":"join","event_id":"e","ts":1,"stream_id":"{long}","viewer_id":"v"}}"#), "too_long:stream_id"),
-        (r#"{"type":"join","event_id":"","ts":1,"stream_id":"s","viewer_id":"v"}"#.into(), "empty:event_id"),
+        (
+            r#"{"type":"wave","event_id":"e","ts":1,"stream_id":"s","viewer_id":"v"}"#.into(),
+            "unknown_type",
+        ),
+        (
+            r#"{"type":"join","event_id":"e","stream_id":"s","viewer_id":"v"}"#.into(),
+            "missing_field:ts",
+        ),
+        (
+            r#"{"type":"join","event_id":"e","ts":2e3,"stream_id":"s","viewer_id":"v"}"#.into(),
+            "wrong_type:ts",
+        ),
+        (
+            r#"{"type":"join","event_id":"e","ts":0,"stream_id":"s","viewer_id":"v"}"#.into(),
+            "out_of_range:ts",
+        ),
+        (
+            format!(
+                r#"{{"type":"join","event_id":"e","ts":1,"stream_id":"{long}","viewer_id":"v"}}"#
+            ),
+            "too_long:stream_id",
+        ),
+        (
+            r#"{"type":"join","event_id":"","ts":1,"stream_id":"s","viewer_id":"v"}"#.into(),
+            "empty:event_id",
+        ),
     ];
     let mut content = Vec::new();
     for (line, _) in &bad {
@@ -157,18 +219,39 @@ fn every_reason_code_reaches_the_dead_letter_file_with_its_line() {
     content.extend_from_slice(b"{\"type\":\"join\",\"event_id\":\"\xff\"}\n");
     std::fs::write(&input, &content).unwrap();
     let out = dir.path().join("out");
-    let run = livepipe(&["run", "--input", input.to_str().unwrap(), "--out", out.to_str().unwrap()]);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let run = livepipe(&[
+        "run",
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let rejected = json_lines(&out.join("rejected.jsonl"));
     let got: Vec<(u64, String)> = rejected
         .iter()
-        .map(|v| (v["offset"].as_u64().unwrap(), v["reason"].as_str().unwrap().to_string()))
+        .map(|v| {
+            (
+                v["offset"].as_u64().unwrap(),
+                v["reason"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
-    let mut want: Vec<(u64, String)> =
-        bad.iter().enumerate().map(|(i, (_, r))| (2 * i as u64 + 2, r.to_string())).collect();
+    let mut want: Vec<(u64, String)> = bad
+        .iter()
+        .enumerate()
+        .map(|(i, (_, r))| (2 * i as u64 + 2, r.to_string()))
+        .collect();
     want.push((2 * bad.len() as u64 + 1, "bad_utf8".into()));
     assert_eq!(got, want);
-    assert!(rejected.last().unwrap()["raw"].as_str().unwrap().contains('\u{FFFD}'));
+    assert!(rejected.last().unwrap()["raw"]
+        .as_str()
+        .unwrap()
+        .contains('\u{FFFD}'));
 }
 
 #[test]
@@ -178,16 +261,31 @@ fn usage_errors_exit_2_with_a_message() {
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["run", "--bogus"], "--bogus"),
         (vec!["run", "--workers", "0", "--input", "x"], "--workers"),
-        (vec!["run", "--billing-period-ms", "0", "--input", "x"], "--billing-period-ms"),
-        (vec!["run", "--input", missing.to_str().unwrap()], "missing.jsonl"),
-        (vec!["run", "--input", dir.path().to_str().unwrap()], "directory"),
-        (vec!["gen", "--output", "x", "--late-rate", "2"], "--late-rate"),
+        (
+            vec!["run", "--billing-period-ms", "0", "--input", "x"],
+            "--billing-period-ms",
+        ),
+        (
+            vec!["run", "--input", missing.to_str().unwrap()],
+            "missing.jsonl",
+        ),
+        (
+            vec!["run", "--input", dir.path().to_str().unwrap()],
+            "directory",
+        ),
+        (
+            vec!["gen", "--output", "x", "--late-rate", "2"],
+            "--late-rate",
+        ),
         (vec!["frobnicate"], "frobnicate"),
     ];
     for (args, mention) in cases {
         let out = livepipe(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(stderr.contains(mention), "{args:?} should mention {mention}: {stderr}");
+        assert!(
+            stderr.contains(mention),
+            "{args:?} should mention {mention}: {stderr}"
+        );
     }
 }

@@ -200,8 +200,8 @@ fn admit<'s>(
     let qualify_ms = config.qualify_ms;
     let window = config.qualify_window_ms;
     type Admitted<'s> = StreamVec<'s, Time, Option<(String, Fact)>>;
-    let (facts, late): (Admitted<'s>, StreamVec<'s, Time, LateRecord>) = ingested
-        .ok_err(move |record: Ingested| {
+    let (facts, late): (Admitted<'s>, StreamVec<'s, Time, LateRecord>) =
+        ingested.ok_err(move |record: Ingested| {
             let Ingested {
                 event,
                 position,

@@ -219,11 +219,12 @@ impl BillingSink {
         self.side.flush()?;
         Ok(())
     }
-
 }
 
 fn source_name(sources: &[Arc<str>], partition: u32) -> &str {
-    sources.get(partition as usize).map_or("unknown", |name| name)
+    sources
+        .get(partition as usize)
+        .map_or("unknown", |name| name)
 }
 
 impl PeriodWriter {
@@ -252,7 +253,10 @@ impl PeriodWriter {
         };
         let mut marker_bytes = serde_json::to_vec_pretty(&marker).map_err(std::io::Error::from)?;
         marker_bytes.push(b'\n');
-        write_atomic(&self.billing_dir.join(format!("{name}.done")), &marker_bytes)?;
+        write_atomic(
+            &self.billing_dir.join(format!("{name}.done")),
+            &marker_bytes,
+        )?;
         commit.record_file(&FileRecord {
             name,
             period_start: period,
@@ -307,32 +311,36 @@ pub fn attach<'s>(
     on_fatal: Arc<dyn Fn(String) + Send + Sync>,
 ) {
     let mut last_frontier: Option<Option<Time>> = None;
-    events.sink(Exchange::new(|_| 0), "BillingSink", move |(input, frontier)| {
-        let mut received = false;
-        let mut failed = None;
-        input.for_each_stamp(|_, batches| {
-            for batch in batches {
-                for event in batch.drain(..) {
-                    received = true;
-                    if let Some(sink) = sink.as_mut() {
-                        if let Err(err) = sink.accept(event) {
-                            failed.get_or_insert(err);
+    events.sink(
+        Exchange::new(|_| 0),
+        "BillingSink",
+        move |(input, frontier)| {
+            let mut received = false;
+            let mut failed = None;
+            input.for_each_stamp(|_, batches| {
+                for batch in batches {
+                    for event in batch.drain(..) {
+                        received = true;
+                        if let Some(sink) = sink.as_mut() {
+                            if let Err(err) = sink.accept(event) {
+                                failed.get_or_insert(err);
+                            }
                         }
                     }
                 }
-            }
-        });
-        let current = frontier.frontier().first().copied();
-        if received || last_frontier != Some(current) {
-            last_frontier = Some(current);
-            if let Some(sink) = sink.as_mut() {
-                if let Err(err) = sink.advance(current) {
-                    failed.get_or_insert(err);
+            });
+            let current = frontier.frontier().first().copied();
+            if received || last_frontier != Some(current) {
+                last_frontier = Some(current);
+                if let Some(sink) = sink.as_mut() {
+                    if let Err(err) = sink.advance(current) {
+                        failed.get_or_insert(err);
+                    }
                 }
             }
-        }
-        if let Some(err) = failed {
-            on_fatal(err.to_string());
-        }
-    });
+            if let Some(err) = failed {
+                on_fatal(err.to_string());
+            }
+        },
+    );
 }

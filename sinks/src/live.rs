@@ -72,15 +72,19 @@ impl LiveBoard {
 /// Gathers every worker's snapshots on worker 0 and publishes them on
 /// arrival (never at frontier progress: the live path does not wait).
 pub fn attach<'s>(snapshots: StreamVec<'s, Time, Snapshot>, board: Option<LiveBoard>) {
-    snapshots.sink(Exchange::new(|_| 0), "LiveSink", move |(input, _frontier)| {
-        input.for_each_stamp(|_, batches| {
-            for batch in batches {
-                if let Some(board) = board.as_ref() {
-                    board.publish(batch.drain(..));
-                } else {
-                    batch.clear();
+    snapshots.sink(
+        Exchange::new(|_| 0),
+        "LiveSink",
+        move |(input, _frontier)| {
+            input.for_each_stamp(|_, batches| {
+                for batch in batches {
+                    if let Some(board) = board.as_ref() {
+                        board.publish(batch.drain(..));
+                    } else {
+                        batch.clear();
+                    }
                 }
-            }
-        });
-    });
+            });
+        },
+    );
 }

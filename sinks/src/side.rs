@@ -98,7 +98,12 @@ impl SideOutputs {
 
     /// A late line whose reason was decided outside the dataflow (the
     /// ledger found the id already final).
-    pub fn late_with_reason(&self, source: &str, late: &LateRecord, reason: &str) -> io::Result<()> {
+    pub fn late_with_reason(
+        &self,
+        source: &str,
+        late: &LateRecord,
+        reason: &str,
+    ) -> io::Result<()> {
         write_line(
             &self.late,
             &LateLine {

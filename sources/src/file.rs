@@ -52,7 +52,10 @@ pub fn check_inputs(paths: &[PathBuf]) -> Result<(), String> {
         match File::open(path) {
             Ok(file) => match file.metadata() {
                 Ok(meta) if meta.is_dir() => {
-                    return Err(format!("--input {}: is a directory, not a file", path.display()))
+                    return Err(format!(
+                        "--input {}: is a directory, not a file",
+                        path.display()
+                    ))
                 }
                 _ => {}
             },
@@ -115,7 +118,9 @@ pub fn file_source<'s>(
             let started = Instant::now();
             for cursor in cursors.iter_mut().filter(|c| !c.done) {
                 if let Err(err) = read_slice(cursor, &mut line, started, &context, |time, batch| {
-                    output.session(&cap.delayed(&time)).give_iterator(batch.drain(..));
+                    output
+                        .session(&cap.delayed(&time))
+                        .give_iterator(batch.drain(..));
                 }) {
                     (context.on_fatal)(format!("reading {}: {err}", cursor.path.display()));
                     // Keep the capability: an emptied frontier would finalize

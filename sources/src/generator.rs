@@ -24,8 +24,9 @@
 //!   present viewer gets a pod of one or two `impression`s (clients fetch
 //!   them within 20 s); every viewer also gets mid-rolls of their own every
 //!   few minutes, and 40 % of joins a pre-roll. Ads, campaigns and
-//!   advertisers come from small pools; prices are 500..=50 000 micros. Each impression is followed by cumulative `ad_progress` updates
-//!   at +1 s, +2 s, +5 s, +10 s, ... up to the ad's length. Most qualify
+//!   advertisers come from small pools; prices are 500..=50 000 micros.
+//!   Each impression is followed by cumulative `ad_progress` updates at
+//!   +1 s, +2 s, +5 s, +10 s, ... up to the ad's length. Most qualify
 //!   (reach 2000 ms watched) within seconds; some qualify slowly, after 1–4
 //!   minutes of pause; a few only get there after the 5-minute window; and
 //!   [`GenConfig::never_qualify_rate`] of them stop below 2000 ms.
@@ -36,10 +37,12 @@
 //!
 //! # Ordering
 //!
-//! Future events sit in a min-heap keyed by event time, so records are
+//! Future events sit in a priority queue keyed by event time, so records are
 //! produced in `ts` order. Their *arrival* order is then shuffled: every record
 //! gets an emission key `ts + U[0, allowed_lateness_ms / 2]` and records leave
-//! a second min-heap in key order once no earlier key can still be produced.
+//! a second priority queue in key order once no smaller key can still be
+//! produced. (Both queues are calendar queues: one bucket per millisecond for
+//! the next half minute, a binary heap beyond.)
 //! Hence a record never arrives more than `allowed_lateness_ms` behind the
 //! largest `ts` seen before it, except for the planted late ones. The first
 //! record has `ts == start_ts` and arrives first.
@@ -57,14 +60,16 @@
 //! and exactly 1999, progress at exactly the impression's `ts` and at exactly
 //! `ts + 300_000` and `ts + 300_001`.
 //!
-//! So that every file has them, each block of 10 000 records additionally
-//! plants each of these cases once (a case is skipped when its rate is 0:
-//! retries and duplicate impressions with `duplicate_rate`, late events with
-//! `late_rate`, malformed lines with `malformed_rate`); the rate-based draws
-//! only add to that. The planted cases start early in the block, so a file of
-//! 10 000 records at the default rate contains all of them except the two
-//! window-boundary ones, which by construction need five minutes of event
-//! time (at the default rate, 600 000 records).
+//! So that every file has them, each block of 10 000 records plants every
+//! impression case above, one late event and one malformed line of each kind
+//! (kinds listed below), early in the block; random draws make up the rest of
+//! the configured rates. Hence the malformed rate is at least 19 per 10 000
+//! records, and a rate of 0 turns the matching plants off (`duplicate_rate`
+//! also covers the duplicate impressions; the other impression cases are
+//! valid data and always planted). A file of 10 000 records at the
+//! default rate contains all of the cases except the two window-boundary
+//! ones, which by construction need five minutes of event time (600 000
+//! records at the default rate). Retries are random draws only.
 //!
 //! Malformed lines come in many kinds: not JSON, truncated JSON, `[1]` and
 //! other non-objects, unknown `type`, missing fields, a float `ts` (`2e3`), a
@@ -193,10 +198,11 @@ const F_DUPLICATE: u8 = 2;
 const F_LATE: u8 = 4;
 const F_IMPRESSION: u8 = 8;
 
-/// Endless, deterministic stream of records; see the [module docs](self).
+/// The simulation as an iterator of records; see the [module docs](self).
 ///
-/// Yields `config.events` items, each one line's bytes without the newline
-/// (possibly empty: a planted blank line; possibly not UTF-8).
+/// Yields exactly `config.events` items, each one line's bytes without the
+/// newline (possibly empty: a planted blank line; possibly not UTF-8).
+/// [`Generator::summary`] counts what was yielded so far.
 pub struct Generator {
     events: u64,
     never_rate: f64,
@@ -212,8 +218,8 @@ pub struct Generator {
     rng: ChaCha8Rng,
     now: u64,
     seq: u64,
-    sched: BinaryHeap<Sched>,
-    out: BinaryHeap<Out>,
+    sched: TimeQueue<Action>,
+    out: TimeQueue<Out>,
 
     streams: Vec<Stream>,
     zipf_cdf: Vec<f64>,
@@ -270,66 +276,153 @@ enum Action {
     Tick,
     /// A new viewer joins.
     Arrival,
-    Heartbeat { slot: u32, epoch: u32 },
+    Heartbeat {
+        slot: u32,
+        epoch: u32,
+    },
     /// The viewer's session ends (leave, or silence).
-    End { slot: u32, epoch: u32 },
-    Chat { slot: u32, epoch: u32, repeat: bool },
+    End {
+        slot: u32,
+        epoch: u32,
+    },
+    Chat {
+        slot: u32,
+        epoch: u32,
+        repeat: bool,
+    },
     /// An ad is shown to the viewer; `repeat`: the viewer's own ad timer
     /// (rather than a pre-roll or a stream's ad break).
-    Ad { slot: u32, epoch: u32, repeat: bool },
-    Progress { stream: u32, viewer: u64, imp: u64, watched: u64 },
-    AdBreak { stream: u32 },
-    Hype { stream: u32 },
+    Ad {
+        slot: u32,
+        epoch: u32,
+        repeat: bool,
+    },
+    Progress {
+        stream: u32,
+        viewer: u64,
+        imp: u64,
+        watched: u64,
+    },
+    AdBreak {
+        stream: u32,
+    },
+    Hype {
+        stream: u32,
+    },
     /// A planted second impression record for an existing impression id.
-    DupImpression { stream: u32, viewer: u64, imp: u64, ad: u64, price: u64 },
+    DupImpression {
+        stream: u32,
+        viewer: u64,
+        imp: u64,
+        ad: u64,
+        price: u64,
+    },
 }
 
-struct Sched {
-    ts: u64,
-    seq: u64,
-    action: Action,
-}
-
-impl PartialEq for Sched {
-    fn eq(&self, other: &Self) -> bool {
-        (self.ts, self.seq) == (other.ts, other.seq)
-    }
-}
-impl Eq for Sched {}
-impl PartialOrd for Sched {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Sched {
-    /// Reversed, so that `BinaryHeap` pops the earliest first.
-    fn cmp(&self, other: &Self) -> Ordering {
-        (other.ts, other.seq).cmp(&(self.ts, self.seq))
-    }
-}
-
+/// A record waiting for its arrival turn.
 struct Out {
-    key: u64,
-    seq: u64,
     flags: u8,
     bytes: Vec<u8>,
 }
 
-impl PartialEq for Out {
+/// A priority queue of items keyed by (ms, sequence number), popping the
+/// smallest first: a calendar queue, since nearly all keys fall within a few
+/// seconds of the current time. Keys in `[cursor, cursor + ring.len())` go
+/// to FIFO buckets of one ms each (sequence numbers are pushed in
+/// increasing order, so a bucket is sorted); other keys go to a binary heap,
+/// and pops merge the two.
+struct TimeQueue<T> {
+    ring: Vec<VecDeque<(u64, T)>>,
+    mask: u64,
+    /// No ring item has a key below this.
+    cursor: u64,
+    in_ring: usize,
+    far: BinaryHeap<Far<T>>,
+}
+
+struct Far<T> {
+    key: u64,
+    seq: u64,
+    item: T,
+}
+
+impl<T> PartialEq for Far<T> {
     fn eq(&self, other: &Self) -> bool {
         (self.key, self.seq) == (other.key, other.seq)
     }
 }
-impl Eq for Out {}
-impl PartialOrd for Out {
+impl<T> Eq for Far<T> {}
+impl<T> PartialOrd for Far<T> {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for Out {
+impl<T> Ord for Far<T> {
     /// Reversed, so that `BinaryHeap` pops the smallest key first.
     fn cmp(&self, other: &Self) -> Ordering {
         (other.key, other.seq).cmp(&(self.key, self.seq))
+    }
+}
+
+impl<T> TimeQueue<T> {
+    /// `span`: how far ahead of the smallest key the ring reaches (ms).
+    fn new(span: u64, cursor: u64) -> Self {
+        let size = span.clamp(1024, 1 << 15).next_power_of_two();
+        TimeQueue {
+            ring: (0..size).map(|_| VecDeque::new()).collect(),
+            mask: size - 1,
+            cursor,
+            in_ring: 0,
+            far: BinaryHeap::new(),
+        }
+    }
+
+    /// `seq` must be larger than that of every item pushed before.
+    fn push(&mut self, key: u64, seq: u64, item: T) {
+        if key >= self.cursor && key - self.cursor <= self.mask {
+            self.ring[(key & self.mask) as usize].push_back((seq, item));
+            self.in_ring += 1;
+        } else {
+            self.far.push(Far { key, seq, item });
+        }
+    }
+
+    /// The smallest key, moving the cursor up to it.
+    fn peek_key(&mut self) -> Option<u64> {
+        let far = self.far.peek().map(|f| f.key);
+        if self.in_ring == 0 {
+            if let Some(key) = far {
+                self.cursor = self.cursor.max(key);
+            }
+            return far;
+        }
+        while self.ring[(self.cursor & self.mask) as usize].is_empty() {
+            self.cursor += 1;
+        }
+        Some(far.map_or(self.cursor, |f| f.min(self.cursor)))
+    }
+
+    fn pop(&mut self) -> Option<(u64, T)> {
+        let key = self.peek_key()?;
+        let bucket = &mut self.ring[(self.cursor & self.mask) as usize];
+        let ring_seq = if self.in_ring > 0 && key == self.cursor {
+            bucket.front().map(|b| b.0)
+        } else {
+            None
+        };
+        let take_far = match (ring_seq, self.far.peek()) {
+            (Some(seq), Some(f)) => (f.key, f.seq) < (key, seq),
+            (Some(_), None) => false,
+            (None, _) => true,
+        };
+        if take_far {
+            let f = self.far.pop().expect("peeked");
+            Some((f.key, f.item))
+        } else {
+            self.in_ring -= 1;
+            let (_, item) = bucket.pop_front().expect("peeked");
+            Some((key, item))
+        }
     }
 }
 
@@ -378,7 +471,11 @@ enum ImpPlant {
     PastWindowEnd,
 }
 
-const DUP_PLANTS: [ImpPlant; 3] = [ImpPlant::DupLater, ImpPlant::DupEarlier, ImpPlant::OtherStream];
+const DUP_PLANTS: [ImpPlant; 3] = [
+    ImpPlant::DupLater,
+    ImpPlant::DupEarlier,
+    ImpPlant::OtherStream,
+];
 const EDGE_PLANTS: [ImpPlant; 6] = [
     ImpPlant::ProgressFirst,
     ImpPlant::Exact2000,
@@ -446,7 +543,13 @@ enum Plant {
 impl Generator {
     /// A generator for `config` (which is copied).
     pub fn new(config: &GenConfig) -> Self {
-        let clamp = |r: f64| if r.is_finite() { r.clamp(0.0, 1.0) } else { 0.0 };
+        let clamp = |r: f64| {
+            if r.is_finite() {
+                r.clamp(0.0, 1.0)
+            } else {
+                0.0
+            }
+        };
         let n_streams = config.streams.max(1) as usize;
         let mut zipf_cdf = Vec::with_capacity(n_streams);
         let mut acc = 0.0;
@@ -471,15 +574,16 @@ impl Generator {
             p_dup: duplicate_rate,
             p_late: (late_rate - 1.0 / per_block).max(0.0),
             p_mal: (malformed_rate - MALS.len() as f64 / per_block).max(0.0),
-            half: config.allowed_lateness_ms / 2,
+            // (Bounded only to rule out overflow.)
+            half: (config.allowed_lateness_ms / 2).min(1 << 50),
             plant_dups: duplicate_rate > 0.0,
             plant_late: late_rate > 0.0,
             plant_malformed: malformed_rate > 0.0,
             rng: ChaCha8Rng::seed_from_u64(config.seed),
             now: config.start_ts.max(1),
             seq: 0,
-            sched: BinaryHeap::new(),
-            out: BinaryHeap::new(),
+            sched: TimeQueue::new(1 << 15, config.start_ts.max(1)),
+            out: TimeQueue::new(config.allowed_lateness_ms / 2 + 1, config.start_ts.max(1)),
             streams: (0..n_streams)
                 .map(|_| Stream {
                     members: Vec::new(),
@@ -518,16 +622,12 @@ impl Generator {
 
     fn at(&mut self, ts: u64, action: Action) {
         self.seq += 1;
-        self.sched.push(Sched {
-            ts,
-            seq: self.seq,
-            action,
-        });
+        self.sched.push(ts, self.seq, action);
     }
 
     /// Processes the earliest scheduled action.
     fn step(&mut self) {
-        let Sched { ts, action, .. } = self.sched.pop().expect("a tick is always scheduled");
+        let (ts, action) = self.sched.pop().expect("a tick is always scheduled");
         debug_assert!(ts >= self.now);
         self.now = ts;
         match action {
@@ -535,7 +635,11 @@ impl Generator {
             Action::Arrival => self.arrival(),
             Action::Heartbeat { slot, epoch } => self.heartbeat(slot, epoch),
             Action::End { slot, epoch } => self.end(slot, epoch),
-            Action::Chat { slot, epoch, repeat } => self.chat(slot, epoch, repeat),
+            Action::Chat {
+                slot,
+                epoch,
+                repeat,
+            } => self.chat(slot, epoch, repeat),
             Action::Ad {
                 slot,
                 epoch,
@@ -619,7 +723,10 @@ impl Generator {
         let now = self.now;
         let stream = self.pick_stream();
         let session = self.session_length();
-        let first_hb = now + self.rng.random_range(HEARTBEAT_MS - 2000..=HEARTBEAT_MS + 2000);
+        let first_hb = now
+            + self
+                .rng
+                .random_range(HEARTBEAT_MS - 2000..=HEARTBEAT_MS + 2000);
         let slot = self.add_viewer(stream, now + session, first_hb, false);
         let (viewer, epoch) = {
             let v = &self.viewers[slot as usize];
@@ -695,7 +802,8 @@ impl Generator {
         }
         // The viewer's own mid-rolls (phase uniform for the initial audience).
         let first_ad = if initial {
-            self.rng.random_range(0..PERSONAL_AD_MIN_MS + PERSONAL_AD_MEAN_MS as u64)
+            self.rng
+                .random_range(0..PERSONAL_AD_MIN_MS + PERSONAL_AD_MEAN_MS as u64)
         } else {
             PERSONAL_AD_MIN_MS + self.exp_ms(PERSONAL_AD_MEAN_MS)
         };
@@ -726,7 +834,10 @@ impl Generator {
             (v.stream, v.id, v.end)
         };
         self.emit(self.now, stream, viewer, Body::Heartbeat);
-        let next = self.now + self.rng.random_range(HEARTBEAT_MS - 1000..=HEARTBEAT_MS + 1000);
+        let next = self.now
+            + self
+                .rng
+                .random_range(HEARTBEAT_MS - 1000..=HEARTBEAT_MS + 1000);
         if next < end {
             self.at(next, Action::Heartbeat { slot, epoch });
         } else {
@@ -767,7 +878,14 @@ impl Generator {
         if repeat {
             if let Some(gap) = self.chat_gap(style, stream) {
                 if self.now + gap < end {
-                    self.at(self.now + gap, Action::Chat { slot, epoch, repeat });
+                    self.at(
+                        self.now + gap,
+                        Action::Chat {
+                            slot,
+                            epoch,
+                            repeat,
+                        },
+                    );
                 }
             }
         }
@@ -879,7 +997,7 @@ impl Generator {
         };
         match plant {
             Some(ImpPlant::DupEarlier) if self.half >= 2 && now > self.half => {
-                // ts - key stays within 3/4 of the allowed lateness.
+                // key - ts stays within 3/4 of the allowed lateness.
                 let ts = now - self.rng.random_range(1..=self.half / 2);
                 let key = self.key(now);
                 let bytes = self.record(ts, stream, viewer, body);
@@ -1067,9 +1185,17 @@ impl Generator {
         self.next_block += 1;
         let mut plants = Vec::new();
         if self.plant_dups {
-            plants.extend(DUP_PLANTS.iter().map(|&p| (IMP_PLANT_SPREAD, Plant::Imp(p))));
+            plants.extend(
+                DUP_PLANTS
+                    .iter()
+                    .map(|&p| (IMP_PLANT_SPREAD, Plant::Imp(p))),
+            );
         }
-        plants.extend(EDGE_PLANTS.iter().map(|&p| (IMP_PLANT_SPREAD, Plant::Imp(p))));
+        plants.extend(
+            EDGE_PLANTS
+                .iter()
+                .map(|&p| (IMP_PLANT_SPREAD, Plant::Imp(p))),
+        );
         if self.plant_late {
             plants.push((OTHER_PLANT_SPREAD, Plant::Late));
         }
@@ -1080,7 +1206,7 @@ impl Generator {
             let due = start + self.rng.random_range(0..spread);
             self.pending.push((due, plant));
         }
-        self.pending.sort_by(|a, b| b.0.cmp(&a.0));
+        self.pending.sort_by_key(|p| std::cmp::Reverse(p.0));
     }
 
     fn fire_due_plants(&mut self) {
@@ -1116,7 +1242,10 @@ impl Generator {
             }
             _ => {
                 // Progress for a recent impression, hours too early.
-                let imp = self.next_imp.saturating_sub(self.rng.random_range(1..=50)).max(1);
+                let imp = self
+                    .next_imp
+                    .saturating_sub(self.rng.random_range(1..=50))
+                    .max(1);
                 let watched = self.rng.random_range(0..=30_000);
                 (Body::Progress { imp, watched }, F_LATE)
             }
@@ -1176,7 +1305,15 @@ impl Generator {
             }
             Mal::Blank => return Vec::new(),
             Mal::UnknownType => {
-                const TYPES: [&str; 7] = ["like", "follow", "gift", "subscribe", "JOIN", "Heartbeat", ""];
+                const TYPES: [&str; 7] = [
+                    "like",
+                    "follow",
+                    "gift",
+                    "subscribe",
+                    "JOIN",
+                    "Heartbeat",
+                    "",
+                ];
                 let t = TYPES[self.rng.random_range(0..TYPES.len())];
                 set(&mut fields, "type", Val::S(t.to_string()));
             }
@@ -1196,7 +1333,11 @@ impl Generator {
             Mal::TsNegative => set(&mut fields, "ts", Val::Raw(format!("-{ts}").into_bytes())),
             Mal::NegativePrice => {
                 let p = self.rng.random_range(500..=50_000);
-                set(&mut fields, "price_micros", Val::Raw(format!("-{p}").into_bytes()));
+                set(
+                    &mut fields,
+                    "price_micros",
+                    Val::Raw(format!("-{p}").into_bytes()),
+                );
             }
             Mal::PriceTooLarge => set(&mut fields, "price_micros", Val::N(MAX_PRICE_MICROS + 1)),
             Mal::WatchedTooLarge => set(&mut fields, "watched_ms", Val::N(MAX_WATCHED_MS + 1)),
@@ -1226,7 +1367,11 @@ impl Generator {
                 raw.extend_from_slice(b"\xff\xfe\"");
                 set(&mut fields, "viewer_id", Val::Raw(raw));
             }
-            Mal::LoneSurrogate => set(&mut fields, "viewer_id", Val::Raw(b"\"v-\\ud800\"".to_vec())),
+            Mal::LoneSurrogate => set(
+                &mut fields,
+                "viewer_id",
+                Val::Raw(b"\"v-\\ud800\"".to_vec()),
+            ),
         }
         render(&fields)
     }
@@ -1330,12 +1475,7 @@ impl Generator {
     fn push_raw(&mut self, key: u64, bytes: Vec<u8>, flags: u8) {
         debug_assert!(key >= self.now);
         self.seq += 1;
-        self.out.push(Out {
-            key,
-            seq: self.seq,
-            flags,
-            bytes,
-        });
+        self.out.push(key, self.seq, Out { flags, bytes });
         self.created += 1;
         self.created_in_tick += 1;
         if self.created >= self.next_block * BLOCK {
@@ -1397,9 +1537,9 @@ impl Iterator for Generator {
         }
         loop {
             // Everything still to be created has a key >= the next action's ts.
-            let horizon = self.sched.peek().map_or(u64::MAX, |s| s.ts);
-            if self.out.peek().is_some_and(|o| o.key <= horizon) {
-                let Out { flags, bytes, .. } = self.out.pop().expect("peeked");
+            let horizon = self.sched.peek_key().unwrap_or(u64::MAX);
+            if self.out.peek_key().is_some_and(|key| key <= horizon) {
+                let (_, Out { flags, bytes }) = self.out.pop().expect("peeked");
                 self.emitted += 1;
                 let s = &mut self.summary;
                 s.records += 1;
@@ -1534,15 +1674,24 @@ fn fields(eid: u64, ts: u64, stream: u32, viewer: u64, body: Body) -> Vec<(&'sta
         ("type", Val::S(body.name().to_string())),
         ("event_id", Val::S(format!("e-{eid}"))),
         ("ts", Val::N(ts)),
-        ("stream_id", Val::S(format!("stream-{}", u64::from(stream) + 1))),
+        (
+            "stream_id",
+            Val::S(format!("stream-{}", u64::from(stream) + 1)),
+        ),
         ("viewer_id", Val::S(format!("v-{viewer}"))),
     ];
     match body {
         Body::Impression { imp, ad, price } => {
             f.push(("impression_id", Val::S(format!("imp-{imp}"))));
             f.push(("ad_id", Val::S(format!("ad-{}", ad + 1))));
-            f.push(("campaign_id", Val::S(format!("cmp-{}", campaign_of(ad) + 1))));
-            f.push(("advertiser_id", Val::S(format!("adv-{}", advertiser_of(ad) + 1))));
+            f.push((
+                "campaign_id",
+                Val::S(format!("cmp-{}", campaign_of(ad) + 1)),
+            ));
+            f.push((
+                "advertiser_id",
+                Val::S(format!("adv-{}", advertiser_of(ad) + 1)),
+            ));
             f.push(("price_micros", Val::N(price)));
         }
         Body::Progress { imp, watched } => {

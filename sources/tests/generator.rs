@@ -80,7 +80,27 @@ fn id_ok(obj: &Map<String, Value>, key: &str) -> bool {
 }
 
 fn uint(obj: &Map<String, Value>, key: &str, max: u64) -> bool {
-    obj.get(key).and_then(Value::as_u64).is_some_and(|n| n <= max)
+    obj.get(key)
+        .and_then(Value::as_u64)
+        .is_some_and(|n| n <= max)
+}
+
+/// The keys of an event of type `ty`, in wire order (`None`: unknown type).
+fn expected_keys(ty: &str) -> Option<Vec<&'static str>> {
+    let typed: &[&str] = match ty {
+        "join" | "leave" | "heartbeat" | "chat" => &[],
+        "impression" => &[
+            "impression_id",
+            "ad_id",
+            "campaign_id",
+            "advertiser_id",
+            "price_micros",
+        ],
+        "ad_progress" => &["impression_id", "watched_ms"],
+        _ => return None,
+    };
+    let common = ["type", "event_id", "ts", "stream_id", "viewer_id"];
+    Some(common.iter().chain(typed).copied().collect())
 }
 
 /// A strict reading of the wire format: `Some(event)` for a valid line.
@@ -94,18 +114,7 @@ fn validate(line: &[u8]) -> Option<Map<String, Value>> {
         return None; // duplicate keys
     }
     let ty = obj.get("type").and_then(Value::as_str)?;
-    let extra: &[&str] = match ty {
-        "join" | "leave" | "heartbeat" | "chat" => &[],
-        "impression" => &[
-            "impression_id",
-            "ad_id",
-            "campaign_id",
-            "advertiser_id",
-            "price_micros",
-        ],
-        "ad_progress" => &["impression_id", "watched_ms"],
-        _ => return None,
-    };
+    let expected = expected_keys(ty)?;
     let ts = obj.get("ts").and_then(Value::as_u64)?;
     if ts == 0 || ts >= 1 << 53 {
         return None;
@@ -130,16 +139,16 @@ fn validate(line: &[u8]) -> Option<Map<String, Value>> {
         return None;
     }
     // Valid events have exactly the documented keys, in wire order.
-    let expected: Vec<&str> = ["type", "event_id", "ts", "stream_id", "viewer_id"]
-        .iter()
-        .chain(extra)
-        .copied()
-        .collect();
     let got: Vec<&str> = keys
         .iter()
         .map(|k| std::str::from_utf8(k).unwrap())
         .collect();
-    assert_eq!(got, expected, "key order of {}", String::from_utf8_lossy(line));
+    assert_eq!(
+        got,
+        expected,
+        "key order of {}",
+        String::from_utf8_lossy(line)
+    );
     Some(obj)
 }
 
@@ -198,7 +207,11 @@ fn analyse(data: &[u8], allowed_lateness_ms: u64) -> Analysis {
         match by_event_id.get(&ev.event_id) {
             Some(&earlier) => {
                 // A producer retry: same event id, same payload.
-                assert_eq!(earlier, *line, "event id {} reused with a new payload", ev.event_id);
+                assert_eq!(
+                    earlier, *line,
+                    "event id {} reused with a new payload",
+                    ev.event_id
+                );
                 a.retries.push(idx);
             }
             None => {
@@ -296,8 +309,14 @@ fn lines_are_valid_and_summary_matches() {
         assert_eq!(a.late.len() as u64, summary.late, "seed {seed}");
         assert_eq!(a.impressions, summary.impressions, "seed {seed}");
         // Rates: small, but present.
-        assert!(summary.malformed >= 19 && summary.malformed < 200, "{summary:?}");
-        assert!(summary.duplicates > 100 && summary.duplicates < 400, "{summary:?}");
+        assert!(
+            summary.malformed >= 19 && summary.malformed < 200,
+            "{summary:?}"
+        );
+        assert!(
+            summary.duplicates > 100 && summary.duplicates < 400,
+            "{summary:?}"
+        );
         assert!(summary.late >= 2 && summary.late < 100, "{summary:?}");
         assert!(summary.impressions > 100, "{summary:?}");
         // The first line is at exactly start_ts; the file spans about
@@ -314,7 +333,11 @@ fn lines_are_valid_and_summary_matches() {
         }
         let mut counts: Vec<usize> = per_stream.values().copied().collect();
         counts.sort_unstable();
-        assert!(counts.len() >= 15 && counts.len() <= 20, "{} streams", counts.len());
+        assert!(
+            counts.len() >= 15 && counts.len() <= 20,
+            "{} streams",
+            counts.len()
+        );
         assert!(counts[counts.len() - 1] > 5 * counts[0], "{counts:?}");
     }
 }
@@ -339,7 +362,7 @@ fn arrival_stays_within_the_lateness_bound_except_planted_late() {
             }
             max_ts = max_ts.max(ev.ts);
         }
-        if lateness > 0 {
+        if lateness >= 1000 {
             // The arrival order really is shuffled.
             let inversions = a.events.windows(2).filter(|w| w[1].ts < w[0].ts).count();
             assert!(inversions > 1000, "{inversions} inversions");
@@ -357,7 +380,10 @@ fn no_faults_when_rates_are_zero() {
     };
     let (data, summary) = generate(&cfg);
     let a = analyse(&data, cfg.allowed_lateness_ms);
-    assert_eq!((summary.malformed, summary.duplicates, summary.late), (0, 0, 0));
+    assert_eq!(
+        (summary.malformed, summary.duplicates, summary.late),
+        (0, 0, 0)
+    );
     assert!(a.malformed.is_empty() && a.retries.is_empty() && a.late.is_empty());
     // ...and no impression id is shown twice.
     for (imp, (imps, _)) in by_impression(&a) {
@@ -405,7 +431,7 @@ fn impressions_qualify_and_never_qualify() {
 #[test]
 fn full_window_lifecycles() {
     let cfg = GenConfig {
-        rate: 40,
+        rate: 25,
         ..config(4, 20_000)
     };
     let (data, summary) = generate(&cfg);
@@ -438,14 +464,110 @@ fn full_window_lifecycles() {
                 past_end |= d == WINDOW_MS + 1;
             }
         }
-        assert_eq!(first_ok.is_some_and(|d| d <= WINDOW_MS), qualifies(imp, progress));
+        assert_eq!(
+            first_ok.is_some_and(|d| d <= WINDOW_MS),
+            qualifies(imp, progress)
+        );
     }
     let total = (qualified + never + outside) as f64;
     assert!(total > 200.0, "{total} impressions");
     let never_share = never as f64 / total;
-    assert!((0.2..0.4).contains(&never_share), "never-qualify share {never_share}");
+    assert!(
+        (0.2..0.4).contains(&never_share),
+        "never-qualify share {never_share}"
+    );
     assert!(slow > 0 && outside > 0, "slow {slow}, outside {outside}");
     assert!(at_end && past_end, "window-boundary plants");
+}
+
+const MALFORMED_KINDS: [&str; 19] = [
+    "blank",
+    "invalid utf-8",
+    "lone surrogate",
+    "truncated",
+    "not json",
+    "[1]",
+    "not an object",
+    "duplicate keys",
+    "unknown type",
+    "missing field",
+    "float ts",
+    "string ts",
+    "negative ts",
+    "negative price",
+    "price too large",
+    "watched too large",
+    "129-byte id",
+    "empty id",
+    "non-string id",
+];
+
+/// What is wrong with a malformed line (`"other"`: none of the known kinds).
+fn malformed_kind(line: &[u8]) -> &'static str {
+    if line.is_empty() {
+        return "blank";
+    }
+    let Ok(text) = std::str::from_utf8(line) else {
+        return "invalid utf-8";
+    };
+    if text.contains("\\ud800") {
+        return "lone surrogate";
+    }
+    let Ok(value) = serde_json::from_str::<Value>(text) else {
+        let truncated = text.starts_with("{\"") && !text.ends_with('}');
+        return if truncated { "truncated" } else { "not json" };
+    };
+    let Value::Object(obj) = value else {
+        return if text == "[1]" {
+            "[1]"
+        } else {
+            "not an object"
+        };
+    };
+    let keys = top_level_keys(line);
+    if keys.iter().collect::<HashSet<_>>().len() != keys.len() {
+        return "duplicate keys";
+    }
+    let ty = obj.get("type").and_then(Value::as_str).unwrap_or("");
+    let Some(expected) = expected_keys(ty) else {
+        return if obj.contains_key("type") {
+            "unknown type"
+        } else {
+            "missing field"
+        };
+    };
+    if !expected.iter().all(|k| obj.contains_key(*k)) {
+        return "missing field";
+    }
+    let ts = &obj["ts"];
+    let number = |key: &str| obj.get(key).and_then(Value::as_i64);
+    if ts.is_f64() {
+        "float ts"
+    } else if ts.is_string() {
+        "string ts"
+    } else if number("ts").is_some_and(|t| t < 0) {
+        "negative ts"
+    } else if number("price_micros").is_some_and(|p| p < 0) {
+        "negative price"
+    } else if number("price_micros").is_some_and(|p| p > 1_000_000_000_000) {
+        "price too large"
+    } else if number("watched_ms").is_some_and(|w| w > 86_400_000) {
+        "watched too large"
+    } else if obj
+        .values()
+        .any(|v| v.as_str().is_some_and(|s| s.len() > 128))
+    {
+        "129-byte id"
+    } else if obj.values().any(|v| v.as_str() == Some("")) {
+        "empty id"
+    } else if expected
+        .iter()
+        .any(|k| k.ends_with("_id") && !obj[*k].is_string())
+    {
+        "non-string id"
+    } else {
+        "other"
+    }
 }
 
 /// The planted edge cases are all in every file of 10 000 records.
@@ -458,36 +580,19 @@ fn planted_cases_in_every_10k_file() {
         let a = analyse(&data, cfg.allowed_lateness_ms);
         assert!(!a.retries.is_empty() && summary.late > 0, "seed {seed}");
 
-        // Malformed kinds.
-        let bad: Vec<&[u8]> = a.malformed.iter().map(|&i| all[i]).collect();
-        let has = |pred: &dyn Fn(&[u8]) -> bool| bad.iter().any(|l| pred(l));
-        let text = |l: &[u8]| String::from_utf8_lossy(l).into_owned();
-        let parsed = |l: &[u8]| serde_json::from_slice::<Value>(l).ok();
-        let checks: [(&str, bool); 17] = [
-            ("blank", has(&|l| l.is_empty())),
-            ("[1]", has(&|l| l == b"[1]")),
-            ("not json", has(&|l| !l.is_empty() && !l.starts_with(b"{") && parsed(l).is_none())),
-            ("truncated", has(&|l| l.starts_with(b"{\"") && !l.ends_with(b"}"))),
-            ("non-object json", has(&|l| parsed(l).is_some_and(|v| !v.is_object() && !v.is_array()))),
-            ("invalid utf-8", has(&|l| std::str::from_utf8(l).is_err())),
-            ("lone surrogate", has(&|l| text(l).contains("\\ud800"))),
-            ("duplicate keys", has(&|l| parsed(l).is_some() && {
-                let keys = top_level_keys(l);
-                keys.iter().collect::<HashSet<_>>().len() != keys.len()
-            })),
-            ("float ts", has(&|l| parsed(l).is_some_and(|v| v["ts"].is_f64()))),
-            ("string ts", has(&|l| parsed(l).is_some_and(|v| v["ts"].is_string()))),
-            ("negative price", has(&|l| parsed(l).is_some_and(|v| v["price_micros"].as_i64().is_some_and(|p| p < 0)))),
-            ("129-byte id", has(&|l| parsed(l).and_then(|v| v.as_object().cloned()).is_some_and(|o| o.values().any(|v| v.as_str().is_some_and(|s| s.len() == 129))))),
-            ("empty id", has(&|l| text(l).contains("\"\""))),
-            ("unknown type", has(&|l| parsed(l).is_some_and(|v| v["type"].as_str().is_some_and(|t| !["join", "leave", "heartbeat", "chat", "impression", "ad_progress"].contains(&t))))),
-            ("missing field", has(&|l| parsed(l).and_then(|v| v.as_object().cloned()).is_some_and(|o| !["type", "event_id", "ts", "stream_id", "viewer_id"].iter().all(|k| o.contains_key(*k))))),
-            ("price too large", has(&|l| parsed(l).is_some_and(|v| v["price_micros"].as_u64() == Some(1_000_000_000_001)))),
-            ("watched too large", has(&|l| parsed(l).is_some_and(|v| v["watched_ms"].as_u64() == Some(86_400_001)))),
-        ];
-        for (name, present) in checks {
-            assert!(present, "seed {seed}: no {name} line");
+        // Malformed kinds: all of them, and nothing else.
+        let kinds: HashSet<&str> = a
+            .malformed
+            .iter()
+            .map(|&i| malformed_kind(all[i]))
+            .collect();
+        for kind in MALFORMED_KINDS {
+            assert!(kinds.contains(kind), "seed {seed}: no {kind} line");
         }
+        assert!(
+            !kinds.contains("other"),
+            "seed {seed}: unclassified malformed line"
+        );
 
         // Impression edge cases.
         let map = by_impression(&a);
@@ -501,6 +606,8 @@ fn planted_cases_in_every_10k_file() {
                     distinct.push(imp);
                 }
             }
+            // The planted copy has the later event id ("e-<n>").
+            distinct.sort_by_key(|e| e.event_id[2..].parse::<u64>().unwrap());
             if let [first, second] = distinct[..] {
                 if first.stream_id != second.stream_id {
                     two_streams = true;
@@ -512,7 +619,9 @@ fn planted_cases_in_every_10k_file() {
             }
             if let (Some(imp), Some(p)) = (imps.first(), progress.first()) {
                 progress_first |= p.line < imp.line;
-                at_ts |= progress.iter().any(|p| p.ts == imp.ts && p.watched_ms >= Some(2000));
+                at_ts |= progress
+                    .iter()
+                    .any(|p| p.ts == imp.ts && p.watched_ms >= Some(2000));
             }
             w2000 |= progress.iter().any(|p| p.watched_ms == Some(2000));
             w1999 |= !imps.is_empty()
@@ -548,31 +657,4 @@ fn throughput() {
         summary.records,
         summary.records as f64 / secs
     );
-}
-
-#[test]
-#[ignore]
-fn tmp_stats() {
-    for rate in [2000u64, 40] {
-        let cfg = GenConfig { rate, ..config(1, if rate == 2000 { 2_000_000 } else { 50_000 }) };
-        let (data, summary) = generate(&cfg);
-        let a = analyse(&data, cfg.allowed_lateness_ms);
-        let first = a.events[0].ts;
-        let last = a.events.iter().map(|e| e.ts).max().unwrap();
-        println!("rate {rate}: {summary:?} span {} s", (last - first) / 1000);
-        // per 60 s window: records, distinct heartbeating viewers in 10 s, type mix
-        let mut buckets: std::collections::BTreeMap<u64, (usize, HashMap<String, usize>)> = Default::default();
-        for ev in &a.events {
-            if ev.ts < first { continue; }
-            let b = (ev.ts - first) / 60_000;
-            let e = buckets.entry(b).or_default();
-            e.0 += 1;
-            *e.1.entry(ev.ty.clone()).or_default() += 1;
-        }
-        for (b, (n, mix)) in buckets.iter().take(40) {
-            let mut mix: Vec<_> = mix.iter().collect();
-            mix.sort();
-            println!("  min {b}: {:.0}/s {mix:?}", *n as f64 / 60.0);
-        }
-    }
 }

@@ -143,7 +143,9 @@ pub fn expected(lines: &[&[u8]], rules: Rules) -> Expected {
             let mut rows = periods.get(&period).cloned().unwrap_or_default();
             rows.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
             for (id, event, qualified) in rows {
-                let EventKind::Impression(imp) = &event.kind else { unreachable!() };
+                let EventKind::Impression(imp) = &event.kind else {
+                    unreachable!()
+                };
                 let fields = [
                     id.clone(),
                     imp.ad_id.clone(),

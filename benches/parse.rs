@@ -1,0 +1,51 @@
+//! Parser throughput (criterion): the strict parser against a bare typed
+//! serde_json parse of the same records, the floor it cannot beat.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use livepipe_dataflow::parse::parse_event;
+use livepipe_sources::generator::{GenConfig, Generator};
+use serde::Deserialize;
+
+/// What a bare program would parse into: borrowed strings, no validation.
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct Bare<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    event_id: &'a str,
+    ts: u64,
+    stream_id: &'a str,
+    viewer_id: &'a str,
+    impression_id: Option<&'a str>,
+    watched_ms: Option<u64>,
+}
+
+fn records() -> Vec<Vec<u8>> {
+    let config = GenConfig {
+        events: 20_000,
+        malformed_rate: 0.0,
+        ..GenConfig::default()
+    };
+    Generator::new(&config).collect()
+}
+
+fn parse(c: &mut Criterion) {
+    let records = records();
+    let mut group = c.benchmark_group("parse");
+    group.throughput(Throughput::Elements(records.len() as u64));
+    group.bench_function("strict_parse_event", |b| {
+        b.iter(|| records.iter().filter(|r| parse_event(r).is_ok()).count())
+    });
+    group.bench_function("bare_serde_typed_floor", |b| {
+        b.iter(|| {
+            records
+                .iter()
+                .filter(|r| serde_json::from_slice::<Bare>(r).is_ok())
+                .count()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, parse);
+criterion_main!(benches);
