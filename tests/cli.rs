@@ -289,3 +289,63 @@ fn usage_errors_exit_2_with_a_message() {
         );
     }
 }
+
+#[test]
+fn several_files_give_the_same_bytes_for_any_worker_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole.jsonl");
+    let gen = livepipe(&[
+        "gen",
+        "--output",
+        whole.to_str().unwrap(),
+        "--events",
+        "30000",
+        "--seed",
+        "5",
+        "--rate",
+        "100",
+    ]);
+    assert!(gen.status.success());
+    // Three partitions, each keeping file order: line n goes to file n % 3.
+    let bytes = std::fs::read(&whole).unwrap();
+    let mut parts = [Vec::new(), Vec::new(), Vec::new()];
+    for (n, line) in bytes.split_inclusive(|&b| b == b'\n').enumerate() {
+        parts[n % 3].extend_from_slice(line);
+    }
+    let paths: Vec<String> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, part)| {
+            let path = dir.path().join(format!("part-{i}.jsonl"));
+            std::fs::write(&path, part).unwrap();
+            path.to_str().unwrap().to_string()
+        })
+        .collect();
+    let mut billing = Vec::new();
+    for workers in ["1", "2", "3"] {
+        let out = dir.path().join(format!("out-{workers}"));
+        let mut args = vec![
+            "run",
+            "--out",
+            out.to_str().unwrap(),
+            "--workers",
+            workers,
+            "--input",
+        ];
+        args.extend(paths.iter().map(String::as_str));
+        let run = livepipe(&args);
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        billing.push(dir_bytes(&out.join("billing")));
+        let rejected = json_lines(&out.join("rejected.jsonl"));
+        assert!(rejected
+            .iter()
+            .all(|v| v["source"] == paths[v["partition"].as_u64().unwrap() as usize]));
+    }
+    assert!(billing[0].len() >= 6, "several periods");
+    assert_eq!(billing[0], billing[1]);
+    assert_eq!(billing[0], billing[2]);
+}

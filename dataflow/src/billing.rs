@@ -255,8 +255,14 @@ fn decide<'s>(
     let window = config.qualify_window_ms;
     let granularity = config.time_granularity_ms;
     let retention = config.state_retention_ms;
-    let updates = facts.unary(Pipeline, "EnterAndRetire", move |_, _| {
-        move |input, output| {
+    let updates = facts.unary_frontier(Pipeline, "EnterAndRetire", move |_, _| {
+        // Retractions wait here, by retire time, until the frontier reaches
+        // them. Handing them to differential up front would park them in the
+        // arrangement's batcher, which re-sorts every pending future update
+        // each time the frontier moves: quadratic in the retention.
+        let mut retiring: BTreeMap<Time, Vec<(String, Fact)>> = BTreeMap::new();
+        let mut retire_cap: Option<Capability<Time>> = None;
+        move |(input, frontier), output| {
             input.for_each_stamp(|cap, batches| {
                 let Some(&time) = cap.least() else { return };
                 let mut session = output.session(&cap);
@@ -270,11 +276,33 @@ fn decide<'s>(
                         let last_useful = fact.watermark().max(fact.ts() + window);
                         let retire = after(last_useful, granularity).saturating_add(retention);
                         debug_assert!(retire > time);
+                        if retire_cap.as_ref().is_none_or(|c| retire < *c.time()) {
+                            retire_cap = Some(cap.delayed(&retire, 0));
+                        }
                         session.give(((id.clone(), fact.clone()), time, 1isize));
-                        session.give(((id, fact), retire, -1isize));
+                        retiring.entry(retire).or_default().push((id, fact));
                     }
                 }
             });
+            // Release every retirement the frontier has reached.
+            while let Some(entry) = retiring.first_entry() {
+                let retire = *entry.key();
+                if frontier.less_than(&retire) {
+                    break;
+                }
+                let cap = retire_cap
+                    .as_ref()
+                    .expect("a capability for pending retirements")
+                    .delayed(&retire);
+                let mut session = output.session(&cap);
+                for (id, fact) in entry.remove() {
+                    session.give(((id, fact), retire, -1isize));
+                }
+            }
+            match (retiring.keys().next(), retire_cap.as_mut()) {
+                (Some(next), Some(cap)) => cap.downgrade(next),
+                _ => retire_cap = None,
+            }
         }
     });
     updates

@@ -156,15 +156,15 @@ impl Commit<'_> {
 
     /// Least and greatest period holding a finalized impression.
     pub fn period_range(&self) -> rusqlite::Result<Option<(u64, u64)>> {
-        self.tx.query_row(
-            "SELECT MIN(period_start), MAX(period_start) FROM finalized",
-            [],
-            |row| {
-                let min: Option<i64> = row.get(0)?;
-                let max: Option<i64> = row.get(1)?;
-                Ok(min.zip(max).map(|(a, b)| (a as u64, b as u64)))
-            },
-        )
+        // Two queries: SQLite answers a lone MIN or MAX from the index, but
+        // scans the whole table for both in one SELECT.
+        let bound = |sql: &str| {
+            self.tx
+                .query_row(sql, [], |row| row.get::<_, Option<i64>>(0))
+        };
+        let min = bound("SELECT MIN(period_start) FROM finalized")?;
+        let max = bound("SELECT MAX(period_start) FROM finalized")?;
+        Ok(min.zip(max).map(|(a, b)| (a as u64, b as u64)))
     }
 
     /// The billed rows of one period, sorted by impression id in byte order

@@ -81,27 +81,25 @@ pub fn expected(lines: &[&[u8]], rules: Rules) -> Expected {
         if let Some(id) = impression_id(&event).map(str::to_string) {
             if !finals.contains_key(&id) {
                 match &event.kind {
-                    EventKind::Impression(_) => {
-                        if watermark <= event.ts + rules.window {
-                            let mut progress = orphan_progress.remove(&id).unwrap_or_default();
-                            match pending.get_mut(&id) {
-                                Some(p) => {
-                                    let better = (event.ts, &event.event_id)
-                                        < (p.canonical.ts, &p.canonical.event_id);
-                                    if better {
-                                        p.canonical = event.clone();
-                                    }
-                                    p.progress_ts.append(&mut progress);
+                    EventKind::Impression(_) if watermark <= event.ts + rules.window => {
+                        let mut progress = orphan_progress.remove(&id).unwrap_or_default();
+                        match pending.get_mut(&id) {
+                            Some(p) => {
+                                let better = (event.ts, &event.event_id)
+                                    < (p.canonical.ts, &p.canonical.event_id);
+                                if better {
+                                    p.canonical = event.clone();
                                 }
-                                None => {
-                                    pending.insert(
-                                        id,
-                                        Pending {
-                                            canonical: event.clone(),
-                                            progress_ts: progress,
-                                        },
-                                    );
-                                }
+                                p.progress_ts.append(&mut progress);
+                            }
+                            None => {
+                                pending.insert(
+                                    id,
+                                    Pending {
+                                        canonical: event.clone(),
+                                        progress_ts: progress,
+                                    },
+                                );
                             }
                         }
                     }
