@@ -6,26 +6,16 @@
 //! 2 workers and prints a Markdown table: events/s, ratio to the floor and
 //! peak RSS (through `/usr/bin/time` when the machine has it).
 
+mod common;
+
+use common::Bare;
+
 use livepipe_sources::generator::{write_jsonl, GenConfig};
-use serde::Deserialize;
 
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
-
-#[derive(Deserialize)]
-#[allow(dead_code)]
-struct Bare<'a> {
-    #[serde(rename = "type")]
-    kind: &'a str,
-    event_id: &'a str,
-    ts: u64,
-    stream_id: &'a str,
-    viewer_id: &'a str,
-    impression_id: Option<&'a str>,
-    watched_ms: Option<u64>,
-}
 
 fn input(events: u64) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-data");

@@ -1,24 +1,12 @@
 //! Parser throughput (criterion): the strict parser against a bare typed
 //! serde_json parse of the same records, the floor it cannot beat.
 
+mod common;
+
+use common::Bare;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use livepipe_dataflow::parse::parse_event;
 use livepipe_sources::generator::{GenConfig, Generator};
-use serde::Deserialize;
-
-/// What a bare program would parse into: borrowed strings, no validation.
-#[derive(Deserialize)]
-#[allow(dead_code)]
-struct Bare<'a> {
-    #[serde(rename = "type")]
-    kind: &'a str,
-    event_id: &'a str,
-    ts: u64,
-    stream_id: &'a str,
-    viewer_id: &'a str,
-    impression_id: Option<&'a str>,
-    watched_ms: Option<u64>,
-}
 
 fn records() -> Vec<Vec<u8>> {
     let config = GenConfig {

@@ -6,7 +6,7 @@ mod support;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use support::reference::{expected, Rules};
+use support::reference::{expected, expected_live, Rules};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -169,6 +169,20 @@ fn generated_file_bills_exactly_and_identically_for_1_and_2_workers() {
     sorted.sort();
     assert_eq!(ids, sorted);
     assert!(live.iter().any(|s| s["viewers"].as_u64().unwrap() > 0));
+    // At the end of a file every event has arrived: the counts are exact.
+    let (now, want_live) = expected_live(&lines, 30_000);
+    let got_live: BTreeMap<String, (u64, u64)> = live
+        .iter()
+        .map(|s| {
+            assert_eq!(s["as_of"], now);
+            let count = |f: &str| s[f].as_u64().unwrap();
+            (
+                s["stream_id"].as_str().unwrap().to_string(),
+                (count("viewers"), count("chat_per_min")),
+            )
+        })
+        .collect();
+    assert_eq!(got_live, want_live);
 }
 
 #[test]

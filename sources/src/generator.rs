@@ -788,18 +788,7 @@ impl Generator {
         } else {
             self.at(end, Action::End { slot, epoch });
         }
-        if let Some(gap) = self.chat_gap(style, stream) {
-            if self.now + gap < end {
-                self.at(
-                    self.now + gap,
-                    Action::Chat {
-                        slot,
-                        epoch,
-                        repeat: true,
-                    },
-                );
-            }
-        }
+        self.schedule_chat(slot, epoch, style, stream, end);
         // The viewer's own mid-rolls (phase uniform for the initial audience).
         let first_ad = if initial {
             self.rng
@@ -876,17 +865,24 @@ impl Generator {
         };
         self.emit(self.now, stream, viewer, Body::Chat);
         if repeat {
-            if let Some(gap) = self.chat_gap(style, stream) {
-                if self.now + gap < end {
-                    self.at(
-                        self.now + gap,
-                        Action::Chat {
-                            slot,
-                            epoch,
-                            repeat,
-                        },
-                    );
-                }
+            self.schedule_chat(slot, epoch, style, stream, end);
+        }
+    }
+
+    /// Schedules this viewer's next chat message, if its style chats and the
+    /// session lasts that long.
+    fn schedule_chat(&mut self, slot: u32, epoch: u32, style: Style, stream: u32, end: u64) {
+        if let Some(gap) = self.chat_gap(style, stream) {
+            if self.now + gap < end {
+                let repeat = true;
+                self.at(
+                    self.now + gap,
+                    Action::Chat {
+                        slot,
+                        epoch,
+                        repeat,
+                    },
+                );
             }
         }
     }

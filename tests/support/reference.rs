@@ -180,3 +180,41 @@ fn quote(field: &str) -> String {
         field.to_string()
     }
 }
+
+/// The last live snapshot of every stream once a file has been read
+/// (SPEC §2), as (viewers, chat_per_min) at `now` = the highest `ts`.
+pub fn expected_live(lines: &[&[u8]], presence_ttl: u64) -> (u64, BTreeMap<String, (u64, u64)>) {
+    let events: Vec<Event> = lines.iter().filter_map(|l| parse_event(l).ok()).collect();
+    let now = events.iter().map(|e| e.ts).max().unwrap_or(0);
+    // Per (stream, viewer): latest presence, latest leave.
+    let mut viewers: BTreeMap<(&str, &str), (u64, u64)> = BTreeMap::new();
+    let mut streams: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for event in &events {
+        let presence = matches!(
+            event.kind,
+            EventKind::Join | EventKind::Heartbeat | EventKind::Chat
+        );
+        let leave = matches!(event.kind, EventKind::Leave);
+        if !(presence || leave) {
+            continue;
+        }
+        streams.entry(event.stream_id.clone()).or_default();
+        let entry = viewers
+            .entry((&event.stream_id, &event.viewer_id))
+            .or_default();
+        if presence {
+            entry.0 = entry.0.max(event.ts);
+        } else {
+            entry.1 = entry.1.max(event.ts);
+        }
+        if matches!(event.kind, EventKind::Chat) && event.ts + 60_000 > now {
+            streams.get_mut(&event.stream_id).unwrap().1 += 1;
+        }
+    }
+    for ((stream, _), (presence, leave)) in viewers {
+        if presence + presence_ttl > now && leave < presence {
+            streams.get_mut(stream).unwrap().0 += 1;
+        }
+    }
+    (now, streams)
+}
