@@ -200,6 +200,11 @@ pub fn live<'s>(
                         while next_tick <= now_instant {
                             next_tick += tick;
                         }
+                        // One timer per tick: data activations in between must
+                        // not pile up timers that all fire at the same moment.
+                        if !finished {
+                            activator.activate_after(next_tick - now_instant);
+                        }
                     }
                     if finished {
                         capability = None;
@@ -210,7 +215,6 @@ pub fn live<'s>(
                             cap.downgrade(&time);
                         }
                     }
-                    activator.activate_after(next_tick.saturating_duration_since(Instant::now()));
                 }
             },
         )

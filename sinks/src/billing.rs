@@ -81,8 +81,30 @@ pub struct BillingSink {
     sources: Vec<Arc<str>>,
     trailing: TrailingPeriods,
     buffered: Vec<livepipe_dataflow::billing::Outcome>,
-    next_period: Option<u64>,
+    periods_seen: PeriodsSeen,
     stats: Arc<BillingStats>,
+}
+
+/// Which periods hold finalized impressions, and where writing stands.
+#[derive(Clone, Copy, Debug, Default)]
+struct PeriodsSeen {
+    /// The next period to write. Before the first file it is the least
+    /// period finalized so far and may still move back: outcomes of a later
+    /// period can reach the sink before those of an earlier one. Once a
+    /// period is final nothing earlier can come, so writing fixes it.
+    next: Option<u64>,
+    files_started: bool,
+    /// The greatest period holding a finalized impression.
+    last: Option<u64>,
+}
+
+impl PeriodsSeen {
+    fn saw(&mut self, period: u64) {
+        if !self.files_started {
+            self.next = Some(self.next.map_or(period, |next| next.min(period)));
+        }
+        self.last = Some(self.last.map_or(period, |last| last.max(period)));
+    }
 }
 
 /// Renders and writes period files; the part of the sink that needs the
@@ -120,7 +142,13 @@ impl BillingSink {
             }
         }
         let ledger = Ledger::open(&out_dir.join(LEDGER_FILE))?;
-        let next_period = ledger.next_unwritten_period(config.billing_period_ms)?;
+        let next_file = ledger.next_unwritten_period(config.billing_period_ms)?;
+        let finalized = ledger.period_range()?;
+        let periods_seen = PeriodsSeen {
+            next: next_file.or(finalized.map(|(first, _)| first)),
+            files_started: next_file.is_some(),
+            last: finalized.map(|(_, last)| last),
+        };
         let stats = Arc::<BillingStats>::default();
         Ok(BillingSink {
             ledger,
@@ -133,7 +161,7 @@ impl BillingSink {
             sources,
             trailing,
             buffered: Vec::new(),
-            next_period,
+            periods_seen,
             stats,
         })
     }
@@ -160,6 +188,16 @@ impl BillingSink {
     /// (the sink's input frontier; `None` once the input is exhausted) shows
     /// to be final, all in one ledger transaction.
     pub fn advance(&mut self, frontier: Option<Time>) -> Result<(), SinkError> {
+        // Most frontier moves finalize nothing: skip the transaction (and its
+        // fsync) unless there are outcomes to record or a period to write.
+        let period_due = self
+            .periods_seen
+            .next
+            .is_some_and(|period| self.periods.is_final(period, frontier));
+        if self.buffered.is_empty() && !period_due {
+            self.side.flush()?;
+            return Ok(());
+        }
         let commit = self.ledger.begin()?;
         for outcome in self.buffered.drain(..) {
             let period = self.periods.config.period_start(outcome.impression.ts);
@@ -181,27 +219,24 @@ impl BillingSink {
                 };
                 let source = source_name(&self.sources, late.position.partition);
                 self.side.late_with_reason(source, &late, "already_final")?;
-            } else if outcome.is_billed() {
+                continue;
+            }
+            self.periods_seen.saw(period);
+            if outcome.is_billed() {
                 self.stats.billed.fetch_add(1, Ordering::Relaxed);
             } else {
                 self.stats.expired.fetch_add(1, Ordering::Relaxed);
                 self.side.expired(&outcome)?;
             }
         }
-        let range = commit.period_range()?;
-        tracing::debug!(?frontier, ?range, next = ?self.next_period, "billing commit");
-        // Until the first file is written, the first period is the least one
-        // finalized so far: outcomes of later periods can arrive before those
-        // of earlier ones, but once a period is final nothing earlier can come.
-        let mut next = self.next_period.or(range.map(|(first, _)| first));
+        tracing::debug!(?frontier, periods = ?self.periods_seen, "billing commit");
         let mut wrote = false;
-        while let Some(period) = next {
+        while let Some(period) = self.periods_seen.next {
             if !self.periods.is_final(period, frontier) {
                 break;
             }
-            let last_impression_period = range.map(|(_, last)| last);
             if self.trailing == TrailingPeriods::UpToLastImpression
-                && last_impression_period.is_none_or(|last| period > last)
+                && self.periods_seen.last.is_none_or(|last| period > last)
             {
                 break;
             }
@@ -209,8 +244,8 @@ impl BillingSink {
                 self.periods.write(&commit, period)?;
                 wrote = true;
             }
-            next = Some(period + self.periods.config.billing_period_ms);
-            self.next_period = next;
+            self.periods_seen.next = Some(period + self.periods.config.billing_period_ms);
+            self.periods_seen.files_started = true;
         }
         if wrote {
             sync_dir(&self.periods.billing_dir)?;

@@ -100,6 +100,19 @@ impl Ledger {
             .map(|last| last.map(|start| start as u64 + period_ms))
     }
 
+    /// Least and greatest period holding a finalized impression.
+    pub fn period_range(&self) -> rusqlite::Result<Option<(u64, u64)>> {
+        // Two queries: SQLite answers a lone MIN or MAX from the index, but
+        // scans the whole table for both in one SELECT.
+        let bound = |sql: &str| {
+            self.conn
+                .query_row(sql, [], |row| row.get::<_, Option<i64>>(0))
+        };
+        let min = bound("SELECT MIN(period_start) FROM finalized")?;
+        let max = bound("SELECT MAX(period_start) FROM finalized")?;
+        Ok(min.zip(max).map(|(a, b)| (a as u64, b as u64)))
+    }
+
     pub fn files(&self) -> rusqlite::Result<Vec<FileRecord>> {
         let mut stmt = self.conn.prepare(
             "SELECT name, period_start, period_end, rows, total_price_micros, sha256, written_at_ms
@@ -152,19 +165,6 @@ impl Commit<'_> {
             imp.price_micros as i64,
         ])?;
         Ok(inserted == 1)
-    }
-
-    /// Least and greatest period holding a finalized impression.
-    pub fn period_range(&self) -> rusqlite::Result<Option<(u64, u64)>> {
-        // Two queries: SQLite answers a lone MIN or MAX from the index, but
-        // scans the whole table for both in one SELECT.
-        let bound = |sql: &str| {
-            self.tx
-                .query_row(sql, [], |row| row.get::<_, Option<i64>>(0))
-        };
-        let min = bound("SELECT MIN(period_start) FROM finalized")?;
-        let max = bound("SELECT MAX(period_start) FROM finalized")?;
-        Ok(min.zip(max).map(|(a, b)| (a as u64, b as u64)))
     }
 
     /// The billed rows of one period, sorted by impression id in byte order
