@@ -39,10 +39,16 @@ use timely::dataflow::operators::{Capability, Concat};
 use timely::dataflow::StreamVec;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::config::PipelineConfig;
 use crate::event::{EventKind, Ingested, Position};
 use crate::time::{after, coarse, Time};
+
+/// Shared, immutable text. Facts are cloned at every merge of an
+/// arrangement and every reduce output; cloning an `Arc` is a count, not an
+/// allocation and a copy.
+pub type Text = Arc<str>;
 
 /// An impression as it entered billing.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -50,14 +56,14 @@ pub struct ImpressionFact {
     // Field order matters: the derived `Ord` makes the canonical record
     // (least `ts`, then `event_id` in byte order) sort first.
     pub ts: u64,
-    pub event_id: String,
+    pub event_id: Text,
     pub watermark: u64,
     pub position: Position,
-    pub ad_id: String,
-    pub campaign_id: String,
-    pub advertiser_id: String,
-    pub stream_id: String,
-    pub viewer_id: String,
+    pub ad_id: Text,
+    pub campaign_id: Text,
+    pub advertiser_id: Text,
+    pub stream_id: Text,
+    pub viewer_id: Text,
     pub price_micros: u64,
 }
 
@@ -65,7 +71,7 @@ pub struct ImpressionFact {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ProgressFact {
     pub ts: u64,
-    pub event_id: String,
+    pub event_id: Text,
     pub watermark: u64,
     pub position: Position,
 }
@@ -95,7 +101,7 @@ impl Fact {
 /// The final word on one impression id.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Outcome {
-    pub impression_id: String,
+    pub impression_id: Text,
     /// The canonical impression record.
     pub impression: ImpressionFact,
     /// `ts` of the earliest qualifying `ad_progress`; `None` means expired.
@@ -153,7 +159,7 @@ impl LateRecord {
         LateRecord {
             reason,
             kind: kind.to_string(),
-            event_id: event_id.clone(),
+            event_id: event_id.to_string(),
             impression_id: impression_id.to_string(),
             ts: fact.ts(),
             position,
@@ -194,12 +200,12 @@ fn admit<'s>(
     ingested: StreamVec<'s, Time, Ingested>,
     config: &PipelineConfig,
 ) -> (
-    StreamVec<'s, Time, (String, Fact)>,
+    StreamVec<'s, Time, (Text, Fact)>,
     StreamVec<'s, Time, LateRecord>,
 ) {
     let qualify_ms = config.qualify_ms;
     let window = config.qualify_window_ms;
-    type Admitted<'s> = StreamVec<'s, Time, Option<(String, Fact)>>;
+    type Admitted<'s> = StreamVec<'s, Time, Option<(Text, Fact)>>;
     let (facts, late): (Admitted<'s>, StreamVec<'s, Time, LateRecord>) =
         ingested.ok_err(move |record: Ingested| {
             let Ingested {
@@ -211,14 +217,14 @@ fn admit<'s>(
                 EventKind::Impression(imp) => {
                     let fact = Fact::Impression(ImpressionFact {
                         ts: event.ts,
-                        event_id: event.event_id,
+                        event_id: event.event_id.into(),
                         watermark,
                         position,
-                        ad_id: imp.ad_id,
-                        campaign_id: imp.campaign_id,
-                        advertiser_id: imp.advertiser_id,
-                        stream_id: event.stream_id,
-                        viewer_id: event.viewer_id,
+                        ad_id: imp.ad_id.into(),
+                        campaign_id: imp.campaign_id.into(),
+                        advertiser_id: imp.advertiser_id.into(),
+                        stream_id: event.stream_id.into(),
+                        viewer_id: event.viewer_id.into(),
                         price_micros: imp.price_micros,
                     });
                     if watermark > event.ts + window {
@@ -228,17 +234,17 @@ fn admit<'s>(
                             LateReason::WindowClosed,
                         ))
                     } else {
-                        Ok(Some((imp.impression_id, fact)))
+                        Ok(Some((imp.impression_id.into(), fact)))
                     }
                 }
                 EventKind::AdProgress(progress) if progress.watched_ms >= qualify_ms => {
                     let fact = Fact::Progress(ProgressFact {
                         ts: event.ts,
-                        event_id: event.event_id,
+                        event_id: event.event_id.into(),
                         watermark,
                         position,
                     });
-                    Ok(Some((progress.impression_id, fact)))
+                    Ok(Some((progress.impression_id.into(), fact)))
                 }
                 _ => Ok(None),
             }
@@ -249,9 +255,9 @@ fn admit<'s>(
 /// The differential part: every fact enters at its arrival time and leaves
 /// again once it can no longer matter; one reduce per impression id decides.
 fn decide<'s>(
-    facts: StreamVec<'s, Time, (String, Fact)>,
+    facts: StreamVec<'s, Time, (Text, Fact)>,
     config: &PipelineConfig,
-) -> StreamVec<'s, Time, ((String, Verdict), Time, isize)> {
+) -> StreamVec<'s, Time, ((Text, Verdict), Time, isize)> {
     let window = config.qualify_window_ms;
     let granularity = config.time_granularity_ms;
     let retention = config.state_retention_ms;
@@ -260,7 +266,7 @@ fn decide<'s>(
         // them. Handing them to differential up front would park them in the
         // arrangement's batcher, which re-sorts every pending future update
         // each time the frontier moves: quadratic in the retention.
-        let mut retiring: BTreeMap<Time, Vec<(String, Fact)>> = BTreeMap::new();
+        let mut retiring: BTreeMap<Time, Vec<(Text, Fact)>> = BTreeMap::new();
         let mut retire_cap: Option<Capability<Time>> = None;
         move |(input, frontier), output| {
             input.for_each_stamp(|cap, batches| {
@@ -307,7 +313,7 @@ fn decide<'s>(
     });
     updates
         .as_collection()
-        .reduce_named("DecideImpression", move |id: &String, input, output| {
+        .reduce_named("DecideImpression", move |id: &Text, input, output| {
             decide_impression(id, input, output, window)
         })
         .inner
@@ -350,7 +356,7 @@ fn decide_impression(
     }
     output.push((
         Verdict::Outcome(Outcome {
-            impression_id: id.to_string(),
+            impression_id: id.into(),
             impression: canonical.clone(),
             qualified_ts,
             duplicates,
@@ -364,7 +370,7 @@ fn decide_impression(
 /// (state retiring, or nothing at all in a correct run) are not changes of
 /// a final answer and are dropped.
 fn finalize<'s>(
-    verdicts: StreamVec<'s, Time, ((String, Verdict), Time, isize)>,
+    verdicts: StreamVec<'s, Time, ((Text, Verdict), Time, isize)>,
     config: &PipelineConfig,
 ) -> StreamVec<'s, Time, BillingEvent> {
     let window = config.qualify_window_ms;

@@ -212,8 +212,8 @@ impl BillingSink {
                 let late = livepipe_dataflow::billing::LateRecord {
                     reason: livepipe_dataflow::billing::LateReason::ImpressionFinal,
                     kind: "impression".into(),
-                    event_id: outcome.impression.event_id.clone(),
-                    impression_id: outcome.impression_id.clone(),
+                    event_id: outcome.impression.event_id.to_string(),
+                    impression_id: outcome.impression_id.to_string(),
                     ts: outcome.impression.ts,
                     position: outcome.impression.position,
                 };

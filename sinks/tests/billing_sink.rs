@@ -26,7 +26,7 @@ fn outcome(id: &str, ts: u64, qualified: Option<u64>) -> BillingEvent {
         impression_id: id.into(),
         impression: ImpressionFact {
             ts,
-            event_id: format!("e-{id}"),
+            event_id: format!("e-{id}").into(),
             watermark: 0,
             position: Position {
                 partition: 0,
