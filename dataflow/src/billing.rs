@@ -50,6 +50,28 @@ use crate::time::{after, coarse, Time};
 /// allocation and a copy.
 pub type Text = Arc<str>;
 
+/// The arrangement key: an impression id, led by a hash of it. Keys are
+/// compared at every step of every merge and seek; comparing the hash first
+/// settles almost all of them without touching the text, and the text
+/// itself keeps distinct ids distinct when hashes collide.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ImpressionKey {
+    hash: u64,
+    pub id: Text,
+}
+
+impl ImpressionKey {
+    pub fn new(id: String) -> Self {
+        // DefaultHasher::new() has fixed keys: the same in every process.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(id.as_str(), &mut hasher);
+        ImpressionKey {
+            hash: std::hash::Hasher::finish(&hasher),
+            id: id.into(),
+        }
+    }
+}
+
 /// An impression as it entered billing.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ImpressionFact {
@@ -200,12 +222,12 @@ fn admit<'s>(
     ingested: StreamVec<'s, Time, Ingested>,
     config: &PipelineConfig,
 ) -> (
-    StreamVec<'s, Time, (Text, Fact)>,
+    StreamVec<'s, Time, (ImpressionKey, Fact)>,
     StreamVec<'s, Time, LateRecord>,
 ) {
     let qualify_ms = config.qualify_ms;
     let window = config.qualify_window_ms;
-    type Admitted<'s> = StreamVec<'s, Time, Option<(Text, Fact)>>;
+    type Admitted<'s> = StreamVec<'s, Time, Option<(ImpressionKey, Fact)>>;
     let (facts, late): (Admitted<'s>, StreamVec<'s, Time, LateRecord>) =
         ingested.ok_err(move |record: Ingested| {
             let Ingested {
@@ -234,7 +256,7 @@ fn admit<'s>(
                             LateReason::WindowClosed,
                         ))
                     } else {
-                        Ok(Some((imp.impression_id.into(), fact)))
+                        Ok(Some((ImpressionKey::new(imp.impression_id), fact)))
                     }
                 }
                 EventKind::AdProgress(progress) if progress.watched_ms >= qualify_ms => {
@@ -244,7 +266,7 @@ fn admit<'s>(
                         watermark,
                         position,
                     });
-                    Ok(Some((progress.impression_id.into(), fact)))
+                    Ok(Some((ImpressionKey::new(progress.impression_id), fact)))
                 }
                 _ => Ok(None),
             }
@@ -255,9 +277,9 @@ fn admit<'s>(
 /// The differential part: every fact enters at its arrival time and leaves
 /// again once it can no longer matter; one reduce per impression id decides.
 fn decide<'s>(
-    facts: StreamVec<'s, Time, (Text, Fact)>,
+    facts: StreamVec<'s, Time, (ImpressionKey, Fact)>,
     config: &PipelineConfig,
-) -> StreamVec<'s, Time, ((Text, Verdict), Time, isize)> {
+) -> StreamVec<'s, Time, ((ImpressionKey, Verdict), Time, isize)> {
     let window = config.qualify_window_ms;
     let granularity = config.time_granularity_ms;
     let retention = config.state_retention_ms;
@@ -266,7 +288,7 @@ fn decide<'s>(
         // them. Handing them to differential up front would park them in the
         // arrangement's batcher, which re-sorts every pending future update
         // each time the frontier moves: quadratic in the retention.
-        let mut retiring: BTreeMap<Time, Vec<(Text, Fact)>> = BTreeMap::new();
+        let mut retiring: BTreeMap<Time, Vec<(ImpressionKey, Fact)>> = BTreeMap::new();
         let mut retire_cap: Option<Capability<Time>> = None;
         move |(input, frontier), output| {
             input.for_each_stamp(|cap, batches| {
@@ -313,16 +335,19 @@ fn decide<'s>(
     });
     updates
         .as_collection()
-        .reduce_named("DecideImpression", move |id: &Text, input, output| {
-            decide_impression(id, input, output, window)
-        })
+        .reduce_named(
+            "DecideImpression",
+            move |key: &ImpressionKey, input, output| {
+                decide_impression(&key.id, input, output, window)
+            },
+        )
         .inner
 }
 
 /// The pure rule of the module docs, for one impression id. `input` is
 /// sorted, so impressions come first and the canonical one leads.
 fn decide_impression(
-    id: &str,
+    id: &Text,
     input: &[(&Fact, isize)],
     output: &mut Vec<(Verdict, isize)>,
     window: u64,
@@ -356,7 +381,7 @@ fn decide_impression(
     }
     output.push((
         Verdict::Outcome(Outcome {
-            impression_id: id.into(),
+            impression_id: id.clone(),
             impression: canonical.clone(),
             qualified_ts,
             duplicates,
@@ -370,7 +395,7 @@ fn decide_impression(
 /// (state retiring, or nothing at all in a correct run) are not changes of
 /// a final answer and are dropped.
 fn finalize<'s>(
-    verdicts: StreamVec<'s, Time, ((Text, Verdict), Time, isize)>,
+    verdicts: StreamVec<'s, Time, ((ImpressionKey, Verdict), Time, isize)>,
     config: &PipelineConfig,
 ) -> StreamVec<'s, Time, BillingEvent> {
     let window = config.qualify_window_ms;
