@@ -4,6 +4,7 @@
 use clap::Parser;
 use livepipe::cli::{Cli, Command, GenArgs, RunArgs};
 use livepipe::pipeline::{run_files, FileRun, UsageError};
+use livepipe_sources::file::RECORDS_PER_CHUNK;
 use livepipe_sources::generator::{write_jsonl, GenConfig};
 
 use std::fs::File;
@@ -82,6 +83,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         workers,
         config,
         progress: std::io::stderr().is_terminal(),
+        records_per_chunk: RECORDS_PER_CHUNK,
     })?;
     tracing::info!(
         billing = %args.out.join("billing").display(),

@@ -39,6 +39,9 @@ pub struct FileRun {
     pub config: PipelineConfig,
     /// Print a progress line to stderr every second.
     pub progress: bool,
+    /// Records per chunk dealt out for parsing; tests use tiny chunks so
+    /// that reordering across workers is exercised.
+    pub records_per_chunk: usize,
 }
 
 /// What a finished run did.
@@ -100,6 +103,7 @@ pub fn run_files(run: FileRun) -> anyhow::Result<RunSummary> {
             })
         },
         on_fatal: Arc::new(|cause| fail(cause)),
+        records_per_chunk: run.records_per_chunk,
     };
 
     let done = Arc::new(AtomicBool::new(false));

@@ -4,31 +4,53 @@
 //! read: each file keeps its own watermark (highest valid `ts` so far minus
 //! the allowed lateness), every record is stamped with the watermark *before*
 //! it, and the record travels at the coarse version of that watermark (see
-//! `livepipe_dataflow::time`). The source's capability follows the least
-//! watermark of the files it still reads; a file at its end stops holding it
-//! back, and when every file is done the capability is dropped, so the
-//! frontier empties and everything finalizes.
+//! `livepipe_dataflow::time`).
 //!
-//! File `i` is read by worker `i % workers`, in budgeted slices so the worker
-//! keeps serving the rest of the graph (and the live tick) in between.
+//! Parsing is the expensive part of reading, and the watermark depends on
+//! every earlier valid record, so the work is split in three:
+//!
+//! 1. **Read** (the worker that owns file `i`, worker `i % workers`): cut
+//!    the file into chunks of lines, in budgeted slices so the worker keeps
+//!    serving the rest of the graph, and deal the chunks out to all workers.
+//! 2. **Parse** (every worker): parse a chunk; rejected records go to the
+//!    dead-letter callback right there.
+//! 3. **Stamp** (the owner again): put parsed chunks back in file order and
+//!    stamp each event with its file's watermark, exactly as if one thread
+//!    had read the file.
+//!
+//! The reader's capability follows the watermark the stamper has reached
+//! (they share it, being on the same worker), so the stamper may always
+//! emit at the coarse watermark. A file stops holding time back once it is
+//! read and stamped to its end; when every file is, the frontier empties and
+//! everything finalizes.
 
 use livepipe_dataflow::event::{Ingested, Position, RejectedRecord, RAW_KEEP_BYTES};
 use livepipe_dataflow::parse::{parse_event, Rejection, MAX_RECORD_BYTES};
 use livepipe_dataflow::time::{coarse, Time};
+use serde::{Deserialize, Serialize};
+use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::operator::source;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
 use timely::dataflow::{Scope, StreamVec};
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader};
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long one activation may read before yielding to other operators.
 const SLICE: Duration = Duration::from_millis(5);
-/// Records read between checks of the clock.
-const RECORDS_PER_CHECK: usize = 256;
+/// Records per chunk handed to a parsing worker, by default.
+pub const RECORDS_PER_CHUNK: usize = 1024;
+/// Chunks of one file read but not yet stamped: bounds memory when the
+/// readers are faster than the rest of the graph.
+const CHUNKS_IN_FLIGHT: u64 = 16;
 
 /// What the file source reports to the rest of the job.
 #[derive(Clone)]
@@ -39,10 +61,12 @@ pub struct FileSourceContext {
     pub max_event_ts: Arc<AtomicU64>,
     /// Records read (valid or not), for progress reporting.
     pub records_read: Arc<AtomicU64>,
-    /// Where rejected records go. Called from the reading worker.
+    /// Where rejected records go. Called from the parsing worker.
     pub on_reject: Arc<dyn Fn(RejectedRecord) + Send + Sync>,
     /// Called once with the cause if a file cannot be read any further.
     pub on_fatal: Arc<dyn Fn(String) + Send + Sync>,
+    /// Records per chunk dealt out for parsing ([`RECORDS_PER_CHUNK`]).
+    pub records_per_chunk: usize,
 }
 
 /// Checks up front that every input can be opened, so a typo is a usage
@@ -65,15 +89,44 @@ pub fn check_inputs(paths: &[PathBuf]) -> Result<(), String> {
     Ok(())
 }
 
-/// One file being read.
-struct Cursor {
+/// Raw records of one file, in file order.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Chunk {
+    partition: u32,
+    seq: u64,
+    /// Line number of the first record.
+    first_line: u64,
+    /// The records, back to back; record `i` ends at `ends[i]`.
+    bytes: Vec<u8>,
+    ends: Vec<u32>,
+    /// Indexes of records longer than the limit (kept cut).
+    oversized: Vec<u32>,
+}
+
+/// The valid events of one chunk, with their line numbers.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ParsedChunk {
+    partition: u32,
+    seq: u64,
+    events: Vec<(u64, livepipe_dataflow::event::Event)>,
+}
+
+/// How far the stamper has got with one file; shared with its reader.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stamped {
+    /// Chunks stamped so far (the next one to stamp has this `seq`).
+    chunks: u64,
+    max_ts: Option<u64>,
+}
+
+/// One file being read by its owner.
+struct Reader {
     path: PathBuf,
-    name: Arc<str>,
     partition: u32,
     reader: Option<BufReader<File>>,
     line: u64,
-    max_ts: Option<u64>,
-    done: bool,
+    chunks_sent: u64,
+    at_end: bool,
 }
 
 /// A partition's watermark: its highest valid `ts` so far minus the allowed
@@ -82,30 +135,48 @@ fn watermark(max_ts: Option<u64>, lateness: u64) -> u64 {
     max_ts.map_or(0, |ts| ts.saturating_sub(lateness))
 }
 
-/// Builds the source on this worker for the files it owns.
+/// Builds the source on this worker: readers for the files it owns, a
+/// parser for anyone's chunks, a stamper for its own files.
 pub fn file_source<'s>(
     scope: Scope<'s, Time>,
     paths: &[PathBuf],
     context: FileSourceContext,
 ) -> StreamVec<'s, Time, Ingested> {
+    let names: Vec<Arc<str>> = paths
+        .iter()
+        .map(|path| Arc::from(path.display().to_string()))
+        .collect();
+    let stamped: Rc<RefCell<Vec<Stamped>>> =
+        Rc::new(RefCell::new(vec![Stamped::default(); paths.len()]));
+    let chunks = read_chunks(scope, paths, &context, stamped.clone());
+    let parsed = parse_chunks(chunks, names, &context);
+    stamp(parsed, &context, stamped)
+}
+
+/// Stage 1: the owner cuts its files into chunks.
+fn read_chunks<'s>(
+    scope: Scope<'s, Time>,
+    paths: &[PathBuf],
+    context: &FileSourceContext,
+    stamped: Rc<RefCell<Vec<Stamped>>>,
+) -> StreamVec<'s, Time, Chunk> {
     let index = scope.index();
     let peers = scope.peers();
-    let mut cursors: Vec<Cursor> = paths
+    let mut readers: Vec<Reader> = paths
         .iter()
         .enumerate()
         .filter(|(partition, _)| partition % peers == index)
-        .map(|(partition, path)| Cursor {
+        .map(|(partition, path)| Reader {
             path: path.clone(),
-            name: Arc::from(path.display().to_string()),
             partition: partition as u32,
             reader: None,
             line: 0,
-            max_ts: None,
-            done: false,
+            chunks_sent: 0,
+            at_end: false,
         })
         .collect();
-
-    source(scope, "FileSource", move |capability, info| {
+    let context = context.clone();
+    source(scope, "ReadFiles", move |capability, info| {
         let activator = scope.activator_for(info.address);
         let mut capability = Some(capability);
         let mut line = Vec::with_capacity(1024);
@@ -116,22 +187,36 @@ pub fn file_source<'s>(
             let lateness = context.allowed_lateness_ms;
             let granularity = context.time_granularity_ms;
             let started = Instant::now();
-            for cursor in cursors.iter_mut().filter(|c| !c.done) {
-                if let Err(err) = read_slice(cursor, &mut line, started, &context, |time, batch| {
-                    output
-                        .session(&cap.delayed(&time))
-                        .give_iterator(batch.drain(..));
-                }) {
-                    (context.on_fatal)(format!("reading {}: {err}", cursor.path.display()));
-                    // Keep the capability: an emptied frontier would finalize
-                    // impressions that are not final. The job is going down.
-                    return;
+            for reader in readers.iter_mut().filter(|r| !r.at_end) {
+                let stamped_chunks = stamped.borrow()[reader.partition as usize].chunks;
+                while !reader.at_end
+                    && reader.chunks_sent - stamped_chunks < CHUNKS_IN_FLIGHT
+                    && started.elapsed() < SLICE
+                {
+                    match read_chunk(reader, &mut line, context.records_per_chunk) {
+                        Ok(Some(chunk)) => output.session(&*cap).give(chunk),
+                        Ok(None) => {}
+                        Err(err) => {
+                            (context.on_fatal)(format!("reading {}: {err}", reader.path.display()));
+                            // Keep the capability: an emptied frontier would
+                            // finalize impressions that are not final.
+                            return;
+                        }
+                    }
                 }
             }
-            let least = cursors
+            // Hold time at the least watermark of the files not yet stamped
+            // to their end: the stamper emits at or after it.
+            let stamped = stamped.borrow();
+            let least = readers
                 .iter()
-                .filter(|c| !c.done)
-                .map(|c| coarse(watermark(c.max_ts, lateness), granularity))
+                .filter(|r| !r.at_end || stamped[r.partition as usize].chunks < r.chunks_sent)
+                .map(|r| {
+                    coarse(
+                        watermark(stamped[r.partition as usize].max_ts, lateness),
+                        granularity,
+                    )
+                })
                 .min();
             match least {
                 Some(time) => {
@@ -144,79 +229,174 @@ pub fn file_source<'s>(
     })
 }
 
-/// Reads records from one file until the slice is used up or the file ends,
-/// handing batches of events to `emit` grouped by their timely time.
-fn read_slice(
-    cursor: &mut Cursor,
+/// Reads up to a chunk of records; `None` once the file is at its end and
+/// nothing was left to send.
+fn read_chunk(
+    reader: &mut Reader,
     line: &mut Vec<u8>,
-    started: Instant,
+    records_per_chunk: usize,
+) -> io::Result<Option<Chunk>> {
+    if reader.reader.is_none() {
+        reader.reader = Some(BufReader::with_capacity(1 << 20, File::open(&reader.path)?));
+    }
+    let file = reader.reader.as_mut().expect("opened above");
+    let mut chunk = Chunk {
+        partition: reader.partition,
+        seq: reader.chunks_sent,
+        first_line: reader.line + 1,
+        ..Chunk::default()
+    };
+    while chunk.ends.len() < records_per_chunk.max(1) {
+        let Some(oversized) = read_record(file, line, MAX_RECORD_BYTES)? else {
+            reader.at_end = true;
+            reader.reader = None;
+            break;
+        };
+        reader.line += 1;
+        if oversized {
+            chunk.oversized.push(chunk.ends.len() as u32);
+        }
+        chunk.bytes.extend_from_slice(line);
+        chunk.ends.push(chunk.bytes.len() as u32);
+    }
+    if chunk.ends.is_empty() {
+        return Ok(None);
+    }
+    reader.chunks_sent += 1;
+    Ok(Some(chunk))
+}
+
+/// Stage 2: any worker parses a chunk; rejections go out from here.
+fn parse_chunks<'s>(
+    chunks: StreamVec<'s, Time, Chunk>,
+    names: Vec<Arc<str>>,
     context: &FileSourceContext,
-    mut emit: impl FnMut(Time, &mut Vec<Ingested>),
-) -> io::Result<()> {
+) -> StreamVec<'s, Time, ParsedChunk> {
+    let context = context.clone();
+    chunks.unary(
+        // Deal chunks round-robin over the workers.
+        Exchange::new(|chunk: &Chunk| chunk.seq.wrapping_add(chunk.partition as u64)),
+        "ParseChunks",
+        move |_, _| {
+            move |input, output| {
+                input.for_each_stamp(|cap, batches| {
+                    let mut session = output.session(&cap);
+                    for batch in batches {
+                        for chunk in batch.drain(..) {
+                            session.give(parse_chunk(chunk, &names, &context));
+                        }
+                    }
+                });
+            }
+        },
+    )
+}
+
+fn parse_chunk(chunk: Chunk, names: &[Arc<str>], context: &FileSourceContext) -> ParsedChunk {
+    let mut events = Vec::with_capacity(chunk.ends.len());
+    let mut start = 0usize;
+    let mut oversized = chunk.oversized.iter().peekable();
+    for (i, &end) in chunk.ends.iter().enumerate() {
+        let record = &chunk.bytes[start..end as usize];
+        start = end as usize;
+        let offset = chunk.first_line + i as u64;
+        let parsed = if oversized.next_if_eq(&&(i as u32)).is_some() {
+            Err(Rejection::TooLarge)
+        } else {
+            parse_event(record)
+        };
+        match parsed {
+            Ok(event) => events.push((offset, event)),
+            Err(rejection) => (context.on_reject)(RejectedRecord {
+                source: names[chunk.partition as usize].clone(),
+                position: Position {
+                    partition: chunk.partition,
+                    offset,
+                },
+                reason: rejection.code(),
+                raw: record[..record.len().min(RAW_KEEP_BYTES)].to_vec(),
+            }),
+        }
+    }
+    context
+        .records_read
+        .fetch_add(chunk.ends.len() as u64, Ordering::Relaxed);
+    ParsedChunk {
+        partition: chunk.partition,
+        seq: chunk.seq,
+        events,
+    }
+}
+
+/// Stage 3: the owner puts chunks back in file order and stamps each event
+/// with the watermark of its file just before it.
+fn stamp<'s>(
+    parsed: StreamVec<'s, Time, ParsedChunk>,
+    context: &FileSourceContext,
+    stamped: Rc<RefCell<Vec<Stamped>>>,
+) -> StreamVec<'s, Time, Ingested> {
     let lateness = context.allowed_lateness_ms;
     let granularity = context.time_granularity_ms;
-    if cursor.reader.is_none() {
-        cursor.reader = Some(BufReader::with_capacity(1 << 20, File::open(&cursor.path)?));
-    }
-    let reader = cursor.reader.as_mut().expect("opened above");
-    let mut batch = Vec::with_capacity(RECORDS_PER_CHECK);
-    let mut batch_time = coarse(watermark(cursor.max_ts, lateness), granularity);
-    let mut read = 0u64;
-    'slice: loop {
-        for _ in 0..RECORDS_PER_CHECK {
-            let Some(oversized) = read_record(reader, line, MAX_RECORD_BYTES)? else {
-                cursor.done = true;
-                break 'slice;
-            };
-            cursor.line += 1;
-            read += 1;
-            let position = Position {
-                partition: cursor.partition,
-                offset: cursor.line,
-            };
-            let parsed = if oversized {
-                Err(Rejection::TooLarge)
-            } else {
-                parse_event(line)
-            };
-            match parsed {
-                Ok(event) => {
-                    let watermark = watermark(cursor.max_ts, lateness);
-                    let time = coarse(watermark, granularity);
-                    if time != batch_time {
-                        emit(batch_time, &mut batch);
-                        batch_time = time;
+    let max_event_ts = context.max_event_ts.clone();
+    parsed.unary(
+        Exchange::new(|chunk: &ParsedChunk| chunk.partition as u64),
+        "StampInFileOrder",
+        move |_, _| {
+            // Chunks that arrived ahead of their turn, with the capability
+            // they came with (the reader's time when it sent them).
+            let mut waiting: BTreeMap<(u32, u64), (Capability<Time>, ParsedChunk)> =
+                BTreeMap::new();
+            move |input, output| {
+                input.for_each_stamp(|cap, batches| {
+                    for batch in batches {
+                        for chunk in batch.drain(..) {
+                            let held = cap.retain_least(0).expect("totally ordered time");
+                            waiting.insert((chunk.partition, chunk.seq), (held, chunk));
+                        }
                     }
-                    cursor.max_ts = Some(cursor.max_ts.map_or(event.ts, |m| m.max(event.ts)));
-                    batch.push(Ingested {
-                        event,
-                        position,
-                        watermark,
-                    });
+                });
+                let mut stamped = stamped.borrow_mut();
+                loop {
+                    let next = waiting
+                        .keys()
+                        .find(|(partition, seq)| stamped[*partition as usize].chunks == *seq);
+                    let Some(&key) = next else { break };
+                    let (cap, chunk) = waiting.remove(&key).expect("found above");
+                    let state = &mut stamped[chunk.partition as usize];
+                    let mut batch: Vec<Ingested> = Vec::new();
+                    let mut batch_time = coarse(watermark(state.max_ts, lateness), granularity);
+                    for (offset, event) in chunk.events {
+                        let wm = watermark(state.max_ts, lateness);
+                        let time = coarse(wm, granularity);
+                        if time != batch_time && !batch.is_empty() {
+                            output
+                                .session(&cap.delayed(&batch_time))
+                                .give_iterator(batch.drain(..));
+                        }
+                        batch_time = time;
+                        state.max_ts = Some(state.max_ts.map_or(event.ts, |m| m.max(event.ts)));
+                        batch.push(Ingested {
+                            event,
+                            position: Position {
+                                partition: chunk.partition,
+                                offset,
+                            },
+                            watermark: wm,
+                        });
+                    }
+                    if !batch.is_empty() {
+                        output
+                            .session(&cap.delayed(&batch_time))
+                            .give_iterator(batch.drain(..));
+                    }
+                    if let Some(max) = state.max_ts {
+                        max_event_ts.fetch_max(max, Ordering::Relaxed);
+                    }
+                    state.chunks += 1;
                 }
-                Err(rejection) => (context.on_reject)(RejectedRecord {
-                    source: cursor.name.clone(),
-                    position,
-                    reason: rejection.code(),
-                    raw: line[..line.len().min(RAW_KEEP_BYTES)].to_vec(),
-                }),
             }
-        }
-        if started.elapsed() >= SLICE {
-            break;
-        }
-    }
-    if !batch.is_empty() {
-        emit(batch_time, &mut batch);
-    }
-    if let Some(max) = cursor.max_ts {
-        context.max_event_ts.fetch_max(max, Ordering::Relaxed);
-    }
-    context.records_read.fetch_add(read, Ordering::Relaxed);
-    if cursor.done {
-        cursor.reader = None;
-    }
-    Ok(())
+        },
+    )
 }
 
 /// Reads one `\n`-terminated record into `buf` (without the `\n`), keeping at
