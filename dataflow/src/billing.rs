@@ -133,10 +133,6 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// `impression.ts + qualify_window`: final once the watermark passes it.
-    pub fn deadline(&self, config: &PipelineConfig) -> u64 {
-        self.impression.ts + config.qualify_window_ms
-    }
     pub fn is_billed(&self) -> bool {
         self.qualified_ts.is_some()
     }

@@ -112,25 +112,6 @@ impl Ledger {
         let max = bound("SELECT MAX(period_start) FROM finalized")?;
         Ok(min.zip(max).map(|(a, b)| (a as u64, b as u64)))
     }
-
-    pub fn files(&self) -> rusqlite::Result<Vec<FileRecord>> {
-        let mut stmt = self.conn.prepare(
-            "SELECT name, period_start, period_end, rows, total_price_micros, sha256, written_at_ms
-             FROM files ORDER BY period_start",
-        )?;
-        let rows = stmt.query_map([], |row| {
-            Ok(FileRecord {
-                name: row.get(0)?,
-                period_start: row.get::<_, i64>(1)? as u64,
-                period_end: row.get::<_, i64>(2)? as u64,
-                rows: row.get::<_, i64>(3)? as u64,
-                total_price_micros: row.get::<_, i64>(4)? as u64,
-                sha256: row.get(5)?,
-                written_at_ms: row.get::<_, i64>(6)? as u64,
-            })
-        })?;
-        rows.collect()
-    }
 }
 
 /// The transaction of one commit: outcomes in, files recorded, then
