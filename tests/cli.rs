@@ -272,6 +272,8 @@ fn every_reason_code_reaches_the_dead_letter_file_with_its_line() {
 fn usage_errors_exit_2_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.jsonl");
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["run", "--bogus"], "--bogus"),
         (vec!["run", "--workers", "0", "--input", "x"], "--workers"),
@@ -292,6 +294,20 @@ fn usage_errors_exit_2_with_a_message() {
             "--late-rate",
         ),
         (vec!["frobnicate"], "frobnicate"),
+        (
+            vec!["run", "--input", "x", "--qualify-ms=-1"],
+            "--qualify-ms",
+        ),
+        (
+            vec![
+                "run",
+                "--input",
+                empty.to_str().unwrap(),
+                "--out",
+                "/dev/null/out",
+            ],
+            "--out",
+        ),
     ];
     for (args, mention) in cases {
         let out = livepipe(&args);
@@ -362,4 +378,59 @@ fn several_files_give_the_same_bytes_for_any_worker_count() {
     assert!(billing[0].len() >= 6, "several periods");
     assert_eq!(billing[0], billing[1]);
     assert_eq!(billing[0], billing[2]);
+}
+
+#[test]
+fn extreme_timestamps_are_handled_without_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("edges.jsonl");
+    let imp = |eid: &str, ts: u64| {
+        format!(
+            r#"{{"type":"impression","event_id":"{eid}","ts":{ts},"stream_id":"s","viewer_id":"v","impression_id":"i-{eid}","ad_id":"a","campaign_id":"c","advertiser_id":"d","price_micros":1000000000000}}"#
+        )
+    };
+    let lines = [
+        imp("first", 1_700_000_000_000),
+        r#"{"type":"ad_progress","event_id":"p","ts":1700000001000,"stream_id":"s","viewer_id":"v","impression_id":"i-first","watched_ms":86400000}"#.to_string(),
+        // Far in the past once the watermark has moved: its window is closed.
+        imp("ancient", 1),
+        // The largest valid ts: the watermark jumps to the end of time.
+        r#"{"type":"heartbeat","event_id":"h","ts":9007199254740991,"stream_id":"s","viewer_id":"v"}"#.to_string(),
+        imp("after", 1_700_000_002_000),
+    ];
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let out = dir.path().join("out");
+    let run = livepipe(&[
+        "run",
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let late: Vec<(String, String)> = json_lines(&out.join("late.jsonl"))
+        .iter()
+        .map(|v| {
+            (
+                v["event_id"].as_str().unwrap().into(),
+                v["reason"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert!(late.contains(&("ancient".into(), "window_closed".into())));
+    assert!(late.contains(&("after".into(), "window_closed".into())));
+    let csv = std::fs::read_to_string(out.join("billing/billable-1699999980000-1700000040000.csv"))
+        .unwrap();
+    assert!(
+        csv.ends_with(",1700000000000,1700000001000,1000000000000\n"),
+        "{csv}"
+    );
+    let live: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(out.join("live.json")).unwrap()).unwrap();
+    assert_eq!(live[0]["as_of"], 9007199254740991u64);
+    assert_eq!(live[0]["viewers"], 1);
 }
