@@ -218,6 +218,23 @@ fn check(
         .map(|v| v["offset"].as_u64().unwrap())
         .collect();
     prop_assert_eq!(rejected, want.rejected_lines);
+    // With state kept past finality, late records are recognised in the
+    // dataflow, each once, with its reason. (Without, the ledger catches
+    // what matters for billing and the rest is dropped: see README.)
+    if retention > 0 {
+        let late: Vec<(u64, String)> = json_lines(&out.join("late.jsonl"))
+            .iter()
+            .map(|v| {
+                (
+                    v["offset"].as_u64().unwrap(),
+                    v["reason"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let distinct: BTreeSet<(u64, String)> = late.iter().cloned().collect();
+        prop_assert_eq!(late.len(), distinct.len(), "a late record reported twice");
+        prop_assert_eq!(distinct, want.late);
+    }
     Ok(())
 }
 

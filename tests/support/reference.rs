@@ -32,6 +32,9 @@ pub struct Expected {
     pub expired: BTreeSet<String>,
     /// Line numbers (1-based) of rejected lines.
     pub rejected_lines: BTreeSet<u64>,
+    /// (line, reason) of impressions and qualifying progress that came too
+    /// late to count.
+    pub late: BTreeSet<(u64, String)>,
 }
 
 fn impression_id(event: &Event) -> Option<&str> {
@@ -50,6 +53,7 @@ pub fn expected(lines: &[&[u8]], rules: Rules) -> Expected {
     let mut orphan_progress: HashMap<String, Vec<u64>> = HashMap::new();
     let mut finals: BTreeMap<String, (Event, Option<u64>)> = BTreeMap::new();
     let mut rejected_lines = BTreeSet::new();
+    let mut late = BTreeSet::new();
 
     let finalize = |pending: &mut HashMap<String, Pending>,
                     finals: &mut BTreeMap<String, (Event, Option<u64>)>,
@@ -79,6 +83,19 @@ pub fn expected(lines: &[&[u8]], rules: Rules) -> Expected {
         };
         let watermark = max_ts.map_or(0, |m| m.saturating_sub(rules.lateness));
         if let Some(id) = impression_id(&event).map(str::to_string) {
+            let line = index as u64 + 1;
+            let counts = match &event.kind {
+                EventKind::Impression(_) => true,
+                EventKind::AdProgress(p) => p.watched_ms >= rules.qualify_ms,
+                _ => false,
+            };
+            let window_closed = matches!(event.kind, EventKind::Impression(_))
+                && watermark > event.ts + rules.window;
+            if window_closed {
+                late.insert((line, "window_closed".to_string()));
+            } else if counts && finals.contains_key(&id) {
+                late.insert((line, "impression_final".to_string()));
+            }
             if !finals.contains_key(&id) {
                 match &event.kind {
                     EventKind::Impression(_) if watermark <= event.ts + rules.window => {
@@ -170,6 +187,7 @@ pub fn expected(lines: &[&[u8]], rules: Rules) -> Expected {
         files,
         expired,
         rejected_lines,
+        late,
     }
 }
 
