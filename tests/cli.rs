@@ -20,6 +20,16 @@ fn livepipe(args: &[&str]) -> Output {
         .expect("livepipe runs")
 }
 
+/// Runs livepipe and fails the test, with its stderr, unless it exits 0.
+fn run_ok(args: &[&str]) {
+    let out = livepipe(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn dir_bytes(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     std::fs::read_dir(dir)
         .unwrap()
@@ -46,19 +56,14 @@ fn generated_file_bills_exactly_and_identically_for_1_and_2_workers() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("events.jsonl");
     let input_str = input.to_str().unwrap();
-    let gen = livepipe(&[
+    run_ok(&[
         "gen", "--output", input_str, "--events", "60000", "--seed", "11",
     ]);
-    assert!(
-        gen.status.success(),
-        "{}",
-        String::from_utf8_lossy(&gen.stderr)
-    );
 
     let mut outputs = Vec::new();
     for workers in ["1", "2"] {
         let out = dir.path().join(format!("out-{workers}"));
-        let run = livepipe(&[
+        run_ok(&[
             "run",
             "--input",
             input_str,
@@ -67,11 +72,6 @@ fn generated_file_bills_exactly_and_identically_for_1_and_2_workers() {
             "--workers",
             workers,
         ]);
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
         outputs.push(out);
     }
     let billing: Vec<_> = outputs
@@ -233,18 +233,13 @@ fn every_reason_code_reaches_the_dead_letter_file_with_its_line() {
     content.extend_from_slice(b"{\"type\":\"join\",\"event_id\":\"\xff\"}\n");
     std::fs::write(&input, &content).unwrap();
     let out = dir.path().join("out");
-    let run = livepipe(&[
+    run_ok(&[
         "run",
         "--input",
         input.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
     let rejected = json_lines(&out.join("rejected.jsonl"));
     let got: Vec<(u64, String)> = rejected
         .iter()
@@ -324,7 +319,7 @@ fn usage_errors_exit_2_with_a_message() {
 fn several_files_give_the_same_bytes_for_any_worker_count() {
     let dir = tempfile::tempdir().unwrap();
     let whole = dir.path().join("whole.jsonl");
-    let gen = livepipe(&[
+    run_ok(&[
         "gen",
         "--output",
         whole.to_str().unwrap(),
@@ -335,7 +330,6 @@ fn several_files_give_the_same_bytes_for_any_worker_count() {
         "--rate",
         "100",
     ]);
-    assert!(gen.status.success());
     // Three partitions, each keeping file order: line n goes to file n % 3.
     let bytes = std::fs::read(&whole).unwrap();
     let mut parts = [Vec::new(), Vec::new(), Vec::new()];
@@ -363,12 +357,7 @@ fn several_files_give_the_same_bytes_for_any_worker_count() {
             "--input",
         ];
         args.extend(paths.iter().map(String::as_str));
-        let run = livepipe(&args);
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
+        run_ok(&args);
         billing.push(dir_bytes(&out.join("billing")));
         let rejected = json_lines(&out.join("rejected.jsonl"));
         assert!(rejected
@@ -400,18 +389,13 @@ fn extreme_timestamps_are_handled_without_fault() {
     ];
     std::fs::write(&input, lines.join("\n")).unwrap();
     let out = dir.path().join("out");
-    let run = livepipe(&[
+    run_ok(&[
         "run",
         "--input",
         input.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
     let late: Vec<(String, String)> = json_lines(&out.join("late.jsonl"))
         .iter()
         .map(|v| {

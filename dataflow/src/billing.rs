@@ -145,6 +145,9 @@ pub enum LateReason {
     WindowClosed,
     /// The impression it concerns was already final when it arrived.
     ImpressionFinal,
+    /// The ledger already held a final outcome for its id: the dataflow no
+    /// longer had the id's state (retired, or replayed after a restart).
+    AlreadyFinal,
 }
 
 impl LateReason {
@@ -152,6 +155,7 @@ impl LateReason {
         match self {
             LateReason::WindowClosed => "window_closed",
             LateReason::ImpressionFinal => "impression_final",
+            LateReason::AlreadyFinal => "already_final",
         }
     }
 }

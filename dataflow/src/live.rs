@@ -85,18 +85,15 @@ struct StreamState {
 }
 
 impl StreamState {
-    fn apply(&mut self, signal: Signal) {
-        match signal.kind {
-            SignalKind::Leave => {
-                let viewer = self.viewers.entry(signal.viewer_id).or_default();
-                viewer.leave = viewer.leave.max(signal.ts);
-            }
+    fn apply(&mut self, viewer_id: String, ts: u64, kind: SignalKind) {
+        let viewer = self.viewers.entry(viewer_id).or_default();
+        match kind {
+            SignalKind::Leave => viewer.leave = viewer.leave.max(ts),
             SignalKind::Presence | SignalKind::Chat => {
-                if signal.kind == SignalKind::Chat {
-                    *self.chats.entry(signal.ts).or_default() += 1;
+                viewer.presence = viewer.presence.max(ts);
+                if kind == SignalKind::Chat {
+                    *self.chats.entry(ts).or_default() += 1;
                 }
-                let viewer = self.viewers.entry(signal.viewer_id).or_default();
-                viewer.presence = viewer.presence.max(signal.ts);
             }
         }
     }
@@ -170,10 +167,12 @@ pub fn live<'s>(
                     input.for_each_stamp(|_, batches| {
                         for batch in batches {
                             for signal in batch.drain(..) {
-                                streams
-                                    .entry(signal.stream_id.clone())
-                                    .or_default()
-                                    .apply(signal);
+                                // The id moves into the map: no copy per event.
+                                streams.entry(signal.stream_id).or_default().apply(
+                                    signal.viewer_id,
+                                    signal.ts,
+                                    signal.kind,
+                                );
                             }
                         }
                     });
@@ -224,22 +223,13 @@ pub fn live<'s>(
 mod tests {
     use super::*;
 
-    fn signal(viewer: &str, ts: u64, kind: SignalKind) -> Signal {
-        Signal {
-            stream_id: "s".into(),
-            viewer_id: viewer.into(),
-            ts,
-            kind,
-        }
-    }
-
     #[test]
     fn leave_on_equal_ts_wins_and_ttl_expires() {
         let mut state = StreamState::default();
-        state.apply(signal("a", 1_000, SignalKind::Presence));
-        state.apply(signal("a", 1_000, SignalKind::Leave));
-        state.apply(signal("b", 1_000, SignalKind::Presence));
-        state.apply(signal("c", 5_000, SignalKind::Chat));
+        state.apply("a".into(), 1_000, SignalKind::Presence);
+        state.apply("a".into(), 1_000, SignalKind::Leave);
+        state.apply("b".into(), 1_000, SignalKind::Presence);
+        state.apply("c".into(), 5_000, SignalKind::Chat);
         assert_eq!(state.snapshot(5_000, 30_000), (2, 1));
         // b's presence at 1000 is no longer newer than 31_000 - 30_000.
         assert_eq!(state.snapshot(31_000, 30_000), (1, 1));
@@ -251,11 +241,11 @@ mod tests {
     #[test]
     fn late_presence_after_leave_does_not_resurrect() {
         let mut state = StreamState::default();
-        state.apply(signal("a", 2_000, SignalKind::Presence));
-        state.apply(signal("a", 3_000, SignalKind::Leave));
-        state.apply(signal("a", 2_500, SignalKind::Presence));
+        state.apply("a".into(), 2_000, SignalKind::Presence);
+        state.apply("a".into(), 3_000, SignalKind::Leave);
+        state.apply("a".into(), 2_500, SignalKind::Presence);
         assert_eq!(state.snapshot(3_000, 30_000).0, 0);
-        state.apply(signal("a", 4_000, SignalKind::Presence));
+        state.apply("a".into(), 4_000, SignalKind::Presence);
         assert_eq!(state.snapshot(4_000, 30_000).0, 1);
     }
 }

@@ -210,7 +210,7 @@ impl BillingSink {
                 self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 self.stats.late.fetch_add(1, Ordering::Relaxed);
                 let late = livepipe_dataflow::billing::LateRecord {
-                    reason: livepipe_dataflow::billing::LateReason::ImpressionFinal,
+                    reason: livepipe_dataflow::billing::LateReason::AlreadyFinal,
                     kind: "impression".into(),
                     event_id: outcome.impression.event_id.to_string(),
                     impression_id: outcome.impression_id.to_string(),
@@ -218,7 +218,7 @@ impl BillingSink {
                     position: outcome.impression.position,
                 };
                 let source = source_name(&self.sources, late.position.partition);
-                self.side.late_with_reason(source, &late, "already_final")?;
+                self.side.late(source, &late)?;
                 continue;
             }
             self.periods_seen.saw(period);

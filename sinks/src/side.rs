@@ -93,24 +93,13 @@ impl SideOutputs {
 
     /// `source` names the partition's origin (file path or topic).
     pub fn late(&self, source: &str, late: &LateRecord) -> io::Result<()> {
-        self.late_with_reason(source, late, late.reason.code())
-    }
-
-    /// A late line whose reason was decided outside the dataflow (the
-    /// ledger found the id already final).
-    pub fn late_with_reason(
-        &self,
-        source: &str,
-        late: &LateRecord,
-        reason: &str,
-    ) -> io::Result<()> {
         write_line(
             &self.late,
             &LateLine {
                 source,
                 partition: late.position.partition,
                 offset: late.position.offset,
-                reason,
+                reason: late.reason.code(),
                 kind: &late.kind,
                 event_id: &late.event_id,
                 impression_id: &late.impression_id,
