@@ -40,9 +40,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "HOST:PORT[,...]")]
     pub brokers: Option<String>,
 
-    /// Kafka topic to read.
+    /// Kafka topic to read (the demo's topic when --brokers is not given).
     #[arg(long, default_value = "livestream-events", value_name = "TOPIC")]
     pub topic: String,
+
+    /// Where to start reading Kafka partitions.
+    #[arg(long, value_enum, default_value_t = StartFrom::Earliest, value_name = "WHERE")]
+    pub start_offsets: StartFrom,
+
+    /// A librdkafka property for the consumer, like kcat's -X (repeatable):
+    /// -X security.protocol=SASL_SSL -X sasl.mechanism=PLAIN ...
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property)]
+    pub kafka_property: Vec<(String, String)>,
 
     /// Output directory: billing/ files, ledger.sqlite, live.json and the side outputs.
     #[arg(long, default_value = "./out", value_name = "DIR")]
@@ -122,27 +131,64 @@ impl RuleArgs {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StartFrom {
+    /// The oldest records the brokers hold.
+    Earliest,
+    /// Only records produced after the start.
+    Latest,
+}
+
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["output", "brokers"])))]
 pub struct GenArgs {
     /// Write JSON lines to this file.
     #[arg(long, value_name = "FILE.jsonl")]
-    pub output: PathBuf,
+    pub output: Option<PathBuf>,
 
-    /// Number of records to write.
-    #[arg(long, default_value_t = 100_000, value_name = "N")]
-    pub events: u64,
+    /// Send to Kafka instead: bootstrap servers.
+    #[arg(long, value_name = "HOST:PORT[,...]", conflicts_with = "output")]
+    pub brokers: Option<String>,
+
+    /// Kafka topic to send to (created if missing).
+    #[arg(
+        long,
+        default_value = "livestream-events",
+        value_name = "TOPIC",
+        requires = "brokers"
+    )]
+    pub topic: String,
+
+    /// Partitions of the topic, if it has to be created.
+    #[arg(long, default_value_t = 4, value_name = "N", requires = "brokers",
+          value_parser = clap::value_parser!(i32).range(1..=10_000))]
+    pub partitions: i32,
+
+    /// A librdkafka property for the producer, like kcat's -X (repeatable).
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property, requires = "brokers")]
+    pub kafka_property: Vec<(String, String)>,
+
+    /// Number of records to write [default: 100000 to a file; unlimited to Kafka
+    /// with --duration].
+    #[arg(long, value_name = "N")]
+    pub events: Option<u64>,
+
+    /// Kafka: stop after this many seconds of sending.
+    #[arg(long, value_name = "SECONDS", requires = "brokers")]
+    pub duration: Option<u64>,
 
     /// Seed: the same seed gives the same bytes.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
 
-    /// Records per second of event time.
+    /// Records per second of event time; to Kafka, also the send rate.
     #[arg(long, default_value_t = 2_000, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub rate: u64,
 
-    /// Event time of the first record (ms since the epoch).
-    #[arg(long, default_value_t = 1_700_000_000_000, value_name = "MS")]
-    pub start_ts: u64,
+    /// Event time of the first record (ms since the epoch) [default: 1700000000000 to a
+    /// file, now to Kafka].
+    #[arg(long, value_name = "MS")]
+    pub start_ts: Option<u64>,
 
     /// Number of live streams.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
@@ -167,6 +213,18 @@ pub struct GenArgs {
     /// Arrival order is shuffled within this bound (planted late records aside).
     #[arg(long, default_value_t = 5_000, value_name = "MS")]
     pub allowed_lateness_ms: u64,
+}
+
+/// `KEY=VALUE` of a `-X` librdkafka property.
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_string(), value.to_string()))
+        }
+        _ => Err(format!(
+            "`{text}` is not KEY=VALUE; give a librdkafka property like -X security.protocol=SSL"
+        )),
+    }
 }
 
 fn parse_rate(text: &str) -> Result<f64, String> {

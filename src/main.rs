@@ -1,15 +1,24 @@
 //! `livepipe`: parse the command line, run, map failures to exit codes
 //! (0 done, 2 bad usage or config, 1 a fault it could not survive).
 
+use anyhow::Context;
 use clap::Parser;
-use livepipe::cli::{Cli, Command, GenArgs, RunArgs};
-use livepipe::pipeline::{run_files, FileRun, UsageError};
+use indicatif::{ProgressBar, ProgressStyle};
+use livepipe::cli::{Cli, Command, GenArgs, RunArgs, StartFrom};
+use livepipe::pipeline::{run_job, Input, Job, UsageError};
+use livepipe_sources::demo::{Demo, DemoSettings};
 use livepipe_sources::file::RECORDS_PER_CHUNK;
-use livepipe_sources::generator::{write_jsonl, GenConfig};
+use livepipe_sources::generator::{write_jsonl, GenConfig, Generator};
+use livepipe_sources::kafka::{KafkaSettings, SetupError, StartOffsets};
+use livepipe_sources::publish::{ensure_topic, producer_config, publish, Pace, PublishStats};
+use signal_hook::consts::{SIGINT, SIGTERM};
 
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 // The dataflow allocates and frees many small strings and batch vectors;
 // glibc's allocator spent over a third of a profile consolidating them.
@@ -53,51 +62,118 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         )
         .into());
     }
-    if args.brokers.is_some() {
-        return Err(UsageError(
-            "the Kafka source is not in this build yet; read files with --input FILE.jsonl".into(),
-        )
-        .into());
-    }
-    if args.input.is_empty() {
-        return Err(UsageError(
-            "the embedded Kafka demo is not in this build yet; make a file with \
-             `livepipe gen --output events.jsonl` and run `livepipe run --input events.jsonl`"
-                .into(),
-        )
-        .into());
-    }
     let workers = args
         .workers
         .map(usize::from)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    tracing::info!(
-        inputs = args.input.len(),
-        workers,
-        out = %args.out.display(),
-        "reading files"
-    );
-    run_files(FileRun {
-        inputs: args.input,
+    let stop = stop_on_signals()?;
+    let start = match args.start_offsets {
+        StartFrom::Earliest => StartOffsets::Earliest,
+        StartFrom::Latest => StartOffsets::Latest,
+    };
+
+    // The embedded demo: no source flags.
+    let mut demo = None;
+    let input = if !args.input.is_empty() {
+        tracing::info!(inputs = args.input.len(), workers, out = %args.out.display(), "reading files");
+        Input::Files {
+            paths: args.input,
+            records_per_chunk: RECORDS_PER_CHUNK,
+        }
+    } else if let Some(brokers) = args.brokers {
+        Input::Kafka(KafkaSettings {
+            brokers,
+            topic: args.topic,
+            start,
+            overrides: args.kafka_property,
+        })
+    } else {
+        let settings = DemoSettings {
+            topic: args.topic.clone(),
+            allowed_lateness_ms: config.allowed_lateness_ms,
+            ..DemoSettings::default()
+        };
+        let partitions = settings.partitions;
+        let started = Demo::start(settings).map_err(anyhow::Error::msg)?;
+        eprintln!(
+            "livepipe demo: an in-process Kafka broker at {} with topic `{}` ({partitions} partitions), \
+             fed with live traffic\n  billing files: {}\n  ledger:        {}\n  side outputs:  {}/{{rejected,late,expired}}.jsonl\n\
+             Ctrl-C stops.",
+            started.brokers(),
+            args.topic,
+            args.out.join("billing").display(),
+            args.out.join("ledger.sqlite").display(),
+            args.out.display(),
+        );
+        let settings = KafkaSettings {
+            brokers: started.brokers().to_string(),
+            topic: args.topic,
+            start,
+            overrides: Vec::new(),
+        };
+        demo = Some(started);
+        Input::Kafka(settings)
+    };
+    let bounded = matches!(input, Input::Files { .. });
+    let summary = run_job(Job {
+        input,
         out: args.out.clone(),
         workers,
         config,
-        progress: std::io::stderr().is_terminal(),
-        records_per_chunk: RECORDS_PER_CHUNK,
-    })?;
+        progress: bounded && std::io::stderr().is_terminal(),
+        live_log: !bounded,
+        stop,
+    });
+    // The consumers are gone: the demo broker may go too.
+    if let Some(demo) = demo {
+        demo.stop();
+    }
+    let summary = summary?;
+    if bounded && summary.stopped {
+        anyhow::bail!(
+            "stopped before the input was read to the end; {} holds what was final",
+            args.out.display()
+        );
+    }
     tracing::info!(
         billing = %args.out.join("billing").display(),
-        live = %args.out.join("live.json").display(),
         "outputs written"
     );
     Ok(())
 }
 
+/// The flag that SIGINT and SIGTERM set for a graceful stop; a second
+/// signal ends the process at once (exit 1).
+fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM] {
+        // Order matters: the conditional shutdown sees the flag set by an
+        // earlier signal before this one sets it again.
+        signal_hook::flag::register_conditional_shutdown(signal, 1, stop.clone())
+            .context("installing signal handlers")?;
+        signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
+    }
+    Ok(stop)
+}
+
 fn gen(args: GenArgs) -> anyhow::Result<()> {
+    let to_kafka = args.brokers.is_some();
+    let events = match (args.events, args.duration) {
+        (Some(events), _) => events,
+        (None, Some(_)) => u64::MAX,
+        (None, None) => 100_000,
+    };
+    let start_ts = args.start_ts.unwrap_or_else(|| {
+        if to_kafka {
+            livepipe_sources::wall_clock_ms()
+        } else {
+            DEFAULT_FILE_START_TS
+        }
+    });
     let config = GenConfig {
         seed: args.seed,
-        events: args.events,
-        start_ts: args.start_ts,
+        events,
+        start_ts,
         rate: args.rate,
         streams: args.streams,
         duplicate_rate: args.duplicate_rate,
@@ -106,23 +182,130 @@ fn gen(args: GenArgs) -> anyhow::Result<()> {
         never_qualify_rate: args.never_qualify_rate,
         allowed_lateness_ms: args.allowed_lateness_ms,
     };
-    let file = File::create(&args.output).map_err(|err| {
+    match (&args.output, &args.brokers) {
+        (Some(output), _) => gen_file(&config, output),
+        (None, Some(brokers)) => gen_kafka(&config, brokers, &args),
+        (None, None) => unreachable!("clap requires --output or --brokers"),
+    }
+}
+
+/// Event time of a generated file's first record: fixed, so that a seed
+/// names the same bytes on every machine and day.
+const DEFAULT_FILE_START_TS: u64 = 1_700_000_000_000;
+
+fn gen_file(config: &GenConfig, output: &std::path::Path) -> anyhow::Result<()> {
+    let file = File::create(output).map_err(|err| {
         UsageError(format!(
             "--output {}: cannot create: {err}",
-            args.output.display()
+            output.display()
         ))
     })?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
-    let summary = write_jsonl(&config, &mut out)?;
+    let summary = write_jsonl(config, &mut out)?;
     out.flush()?;
     eprintln!(
         "wrote {} records to {} ({} impressions, {} retries, {} late, {} malformed)",
         summary.records,
-        args.output.display(),
+        output.display(),
         summary.impressions,
         summary.duplicates,
         summary.late,
         summary.malformed
     );
     Ok(())
+}
+
+fn gen_kafka(config: &GenConfig, brokers: &str, args: &GenArgs) -> anyhow::Result<()> {
+    let producer = producer_config(brokers, &args.kafka_property);
+    let partitions = match ensure_topic(
+        &producer,
+        &args.topic,
+        args.partitions,
+        Duration::from_secs(15),
+    ) {
+        Ok(partitions) => partitions,
+        Err(SetupError::Usage(message)) => return Err(UsageError(message).into()),
+        Err(SetupError::Unavailable(message)) => anyhow::bail!(message),
+    };
+    let stop = stop_on_signals()?;
+    if let Some(seconds) = args.duration {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(seconds));
+            stop.store(true, Ordering::Relaxed);
+        });
+    }
+    let stats = Arc::new(PublishStats::default());
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(|| progress_bar(config.events, stats.clone()));
+    let generator = Generator::new(config);
+    let started = std::time::Instant::now();
+    let result = publish(
+        &producer,
+        &args.topic,
+        generator,
+        Pace {
+            max_rate: Some(args.rate),
+            follow_clock: true,
+        },
+        &stop,
+        stats.clone(),
+        Duration::from_secs(30),
+    );
+    if let Some((bar, done)) = bar {
+        done.store(true, Ordering::Relaxed);
+        let _ = bar.join();
+    }
+    let sent = stats.sent.load(Ordering::Relaxed);
+    let delivered = stats.delivered.load(Ordering::Relaxed);
+    let failed = stats.failed.load(Ordering::Relaxed);
+    // Neither acknowledged nor refused when the flush gave up.
+    let unconfirmed = sent.saturating_sub(delivered + failed);
+    eprintln!(
+        "sent {sent} records to topic `{}` ({partitions} partitions) in {:.1} s: \
+         {delivered} delivered, {failed} failed, {unconfirmed} unconfirmed",
+        args.topic,
+        started.elapsed().as_secs_f64(),
+    );
+    result.map_err(anyhow::Error::msg)?;
+    if failed + unconfirmed > 0 {
+        anyhow::bail!("{} records were not delivered", failed + unconfirmed);
+    }
+    Ok(())
+}
+
+/// Draws a progress bar from the publisher's counters until told to stop.
+fn progress_bar(
+    total: u64,
+    stats: Arc<PublishStats>,
+) -> (std::thread::JoinHandle<()>, Arc<AtomicBool>) {
+    let done = Arc::new(AtomicBool::new(false));
+    let handle = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let bar = if total == u64::MAX {
+                ProgressBar::new_spinner()
+            } else {
+                ProgressBar::new(total)
+            };
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} sent ({per_sec}) {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            while !done.load(Ordering::Relaxed) {
+                bar.set_position(stats.sent.load(Ordering::Relaxed));
+                bar.set_message(format!(
+                    "{} delivered, {} failed",
+                    stats.delivered.load(Ordering::Relaxed),
+                    stats.failed.load(Ordering::Relaxed)
+                ));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            bar.finish_and_clear();
+        })
+    };
+    (handle, done)
 }

@@ -4,7 +4,8 @@
 //! path's snapshots go to the [`LiveBoard`] on arrival, the billing path's
 //! final outcomes go to the [`BillingSink`] on worker 0. A file run ends when
 //! every file is read and every impression final; the last snapshots are
-//! then written to `live.json`.
+//! then written to `live.json`. A Kafka run goes on until it is stopped
+//! (SIGINT/SIGTERM), and stopping finalizes nothing that is not final.
 
 use anyhow::Context;
 use livepipe_dataflow::billing::billing;
@@ -12,10 +13,14 @@ use livepipe_dataflow::config::PipelineConfig;
 use livepipe_dataflow::event::{EventKind, Ingested};
 use livepipe_dataflow::live::live;
 use livepipe_dataflow::time::Time;
-use livepipe_sinks::billing::{BillingSink, BillingStats, TrailingPeriods};
+use livepipe_sinks::billing::{BillingSink, BillingStats};
 use livepipe_sinks::live::LiveBoard;
 use livepipe_sinks::side::SideOutputs;
 use livepipe_sources::file::{check_inputs, file_source, FileSourceContext};
+use livepipe_sources::kafka::{
+    discover_partitions, kafka_source, KafkaSettings, KafkaSourceContext, KafkaStatus, SetupError,
+};
+use livepipe_sources::SourceContext;
 use timely::dataflow::operators::vec::Partition;
 
 use std::fs;
@@ -30,17 +35,45 @@ use std::time::{Duration, Instant};
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-/// A run over files.
+/// Where the events come from.
+#[derive(Clone, Debug)]
+pub enum Input {
+    /// Files read to the end; the job ends when everything is final.
+    Files {
+        paths: Vec<PathBuf>,
+        /// Records per chunk dealt out for parsing; tests use tiny chunks
+        /// so that reordering across workers is exercised.
+        records_per_chunk: usize,
+    },
+    /// A Kafka topic, read until the job is stopped.
+    Kafka(KafkaSettings),
+}
+
+/// One run of the pipeline.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub input: Input,
+    pub out: PathBuf,
+    pub workers: usize,
+    pub config: PipelineConfig,
+    /// Print a progress line to stderr every second.
+    pub progress: bool,
+    /// Log a line about the live board now and then (for unbounded runs).
+    pub live_log: bool,
+    /// Set (by a signal handler) to stop: every worker stops stepping and
+    /// drops the dataflow between two steps. What was final is committed
+    /// already; nothing that is not final gets finalized.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// A run over files (the shape the tests use).
 #[derive(Clone, Debug)]
 pub struct FileRun {
     pub inputs: Vec<PathBuf>,
     pub out: PathBuf,
     pub workers: usize,
     pub config: PipelineConfig,
-    /// Print a progress line to stderr every second.
     pub progress: bool,
-    /// Records per chunk dealt out for parsing; tests use tiny chunks so
-    /// that reordering across workers is exercised.
     pub records_per_chunk: usize,
 }
 
@@ -55,41 +88,87 @@ pub struct RunSummary {
     pub duplicates: u64,
     pub files: u64,
     pub streams: u64,
+    /// The job was stopped before its input ended.
+    pub stopped: bool,
 }
 
 /// Runs the pipeline over `run.inputs` to the end.
 pub fn run_files(run: FileRun) -> anyhow::Result<RunSummary> {
-    if run.inputs.is_empty() {
-        return Err(UsageError("no --input files given".into()).into());
-    }
-    check_inputs(&run.inputs).map_err(UsageError)?;
-    run.config.validate().map_err(UsageError)?;
-    fs::create_dir_all(&run.out)
-        .map_err(|err| UsageError(format!("--out {}: cannot create: {err}", run.out.display())))?;
+    run_job(Job {
+        input: Input::Files {
+            paths: run.inputs,
+            records_per_chunk: run.records_per_chunk,
+        },
+        out: run.out,
+        workers: run.workers,
+        config: run.config,
+        progress: run.progress,
+        live_log: false,
+        stop: Arc::new(AtomicBool::new(false)),
+    })
+}
 
-    let side = Arc::new(SideOutputs::open(&run.out).context("opening side outputs")?);
-    let sources: Vec<Arc<str>> = run
-        .inputs
-        .iter()
-        .map(|path| Arc::from(path.display().to_string()))
-        .collect();
-    let sink = BillingSink::open(
-        &run.out,
-        run.config.clone(),
-        sources,
-        side.clone(),
-        TrailingPeriods::UpToLastImpression,
-    )
-    .with_context(|| format!("opening the billing output in {}", run.out.display()))?;
+/// How long to wait for the brokers' first answer at start.
+const KAFKA_SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Runs the pipeline: a file input to its end, a Kafka input until `stop`.
+pub fn run_job(job: Job) -> anyhow::Result<RunSummary> {
+    job.config.validate().map_err(UsageError)?;
+    // Check the input before touching --out: a typo must not leave files.
+    let sources: Vec<Arc<str>> = match &job.input {
+        Input::Files { paths, .. } => {
+            if paths.is_empty() {
+                return Err(UsageError("no --input files given".into()).into());
+            }
+            check_inputs(paths).map_err(UsageError)?;
+            paths
+                .iter()
+                .map(|path| Arc::from(path.display().to_string()))
+                .collect()
+        }
+        Input::Kafka(settings) => {
+            let partitions = match discover_partitions(settings, KAFKA_SETUP_TIMEOUT) {
+                Ok(partitions) => partitions,
+                Err(SetupError::Usage(message)) => return Err(UsageError(message).into()),
+                Err(SetupError::Unavailable(message)) => anyhow::bail!(message),
+            };
+            tracing::info!(
+                topic = %settings.topic,
+                brokers = %settings.brokers,
+                partitions = partitions.len(),
+                "reading Kafka"
+            );
+            let topic: Arc<str> = Arc::from(settings.topic.as_str());
+            let count = partitions.iter().max().map_or(0, |p| *p as usize + 1);
+            let names = vec![topic; count];
+            return run_dataflow(job, names, partitions);
+        }
+    };
+    run_dataflow(job, sources, Vec::new())
+}
+
+/// Builds and runs the dataflow. `sources` names each partition (for the
+/// side outputs); `partitions` lists the Kafka partitions (empty for files).
+fn run_dataflow(
+    job: Job,
+    sources: Vec<Arc<str>>,
+    partitions: Vec<i32>,
+) -> anyhow::Result<RunSummary> {
+    fs::create_dir_all(&job.out)
+        .map_err(|err| UsageError(format!("--out {}: cannot create: {err}", job.out.display())))?;
+
+    let side = Arc::new(SideOutputs::open(&job.out).context("opening side outputs")?);
+    let sink = BillingSink::open(&job.out, job.config.clone(), sources, side.clone())
+        .with_context(|| format!("opening the billing output in {}", job.out.display()))?;
     let billing_stats = sink.stats();
     let sink = Arc::new(Mutex::new(Some(sink)));
     let board = LiveBoard::default();
 
     let records_read = Arc::new(AtomicU64::new(0));
     let rejected = Arc::new(AtomicU64::new(0));
-    let context = FileSourceContext {
-        allowed_lateness_ms: run.config.allowed_lateness_ms,
-        time_granularity_ms: run.config.time_granularity_ms,
+    let context = SourceContext {
+        allowed_lateness_ms: job.config.allowed_lateness_ms,
+        time_granularity_ms: job.config.time_granularity_ms,
         max_event_ts: Arc::new(AtomicU64::new(0)),
         records_read: records_read.clone(),
         on_reject: {
@@ -103,23 +182,49 @@ pub fn run_files(run: FileRun) -> anyhow::Result<RunSummary> {
             })
         },
         on_fatal: Arc::new(|cause| fail(cause)),
-        records_per_chunk: run.records_per_chunk,
     };
+    let kafka_status = KafkaStatus::default();
 
     let done = Arc::new(AtomicBool::new(false));
-    let reporter = run
+    let reporter = job
         .progress
         .then(|| spawn_progress(records_read.clone(), billing_stats.clone(), done.clone()));
+    let live_logger = job
+        .live_log
+        .then(|| spawn_live_log(board.clone(), billing_stats.clone(), done.clone()));
 
     let started = Instant::now();
-    let inputs = run.inputs.clone();
-    let config = run.config.clone();
+    let input = job.input.clone();
+    let config = job.config.clone();
+    let stop = job.stop.clone();
     let job_board = board.clone();
-    let guards = timely::execute(timely::Config::process(run.workers), move |worker| {
+    let guards = timely::execute(timely::Config::process(job.workers), move |worker| {
         let index = worker.index();
         let context = context.clone();
         worker.dataflow::<Time, _, _>(|scope| {
-            let ingested = file_source(scope, &inputs, context.clone());
+            let ingested = match &input {
+                Input::Files {
+                    paths,
+                    records_per_chunk,
+                } => file_source(
+                    scope,
+                    paths,
+                    FileSourceContext {
+                        source: context.clone(),
+                        records_per_chunk: *records_per_chunk,
+                    },
+                ),
+                Input::Kafka(settings) => kafka_source(
+                    scope,
+                    KafkaSourceContext {
+                        source: context.clone(),
+                        settings: settings.clone(),
+                        partitions: partitions.clone(),
+                        idle_timeout_ms: config.idle_timeout_ms,
+                        status: kafka_status.clone(),
+                    },
+                ),
+            };
             let mut paths = ingested.partition(2, |record: Ingested| {
                 let billing = matches!(
                     record.event.kind,
@@ -141,21 +246,39 @@ pub fn run_files(run: FileRun) -> anyhow::Result<RunSummary> {
             };
             livepipe_sinks::billing::attach(outcomes, sink, Arc::new(|cause| fail(cause)));
         });
+        // Step until the input ends (files) or we are told to stop. The
+        // timeout only bounds how late a stop is noticed.
+        while worker.has_dataflows() {
+            if stop.load(Ordering::Relaxed) {
+                // Dropping the dataflow, unlike letting its sources end,
+                // never empties a frontier: nothing pending is finalized.
+                for dataflow in worker.installed_dataflows() {
+                    worker.drop_dataflow(dataflow);
+                }
+                break;
+            }
+            worker.step_or_park(Some(STOP_CHECK));
+        }
     })
     .map_err(|err| anyhow::anyhow!("starting timely workers: {err}"))?;
     let results = guards.join();
     done.store(true, Ordering::Relaxed);
-    if let Some(reporter) = reporter {
-        let _ = reporter.join();
+    for thread in reporter.into_iter().chain(live_logger) {
+        let _ = thread.join();
     }
     for result in results {
         result.map_err(|panic| anyhow::anyhow!("a worker failed: {panic}"))?;
     }
 
     side.flush().context("flushing side outputs")?;
-    board
-        .write_json(&run.out.join("live.json"))
-        .context("writing live.json")?;
+    let stopped = job.stop.load(Ordering::Relaxed);
+    // live.json is the final word of a finite input; a stopped or
+    // unbounded run has no final word.
+    if !stopped {
+        board
+            .write_json(&job.out.join("live.json"))
+            .context("writing live.json")?;
+    }
 
     let summary = RunSummary {
         records: records_read.load(Ordering::Relaxed),
@@ -166,6 +289,7 @@ pub fn run_files(run: FileRun) -> anyhow::Result<RunSummary> {
         duplicates: billing_stats.duplicates.load(Ordering::Relaxed),
         files: billing_stats.files.load(Ordering::Relaxed),
         streams: board.latest().len() as u64,
+        stopped,
     };
     let secs = started.elapsed().as_secs_f64();
     tracing::info!(
@@ -176,12 +300,16 @@ pub fn run_files(run: FileRun) -> anyhow::Result<RunSummary> {
         late = summary.late,
         files = summary.files,
         streams = summary.streams,
+        stopped,
         seconds = format!("{secs:.2}"),
         records_per_sec = format!("{:.0}", summary.records as f64 / secs.max(1e-9)),
         "run finished"
     );
     Ok(summary)
 }
+
+/// How often a parked worker looks at the stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(100);
 
 /// A fault the job cannot survive (an input that cannot be read any more,
 /// a ledger or output directory that refuses writes): say why and stop the
@@ -217,5 +345,52 @@ fn spawn_progress(
             );
         }
         eprintln!();
+    })
+}
+
+/// How often an unbounded run logs the live board.
+const LIVE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Logs the live board's totals and top streams every [`LIVE_LOG_EVERY`].
+fn spawn_live_log(
+    board: LiveBoard,
+    billing: Arc<BillingStats>,
+    done: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut last = Instant::now();
+        while !done.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+            if last.elapsed() < LIVE_LOG_EVERY {
+                continue;
+            }
+            last = Instant::now();
+            let latest = board.latest();
+            let mut streams: Vec<_> = latest.values().collect();
+            streams.sort_by(|a, b| {
+                b.viewers
+                    .cmp(&a.viewers)
+                    .then(a.stream_id.cmp(&b.stream_id))
+            });
+            let top: Vec<String> = streams
+                .iter()
+                .take(3)
+                .map(|s| {
+                    format!(
+                        "{} {} viewers {} chat/min",
+                        s.stream_id, s.viewers, s.chat_per_min
+                    )
+                })
+                .collect();
+            tracing::info!(
+                streams = streams.len(),
+                viewers = streams.iter().map(|s| s.viewers).sum::<u64>(),
+                billed = billing.billed.load(Ordering::Relaxed),
+                expired = billing.expired.load(Ordering::Relaxed),
+                files = billing.files.load(Ordering::Relaxed),
+                "live: top {}",
+                top.join("; ")
+            );
+        }
     })
 }

@@ -181,13 +181,31 @@ pub enum Rejection {
     TooLong(Field),
     /// A used string field is the empty string.
     Empty(Field),
+    /// Read from Kafka with a `ts` more than [`MAX_AHEAD_OF_CLOCK_MS`]
+    /// ahead of the wall clock: a broken player clock must not drag the
+    /// watermark forward (SPEC §1). Files are history and never get this.
+    AheadOfClock,
+}
+
+/// How far ahead of the wall clock a live record's `ts` may be.
+pub const MAX_AHEAD_OF_CLOCK_MS: u64 = 10 * 60 * 1000;
+
+/// The wall-clock check of live sources: `Err(AheadOfClock)` when `ts` is
+/// more than [`MAX_AHEAD_OF_CLOCK_MS`] past `now_ms`.
+pub fn check_clock(ts: u64, now_ms: u64) -> Result<(), Rejection> {
+    if ts > now_ms.saturating_add(MAX_AHEAD_OF_CLOCK_MS) {
+        Err(Rejection::AheadOfClock)
+    } else {
+        Ok(())
+    }
 }
 
 impl Rejection {
     /// The stable reason code: `too_large`, `bad_utf8`, `not_json`,
     /// `not_object`, `duplicate_key`, `unknown_type`, or
     /// `missing_field:<f>`, `wrong_type:<f>`, `out_of_range:<f>`,
-    /// `too_long:<f>`, `empty:<f>` with `<f>` the field's wire name.
+    /// `too_long:<f>`, `empty:<f>` with `<f>` the field's wire name, and
+    /// `ts_ahead_of_clock` (live sources only).
     pub fn code(&self) -> String {
         self.to_string()
     }
@@ -220,6 +238,7 @@ impl fmt::Display for Rejection {
             Rejection::OutOfRange(x) => ("out_of_range", Some(x)),
             Rejection::TooLong(x) => ("too_long", Some(x)),
             Rejection::Empty(x) => ("empty", Some(x)),
+            Rejection::AheadOfClock => ("ts_ahead_of_clock", None),
         };
         f.write_str(kind)?;
         if let Some(x) = field {
@@ -918,6 +937,7 @@ mod tests {
             (Rejection::OutOfRange(Field::Ts), "out_of_range:ts"),
             (Rejection::TooLong(Field::StreamId), "too_long:stream_id"),
             (Rejection::Empty(Field::StreamId), "empty:stream_id"),
+            (Rejection::AheadOfClock, "ts_ahead_of_clock"),
             (Rejection::MissingField(Field::Type), "missing_field:type"),
             (
                 Rejection::OutOfRange(Field::PriceMicros),

@@ -12,9 +12,10 @@
 //!
 //! The CSV is written atomically first, then the marker; a reader that finds
 //! the marker can trust the CSV (row count, total price and SHA-256 of the
-//! exact bytes are in the marker). Periods run from the first that held a
-//! finalized impression; a period with nothing billed gets a header-only
-//! file, so "nothing to bill" is distinguishable from "not final yet".
+//! exact bytes are in the marker). Periods run from the first to the last
+//! that held a finalized impression; a period in between with nothing billed
+//! gets a header-only file, so "nothing to bill" is distinguishable from "not
+//! final yet".
 
 use livepipe_dataflow::billing::BillingEvent;
 use livepipe_dataflow::config::PipelineConfig;
@@ -62,24 +63,12 @@ pub struct BillingStats {
     pub files: AtomicU64,
 }
 
-/// Whether trailing periods with nothing to bill get files as they become
-/// final. For a finite input they do not: its files span exactly the
-/// periods from the first to the last finalized impression, whatever the
-/// worker count. A live stream writes them, so billing can tell a quiet
-/// minute from a stalled pipeline.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TrailingPeriods {
-    UpToLastImpression,
-    AsTheyFinalize,
-}
-
 pub struct BillingSink {
     ledger: Ledger,
     periods: PeriodWriter,
     side: Arc<SideOutputs>,
     /// Source name per partition, for `late.jsonl`.
     sources: Vec<Arc<str>>,
-    trailing: TrailingPeriods,
     buffered: Vec<livepipe_dataflow::billing::Outcome>,
     periods_seen: PeriodsSeen,
     stats: Arc<BillingStats>,
@@ -131,7 +120,6 @@ impl BillingSink {
         config: PipelineConfig,
         sources: Vec<Arc<str>>,
         side: Arc<SideOutputs>,
-        trailing: TrailingPeriods,
     ) -> Result<Self, SinkError> {
         let billing_dir = out_dir.join("billing");
         fs::create_dir_all(&billing_dir)?;
@@ -159,7 +147,6 @@ impl BillingSink {
             },
             side,
             sources,
-            trailing,
             buffered: Vec::new(),
             periods_seen,
             stats,
@@ -235,9 +222,10 @@ impl BillingSink {
             if !self.periods.is_final(period, frontier) {
                 break;
             }
-            if self.trailing == TrailingPeriods::UpToLastImpression
-                && self.periods_seen.last.is_none_or(|last| period > last)
-            {
+            // Files stop at the last period that held a finalized
+            // impression: the same files for the same input, however far
+            // the watermark runs (a quiet topic follows the wall clock).
+            if self.periods_seen.last.is_none_or(|last| period > last) {
                 break;
             }
             if commit.file_for(period)?.is_none() {

@@ -3,7 +3,7 @@
 use livepipe_dataflow::billing::{BillingEvent, ImpressionFact, Outcome};
 use livepipe_dataflow::config::PipelineConfig;
 use livepipe_dataflow::event::Position;
-use livepipe_sinks::billing::{BillingSink, TrailingPeriods};
+use livepipe_sinks::billing::BillingSink;
 use livepipe_sinks::side::SideOutputs;
 
 use std::path::Path;
@@ -44,9 +44,9 @@ fn outcome(id: &str, ts: u64, qualified: Option<u64>) -> BillingEvent {
     })
 }
 
-fn open(out: &Path, trailing: TrailingPeriods) -> BillingSink {
+fn open(out: &Path) -> BillingSink {
     let side = Arc::new(SideOutputs::open(out).unwrap());
-    BillingSink::open(out, config(), vec![Arc::from("f")], side, trailing).unwrap()
+    BillingSink::open(out, config(), vec![Arc::from("f")], side).unwrap()
 }
 
 fn files(out: &Path) -> Vec<String> {
@@ -61,7 +61,7 @@ fn files(out: &Path) -> Vec<String> {
 #[test]
 fn later_periods_arriving_first_do_not_hide_earlier_ones() {
     let dir = tempfile::tempdir().unwrap();
-    let mut sink = open(dir.path(), TrailingPeriods::UpToLastImpression);
+    let mut sink = open(dir.path());
     // Period 3000 is final (its deadline passed) and reaches the sink first...
     sink.accept(outcome("b", 3_100, Some(3_200))).unwrap();
     sink.advance(Some(1_000)).unwrap();
@@ -100,22 +100,23 @@ fn later_periods_arriving_first_do_not_hide_earlier_ones() {
 #[test]
 fn a_period_is_written_only_once_its_last_deadline_has_passed() {
     let dir = tempfile::tempdir().unwrap();
-    let mut sink = open(dir.path(), TrailingPeriods::AsTheyFinalize);
+    let mut sink = open(dir.path());
     sink.accept(outcome("a", 1_000, Some(1_001))).unwrap();
     // The last impression of [1000, 2000) has its deadline at 1999 + 500.
     sink.advance(Some(2_400)).unwrap();
     assert!(files(dir.path()).is_empty());
     sink.advance(Some(2_500)).unwrap();
     assert_eq!(files(dir.path()).len(), 2);
-    // A live stream also writes the quiet periods after it as they finalize.
+    // Quiet periods after the last impression get no file (yet): a later
+    // impression would fill the gap with header-only files.
     sink.advance(Some(3_500)).unwrap();
-    assert_eq!(files(dir.path()).len(), 4);
+    assert_eq!(files(dir.path()).len(), 2);
 }
 
 #[test]
 fn an_id_is_final_once_whatever_comes_later() {
     let dir = tempfile::tempdir().unwrap();
-    let mut sink = open(dir.path(), TrailingPeriods::UpToLastImpression);
+    let mut sink = open(dir.path());
     sink.accept(outcome("a", 1_100, Some(1_200))).unwrap();
     sink.advance(Some(1_000)).unwrap();
     sink.accept(outcome("a", 1_900, None)).unwrap();
@@ -132,7 +133,7 @@ fn an_id_is_final_once_whatever_comes_later() {
 
     // Reopened on the same directory, nothing is written again.
     let before = std::fs::read(dir.path().join("billing/billable-1000-2000.csv")).unwrap();
-    let mut again = open(dir.path(), TrailingPeriods::UpToLastImpression);
+    let mut again = open(dir.path());
     again.accept(outcome("a", 1_100, Some(1_150))).unwrap();
     again.advance(None).unwrap();
     let after = std::fs::read(dir.path().join("billing/billable-1000-2000.csv")).unwrap();

@@ -24,6 +24,7 @@
 //! read and stamped to its end; when every file is, the frontier empties and
 //! everything finalizes.
 
+use crate::{partition_watermark, SourceContext};
 use livepipe_dataflow::event::{Ingested, Position, RejectedRecord, RAW_KEEP_BYTES};
 use livepipe_dataflow::parse::{parse_event, Rejection, MAX_RECORD_BYTES};
 use livepipe_dataflow::time::{coarse, Time};
@@ -40,7 +41,7 @@ use std::fs::File;
 use std::io::{self, BufRead, BufReader};
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,19 +53,10 @@ pub const RECORDS_PER_CHUNK: usize = 1024;
 /// readers are faster than the rest of the graph.
 const CHUNKS_IN_FLIGHT: u64 = 16;
 
-/// What the file source reports to the rest of the job.
+/// The file source's settings and reporting.
 #[derive(Clone)]
 pub struct FileSourceContext {
-    pub allowed_lateness_ms: u64,
-    pub time_granularity_ms: u64,
-    /// Highest `ts` of any valid record seen, for the live path's `now`.
-    pub max_event_ts: Arc<AtomicU64>,
-    /// Records read (valid or not), for progress reporting.
-    pub records_read: Arc<AtomicU64>,
-    /// Where rejected records go. Called from the parsing worker.
-    pub on_reject: Arc<dyn Fn(RejectedRecord) + Send + Sync>,
-    /// Called once with the cause if a file cannot be read any further.
-    pub on_fatal: Arc<dyn Fn(String) + Send + Sync>,
+    pub source: SourceContext,
     /// Records per chunk dealt out for parsing ([`RECORDS_PER_CHUNK`]).
     pub records_per_chunk: usize,
 }
@@ -129,12 +121,6 @@ struct Reader {
     at_end: bool,
 }
 
-/// A partition's watermark: its highest valid `ts` so far minus the allowed
-/// lateness; 0 (nothing is late) before its first valid record.
-fn watermark(max_ts: Option<u64>, lateness: u64) -> u64 {
-    max_ts.map_or(0, |ts| ts.saturating_sub(lateness))
-}
-
 /// Builds the source on this worker: readers for the files it owns, a
 /// parser for anyone's chunks, a stamper for its own files.
 pub fn file_source<'s>(
@@ -184,8 +170,8 @@ fn read_chunks<'s>(
             let Some(cap) = capability.as_mut() else {
                 return;
             };
-            let lateness = context.allowed_lateness_ms;
-            let granularity = context.time_granularity_ms;
+            let lateness = context.source.allowed_lateness_ms;
+            let granularity = context.source.time_granularity_ms;
             let started = Instant::now();
             for reader in readers.iter_mut().filter(|r| !r.at_end) {
                 let stamped_chunks = stamped.borrow()[reader.partition as usize].chunks;
@@ -197,7 +183,10 @@ fn read_chunks<'s>(
                         Ok(Some(chunk)) => output.session(&*cap).give(chunk),
                         Ok(None) => {}
                         Err(err) => {
-                            (context.on_fatal)(format!("reading {}: {err}", reader.path.display()));
+                            (context.source.on_fatal)(format!(
+                                "reading {}: {err}",
+                                reader.path.display()
+                            ));
                             // Keep the capability: an emptied frontier would
                             // finalize impressions that are not final.
                             return;
@@ -213,7 +202,7 @@ fn read_chunks<'s>(
                 .filter(|r| !r.at_end || stamped[r.partition as usize].chunks < r.chunks_sent)
                 .map(|r| {
                     coarse(
-                        watermark(stamped[r.partition as usize].max_ts, lateness),
+                        partition_watermark(stamped[r.partition as usize].max_ts, lateness),
                         granularity,
                     )
                 })
@@ -307,7 +296,7 @@ fn parse_chunk(chunk: Chunk, names: &[Arc<str>], context: &FileSourceContext) ->
         };
         match parsed {
             Ok(event) => events.push((offset, event)),
-            Err(rejection) => (context.on_reject)(RejectedRecord {
+            Err(rejection) => (context.source.on_reject)(RejectedRecord {
                 source: names[chunk.partition as usize].clone(),
                 position: Position {
                     partition: chunk.partition,
@@ -319,6 +308,7 @@ fn parse_chunk(chunk: Chunk, names: &[Arc<str>], context: &FileSourceContext) ->
         }
     }
     context
+        .source
         .records_read
         .fetch_add(chunk.ends.len() as u64, Ordering::Relaxed);
     ParsedChunk {
@@ -335,9 +325,9 @@ fn stamp<'s>(
     context: &FileSourceContext,
     stamped: Rc<RefCell<Vec<Stamped>>>,
 ) -> StreamVec<'s, Time, Ingested> {
-    let lateness = context.allowed_lateness_ms;
-    let granularity = context.time_granularity_ms;
-    let max_event_ts = context.max_event_ts.clone();
+    let lateness = context.source.allowed_lateness_ms;
+    let granularity = context.source.time_granularity_ms;
+    let max_event_ts = context.source.max_event_ts.clone();
     parsed.unary(
         Exchange::new(|chunk: &ParsedChunk| chunk.partition as u64),
         "StampInFileOrder",
@@ -364,9 +354,10 @@ fn stamp<'s>(
                     let (cap, chunk) = waiting.remove(&key).expect("found above");
                     let state = &mut stamped[chunk.partition as usize];
                     let mut batch: Vec<Ingested> = Vec::new();
-                    let mut batch_time = coarse(watermark(state.max_ts, lateness), granularity);
+                    let mut batch_time =
+                        coarse(partition_watermark(state.max_ts, lateness), granularity);
                     for (offset, event) in chunk.events {
-                        let wm = watermark(state.max_ts, lateness);
+                        let wm = partition_watermark(state.max_ts, lateness);
                         let time = coarse(wm, granularity);
                         if time != batch_time && !batch.is_empty() {
                             output

@@ -2,6 +2,51 @@
 //! [`Ingested`](livepipe_dataflow::event::Ingested) events through the one
 //! parser in `livepipe_dataflow::parse`, stamps each with its partition's
 //! watermark, and sends rejected records to a dead-letter callback.
+//!
+//! * [`file`]: `.jsonl` files read to the end, each file one partition.
+//! * [`kafka`]: a Kafka topic, partitions assigned statically to workers.
+//! * [`publish`]: writes generated traffic into a Kafka topic (`livepipe
+//!   gen --brokers`, and the demo's producer).
+//! * [`demo`]: the embedded demo: librdkafka's in-process mock cluster fed
+//!   with live traffic.
+//! * [`generator`]: the synthetic traffic itself.
 
+pub mod demo;
 pub mod file;
 pub mod generator;
+pub mod kafka;
+pub mod publish;
+
+use livepipe_dataflow::event::RejectedRecord;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// What every source reports to the rest of the job.
+#[derive(Clone)]
+pub struct SourceContext {
+    pub allowed_lateness_ms: u64,
+    pub time_granularity_ms: u64,
+    /// Highest `ts` of any valid record seen, for the live path's `now`.
+    pub max_event_ts: Arc<AtomicU64>,
+    /// Records read (valid or not), for progress reporting.
+    pub records_read: Arc<AtomicU64>,
+    /// Where rejected records go. Called from the worker that parsed them.
+    pub on_reject: Arc<dyn Fn(RejectedRecord) + Send + Sync>,
+    /// Called once with the cause if an input cannot be read any further.
+    pub on_fatal: Arc<dyn Fn(String) + Send + Sync>,
+}
+
+/// A partition's watermark: its highest valid `ts` so far minus the allowed
+/// lateness; 0 (nothing is late) before its first valid record.
+pub fn partition_watermark(max_ts: Option<u64>, lateness: u64) -> u64 {
+    max_ts.map_or(0, |ts| ts.saturating_sub(lateness))
+}
+
+/// Wall-clock ms since the Unix epoch.
+pub fn wall_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

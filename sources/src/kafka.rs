@@ -1,0 +1,522 @@
+//! Kafka source: one topic, its partitions assigned statically to workers.
+//!
+//! Partitions are discovered from the topic's metadata once, at start, and
+//! partition `p` belongs to worker `p % workers` (counting all workers of
+//! all processes). Each worker reads its partitions with its own
+//! `BaseConsumer` and a manual `assign`: no consumer-group rebalancing, so
+//! a partition's records are always read, parsed and stamped in offset
+//! order by one worker, which is what makes its watermark well defined.
+//!
+//! # Watermarks (SPEC §3)
+//!
+//! A partition's watermark is its highest valid `ts` so far minus the
+//! allowed lateness. A partition is **idle** once it is caught up (the
+//! consumer reached its end: librdkafka's partition-EOF event, which needs
+//! no high-watermark arithmetic) and nothing new arrived for
+//! `idle_timeout_ms` of wall clock; idle partitions stop holding time back.
+//! The worker's watermark is the least watermark of its partitions that are
+//! not idle, or, when all of them are idle, the wall clock minus the
+//! allowed lateness: a timer, not the next event, closes the windows of a
+//! quiet topic. Timely takes the minimum over workers.
+//!
+//! The worker's watermark never goes back, but a partition that wakes up
+//! may be behind it. Each event is therefore stamped with
+//! `max(its partition's watermark, the worker's watermark)` and travels at
+//! the coarse version of that (the invariant of `livepipe_dataflow::time`):
+//! records of a partition that woke up with old data are judged against
+//! the time that already passed, and are late if their impressions are
+//! final.
+//!
+//! # Staying responsive
+//!
+//! An activation polls with a budget (records and time) and never blocks.
+//! librdkafka wakes the worker through a non-empty-queue callback when
+//! records arrive, and a timer wakes it to notice idleness and follow the
+//! wall clock.
+
+use crate::{partition_watermark, wall_clock_ms, SourceContext};
+use livepipe_dataflow::event::{Ingested, Position, RejectedRecord, RAW_KEEP_BYTES};
+use livepipe_dataflow::parse::{check_clock, parse_event};
+use livepipe_dataflow::time::{coarse, Time};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use timely::dataflow::operators::generic::operator::source;
+use timely::dataflow::{Scope, StreamVec};
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Records one activation may take before yielding to other operators.
+const POLL_BUDGET_RECORDS: usize = 4096;
+/// Time one activation may spend polling.
+const POLL_BUDGET: Duration = Duration::from_millis(5);
+/// How often an activation runs when nothing arrives: bounds how late an
+/// idle partition or the wall clock is noticed.
+const TIMER: Duration = Duration::from_millis(100);
+/// How often the per-partition positions are logged.
+const LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// Where consumption starts when there is no committed position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartOffsets {
+    /// The oldest record the broker still holds.
+    Earliest,
+    /// Only records produced from now on.
+    Latest,
+}
+
+/// How to reach and read the topic.
+#[derive(Clone, Debug)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    pub topic: String,
+    pub start: StartOffsets,
+    /// librdkafka properties given as `-X key=value`, applied last, so they
+    /// override ours (SASL, TLS, timeouts, `group.id`, ...).
+    pub overrides: Vec<(String, String)>,
+}
+
+/// Consumer group used for committed offsets unless `-X group.id=...`
+/// says otherwise. Partitions are assigned manually; the group only names
+/// where offsets are kept.
+pub const DEFAULT_GROUP_ID: &str = "livepipe";
+
+impl KafkaSettings {
+    /// The consumer configuration: ours, then the `-X` overrides.
+    pub fn consumer_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", DEFAULT_GROUP_ID)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            // Caught-up detection (idle partitions) without trusting the
+            // broker's high watermark.
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            // The live path wants records within a second: don't let the
+            // broker sit on a fetch for the default 500 ms.
+            .set("fetch.wait.max.ms", "100")
+            // Lag and high watermarks per partition, for logs and metrics.
+            .set("statistics.interval.ms", "1000")
+            // Bounds what librdkafka buffers ahead of the dataflow.
+            .set("queued.max.messages.kbytes", "65536")
+            .set_log_level(RDKafkaLogLevel::Warning);
+        for (key, value) in &self.overrides {
+            config.set(key, value);
+        }
+        config
+    }
+}
+
+/// Why the topic could not be set up for reading.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A mistake in the settings (a bad `-X` property, a missing topic):
+    /// the operator must change the command line.
+    #[error("{0}")]
+    Usage(String),
+    /// The brokers could not be reached or answered with an error.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Asks the brokers for the topic's partitions.
+pub fn discover_partitions(
+    settings: &KafkaSettings,
+    timeout: Duration,
+) -> Result<Vec<i32>, SetupError> {
+    let consumer: BaseConsumer = settings
+        .consumer_config()
+        .create()
+        .map_err(|err| SetupError::Usage(format!("Kafka client configuration: {err}")))?;
+    let metadata = consumer
+        .fetch_metadata(Some(&settings.topic), timeout)
+        .map_err(|err| {
+            SetupError::Unavailable(format!(
+                "could not read the metadata of topic `{}` from {} within {} s: {err} \
+                 (are the brokers up and is --brokers right?)",
+                settings.topic,
+                settings.brokers,
+                timeout.as_secs()
+            ))
+        })?;
+    let topic = metadata
+        .topics()
+        .iter()
+        .find(|topic| topic.name() == settings.topic)
+        .ok_or_else(|| SetupError::Unavailable("metadata without the topic".into()))?;
+    match topic.error() {
+        None => {}
+        Some(code) if RDKafkaErrorCode::from(code) == RDKafkaErrorCode::UnknownTopicOrPartition => {
+            return Err(SetupError::Usage(format!(
+                "topic `{}` does not exist on {}; create it (e.g. `livepipe gen --brokers {} \
+                 --topic {} --partitions 4`) or fix --topic",
+                settings.topic, settings.brokers, settings.brokers, settings.topic
+            )))
+        }
+        Some(code) => {
+            return Err(SetupError::Unavailable(format!(
+                "topic `{}`: {}",
+                settings.topic,
+                RDKafkaErrorCode::from(code)
+            )))
+        }
+    }
+    let mut partitions: Vec<i32> = topic.partitions().iter().map(|p| p.id()).collect();
+    partitions.sort_unstable();
+    if partitions.is_empty() {
+        return Err(SetupError::Unavailable(format!(
+            "topic `{}` has no partitions",
+            settings.topic
+        )));
+    }
+    Ok(partitions)
+}
+
+/// What is known about one partition, for logs and `/metrics`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PartitionStatus {
+    /// The next offset to read.
+    pub next_offset: i64,
+    /// The broker's high watermark as last reported (-1 unknown).
+    pub high_watermark: i64,
+    /// Records behind the high watermark as last reported (-1 unknown).
+    pub lag: i64,
+    /// Records read from it.
+    pub records: u64,
+    pub idle: bool,
+    /// The partition's watermark (ms).
+    pub watermark: u64,
+}
+
+/// Per-partition status of every partition this process reads.
+pub type KafkaStatus = Arc<Mutex<BTreeMap<i32, PartitionStatus>>>;
+
+/// Keeps librdkafka's per-partition statistics (lag, high watermark).
+struct StatsContext {
+    topic: String,
+    status: KafkaStatus,
+}
+
+impl ClientContext for StatsContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        // Reaching the end of a partition is how idleness is noticed, not
+        // a problem; librdkafka reports it as a "global error" too.
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::warn!("Kafka: {error}: {reason}");
+        }
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, partition) in &topic.partitions {
+            if let Some(entry) = status.get_mut(id) {
+                entry.high_watermark = partition.hi_offset;
+                entry.lag = partition.consumer_lag;
+            }
+        }
+    }
+}
+
+impl ConsumerContext for StatsContext {}
+
+/// One partition as its worker reads it.
+struct Reading {
+    id: i32,
+    max_ts: Option<u64>,
+    next_offset: i64,
+    records: u64,
+    /// The consumer reached the end of what the broker holds, and nothing
+    /// arrived since.
+    at_end: bool,
+    last_record: Instant,
+}
+
+impl Reading {
+    fn is_idle(&self, idle_timeout: Duration) -> bool {
+        self.at_end && self.last_record.elapsed() >= idle_timeout
+    }
+}
+
+/// The Kafka source's settings beyond [`SourceContext`].
+#[derive(Clone)]
+pub struct KafkaSourceContext {
+    pub source: SourceContext,
+    pub settings: KafkaSettings,
+    /// All partitions of the topic; this worker reads `p % peers == index`.
+    pub partitions: Vec<i32>,
+    pub idle_timeout_ms: u64,
+    /// Filled in as partitions are read.
+    pub status: KafkaStatus,
+}
+
+/// Builds the source on this worker: a consumer for the partitions it owns.
+pub fn kafka_source<'s>(
+    scope: Scope<'s, Time>,
+    context: KafkaSourceContext,
+) -> StreamVec<'s, Time, Ingested> {
+    let index = scope.index();
+    let peers = scope.peers();
+    let owned: Vec<i32> = context
+        .partitions
+        .iter()
+        .copied()
+        .filter(|p| *p as usize % peers == index)
+        .collect();
+    source(scope, "KafkaSource", move |capability, info| {
+        let activator = scope.activator_for(info.address.clone());
+        let wake = scope.worker().sync_activator_for(info.address.to_vec());
+        let mut capability = Some(capability);
+        let consumer = if owned.is_empty() {
+            // Nothing to read: hold no time back.
+            capability = None;
+            None
+        } else {
+            match open_consumer(&context, &owned, wake) {
+                Ok(consumer) => Some(consumer),
+                Err(cause) => {
+                    // Keep the capability: an emptied frontier would
+                    // finalize impressions that are not final.
+                    (context.source.on_fatal)(cause);
+                    None
+                }
+            }
+        };
+        let now = Instant::now();
+        let mut readings: BTreeMap<i32, Reading> = owned
+            .iter()
+            .map(|&id| {
+                (
+                    id,
+                    Reading {
+                        id,
+                        max_ts: None,
+                        next_offset: -1,
+                        records: 0,
+                        at_end: false,
+                        last_record: now,
+                    },
+                )
+            })
+            .collect();
+        let topic: Arc<str> = Arc::from(context.settings.topic.as_str());
+        let lateness = context.source.allowed_lateness_ms;
+        let granularity = context.source.time_granularity_ms;
+        let idle_timeout = Duration::from_millis(context.idle_timeout_ms);
+        // The worker's watermark (exact ms); the capability sits at its
+        // coarse version.
+        let mut promised: u64 = 0;
+        let mut last_log = Instant::now();
+        let mut last_error: Option<String> = None;
+        move |output| {
+            let (Some(cap), Some(consumer)) = (capability.as_mut(), consumer.as_ref()) else {
+                return;
+            };
+            let started = Instant::now();
+            let wall_ms = wall_clock_ms();
+            let mut taken = 0;
+            let mut exhausted = false;
+            let mut batch: Vec<Ingested> = Vec::new();
+            let mut batch_time = *cap.time();
+            while taken < POLL_BUDGET_RECORDS && started.elapsed() < POLL_BUDGET {
+                let message = match consumer.poll(Duration::ZERO) {
+                    None => {
+                        exhausted = true;
+                        break;
+                    }
+                    Some(Ok(message)) => message,
+                    Some(Err(KafkaError::PartitionEOF(id))) => {
+                        if let Some(reading) = readings.get_mut(&id) {
+                            reading.at_end = true;
+                        }
+                        continue;
+                    }
+                    Some(Err(err)) => {
+                        // Broker trouble is retried by librdkafka; say so
+                        // once per distinct error, not once per poll.
+                        let text = err.to_string();
+                        if last_error.as_deref() != Some(text.as_str()) {
+                            tracing::warn!(topic = %topic, "Kafka: {text}");
+                            last_error = Some(text);
+                        }
+                        continue;
+                    }
+                };
+                taken += 1;
+                let Some(reading) = readings.get_mut(&message.partition()) else {
+                    continue;
+                };
+                reading.next_offset = message.offset() + 1;
+                reading.records += 1;
+                reading.at_end = false;
+                reading.last_record = started;
+                let position = Position {
+                    partition: message.partition() as u32,
+                    offset: message.offset() as u64,
+                };
+                let raw = message.payload().unwrap_or_default();
+                let parsed = parse_event(raw)
+                    .and_then(|event| check_clock(event.ts, wall_ms).map(|_| event));
+                match parsed {
+                    Ok(event) => {
+                        let watermark = partition_watermark(reading.max_ts, lateness).max(promised);
+                        let time = coarse(watermark, granularity);
+                        if time != batch_time && !batch.is_empty() {
+                            output
+                                .session(&cap.delayed(&batch_time))
+                                .give_iterator(batch.drain(..));
+                        }
+                        batch_time = time;
+                        reading.max_ts = Some(reading.max_ts.map_or(event.ts, |m| m.max(event.ts)));
+                        context
+                            .source
+                            .max_event_ts
+                            .fetch_max(event.ts, Ordering::Relaxed);
+                        batch.push(Ingested {
+                            event,
+                            position,
+                            watermark,
+                        });
+                    }
+                    Err(rejection) => (context.source.on_reject)(RejectedRecord {
+                        source: topic.clone(),
+                        position,
+                        reason: rejection.code(),
+                        raw: raw[..raw.len().min(RAW_KEEP_BYTES)].to_vec(),
+                    }),
+                }
+            }
+            if !batch.is_empty() {
+                output
+                    .session(&cap.delayed(&batch_time))
+                    .give_iterator(batch.drain(..));
+            }
+            context
+                .source
+                .records_read
+                .fetch_add(taken as u64, Ordering::Relaxed);
+
+            // Advance the worker's watermark: the least of the partitions
+            // still holding it, or the wall clock once all are idle.
+            let holding = readings
+                .values()
+                .filter(|r| !r.is_idle(idle_timeout))
+                .map(|r| partition_watermark(r.max_ts, lateness))
+                .min();
+            let target = holding.unwrap_or_else(|| wall_clock_ms().saturating_sub(lateness));
+            promised = promised.max(target);
+            cap.downgrade(&coarse(promised, granularity));
+
+            publish_status(&context.status, &readings, idle_timeout, lateness);
+            if last_log.elapsed() >= LOG_EVERY {
+                last_log = Instant::now();
+                log_positions(&topic, &context.status, &readings, promised);
+            }
+            if exhausted {
+                // librdkafka's callback wakes us when records arrive.
+                activator.activate_after(TIMER);
+            } else {
+                activator.activate();
+            }
+        }
+    })
+}
+
+fn open_consumer(
+    context: &KafkaSourceContext,
+    owned: &[i32],
+    wake: timely::scheduling::SyncActivator,
+) -> Result<BaseConsumer<StatsContext>, String> {
+    let settings = &context.settings;
+    let mut consumer: BaseConsumer<StatsContext> = settings
+        .consumer_config()
+        .create_with_context(StatsContext {
+            topic: settings.topic.clone(),
+            status: context.status.clone(),
+        })
+        .map_err(|err| format!("creating the Kafka consumer: {err}"))?;
+    let offset = match settings.start {
+        StartOffsets::Earliest => Offset::Beginning,
+        StartOffsets::Latest => Offset::End,
+    };
+    let mut assignment = TopicPartitionList::new();
+    {
+        let mut status = context.status.lock().unwrap_or_else(|p| p.into_inner());
+        for &partition in owned {
+            assignment
+                .add_partition_offset(&settings.topic, partition, offset)
+                .map_err(|err| format!("assigning partition {partition}: {err}"))?;
+            status.insert(
+                partition,
+                PartitionStatus {
+                    next_offset: -1,
+                    high_watermark: -1,
+                    lag: -1,
+                    ..PartitionStatus::default()
+                },
+            );
+        }
+    }
+    consumer.assign(&assignment).map_err(|err| {
+        format!(
+            "assigning partitions {owned:?} of `{}`: {err}",
+            settings.topic
+        )
+    })?;
+    consumer.set_nonempty_callback(move || {
+        // The worker may be gone at shutdown; nothing to wake then.
+        let _ = wake.activate();
+    });
+    tracing::info!(topic = %settings.topic, partitions = ?owned, "reading Kafka partitions");
+    Ok(consumer)
+}
+
+fn publish_status(
+    status: &KafkaStatus,
+    readings: &BTreeMap<i32, Reading>,
+    idle_timeout: Duration,
+    lateness: u64,
+) {
+    let mut status = status.lock().unwrap_or_else(|p| p.into_inner());
+    for reading in readings.values() {
+        let entry = status.entry(reading.id).or_default();
+        entry.next_offset = reading.next_offset;
+        entry.records = reading.records;
+        entry.idle = reading.is_idle(idle_timeout);
+        entry.watermark = partition_watermark(reading.max_ts, lateness);
+    }
+}
+
+fn log_positions(
+    topic: &str,
+    status: &KafkaStatus,
+    readings: &BTreeMap<i32, Reading>,
+    watermark: u64,
+) {
+    let status = status.lock().unwrap_or_else(|p| p.into_inner());
+    let positions: Vec<String> = readings
+        .keys()
+        .filter_map(|id| status.get(id).map(|s| (id, s)))
+        .map(|(id, s)| {
+            format!(
+                "{id}: offset {} lag {}{}",
+                s.next_offset,
+                s.lag,
+                if s.idle { " idle" } else { "" }
+            )
+        })
+        .collect();
+    tracing::info!(topic, watermark, "partitions [{}]", positions.join(", "));
+}

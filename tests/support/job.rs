@@ -1,0 +1,103 @@
+//! The binary as a child process: started, waited on, stopped with a
+//! signal, and killed if a test fails halfway.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `livepipe`; killed on drop unless stopped.
+pub struct Job {
+    child: Option<Child>,
+    pub stderr: PathBuf,
+}
+
+impl Job {
+    /// Starts `livepipe ARGS`; its stderr goes to `log` for the failure
+    /// messages.
+    pub fn start(args: &[&str], log: &Path) -> Job {
+        let stderr = std::fs::File::create(log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_livepipe"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("livepipe starts");
+        Job {
+            child: Some(child),
+            stderr: log.to_path_buf(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Fails the test with the job's log if it has exited.
+    pub fn assert_running(&mut self) {
+        let child = self.child.as_mut().expect("running");
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("livepipe exited early ({status}):\n{}", self.log());
+        }
+    }
+
+    /// Sends `signal` (`TERM`, `INT`, `KILL`) and waits for the exit.
+    pub fn signal(&mut self, signal: &str) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -{signal} failed");
+        child.wait().expect("wait")
+    }
+
+    /// Stops the job the way an operator does (SIGTERM) and expects exit 0.
+    pub fn stop(mut self) {
+        let status = self.signal("TERM");
+        assert!(
+            status.success(),
+            "exit {status} after SIGTERM:\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Polls `done` every 100 ms; fails with `what` (and the job's log) if it
+/// is not true within `limit`. The limit only keeps a broken build from
+/// hanging CI; nothing here measures speed.
+pub fn wait_for(job: &mut Job, limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        job.assert_running();
+        if started.elapsed() > limit {
+            panic!("gave up waiting for {what}:\n{}", job.log());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// File name -> bytes of every file in `dir` (none if it does not exist).
+pub fn dir_bytes(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Default::default();
+    };
+    entries
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().to_string(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect()
+}
