@@ -185,6 +185,11 @@ pub struct GenArgs {
     #[arg(long, default_value_t = 2_000, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub rate: u64,
 
+    /// Kafka: records per second to send [default: --rate]; 0 sends as fast as the
+    /// brokers take them (records are still never sent before their ts).
+    #[arg(long, value_name = "N", requires = "brokers")]
+    pub send_rate: Option<u64>,
+
     /// Event time of the first record (ms since the epoch) [default: 1700000000000 to a
     /// file, now to Kafka].
     #[arg(long, value_name = "MS")]

@@ -246,7 +246,11 @@ fn gen_kafka(config: &GenConfig, brokers: &str, args: &GenArgs) -> anyhow::Resul
         &args.topic,
         generator,
         Pace {
-            max_rate: Some(args.rate),
+            max_rate: match args.send_rate {
+                Some(0) => None,
+                Some(rate) => Some(rate),
+                None => Some(args.rate),
+            },
             follow_clock: true,
         },
         &stop,

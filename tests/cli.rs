@@ -289,6 +289,22 @@ fn usage_errors_exit_2_with_a_message() {
             "--late-rate",
         ),
         (vec!["frobnicate"], "frobnicate"),
+        (vec!["run", "-X", "no-equals-sign"], "-X"),
+        (
+            vec![
+                "run",
+                "--brokers",
+                "127.0.0.1:1",
+                "-X",
+                "no.such.property=1",
+            ],
+            "no.such.property",
+        ),
+        (vec!["gen", "--events", "10"], "--output"),
+        (
+            vec!["run", "--input", "x", "--start-offsets", "middle"],
+            "--start-offsets",
+        ),
         (
             vec!["run", "--input", "x", "--qualify-ms=-1"],
             "--qualify-ms",

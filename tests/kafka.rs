@@ -440,3 +440,87 @@ fn bad_records_on_the_topic_are_dead_lettered_with_their_position() {
     }
     assert_eq!(rejected[3]["raw"].as_str().unwrap().len(), 4096);
 }
+
+/// `livepipe gen --brokers` sends exactly the records `livepipe gen
+/// --output` writes for the same seed: a run on the topic bills like the
+/// reference on the file. (The mock cluster does not implement topic
+/// creation; the separate-broker test covers it.)
+#[test]
+fn gen_to_kafka_sends_what_gen_writes_to_a_file() {
+    let cluster = mock_cluster("made", 3);
+    let brokers = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let common = [
+        "--events",
+        "20000",
+        "--seed",
+        "5",
+        "--rate",
+        "400",
+        "--start-ts",
+        "1700000000000",
+    ];
+    let gen = |target: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
+            .arg("gen")
+            .args(target)
+            .args(common)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    gen(&["--output", input.to_str().unwrap()]);
+    let summary = gen(&[
+        "--brokers",
+        &brokers,
+        "--topic",
+        "made",
+        "--partitions",
+        "3",
+        "--send-rate",
+        "0",
+    ]);
+    assert!(
+        summary.contains("sent 20000 records") && summary.contains("20000 delivered, 0 failed"),
+        "{summary}"
+    );
+
+    let bytes = std::fs::read(&input).unwrap();
+    let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
+    lines.pop();
+    let want = expected(&lines, default_rules());
+    let got = run_on_topic(&brokers, "made", "2", &want, dir.path());
+    for (name, bytes) in &want.files {
+        assert!(got[name] == *bytes, "{name} differs from the reference");
+    }
+}
+
+/// A topic that does not exist is the operator's mistake: exit 2, saying
+/// how to create it.
+#[test]
+fn a_missing_topic_exits_2_with_a_hint() {
+    let cluster = mock_cluster("events", 1);
+    let out = tempfile::tempdir().unwrap();
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
+        .args(["run", "--brokers", &cluster.bootstrap_servers()])
+        .args(["--topic", "no-such-topic", "--out"])
+        .arg(out.path().join("out"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no-such-topic") && stderr.contains("--partitions"),
+        "{stderr}"
+    );
+    assert!(
+        !out.path().join("out").exists(),
+        "nothing written on a usage error"
+    );
+}

@@ -924,6 +924,17 @@ mod tests {
     }
 
     #[test]
+    fn live_records_may_be_at_most_ten_minutes_ahead_of_the_clock() {
+        let now = 1_800_000_000_000;
+        assert_eq!(check_clock(now + MAX_AHEAD_OF_CLOCK_MS, now), Ok(()));
+        assert_eq!(check_clock(1, now), Ok(()));
+        assert_eq!(
+            check_clock(now + MAX_AHEAD_OF_CLOCK_MS + 1, now),
+            Err(Rejection::AheadOfClock)
+        );
+    }
+
+    #[test]
     fn codes_are_stable() {
         let cases = [
             (Rejection::TooLarge, "too_large"),

@@ -408,15 +408,13 @@ pub fn kafka_source<'s>(
                 .records_read
                 .fetch_add(taken as u64, Ordering::Relaxed);
 
-            // Advance the worker's watermark: the least of the partitions
-            // still holding it, or the wall clock once all are idle.
-            let holding = readings
-                .values()
-                .filter(|r| !r.is_idle(idle_timeout))
-                .map(|r| partition_watermark(r.max_ts, lateness))
-                .min();
-            let target = holding.unwrap_or_else(|| wall_clock_ms().saturating_sub(lateness));
-            promised = promised.max(target);
+            let holding = readings.values().map(|r| {
+                (
+                    r.is_idle(idle_timeout),
+                    partition_watermark(r.max_ts, lateness),
+                )
+            });
+            promised = worker_watermark(promised, holding, wall_clock_ms(), lateness);
             cap.downgrade(&coarse(promised, granularity));
 
             publish_status(&context.status, &readings, idle_timeout, lateness);
@@ -432,6 +430,23 @@ pub fn kafka_source<'s>(
             }
         }
     })
+}
+
+/// The worker's next watermark: the least watermark of its partitions that
+/// are not idle, or the wall clock minus the lateness once all are idle;
+/// never less than what it already promised. `partitions` yields
+/// `(idle, watermark)` per partition.
+fn worker_watermark(
+    promised: u64,
+    partitions: impl Iterator<Item = (bool, u64)>,
+    wall_ms: u64,
+    lateness: u64,
+) -> u64 {
+    let holding = partitions
+        .filter(|(idle, _)| !idle)
+        .map(|(_, watermark)| watermark)
+        .min();
+    promised.max(holding.unwrap_or_else(|| wall_ms.saturating_sub(lateness)))
 }
 
 fn open_consumer(
@@ -519,4 +534,43 @@ fn log_positions(
         })
         .collect();
     tracing::info!(topic, watermark, "partitions [{}]", positions.join(", "));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_watermark;
+
+    const WALL: u64 = 1_000_000;
+
+    #[test]
+    fn the_least_busy_partition_holds_the_watermark() {
+        let partitions = [(false, 500), (false, 300), (true, 100)];
+        assert_eq!(worker_watermark(0, partitions.into_iter(), WALL, 5), 300);
+    }
+
+    #[test]
+    fn all_idle_follows_the_wall_clock() {
+        let partitions = [(true, 500), (true, 300)];
+        assert_eq!(
+            worker_watermark(400, partitions.into_iter(), WALL, 5),
+            WALL - 5
+        );
+    }
+
+    #[test]
+    fn a_partition_waking_up_behind_does_not_move_it_back() {
+        // Partition 1 was idle while the others moved on; now it has a
+        // record again, from long ago.
+        let partitions = [(false, 900), (false, 200)];
+        assert_eq!(worker_watermark(700, partitions.into_iter(), WALL, 5), 700);
+    }
+
+    #[test]
+    fn event_time_ahead_of_the_wall_clock_is_kept() {
+        let partitions = [(true, WALL + 60_000)];
+        assert_eq!(
+            worker_watermark(WALL + 60_000, partitions.into_iter(), WALL, 5),
+            WALL + 60_000
+        );
+    }
 }

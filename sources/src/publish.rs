@@ -41,6 +41,10 @@ pub fn producer_config(brokers: &str, overrides: &[(String, String)]) -> ClientC
 
 /// Creates `topic` with `partitions` partitions unless it exists; returns
 /// the number of partitions it has.
+///
+/// Existence is checked by listing all topics: a metadata request naming
+/// the topic would make a broker with `auto.create.topics.enable` create it
+/// with its default partition count.
 pub fn ensure_topic(
     config: &ClientConfig,
     topic: &str,
@@ -50,6 +54,30 @@ pub fn ensure_topic(
     let admin: AdminClient<DefaultClientContext> = config
         .create()
         .map_err(|err| SetupError::Usage(format!("Kafka client configuration: {err}")))?;
+    let count = |admin: &AdminClient<DefaultClientContext>| {
+        admin
+            .inner()
+            .fetch_metadata(None, timeout)
+            .map(|metadata| {
+                metadata
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == topic)
+                    .map(|t| t.partitions().len() as i32)
+            })
+            .map_err(|err| SetupError::Unavailable(format!("listing the topics: {err}")))
+    };
+    if let Some(existing) = count(&admin)? {
+        if existing != partitions {
+            tracing::warn!(
+                topic,
+                has = existing,
+                asked = partitions,
+                "topic exists with a different number of partitions; using it as it is"
+            );
+        }
+        return Ok(existing);
+    }
     let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     let options = AdminOptions::new().operation_timeout(Some(timeout));
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -62,6 +90,7 @@ pub fn ensure_topic(
     for result in results {
         match result {
             Ok(_) => tracing::info!(topic, partitions, "created topic"),
+            // Someone else was quicker.
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((_, code)) => {
                 return Err(SetupError::Unavailable(format!(
@@ -70,24 +99,19 @@ pub fn ensure_topic(
             }
         }
     }
-    let metadata = admin
-        .inner()
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|err| SetupError::Unavailable(format!("reading topic `{topic}`: {err}")))?;
-    let count = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .map_or(0, |t| t.partitions().len() as i32);
-    if count != partitions {
-        tracing::warn!(
-            topic,
-            has = count,
-            asked = partitions,
-            "topic already exists with a different number of partitions; using it as it is"
-        );
+    // Creation takes a moment to show in metadata.
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(created) = count(&admin)? {
+            return Ok(created);
+        }
+        if Instant::now() >= deadline {
+            return Err(SetupError::Unavailable(format!(
+                "topic `{topic}` was created but does not show in the metadata"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
-    Ok(count)
 }
 
 /// How fast to send.
