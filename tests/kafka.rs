@@ -127,6 +127,15 @@ fn has_marker(out: &Path) -> bool {
         .any(|name| name.ends_with(".done"))
 }
 
+/// Every billing CSV under `out`, concatenated in file-name order.
+fn billing_csv(out: &Path) -> String {
+    dir_bytes(&out.join("billing"))
+        .iter()
+        .filter(|(name, _)| name.ends_with(".csv"))
+        .map(|(_, bytes)| String::from_utf8_lossy(bytes).to_string())
+        .collect()
+}
+
 fn json_lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -279,20 +288,53 @@ const QUICK: [&str; 8] = [
     "1000",
 ];
 
-fn quick_job(brokers: &str, topic: &str, out: &Path, log: &Path) -> Job {
-    let mut args = vec![
-        "run",
-        "--brokers",
-        brokers,
-        "--topic",
-        topic,
-        "--workers",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend(QUICK);
-    Job::start(&args, log)
+/// A mock cluster with topic `events`, a producer for it and an output
+/// directory: the setting of the tests with live timestamps.
+struct LiveTopic {
+    _cluster: MockCluster<'static, DefaultProducerContext>,
+    brokers: String,
+    dir: tempfile::TempDir,
+    out: std::path::PathBuf,
+    producer: ThreadedProducer<DefaultProducerContext>,
+}
+
+impl LiveTopic {
+    fn new(partitions: i32) -> LiveTopic {
+        let cluster = mock_cluster("events", partitions);
+        let brokers = cluster.bootstrap_servers();
+        let dir = tempfile::tempdir().unwrap();
+        LiveTopic {
+            out: dir.path().join("out"),
+            producer: producer(&brokers),
+            _cluster: cluster,
+            brokers,
+            dir,
+        }
+    }
+
+    /// `livepipe run` on the topic with the [`QUICK`] rules and `extra` flags.
+    fn job(&self, extra: &[&str]) -> Job {
+        let mut args = vec![
+            "run",
+            "--brokers",
+            &self.brokers,
+            "--topic",
+            "events",
+            "--out",
+            self.out.to_str().unwrap(),
+        ];
+        args.extend(QUICK);
+        args.extend(extra);
+        Job::start(&args, &self.log())
+    }
+
+    fn quick_job(&self) -> Job {
+        self.job(&["--workers", "2"])
+    }
+
+    fn log(&self) -> std::path::PathBuf {
+        self.dir.path().join("job.log")
+    }
 }
 
 /// Partition 3 has one record and then nothing; the other partitions keep
@@ -300,22 +342,19 @@ fn quick_job(brokers: &str, topic: &str, out: &Path, log: &Path) -> Job {
 /// finalizes while traffic goes on (not through the all-idle wall clock).
 #[test]
 fn a_silent_partition_does_not_freeze_finalization() {
-    let cluster = mock_cluster("events", 4);
-    let brokers = cluster.bootstrap_servers();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let mut job = quick_job(&brokers, "events", &out, &dir.path().join("job.log"));
-    let producer = producer(&brokers);
+    let live = LiveTopic::new(4);
+    let (out, producer) = (&live.out, &live.producer);
+    let mut job = live.quick_job();
     let start = now_ms();
     send(
-        &producer,
+        producer,
         "events",
         3,
         Some(&event("heartbeat", "h-3", start, "")),
     );
-    send(&producer, "events", 0, Some(&impression("imp-1", start)));
+    send(producer, "events", 0, Some(&impression("imp-1", start)));
     send(
-        &producer,
+        producer,
         "events",
         0,
         Some(&progress("imp-1", start + 100, 2_500)),
@@ -326,19 +365,12 @@ fn a_silent_partition_does_not_freeze_finalization() {
         for partition in 0..3 {
             beat += 1;
             let heartbeat = event("heartbeat", &format!("h-{beat}"), now_ms(), "");
-            send(&producer, "events", partition, Some(&heartbeat));
+            send(producer, "events", partition, Some(&heartbeat));
         }
-        has_marker(&out)
+        has_marker(out)
     });
     job.stop();
-    let files = dir_bytes(&out.join("billing"));
-    let billed: Vec<&Vec<u8>> = files
-        .iter()
-        .filter(|(name, _)| name.ends_with(".csv"))
-        .map(|(_, bytes)| bytes)
-        .collect();
-    assert_eq!(billed.len(), 1);
-    assert!(String::from_utf8_lossy(billed[0]).contains("imp-1,a,c,adv,s1,v1,"));
+    assert!(billing_csv(out).contains("\nimp-1,a,c,adv,s1,v1,"));
 }
 
 /// After the last record the topic is quiet: the watermark follows the
@@ -346,42 +378,34 @@ fn a_silent_partition_does_not_freeze_finalization() {
 /// expired) without another event.
 #[test]
 fn a_quiet_topic_finalizes_its_pending_impressions() {
-    let cluster = mock_cluster("events", 4);
-    let brokers = cluster.bootstrap_servers();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let mut job = quick_job(&brokers, "events", &out, &dir.path().join("job.log"));
-    let producer = producer(&brokers);
+    let live = LiveTopic::new(4);
+    let (out, producer) = (&live.out, &live.producer);
+    let mut job = live.quick_job();
     let start = now_ms();
-    send(&producer, "events", 0, Some(&impression("paid", start)));
+    send(producer, "events", 0, Some(&impression("paid", start)));
     send(
-        &producer,
+        producer,
         "events",
         0,
         Some(&progress("paid", start + 50, 2_000)),
     );
-    send(&producer, "events", 2, Some(&impression("unpaid", start)));
+    send(producer, "events", 2, Some(&impression("unpaid", start)));
     send(
-        &producer,
+        producer,
         "events",
         2,
         Some(&progress("unpaid", start + 50, 1_999)),
     );
     let sent = Instant::now();
     wait_for(&mut job, LIMIT, "the quiet topic to finalize", || {
-        has_marker(&out)
+        has_marker(out)
     });
     // A figure for the notes, not an assertion: idle timeout + lateness +
     // the window and period of the rules above.
     eprintln!("finalized {:?} after the last record", sent.elapsed());
     job.stop();
-    let files = dir_bytes(&out.join("billing"));
-    let csv: String = files
-        .iter()
-        .filter(|(name, _)| name.ends_with(".csv"))
-        .map(|(_, bytes)| String::from_utf8_lossy(bytes).to_string())
-        .collect();
-    assert!(csv.contains("paid,a,c,adv,s1,v1,"));
+    let csv = billing_csv(out);
+    assert!(csv.contains("\npaid,a,c,adv,s1,v1,"));
     assert!(!csv.contains("unpaid"));
     let expired = json_lines(&out.join("expired.jsonl"));
     assert_eq!(expired.len(), 1);
@@ -392,12 +416,9 @@ fn a_quiet_topic_finalizes_its_pending_impressions() {
 /// and offset; the valid record after them is read.
 #[test]
 fn bad_records_on_the_topic_are_dead_lettered_with_their_position() {
-    let cluster = mock_cluster("events", 4);
-    let brokers = cluster.bootstrap_servers();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let mut job = quick_job(&brokers, "events", &out, &dir.path().join("job.log"));
-    let producer = producer(&brokers);
+    let live = LiveTopic::new(4);
+    let (out, producer) = (&live.out, &live.producer);
+    let mut job = live.quick_job();
     let now = now_ms();
     let oversized = {
         let mut record = impression("big", now);
@@ -418,10 +439,10 @@ fn bad_records_on_the_topic_are_dead_lettered_with_their_position() {
         ),
     ];
     for (payload, _) in &cases {
-        send(&producer, "events", 1, *payload);
+        send(producer, "events", 1, *payload);
     }
     send(
-        &producer,
+        producer,
         "events",
         1,
         Some(&event("heartbeat", "ok", now, "")),
@@ -528,35 +549,13 @@ fn a_missing_topic_exits_2_with_a_hint() {
 /// `--start-offsets latest` skips what the topic held before the start.
 #[test]
 fn start_offsets_latest_reads_only_new_records() {
-    let cluster = mock_cluster("events", 2);
-    let brokers = cluster.bootstrap_servers();
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let producer = producer(&brokers);
+    let live = LiveTopic::new(2);
+    let (out, producer) = (&live.out, &live.producer);
     let before = now_ms();
-    send(&producer, "events", 0, Some(&impression("old", before)));
-    send(
-        &producer,
-        "events",
-        0,
-        Some(&progress("old", before, 2_500)),
-    );
-    let mut args = vec![
-        "run",
-        "--brokers",
-        &brokers,
-        "--topic",
-        "events",
-        "--start-offsets",
-        "latest",
-        "--workers",
-        "1",
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend(QUICK);
-    let log = dir.path().join("job.log");
-    let mut job = Job::start(&args, &log);
+    send(producer, "events", 0, Some(&impression("old", before)));
+    send(producer, "events", 0, Some(&progress("old", before, 2_500)));
+    let log = live.log();
+    let mut job = live.job(&["--start-offsets", "latest", "--workers", "1"]);
     wait_for(&mut job, LIMIT, "the partitions to be assigned", || {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
@@ -566,15 +565,11 @@ fn start_offsets_latest_reads_only_new_records() {
     // before the new records arrive.
     std::thread::sleep(Duration::from_secs(2));
     let now = now_ms();
-    send(&producer, "events", 1, Some(&impression("new", now)));
-    send(&producer, "events", 1, Some(&progress("new", now, 2_500)));
-    wait_for(&mut job, LIMIT, "a billing file", || has_marker(&out));
+    send(producer, "events", 1, Some(&impression("new", now)));
+    send(producer, "events", 1, Some(&progress("new", now, 2_500)));
+    wait_for(&mut job, LIMIT, "a billing file", || has_marker(out));
     job.stop();
-    let csv: String = dir_bytes(&out.join("billing"))
-        .iter()
-        .filter(|(name, _)| name.ends_with(".csv"))
-        .map(|(_, bytes)| String::from_utf8_lossy(bytes).to_string())
-        .collect();
+    let csv = billing_csv(out);
     assert!(csv.contains("\nnew,"), "{csv}");
     assert!(!csv.contains("old"), "{csv}");
 }
