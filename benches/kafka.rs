@@ -56,6 +56,7 @@ fn consume(brokers: &str, topic: &str, workers: u32, events: u64) -> f64 {
         .args(["run", "--brokers", brokers, "--topic", topic])
         .args(["--workers", &workers.to_string()])
         .args(["--idle-timeout-ms", &IDLE_TIMEOUT_MS.to_string()])
+        .args(["--http", "127.0.0.1:0"])
         .arg("--out")
         .arg(&out)
         .env("RUST_LOG", "warn")

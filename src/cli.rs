@@ -61,9 +61,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
 
-    /// Address of the HTTP server (dashboard, API, metrics); 127.0.0.1:0 picks a free port.
-    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
-    pub http: SocketAddr,
+    /// Address of the HTTP server (dashboard, API, metrics); 127.0.0.1:0 picks a free port
+    /// [default: 127.0.0.1:8080 for Kafka and the demo; a file run serves only when given].
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
 
     #[command(flatten)]
     pub rules: RuleArgs,

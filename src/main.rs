@@ -115,6 +115,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Input::Kafka(settings)
     };
     let bounded = matches!(input, Input::Files { .. });
+    // A file replay ends on its own; it serves HTTP only when asked to.
+    let http = if bounded {
+        args.http
+    } else {
+        Some(args.http.unwrap_or(DEFAULT_HTTP))
+    };
     let summary = run_job(Job {
         input,
         out: args.out.clone(),
@@ -122,6 +128,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         config,
         progress: bounded && std::io::stderr().is_terminal(),
         live_log: !bounded,
+        http,
         stop,
     });
     // The consumers are gone: the demo broker may go too.
@@ -141,6 +148,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Where the dashboard is served by default: loopback only (SPEC §2).
+const DEFAULT_HTTP: std::net::SocketAddr = std::net::SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    8080,
+));
 
 /// The flag that SIGINT and SIGTERM set for a graceful stop; a second
 /// signal ends the process at once (exit 1).

@@ -10,11 +10,15 @@
 use anyhow::Context;
 use livepipe_dataflow::billing::billing;
 use livepipe_dataflow::config::PipelineConfig;
+use livepipe_dataflow::event::RejectedRecord;
 use livepipe_dataflow::event::{EventKind, Ingested};
 use livepipe_dataflow::live::live;
+use livepipe_dataflow::probe::Probes;
 use livepipe_dataflow::time::Time;
 use livepipe_sinks::billing::{BillingSink, BillingStats};
+use livepipe_sinks::http::{self, HttpState};
 use livepipe_sinks::live::LiveBoard;
+use livepipe_sinks::metrics::{EventsIn, JobMetrics, PartitionRow, RejectedByReason};
 use livepipe_sinks::side::SideOutputs;
 use livepipe_sources::file::{check_inputs, file_source, FileSourceContext};
 use livepipe_sources::kafka::{
@@ -25,6 +29,7 @@ use timely::dataflow::operators::vec::Partition;
 
 use std::fs;
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,6 +65,8 @@ pub struct Job {
     pub progress: bool,
     /// Log a line about the live board now and then (for unbounded runs).
     pub live_log: bool,
+    /// Serve the dashboard, API and metrics here.
+    pub http: Option<SocketAddr>,
     /// Set (by a signal handler) to stop: every worker stops stepping and
     /// drops the dataflow between two steps. What was final is committed
     /// already; nothing that is not final gets finalized.
@@ -104,6 +111,7 @@ pub fn run_files(run: FileRun) -> anyhow::Result<RunSummary> {
         config: run.config,
         progress: run.progress,
         live_log: false,
+        http: None,
         stop: Arc::new(AtomicBool::new(false)),
     })
 }
@@ -154,6 +162,14 @@ fn run_dataflow(
     sources: Vec<Arc<str>>,
     partitions: Vec<i32>,
 ) -> anyhow::Result<RunSummary> {
+    let listener = match job.http {
+        Some(addr) => Some(http::bind(addr).map_err(|err| {
+            UsageError(format!(
+                "--http {addr}: cannot listen: {err}; pick a free port (127.0.0.1:0 picks one)"
+            ))
+        })?),
+        None => None,
+    };
     fs::create_dir_all(&job.out)
         .map_err(|err| UsageError(format!("--out {}: cannot create: {err}", job.out.display())))?;
 
@@ -166,6 +182,51 @@ fn run_dataflow(
 
     let records_read = Arc::new(AtomicU64::new(0));
     let rejected = Arc::new(AtomicU64::new(0));
+    let rejected_by_reason = RejectedByReason::default();
+    let events_in = Arc::new(EventsIn::new(job.workers));
+    let probes = Arc::new(Probes::default());
+    let kafka_status = KafkaStatus::default();
+    let metrics = JobMetrics {
+        events_in: events_in.clone(),
+        rejected: rejected_by_reason.clone(),
+        billing: billing_stats.clone(),
+        probes: probes.clone(),
+        partitions: {
+            let status = kafka_status.clone();
+            Arc::new(move || {
+                let status = status.lock().unwrap_or_else(|p| p.into_inner());
+                status
+                    .iter()
+                    .map(|(partition, s)| PartitionRow {
+                        partition: *partition,
+                        offset: s.next_offset,
+                        lag: s.lag,
+                        idle: s.idle,
+                    })
+                    .collect()
+            })
+        },
+        sse_clients: Arc::default(),
+        live_streams: {
+            let board = board.clone();
+            Arc::new(move || board.latest().len())
+        },
+    };
+    let _server = match listener {
+        Some(listener) => {
+            let server = http::serve(
+                listener,
+                HttpState {
+                    board: board.clone(),
+                    metrics,
+                },
+            )
+            .context("starting the HTTP server")?;
+            tracing::info!(addr = %server.addr(), "serving the dashboard at http://{}/", server.addr());
+            Some(server)
+        }
+        None => None,
+    };
     let context = SourceContext {
         allowed_lateness_ms: job.config.allowed_lateness_ms,
         time_granularity_ms: job.config.time_granularity_ms,
@@ -174,8 +235,13 @@ fn run_dataflow(
         on_reject: {
             let side = side.clone();
             let rejected = rejected.clone();
-            Arc::new(move |record| {
+            Arc::new(move |record: RejectedRecord| {
                 rejected.fetch_add(1, Ordering::Relaxed);
+                *rejected_by_reason
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(record.reason.clone())
+                    .or_default() += 1;
                 if let Err(err) = side.rejected(&record) {
                     fail(format!("writing rejected.jsonl: {err}"));
                 }
@@ -183,7 +249,6 @@ fn run_dataflow(
         },
         on_fatal: Arc::new(|cause| fail(cause)),
     };
-    let kafka_status = KafkaStatus::default();
 
     let done = Arc::new(AtomicBool::new(false));
     let reporter = job
@@ -225,7 +290,9 @@ fn run_dataflow(
                     },
                 ),
             };
-            let mut paths = ingested.partition(2, |record: Ingested| {
+            let counts = events_in.clone();
+            let mut paths = ingested.partition(2, move |record: Ingested| {
+                counts.worker(index).count(&record.event.kind);
                 let billing = matches!(
                     record.event.kind,
                     EventKind::Impression(_) | EventKind::AdProgress(_)
@@ -235,10 +302,15 @@ fn run_dataflow(
             let billing_in = paths.pop().expect("two partitions");
             let live_in = paths.pop().expect("two partitions");
 
-            let snapshots = live(live_in, &config, context.max_event_ts.clone());
+            let snapshots = live(
+                live_in,
+                &config,
+                context.max_event_ts.clone(),
+                probes.clone(),
+            );
             livepipe_sinks::live::attach(snapshots, (index == 0).then(|| job_board.clone()));
 
-            let outcomes = billing(billing_in, &config);
+            let outcomes = billing(billing_in, &config, probes.clone());
             let sink = if index == 0 {
                 sink.lock().unwrap_or_else(|p| p.into_inner()).take()
             } else {

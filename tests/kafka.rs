@@ -175,6 +175,8 @@ fn run_on_topic(
             workers,
             "--idle-timeout-ms",
             "1000",
+            "--http",
+            "127.0.0.1:0",
             "--out",
             out_str,
         ],
@@ -320,6 +322,8 @@ impl LiveTopic {
             &self.brokers,
             "--topic",
             "events",
+            "--http",
+            "127.0.0.1:0",
             "--out",
             self.out.to_str().unwrap(),
         ];

@@ -39,10 +39,12 @@ use timely::dataflow::operators::{Capability, Concat};
 use timely::dataflow::StreamVec;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::config::PipelineConfig;
 use crate::event::{EventKind, Ingested, Position};
+use crate::probe::Probes;
 use crate::time::{after, coarse, Time};
 
 /// Shared, immutable text. Facts are cloned at every merge of an
@@ -208,10 +210,11 @@ enum Verdict {
 pub fn billing<'s>(
     ingested: StreamVec<'s, Time, Ingested>,
     config: &PipelineConfig,
+    probes: Arc<Probes>,
 ) -> StreamVec<'s, Time, BillingEvent> {
-    let (facts, window_closed) = admit(ingested, config);
+    let (facts, window_closed) = admit(ingested, config, probes.clone());
     let verdicts = decide(facts, config);
-    finalize(verdicts, config).concat(window_closed.map(BillingEvent::Late))
+    finalize(verdicts, config, probes).concat(window_closed.map(BillingEvent::Late))
 }
 
 /// Turns ingested records into billing facts, early: below-threshold
@@ -221,6 +224,7 @@ pub fn billing<'s>(
 fn admit<'s>(
     ingested: StreamVec<'s, Time, Ingested>,
     config: &PipelineConfig,
+    probes: Arc<Probes>,
 ) -> (
     StreamVec<'s, Time, (ImpressionKey, Fact)>,
     StreamVec<'s, Time, LateRecord>,
@@ -256,6 +260,9 @@ fn admit<'s>(
                             LateReason::WindowClosed,
                         ))
                     } else {
+                        // Pending until it is part of a final outcome (or
+                        // late because its id already was): see finalize.
+                        probes.pending_impressions.fetch_add(1, Ordering::Relaxed);
                         Ok(Some((ImpressionKey::new(imp.impression_id), fact)))
                     }
                 }
@@ -397,6 +404,7 @@ fn decide_impression(
 fn finalize<'s>(
     verdicts: StreamVec<'s, Time, ((ImpressionKey, Verdict), Time, isize)>,
     config: &PipelineConfig,
+    probes: Arc<Probes>,
 ) -> StreamVec<'s, Time, BillingEvent> {
     let window = config.qualify_window_ms;
     let granularity = config.time_granularity_ms;
@@ -421,6 +429,9 @@ fn finalize<'s>(
                                     .push((outcome, diff));
                             }
                             Verdict::Late(late) if diff > 0 => {
+                                if late.kind == "impression" {
+                                    probes.pending_impressions.fetch_sub(1, Ordering::Relaxed);
+                                }
                                 output
                                     .session(&cap.delayed(&time, 0))
                                     .give(BillingEvent::Late(late));
@@ -441,6 +452,12 @@ fn finalize<'s>(
                     // A consistent reduce leaves exactly one outcome per id.
                     debug_assert_eq!(diff, 1, "outcome for {}", outcome.impression_id);
                     if diff > 0 {
+                        // Every admitted impression record is the canonical
+                        // one or a duplicate of exactly one final outcome.
+                        let records = 1 + i64::from(outcome.duplicates);
+                        probes
+                            .pending_impressions
+                            .fetch_sub(records, Ordering::Relaxed);
                         session.give(BillingEvent::Final(outcome));
                     }
                 }

@@ -7,11 +7,12 @@
 //!
 //! This crate does no I/O: sources and sinks live in their own crates and
 //! meet the graph through the types in [`event`] and the streams returned
-//! here.
+//! here, and report progress through the atomics of [`probe`].
 
 pub mod billing;
 pub mod config;
 pub mod event;
 pub mod live;
 pub mod parse;
+pub mod probe;
 pub mod time;

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::PipelineConfig;
 use crate::event::{EventKind, Ingested};
+use crate::probe::Probes;
 use crate::time::Time;
 
 /// Chat rate is counted over this much event time.
@@ -135,6 +136,7 @@ pub fn live<'s>(
     ingested: StreamVec<'s, Time, Ingested>,
     config: &PipelineConfig,
     max_event_ts: Arc<AtomicU64>,
+    probes: Arc<Probes>,
 ) -> StreamVec<'s, Time, Snapshot> {
     let ttl = config.presence_ttl_ms;
     let tick = Duration::from_millis(config.tick_ms);
@@ -196,6 +198,11 @@ pub fn live<'s>(
                             });
                         }
                         // Ticks are on a fixed grid; a slow worker skips to the next slot.
+                        let micros = now_instant.elapsed().as_micros() as u64;
+                        probes.ticks.fetch_add(1, Ordering::Relaxed);
+                        probes.tick_micros.fetch_add(micros, Ordering::Relaxed);
+                        probes.tick_micros_max.fetch_max(micros, Ordering::Relaxed);
+                        probes.last_tick_ms.fetch_max(emitted_at, Ordering::Relaxed);
                         while next_tick <= now_instant {
                             next_tick += tick;
                         }

@@ -61,6 +61,19 @@ pub struct BillingStats {
     pub late: AtomicU64,
     pub duplicates: AtomicU64,
     pub files: AtomicU64,
+    /// The sink's input frontier (coarse event-time ms); 0 before the first
+    /// move, `u64::MAX` once the input is exhausted.
+    pub frontier_ms: AtomicU64,
+}
+
+impl BillingStats {
+    /// Billing's watermark as far as the sink knows it.
+    pub fn watermark(&self) -> Option<u64> {
+        match self.frontier_ms.load(Ordering::Relaxed) {
+            0 | u64::MAX => None,
+            ms => Some(ms),
+        }
+    }
 }
 
 pub struct BillingSink {
@@ -175,6 +188,9 @@ impl BillingSink {
     /// (the sink's input frontier; `None` once the input is exhausted) shows
     /// to be final, all in one ledger transaction.
     pub fn advance(&mut self, frontier: Option<Time>) -> Result<(), SinkError> {
+        self.stats
+            .frontier_ms
+            .store(frontier.unwrap_or(u64::MAX), Ordering::Relaxed);
         // Most frontier moves finalize nothing: skip the transaction (and its
         // fsync) unless there are outcomes to record or a period to write.
         let period_due = self

@@ -1,0 +1,304 @@
+//! `/metrics`: the job's numbers in Prometheus text format.
+//!
+//! The numbers themselves live where they are produced, as plain atomics
+//! (per-worker event counters, the billing sink's stats, the dataflow's
+//! probes, the Kafka source's partition status): the hot path never takes
+//! a lock or touches a registry. A `prometheus-client` collector reads them
+//! on each scrape and the crate does the encoding.
+
+use livepipe_dataflow::event::EventKind;
+use livepipe_dataflow::probe::Probes;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::billing::BillingStats;
+
+/// The wire names of event types, in [`EventsIn`] slot order.
+pub const EVENT_TYPES: [&str; 6] = [
+    "join",
+    "leave",
+    "heartbeat",
+    "chat",
+    "impression",
+    "ad_progress",
+];
+
+/// One worker's counts of valid events by type, on a cache line of its own
+/// so that workers never contend.
+#[repr(align(128))]
+#[derive(Debug, Default)]
+pub struct WorkerCounts([AtomicU64; 6]);
+
+impl WorkerCounts {
+    pub fn count(&self, kind: &EventKind) {
+        let slot = match kind {
+            EventKind::Join => 0,
+            EventKind::Leave => 1,
+            EventKind::Heartbeat => 2,
+            EventKind::Chat => 3,
+            EventKind::Impression(_) => 4,
+            EventKind::AdProgress(_) => 5,
+        };
+        self.0[slot].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Valid events in, by type, one [`WorkerCounts`] per worker.
+#[derive(Debug)]
+pub struct EventsIn(Vec<WorkerCounts>);
+
+impl EventsIn {
+    pub fn new(workers: usize) -> Self {
+        EventsIn((0..workers).map(|_| WorkerCounts::default()).collect())
+    }
+
+    pub fn worker(&self, index: usize) -> &WorkerCounts {
+        &self.0[index]
+    }
+
+    fn totals(&self) -> [u64; 6] {
+        let mut totals = [0; 6];
+        for worker in &self.0 {
+            for (total, count) in totals.iter_mut().zip(&worker.0) {
+                *total += count.load(Ordering::Relaxed);
+            }
+        }
+        totals
+    }
+}
+
+/// Rejected records by reason code (rare: a lock is fine).
+pub type RejectedByReason = Arc<Mutex<BTreeMap<String, u64>>>;
+
+/// What is known about one source partition.
+#[derive(Clone, Debug, Default)]
+pub struct PartitionRow {
+    pub partition: i32,
+    /// Next offset to read (-1 before the first record).
+    pub offset: i64,
+    /// Records behind the broker's high watermark (-1 unknown).
+    pub lag: i64,
+    pub idle: bool,
+}
+
+/// Everything `/metrics` reports, by reference.
+#[derive(Clone)]
+pub struct JobMetrics {
+    pub events_in: Arc<EventsIn>,
+    pub rejected: RejectedByReason,
+    pub billing: Arc<BillingStats>,
+    pub probes: Arc<Probes>,
+    /// Per-partition positions (Kafka); empty for files.
+    pub partitions: Arc<dyn Fn() -> Vec<PartitionRow> + Send + Sync>,
+    /// Open SSE connections.
+    pub sse_clients: Arc<AtomicUsize>,
+    /// Streams on the live board.
+    pub live_streams: Arc<dyn Fn() -> usize + Send + Sync>,
+}
+
+impl fmt::Debug for JobMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JobMetrics").finish_non_exhaustive()
+    }
+}
+
+impl JobMetrics {
+    /// The registry to encode on each scrape.
+    pub fn registry(&self) -> Registry {
+        let mut registry = Registry::with_prefix("livepipe");
+        registry.register_collector(Box::new(self.clone()));
+        registry
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> Result<String, fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry())?;
+        Ok(text)
+    }
+}
+
+fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    let metric = ConstCounter::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) -> fmt::Result {
+    let metric = ConstGauge::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+impl Collector for JobMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+
+        let totals = self.events_in.totals();
+        let mut family = encoder.encode_descriptor(
+            "events_in",
+            "Valid events read, by type.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, total) in EVENT_TYPES.iter().zip(totals) {
+            ConstCounter::new(total).encode(family.encode_family(&[("type", *name)])?)?;
+        }
+
+        let rejected = self
+            .rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut family = encoder.encode_descriptor(
+            "rejected",
+            "Records sent to rejected.jsonl, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, count) in &rejected {
+            ConstCounter::new(*count).encode(family.encode_family(&[("reason", reason)])?)?;
+        }
+
+        let billing = &self.billing;
+        counter(
+            &mut encoder,
+            "duplicates",
+            "Impression records dropped as duplicates of a canonical one.",
+            load(&billing.duplicates),
+        )?;
+        counter(
+            &mut encoder,
+            "late",
+            "Records written to late.jsonl.",
+            load(&billing.late),
+        )?;
+        counter(
+            &mut encoder,
+            "billed",
+            "Impressions billed (final, qualified).",
+            load(&billing.billed),
+        )?;
+        counter(
+            &mut encoder,
+            "expired",
+            "Impressions final without a qualifying watch.",
+            load(&billing.expired),
+        )?;
+        counter(
+            &mut encoder,
+            "billing_files",
+            "Billing period files written.",
+            load(&billing.files),
+        )?;
+        gauge(
+            &mut encoder,
+            "pending_impressions",
+            "Impressions seen but not final yet.",
+            self.probes
+                .pending_impressions
+                .load(Ordering::Relaxed)
+                .max(0),
+        )?;
+        if let Some(watermark) = billing.watermark() {
+            gauge(
+                &mut encoder,
+                "watermark_ms",
+                "Billing's event-time watermark (ms since the epoch): every impression with \
+                 ts + window below it is final.",
+                watermark as i64,
+            )?;
+            gauge(
+                &mut encoder,
+                "watermark_lag_ms",
+                "Wall clock minus the watermark.",
+                wall_clock_ms() as i64 - watermark as i64,
+            )?;
+        }
+
+        let partitions = (self.partitions)();
+        if !partitions.is_empty() {
+            let mut offsets = encoder.encode_descriptor(
+                "partition_offset",
+                "Next offset to read, per source partition.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for row in &partitions {
+                let labels = [("partition", row.partition.to_string())];
+                ConstGauge::new(row.offset).encode(offsets.encode_family(&labels)?)?;
+            }
+            let mut lags = encoder.encode_descriptor(
+                "partition_lag",
+                "Records behind the broker's high watermark, per partition (-1 unknown).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for row in &partitions {
+                let labels = [("partition", row.partition.to_string())];
+                ConstGauge::new(row.lag).encode(lags.encode_family(&labels)?)?;
+            }
+            let mut idle = encoder.encode_descriptor(
+                "partition_idle",
+                "1 when the partition is idle and not holding the watermark back.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for row in &partitions {
+                let labels = [("partition", row.partition.to_string())];
+                ConstGauge::new(row.idle as i64).encode(idle.encode_family(&labels)?)?;
+            }
+        }
+
+        let probes = &self.probes;
+        counter(
+            &mut encoder,
+            "live_ticks",
+            "Live ticks computed (per worker, summed).",
+            load(&probes.ticks),
+        )?;
+        let seconds = |micros: u64| micros as f64 / 1e6;
+        ConstCounter::new(seconds(load(&probes.tick_micros))).encode(
+            encoder.encode_descriptor(
+                "live_tick_seconds",
+                "Time spent computing live ticks; divide by live_ticks_total for the mean.",
+                None,
+                MetricType::Counter,
+            )?,
+        )?;
+        ConstGauge::new(seconds(load(&probes.tick_micros_max))).encode(
+            encoder.encode_descriptor(
+                "live_tick_max_seconds",
+                "The longest live tick so far.",
+                None,
+                MetricType::Gauge,
+            )?,
+        )?;
+        gauge(
+            &mut encoder,
+            "live_streams",
+            "Streams on the live board.",
+            (self.live_streams)() as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "sse_clients",
+            "Open Server-Sent Events connections.",
+            self.sse_clients.load(Ordering::Relaxed) as i64,
+        )?;
+        Ok(())
+    }
+}
+
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

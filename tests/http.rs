@@ -1,0 +1,213 @@
+//! The live sink over real sockets: JSON routes, JSON 404s, SSE ticks,
+//! `/metrics` and `/healthz`, while billing is frozen by a partition that
+//! never advances — the creator path does not wait for the frontier.
+
+mod support;
+
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::ClientConfig;
+use serde_json::Value;
+use support::job::{wait_for, Job};
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn send(producer: &ThreadedProducer<DefaultProducerContext>, partition: i32, record: String) {
+    producer
+        .send(
+            BaseRecord::<(), str>::to("events")
+                .partition(partition)
+                .payload(&record),
+        )
+        .map_err(|(err, _)| err)
+        .expect("sent");
+    producer.flush(Duration::from_secs(10)).expect("flushed");
+}
+
+fn join(stream: &str, viewer: &str, ts: u64) -> String {
+    format!(
+        r#"{{"type":"join","event_id":"j-{viewer}","ts":{ts},"stream_id":"{stream}","viewer_id":"{viewer}"}}"#
+    )
+}
+
+/// The address the job logged ("serving the dashboard at http://ADDR/").
+fn http_addr(log: &Path) -> Option<String> {
+    let log = std::fs::read_to_string(log).ok()?;
+    let rest = log.split("serving the dashboard at http://").nth(1)?;
+    Some(rest.split('/').next()?.to_string())
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+fn get(base: &str, path: &str) -> (u16, String, String) {
+    let mut response = agent()
+        .get(&format!("http://{base}{path}"))
+        .call()
+        .expect("request");
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let body = response.body_mut().read_to_string().expect("body");
+    (status, content_type, body)
+}
+
+/// Reads `n` `snapshot` events from an SSE route.
+fn snapshots(base: &str, path: &str, n: usize) -> Vec<Value> {
+    let response = agent()
+        .get(&format!("http://{base}{path}"))
+        .call()
+        .expect("SSE request");
+    assert_eq!(response.status().as_u16(), 200);
+    let mut lines = BufReader::new(response.into_body().into_reader()).lines();
+    let mut events = Vec::new();
+    let mut event = String::new();
+    while events.len() < n {
+        let line = lines.next().expect("stream open").expect("line");
+        if let Some(name) = line.strip_prefix("event:") {
+            event = name.trim().to_string();
+        } else if let Some(data) = line.strip_prefix("data:") {
+            if event == "snapshot" {
+                events.push(serde_json::from_str(data.trim()).unwrap());
+            }
+        }
+    }
+    events
+}
+
+#[test]
+fn the_live_api_ticks_every_second_while_billing_is_frozen() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("events", 2, 1).expect("topic");
+    let brokers = cluster.bootstrap_servers();
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("producer");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("job.log");
+    let out = dir.path().join("out");
+
+    // Partition 1 holds one record an hour old and is never idle (a day's
+    // idle timeout): billing's watermark cannot pass it.
+    let start = now_ms();
+    send(&producer, 1, join("frozen", "old", start - 3_600_000));
+    send(
+        &producer,
+        0,
+        format!(
+            r#"{{"type":"impression","event_id":"i1","ts":{start},"stream_id":"s1","viewer_id":"v0","impression_id":"imp","ad_id":"a","campaign_id":"c","advertiser_id":"d","price_micros":5}}"#
+        ),
+    );
+    let mut job = Job::start(
+        &[
+            "run",
+            "--brokers",
+            &brokers,
+            "--topic",
+            "events",
+            "--http",
+            "127.0.0.1:0",
+            "--idle-timeout-ms",
+            "86400000",
+            "--qualify-window-ms",
+            "1000",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &log,
+    );
+    let mut viewers = 0;
+    let mut add_viewer = || {
+        viewers += 1;
+        send(&producer, 0, join("s1", &format!("v{viewers}"), now_ms()));
+    };
+    add_viewer();
+    wait_for(&mut job, LIMIT, "the HTTP address", || {
+        http_addr(&log).is_some()
+    });
+    let base = http_addr(&log).unwrap();
+    wait_for(&mut job, LIMIT, "stream s1 on the board", || {
+        get(&base, "/api/live/s1").0 == 200
+    });
+
+    // JSON routes.
+    let (status, content_type, body) = get(&base, "/api/live?limit=1");
+    assert_eq!(status, 200);
+    assert!(content_type.starts_with("application/json"));
+    let list: Vec<Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["stream_id"], "s1", "most viewers first: {body}");
+    for field in ["viewers", "chat_per_min", "as_of", "emitted_at"] {
+        assert!(list[0][field].is_u64(), "{field} in {body}");
+    }
+    let (status, _, body) = get(&base, "/api/live/no-such-stream");
+    assert_eq!(status, 404);
+    let error: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["error"], "unknown stream");
+    assert_eq!(get(&base, "/api/live/no-such-stream/events").0, 404);
+    assert_eq!(get(&base, "/no/such/route").0, 404);
+    let (status, _, body) = get(&base, "/");
+    assert_eq!(status, 200);
+    assert!(body.contains("<html") || body.contains("<!doctype") || body.contains("<!DOCTYPE"));
+
+    // SSE: a snapshot per tick, with fresh counts, although billing's
+    // frontier is stuck an hour back.
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        add_viewer();
+        seen.extend(snapshots(&base, "/api/live/s1/events", 2));
+    }
+    let emitted: Vec<u64> = seen
+        .iter()
+        .map(|s| s["emitted_at"].as_u64().unwrap())
+        .collect();
+    assert!(
+        emitted.windows(2).all(|w| w[0] <= w[1]),
+        "ticks in order: {emitted:?}"
+    );
+    let last = seen.last().unwrap();
+    assert!(
+        last["viewers"].as_u64().unwrap() > seen[0]["viewers"].as_u64().unwrap(),
+        "counts move on while billing is frozen: {seen:?}"
+    );
+
+    // Billing is frozen: the impression is pending, nothing final.
+    let (status, content_type, metrics) = get(&base, "/metrics");
+    assert_eq!(status, 200);
+    assert!(content_type.contains("openmetrics-text"), "{content_type}");
+    assert!(metrics.ends_with("# EOF\n"), "{metrics}");
+    for line in [
+        "livepipe_events_in_total{type=\"join\"}",
+        "livepipe_pending_impressions 1",
+        "livepipe_billed_total 0",
+        "livepipe_partition_offset{partition=\"1\"} 1",
+        "livepipe_live_ticks_total",
+        "livepipe_sse_clients",
+    ] {
+        assert!(metrics.contains(line), "{line} missing in\n{metrics}");
+    }
+    assert!(!out.join("billing").read_dir().unwrap().any(|_| true));
+    let (status, _, health) = get(&base, "/healthz");
+    assert_eq!(status, 200, "{health}");
+    job.stop();
+}
