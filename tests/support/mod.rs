@@ -1,3 +1,4 @@
 #![allow(dead_code)]
+pub mod browser;
 pub mod job;
 pub mod reference;

@@ -1,0 +1,81 @@
+//! The dashboard in a real headless Chromium (Debian's package, driven over
+//! the DevTools protocol; nothing is downloaded): the demo's page shows
+//! streams, and its numbers change between two reads.
+
+mod support;
+
+use support::browser::{chromium_path, Browser};
+use support::job::{wait_for, Job};
+
+use std::time::Duration;
+
+#[test]
+fn the_dashboard_shows_live_streams_in_a_real_browser() {
+    let Some(chromium) = chromium_path() else {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true but no chromium: .ci/run must install Debian's chromium package");
+        }
+        eprintln!("skipped: no chromium (apt-get install chromium, or set LIVEPIPE_CHROMIUM)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("demo.log");
+    let out = dir.path().join("out");
+    let mut job = Job::start(
+        &[
+            "run",
+            "--out",
+            out.to_str().unwrap(),
+            "--http",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+        ],
+        &log,
+    );
+    let addr = |log: &std::path::Path| {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let rest = text.split("serving the dashboard at http://").nth(1)?;
+        Some(rest.split('/').next()?.to_string())
+    };
+    wait_for(&mut job, Duration::from_secs(120), "the dashboard", || {
+        addr(&log).is_some()
+    });
+    let base = addr(&log).unwrap();
+
+    let mut browser = Browser::start_with(&chromium);
+    browser.navigate(&format!("http://{base}/"));
+    let limit = Duration::from_secs(60);
+    browser.wait_for(
+        "document.querySelectorAll('#top tr[data-stream]').length >= 5",
+        limit,
+    );
+    browser.wait_for(
+        "document.getElementById('status').textContent === 'LIVE'",
+        limit,
+    );
+    let read = "JSON.stringify({ total: document.getElementById('total-viewers').textContent, \
+                streams: document.getElementById('stream-count').textContent, \
+                asOf: (document.getElementById('as-of') || {}).textContent, \
+                top: document.getElementById('top').textContent, \
+                selected: document.getElementById('sel-viewers').textContent })";
+    let first = browser.eval(read);
+    std::thread::sleep(Duration::from_secs(3));
+    let second = browser.eval(read);
+    assert_ne!(first, second, "the page did not change in 3 s: {first}");
+    let page: serde_json::Value = serde_json::from_str(second.as_str().unwrap()).unwrap();
+    let streams: u64 = page["streams"]
+        .as_str()
+        .unwrap()
+        .replace(',', "")
+        .parse()
+        .unwrap();
+    assert!(streams >= 5, "{page}");
+    assert!(page["top"].as_str().unwrap().contains("stream-1"), "{page}");
+    assert_eq!(
+        browser.eval("document.getElementById('status').textContent"),
+        "LIVE"
+    );
+    drop(browser);
+    job.stop();
+}
