@@ -6,12 +6,14 @@ mod support;
 
 use support::job::{dir_bytes, wait_for, Job};
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[test]
 fn the_demo_starts_produces_and_writes_billing_files_with_no_flags() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
+    let log = dir.path().join("demo.log");
+    let started = Instant::now();
     let mut job = Job::start(
         &[
             "run",
@@ -20,7 +22,34 @@ fn the_demo_starts_produces_and_writes_billing_files_with_no_flags() {
             "--http",
             "127.0.0.1:0",
         ],
-        &dir.path().join("demo.log"),
+        &log,
+    );
+    // The dashboard's API lists streams with viewers soon after start.
+    let live_streams = || -> usize {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let Some(rest) = text.split("serving the dashboard at http://").nth(1) else {
+            return 0;
+        };
+        let addr = rest.split('/').next().unwrap_or_default();
+        let Ok(mut response) = ureq::get(&format!("http://{addr}/api/live")).call() else {
+            return 0;
+        };
+        let body = response.body_mut().read_to_string().unwrap_or_default();
+        let list: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
+        list.iter()
+            .filter(|s| s["viewers"].as_u64().unwrap_or(0) > 0)
+            .count()
+    };
+    wait_for(
+        &mut job,
+        Duration::from_secs(120),
+        "streams on /api/live",
+        || live_streams() >= 10,
+    );
+    // A figure for the notes (debug build, tests in parallel), not a bound.
+    eprintln!(
+        "/api/live listed streams with viewers {:?} after start",
+        started.elapsed()
     );
     wait_for(
         &mut job,
