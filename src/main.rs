@@ -30,7 +30,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // warp logs every connection a client drops as an error.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,warp::server=off")),
         )
         .init();
     // clap exits 2 on a usage error, 0 for --help / --version.

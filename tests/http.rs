@@ -209,5 +209,15 @@ fn the_live_api_ticks_every_second_while_billing_is_frozen() {
     assert!(!out.join("billing").read_dir().unwrap().any(|_| true));
     let (status, _, health) = get(&base, "/healthz");
     assert_eq!(status, 200, "{health}");
+
+    // An SSE client that stays connected does not keep the job from
+    // stopping.
+    let mut held = std::net::TcpStream::connect(&base).unwrap();
+    std::io::Write::write_all(
+        &mut held,
+        b"GET /api/live/s1/events HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
     job.stop();
 }

@@ -21,7 +21,7 @@
 use futures_util::{Stream, StreamExt};
 use livepipe_dataflow::live::Snapshot;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use warp::http::StatusCode;
 use warp::sse::Event;
 use warp::{Filter, Rejection, Reply};
@@ -31,7 +31,6 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::live::{Board, LiveBoard};
@@ -60,28 +59,22 @@ pub struct HttpState {
 /// A running server; stopped on drop.
 pub struct HttpServer {
     addr: SocketAddr,
-    shutdown: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl HttpServer {
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
-
-    fn stop(&mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 impl Drop for HttpServer {
     fn drop(&mut self) {
-        self.stop();
+        // Not a graceful shutdown: SSE connections never end on their own,
+        // and a stopping job has nothing more to tell them.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
@@ -93,8 +86,8 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(listener)
 }
 
-/// Serves on `listener` from a thread of its own until the server is
-/// dropped.
+/// Serves on `listener` from a runtime of its own (one thread) until the
+/// server is dropped.
 pub fn serve(listener: TcpListener, state: HttpState) -> io::Result<HttpServer> {
     let addr = listener.local_addr()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -102,31 +95,14 @@ pub fn serve(listener: TcpListener, state: HttpState) -> io::Result<HttpServer> 
         .thread_name("http")
         .enable_all()
         .build()?;
-    let (shutdown, on_shutdown) = oneshot::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("http-server".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(listener) => listener,
-                    Err(err) => {
-                        tracing::error!("HTTP server: {err}");
-                        return;
-                    }
-                };
-                warp::serve(routes(state))
-                    .incoming(listener)
-                    .graceful(async {
-                        let _ = on_shutdown.await;
-                    })
-                    .run()
-                    .await;
-            });
-        })?;
+    let listener = {
+        let _entered = runtime.enter();
+        tokio::net::TcpListener::from_std(listener)?
+    };
+    runtime.spawn(warp::serve(routes(state)).incoming(listener).run());
     Ok(HttpServer {
         addr,
-        shutdown: Some(shutdown),
-        thread: Some(thread),
+        runtime: Some(runtime),
     })
 }
 

@@ -49,7 +49,19 @@ impl Job {
             .status()
             .expect("kill runs");
         assert!(sent.success(), "kill -{signal} failed");
-        child.wait().expect("wait")
+        // A job that does not stop is a failure, not a hang.
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("no exit within 60 s of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Stops the job the way an operator does (SIGTERM) and expects exit 0.
