@@ -14,6 +14,7 @@ use livepipe_dataflow::event::RejectedRecord;
 use livepipe_dataflow::event::{EventKind, Ingested};
 use livepipe_dataflow::live::live;
 use livepipe_dataflow::probe::Probes;
+use livepipe_dataflow::resume::{Checkpoint, Checkpoints};
 use livepipe_dataflow::time::Time;
 use livepipe_sinks::billing::{BillingSink, BillingStats};
 use livepipe_sinks::http::{self, HttpState};
@@ -27,6 +28,7 @@ use livepipe_sources::kafka::{
 use livepipe_sources::SourceContext;
 use timely::dataflow::operators::vec::Partition;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -174,8 +176,16 @@ fn run_dataflow(
         .map_err(|err| UsageError(format!("--out {}: cannot create: {err}", job.out.display())))?;
 
     let side = Arc::new(SideOutputs::open(&job.out).context("opening side outputs")?);
-    let sink = BillingSink::open(&job.out, job.config.clone(), sources, side.clone())
-        .with_context(|| format!("opening the billing output in {}", job.out.display()))?;
+    let checkpoints = Arc::new(Checkpoints::default());
+    let sink = BillingSink::open(
+        &job.out,
+        job.config.clone(),
+        sources.clone(),
+        side.clone(),
+        checkpoints.clone(),
+    )
+    .with_context(|| format!("opening the billing output in {}", job.out.display()))?;
+    let resume = resume_positions(&sink, &sources, &job.out)?;
     let billing_stats = sink.stats();
     let sink = Arc::new(Mutex::new(Some(sink)));
     let board = LiveBoard::default();
@@ -248,6 +258,8 @@ fn run_dataflow(
             })
         },
         on_fatal: Arc::new(|cause| fail(cause)),
+        checkpoints,
+        resume: Arc::new(resume),
     };
 
     let done = Arc::new(AtomicBool::new(false));
@@ -378,6 +390,41 @@ fn run_dataflow(
         "run finished"
     );
     Ok(summary)
+}
+
+/// The positions an earlier run on this `--out` committed, checked to be of
+/// the same inputs: resuming another job's ledger would skip or misjudge
+/// records.
+fn resume_positions(
+    sink: &BillingSink,
+    sources: &[Arc<str>],
+    out: &std::path::Path,
+) -> anyhow::Result<BTreeMap<u32, Checkpoint>> {
+    let positions = sink
+        .resume_positions()
+        .context("reading resume positions from the ledger")?;
+    let mut resume = BTreeMap::new();
+    for (partition, position) in positions {
+        let expected = sources.get(partition as usize).map(|s| &**s);
+        if expected != Some(position.source.as_str()) {
+            return Err(UsageError(format!(
+                "--out {}: its ledger belongs to another input (partition {partition} was `{}`, \
+                 now `{}`); resume with the same inputs, or use a fresh --out",
+                out.display(),
+                position.source,
+                expected.unwrap_or("absent"),
+            ))
+            .into());
+        }
+        resume.insert(partition, position.checkpoint);
+    }
+    if !resume.is_empty() {
+        tracing::info!(
+            partitions = resume.len(),
+            "resuming from the ledger's positions"
+        );
+    }
+    Ok(resume)
 }
 
 /// How often a parked worker looks at the stop flag.

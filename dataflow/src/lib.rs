@@ -15,4 +15,5 @@ pub mod event;
 pub mod live;
 pub mod parse;
 pub mod probe;
+pub mod resume;
 pub mod time;

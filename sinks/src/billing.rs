@@ -19,6 +19,7 @@
 
 use livepipe_dataflow::billing::BillingEvent;
 use livepipe_dataflow::config::PipelineConfig;
+use livepipe_dataflow::resume::Checkpoints;
 use livepipe_dataflow::time::{coarse, Time};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -26,6 +27,7 @@ use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::StreamVec;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,7 +35,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::fsutil::{sync_dir, write_atomic, TEMP_PREFIX};
-use crate::ledger::{BilledRow, Commit, FileRecord, Ledger, LEDGER_FILE};
+use crate::ledger::{BilledRow, Commit, FileRecord, Ledger, Position, LEDGER_FILE};
 use crate::side::SideOutputs;
 
 pub const CSV_HEADER: &str = "impression_id,ad_id,campaign_id,advertiser_id,stream_id,viewer_id,impression_ts,qualified_ts,price_micros";
@@ -85,6 +87,9 @@ pub struct BillingSink {
     buffered: Vec<livepipe_dataflow::billing::Outcome>,
     periods_seen: PeriodsSeen,
     stats: Arc<BillingStats>,
+    /// Where the sources can resume; the safe ones are committed with the
+    /// outcomes.
+    checkpoints: Arc<Checkpoints>,
 }
 
 /// Which periods hold finalized impressions, and where writing stands.
@@ -133,6 +138,7 @@ impl BillingSink {
         config: PipelineConfig,
         sources: Vec<Arc<str>>,
         side: Arc<SideOutputs>,
+        checkpoints: Arc<Checkpoints>,
     ) -> Result<Self, SinkError> {
         let billing_dir = out_dir.join("billing");
         fs::create_dir_all(&billing_dir)?;
@@ -163,7 +169,13 @@ impl BillingSink {
             buffered: Vec::new(),
             periods_seen,
             stats,
+            checkpoints,
         })
+    }
+
+    /// The resume positions committed by an earlier run on this `--out`.
+    pub fn resume_positions(&self) -> Result<BTreeMap<u32, Position>, SinkError> {
+        Ok(self.ledger.positions()?)
     }
 
     pub fn stats(&self) -> Arc<BillingStats> {
@@ -254,7 +266,24 @@ impl BillingSink {
         if wrote {
             sync_dir(&self.periods.billing_dir)?;
         }
+        // Resume positions safe at this frontier: every impression that is
+        // not final has all its records after them.
+        let config = &self.periods.config;
+        let bound = frontier.map(|f| {
+            f.saturating_sub(
+                config.qualify_window_ms + config.allowed_lateness_ms + config.time_granularity_ms,
+            )
+        });
+        let safe = self.checkpoints.safe(bound);
+        for (&partition, checkpoint) in &safe {
+            let position = Position {
+                source: source_name(&self.sources, partition).to_string(),
+                checkpoint: *checkpoint,
+            };
+            commit.set_position(partition, &position)?;
+        }
         commit.commit()?;
+        self.checkpoints.mark_committed(&safe);
         self.side.flush()?;
         Ok(())
     }

@@ -5,12 +5,15 @@
 //! whatever the dataflow says later (a duplicate arriving after its state
 //! was retired, or a replay after a restart). Billed rows are also the
 //! content of the period files, which are rendered from here, and every
-//! written file is recorded with its checksum. Outcomes and files of one
-//! commit go in one transaction.
+//! written file is recorded with its checksum, and every input partition's
+//! resume position (see `livepipe_dataflow::resume`). Outcomes, files and
+//! positions of one commit go in one transaction.
 
 use livepipe_dataflow::billing::Outcome;
+use livepipe_dataflow::resume::Checkpoint;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -41,7 +44,22 @@ CREATE TABLE IF NOT EXISTS files (
     sha256 TEXT NOT NULL,
     written_at_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS positions (
+    partition INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    next_offset INTEGER NOT NULL,
+    byte_offset INTEGER NOT NULL,
+    max_ts INTEGER
+);
 ";
+
+/// Where a partition resumes after a restart, as committed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// The file path or topic the partition belongs to.
+    pub source: String,
+    pub checkpoint: Checkpoint,
+}
 
 /// One row of a billing file, in file column order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,6 +119,27 @@ impl Ledger {
     }
 
     /// Least and greatest period holding a finalized impression.
+    /// The committed resume position of every partition.
+    pub fn positions(&self) -> rusqlite::Result<BTreeMap<u32, Position>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT partition, source, next_offset, byte_offset, max_ts FROM positions")?;
+        let rows = stmt.query_map([], |row| {
+            Ok((
+                row.get::<_, i64>(0)? as u32,
+                Position {
+                    source: row.get(1)?,
+                    checkpoint: Checkpoint {
+                        offset: row.get::<_, i64>(2)? as u64,
+                        byte: row.get::<_, i64>(3)? as u64,
+                        max_ts: row.get::<_, Option<i64>>(4)?.map(|ts| ts as u64),
+                    },
+                },
+            ))
+        })?;
+        rows.collect()
+    }
+
     pub fn period_range(&self) -> rusqlite::Result<Option<(u64, u64)>> {
         // Two queries: SQLite answers a lone MIN or MAX from the index, but
         // scans the whole table for both in one SELECT.
@@ -198,6 +237,27 @@ impl Commit<'_> {
                 file.written_at_ms as i64,
             ],
         )?;
+        Ok(())
+    }
+
+    /// Records where `partition` resumes; in the same transaction as the
+    /// outcomes that made it safe.
+    pub fn set_position(&self, partition: u32, position: &Position) -> rusqlite::Result<()> {
+        let checkpoint = &position.checkpoint;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO positions (partition, source, next_offset, byte_offset, max_ts)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (partition) DO UPDATE SET source = ?2, next_offset = ?3,
+                     byte_offset = ?4, max_ts = ?5",
+            )?
+            .execute(params![
+                partition as i64,
+                position.source,
+                checkpoint.offset as i64,
+                checkpoint.byte as i64,
+                checkpoint.max_ts.map(|ts| ts as i64),
+            ])?;
         Ok(())
     }
 

@@ -46,7 +46,7 @@ fn outcome(id: &str, ts: u64, qualified: Option<u64>) -> BillingEvent {
 
 fn open(out: &Path) -> BillingSink {
     let side = Arc::new(SideOutputs::open(out).unwrap());
-    BillingSink::open(out, config(), vec![Arc::from("f")], side).unwrap()
+    BillingSink::open(out, config(), vec![Arc::from("f")], side, Arc::default()).unwrap()
 }
 
 fn files(out: &Path) -> Vec<String> {

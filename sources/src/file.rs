@@ -27,6 +27,7 @@
 use crate::{partition_watermark, SourceContext};
 use livepipe_dataflow::event::{Ingested, Position, RejectedRecord, RAW_KEEP_BYTES};
 use livepipe_dataflow::parse::{parse_event, Rejection, MAX_RECORD_BYTES};
+use livepipe_dataflow::resume::Checkpoint;
 use livepipe_dataflow::time::{coarse, Time};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
@@ -38,7 +39,7 @@ use timely::dataflow::{Scope, StreamVec};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader};
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -93,6 +94,10 @@ struct Chunk {
     ends: Vec<u32>,
     /// Indexes of records longer than the limit (kept cut).
     oversized: Vec<u32>,
+    /// The line after the chunk, and its byte position: where the file
+    /// resumes once this chunk is stamped.
+    next_line: u64,
+    end_byte: u64,
 }
 
 /// The valid events of one chunk, with their line numbers.
@@ -101,6 +106,8 @@ struct ParsedChunk {
     partition: u32,
     seq: u64,
     events: Vec<(u64, livepipe_dataflow::event::Event)>,
+    next_line: u64,
+    end_byte: u64,
 }
 
 /// How far the stamper has got with one file; shared with its reader.
@@ -116,7 +123,10 @@ struct Reader {
     path: PathBuf,
     partition: u32,
     reader: Option<BufReader<File>>,
+    /// Lines read so far (the last line number read).
     line: u64,
+    /// Byte position of the next line.
+    byte: u64,
     chunks_sent: u64,
     at_end: bool,
 }
@@ -132,8 +142,14 @@ pub fn file_source<'s>(
         .iter()
         .map(|path| Arc::from(path.display().to_string()))
         .collect();
-    let stamped: Rc<RefCell<Vec<Stamped>>> =
-        Rc::new(RefCell::new(vec![Stamped::default(); paths.len()]));
+    let stamped: Rc<RefCell<Vec<Stamped>>> = Rc::new(RefCell::new(
+        (0..paths.len() as u32)
+            .map(|partition| Stamped {
+                chunks: 0,
+                max_ts: context.source.resume.get(&partition).and_then(|c| c.max_ts),
+            })
+            .collect(),
+    ));
     let chunks = read_chunks(scope, paths, &context, stamped.clone());
     let parsed = parse_chunks(chunks, names, &context);
     stamp(parsed, &context, stamped)
@@ -152,13 +168,29 @@ fn read_chunks<'s>(
         .iter()
         .enumerate()
         .filter(|(partition, _)| partition % peers == index)
-        .map(|(partition, path)| Reader {
-            path: path.clone(),
-            partition: partition as u32,
-            reader: None,
-            line: 0,
-            chunks_sent: 0,
-            at_end: false,
+        .map(|(partition, path)| {
+            let partition = partition as u32;
+            let start = context
+                .source
+                .resume
+                .get(&partition)
+                .copied()
+                .unwrap_or(Checkpoint {
+                    offset: 1,
+                    byte: 0,
+                    max_ts: None,
+                });
+            // Re-readable from the start position until a chunk is stamped.
+            context.source.checkpoints.record(partition, start);
+            Reader {
+                path: path.clone(),
+                partition,
+                reader: None,
+                line: start.offset - 1,
+                byte: start.byte,
+                chunks_sent: 0,
+                at_end: false,
+            }
         })
         .collect();
     let context = context.clone();
@@ -226,7 +258,9 @@ fn read_chunk(
     records_per_chunk: usize,
 ) -> io::Result<Option<Chunk>> {
     if reader.reader.is_none() {
-        reader.reader = Some(BufReader::with_capacity(1 << 20, File::open(&reader.path)?));
+        let mut file = File::open(&reader.path)?;
+        file.seek(SeekFrom::Start(reader.byte))?;
+        reader.reader = Some(BufReader::with_capacity(1 << 20, file));
     }
     let file = reader.reader.as_mut().expect("opened above");
     let mut chunk = Chunk {
@@ -236,12 +270,13 @@ fn read_chunk(
         ..Chunk::default()
     };
     while chunk.ends.len() < records_per_chunk.max(1) {
-        let Some(oversized) = read_record(file, line, MAX_RECORD_BYTES)? else {
+        let Some((oversized, consumed)) = read_record(file, line, MAX_RECORD_BYTES)? else {
             reader.at_end = true;
             reader.reader = None;
             break;
         };
         reader.line += 1;
+        reader.byte += consumed;
         if oversized {
             chunk.oversized.push(chunk.ends.len() as u32);
         }
@@ -251,6 +286,8 @@ fn read_chunk(
     if chunk.ends.is_empty() {
         return Ok(None);
     }
+    chunk.next_line = reader.line + 1;
+    chunk.end_byte = reader.byte;
     reader.chunks_sent += 1;
     Ok(Some(chunk))
 }
@@ -315,6 +352,8 @@ fn parse_chunk(chunk: Chunk, names: &[Arc<str>], context: &FileSourceContext) ->
         partition: chunk.partition,
         seq: chunk.seq,
         events,
+        next_line: chunk.next_line,
+        end_byte: chunk.end_byte,
     }
 }
 
@@ -328,6 +367,7 @@ fn stamp<'s>(
     let lateness = context.source.allowed_lateness_ms;
     let granularity = context.source.time_granularity_ms;
     let max_event_ts = context.source.max_event_ts.clone();
+    let checkpoints = context.source.checkpoints.clone();
     parsed.unary(
         Exchange::new(|chunk: &ParsedChunk| chunk.partition as u64),
         "StampInFileOrder",
@@ -384,6 +424,14 @@ fn stamp<'s>(
                         max_event_ts.fetch_max(max, Ordering::Relaxed);
                     }
                     state.chunks += 1;
+                    checkpoints.record(
+                        chunk.partition,
+                        Checkpoint {
+                            offset: chunk.next_line,
+                            byte: chunk.end_byte,
+                            max_ts: state.max_ts,
+                        },
+                    );
                 }
             }
         },
@@ -393,16 +441,17 @@ fn stamp<'s>(
 /// Reads one `\n`-terminated record into `buf` (without the `\n`), keeping at
 /// most `max` bytes of it: a hostile multi-gigabyte line costs no memory.
 /// Returns `None` at the end of the input, else whether the record was longer
-/// than `max`. A last line without `\n` is a record; nothing after a final
+/// than `max` and how many bytes it took in the input (its `\n` included). A last line without `\n` is a record; nothing after a final
 /// `\n` is.
 pub fn read_record(
     reader: &mut impl BufRead,
     buf: &mut Vec<u8>,
     max: usize,
-) -> io::Result<Option<bool>> {
+) -> io::Result<Option<(bool, u64)>> {
     buf.clear();
     let mut oversized = false;
     let mut started = false;
+    let mut taken = 0u64;
     loop {
         let available = match reader.fill_buf() {
             Ok(bytes) => bytes,
@@ -410,7 +459,7 @@ pub fn read_record(
             Err(err) => return Err(err),
         };
         if available.is_empty() {
-            return Ok(started.then_some(oversized));
+            return Ok(started.then_some((oversized, taken)));
         }
         started = true;
         let (chunk, consumed, complete) = match memchr::memchr(b'\n', available) {
@@ -423,8 +472,9 @@ pub fn read_record(
         }
         buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
         reader.consume(consumed);
+        taken += consumed as u64;
         if complete {
-            return Ok(Some(oversized));
+            return Ok(Some((oversized, taken)));
         }
     }
 }
@@ -437,7 +487,7 @@ mod tests {
         let mut reader = BufReader::with_capacity(3, input);
         let mut buf = Vec::new();
         let mut out = Vec::new();
-        while let Some(oversized) = read_record(&mut reader, &mut buf, max).unwrap() {
+        while let Some((oversized, _)) = read_record(&mut reader, &mut buf, max).unwrap() {
             out.push((buf.clone(), oversized));
         }
         out

@@ -27,6 +27,15 @@
 //! the time that already passed, and are late if their impressions are
 //! final.
 //!
+//! # Resuming
+//!
+//! A partition with a position in the ledger starts there (whatever
+//! `--start-offsets` says), with its watermark seeded from it, so replayed
+//! records are judged exactly as the first time. Checkpoints are recorded
+//! after every poll; the billing sink commits the safe ones. The same
+//! offsets are committed to the consumer group (`group.id`, default
+//! `livepipe`) every few seconds for lag tools; the ledger stays the truth.
+//!
 //! # Staying responsive
 //!
 //! An activation polls with a budget (records and time) and never blocks.
@@ -37,9 +46,10 @@
 use crate::{partition_watermark, wall_clock_ms, SourceContext};
 use livepipe_dataflow::event::{Ingested, Position, RejectedRecord, RAW_KEEP_BYTES};
 use livepipe_dataflow::parse::{check_clock, parse_event};
+use livepipe_dataflow::resume::{Checkpoint, Checkpoints};
 use livepipe_dataflow::time::{coarse, Time};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
@@ -60,6 +70,8 @@ const POLL_BUDGET: Duration = Duration::from_millis(5);
 /// How often an activation runs when nothing arrives: bounds how late an
 /// idle partition or the wall clock is noticed.
 const TIMER: Duration = Duration::from_millis(100);
+/// How often the ledger's resume offsets are committed to the group.
+const GROUP_COMMIT_EVERY: Duration = Duration::from_secs(5);
 /// How often the per-partition positions are logged.
 const LOG_EVERY: Duration = Duration::from_secs(30);
 
@@ -298,12 +310,17 @@ pub fn kafka_source<'s>(
         let mut readings: BTreeMap<i32, Reading> = owned
             .iter()
             .map(|&id| {
+                // A resumed partition's watermark starts where it was.
+                let resume = context.source.resume.get(&(id as u32));
+                if let Some(checkpoint) = resume {
+                    context.source.checkpoints.record(id as u32, *checkpoint);
+                }
                 (
                     id,
                     Reading {
                         id,
-                        max_ts: None,
-                        next_offset: -1,
+                        max_ts: resume.and_then(|c| c.max_ts),
+                        next_offset: resume.map_or(-1, |c| c.offset as i64),
                         records: 0,
                         at_end: false,
                         last_record: now,
@@ -311,6 +328,7 @@ pub fn kafka_source<'s>(
                 )
             })
             .collect();
+        let mut last_group_commit = Instant::now();
         let topic: Arc<str> = Arc::from(context.settings.topic.as_str());
         let lateness = context.source.allowed_lateness_ms;
         let granularity = context.source.time_granularity_ms;
@@ -358,6 +376,17 @@ pub fn kafka_source<'s>(
                 let Some(reading) = readings.get_mut(&message.partition()) else {
                     continue;
                 };
+                if reading.records == 0 {
+                    // Re-readable from before its first record of this run.
+                    context.source.checkpoints.record(
+                        reading.id as u32,
+                        Checkpoint {
+                            offset: message.offset() as u64,
+                            byte: 0,
+                            max_ts: reading.max_ts,
+                        },
+                    );
+                }
                 reading.next_offset = message.offset() + 1;
                 reading.records += 1;
                 reading.at_end = false;
@@ -417,6 +446,22 @@ pub fn kafka_source<'s>(
             promised = worker_watermark(promised, holding, wall_clock_ms(), lateness);
             cap.downgrade(&coarse(promised, granularity));
 
+            if taken > 0 {
+                for reading in readings.values().filter(|r| r.next_offset >= 0) {
+                    context.source.checkpoints.record(
+                        reading.id as u32,
+                        Checkpoint {
+                            offset: reading.next_offset as u64,
+                            byte: 0,
+                            max_ts: reading.max_ts,
+                        },
+                    );
+                }
+            }
+            if last_group_commit.elapsed() >= GROUP_COMMIT_EVERY {
+                last_group_commit = Instant::now();
+                commit_group_offsets(consumer, &topic, &readings, &context.source.checkpoints);
+            }
             publish_status(&context.status, &readings, idle_timeout, lateness);
             if last_log.elapsed() >= LOG_EVERY {
                 last_log = Instant::now();
@@ -462,7 +507,7 @@ fn open_consumer(
             status: context.status.clone(),
         })
         .map_err(|err| format!("creating the Kafka consumer: {err}"))?;
-    let offset = match settings.start {
+    let start = match settings.start {
         StartOffsets::Earliest => Offset::Beginning,
         StartOffsets::Latest => Offset::End,
     };
@@ -470,6 +515,12 @@ fn open_consumer(
     {
         let mut status = context.status.lock().unwrap_or_else(|p| p.into_inner());
         for &partition in owned {
+            // The ledger's position wins over --start-offsets.
+            let offset = context
+                .source
+                .resume
+                .get(&(partition as u32))
+                .map_or(start, |c| Offset::Offset(c.offset as i64));
             assignment
                 .add_partition_offset(&settings.topic, partition, offset)
                 .map_err(|err| format!("assigning partition {partition}: {err}"))?;
@@ -496,6 +547,29 @@ fn open_consumer(
     });
     tracing::info!(topic = %settings.topic, partitions = ?owned, "reading Kafka partitions");
     Ok(consumer)
+}
+
+/// Commits the ledger's resume offsets as the consumer group's offsets, so
+/// that standard lag tools see where the job stands. The ledger stays the
+/// truth: a restart reads its positions, not these.
+fn commit_group_offsets(
+    consumer: &BaseConsumer<StatsContext>,
+    topic: &str,
+    readings: &BTreeMap<i32, Reading>,
+    checkpoints: &Checkpoints,
+) {
+    let committed = checkpoints.committed();
+    let mut offsets = TopicPartitionList::new();
+    for id in readings.keys() {
+        if let Some(&offset) = committed.get(&(*id as u32)) {
+            let _ = offsets.add_partition_offset(topic, *id, Offset::Offset(offset as i64));
+        }
+    }
+    if offsets.count() > 0 {
+        if let Err(err) = consumer.commit(&offsets, CommitMode::Async) {
+            tracing::debug!("committing consumer-group offsets: {err}");
+        }
+    }
 }
 
 fn publish_status(

@@ -18,6 +18,9 @@ pub mod kafka;
 pub mod publish;
 
 use livepipe_dataflow::event::RejectedRecord;
+use livepipe_dataflow::resume::{Checkpoint, Checkpoints};
+
+use std::collections::BTreeMap;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -36,6 +39,11 @@ pub struct SourceContext {
     pub on_reject: Arc<dyn Fn(RejectedRecord) + Send + Sync>,
     /// Called once with the cause if an input cannot be read any further.
     pub on_fatal: Arc<dyn Fn(String) + Send + Sync>,
+    /// Where sources record re-readable positions as they go.
+    pub checkpoints: Arc<Checkpoints>,
+    /// Where each partition starts: the positions an earlier run committed
+    /// (partitions not in it start from the beginning, or as configured).
+    pub resume: Arc<BTreeMap<u32, Checkpoint>>,
 }
 
 /// A partition's watermark: its highest valid `ts` so far minus the allowed

@@ -1,0 +1,148 @@
+//! Resume positions: where each input partition can be re-read from after a
+//! crash, so that every piece of state that is not final is rebuilt.
+//!
+//! Sources record a [`Checkpoint`] per partition as they read (a record
+//! boundary, with the highest valid `ts` of everything before it). The
+//! billing sink, when it commits outcomes up to frontier `F`, also commits
+//! for each partition the latest checkpoint whose records before it are all
+//! older than anything that can still matter:
+//!
+//! * an impression that is not final at `F` has `ts + window >= F`, so
+//!   every record it depends on has `ts >= F - window`;
+//! * a checkpoint whose `max_ts < F - window - lateness - granularity`
+//!   therefore has nothing needed behind it (the margins cover the coarse
+//!   frontier and arrival within the lateness bound).
+//!
+//! Replaying from there rebuilds all pending state; what is already final
+//! is guarded by the ledger (an id is final once) and files are never
+//! rewritten. The checkpoint also carries the partition's `max_ts`, which
+//! seeds its watermark on restart: the replayed records are stamped with
+//! exactly the watermarks they had the first time, so every late/on-time
+//! decision repeats.
+
+use serde::{Deserialize, Serialize};
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+
+/// A record boundary in one partition.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The next record to read: a file's 1-based line number, or a Kafka
+    /// offset.
+    pub offset: u64,
+    /// Files: the byte position of that line. Kafka: unused (0).
+    pub byte: u64,
+    /// Highest valid `ts` of the partition's records before `offset`.
+    pub max_ts: Option<u64>,
+}
+
+/// Recent checkpoints of every partition, shared by the sources (which
+/// record) and the billing sink (which commits the safe ones).
+#[derive(Debug, Default)]
+pub struct Checkpoints {
+    partitions: Mutex<BTreeMap<u32, VecDeque<Checkpoint>>>,
+    /// The offsets last committed to the ledger, for sources that also
+    /// report them elsewhere (Kafka consumer-group offsets).
+    committed: Mutex<BTreeMap<u32, u64>>,
+}
+
+impl Checkpoints {
+    /// Records that `partition` can be re-read from `checkpoint`. Cheap:
+    /// call it per chunk or per poll, not per record.
+    pub fn record(&self, partition: u32, checkpoint: Checkpoint) {
+        let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        let recent = partitions.entry(partition).or_default();
+        match recent.back_mut() {
+            // Same event time as the last one: the later boundary is as
+            // safe and replays less.
+            Some(last) if last.max_ts == checkpoint.max_ts => *last = checkpoint,
+            _ => recent.push_back(checkpoint),
+        }
+    }
+
+    /// For each partition, the latest checkpoint with every record before
+    /// it older than `bound` (`None`: everything is final, the latest).
+    /// Older checkpoints are dropped: they will never be needed again.
+    pub fn safe(&self, bound: Option<u64>) -> BTreeMap<u32, Checkpoint> {
+        let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut safe = BTreeMap::new();
+        for (&partition, recent) in partitions.iter_mut() {
+            let is_safe = |c: &Checkpoint| match bound {
+                None => true,
+                Some(bound) => c.max_ts.is_none_or(|ts| ts < bound),
+            };
+            while recent.len() > 1 && is_safe(&recent[1]) {
+                recent.pop_front();
+            }
+            if let Some(first) = recent.front().filter(|c| is_safe(c)) {
+                safe.insert(partition, *first);
+            }
+        }
+        safe
+    }
+}
+
+impl Checkpoints {
+    /// Notes what the ledger now holds.
+    pub fn mark_committed(&self, positions: &BTreeMap<u32, Checkpoint>) {
+        let mut committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        for (&partition, checkpoint) in positions {
+            committed.insert(partition, checkpoint.offset);
+        }
+    }
+
+    /// The resume offset last committed to the ledger, per partition.
+    pub fn committed(&self) -> BTreeMap<u32, u64> {
+        self.committed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(offset: u64, max_ts: u64) -> Checkpoint {
+        Checkpoint {
+            offset,
+            byte: offset * 10,
+            max_ts: Some(max_ts),
+        }
+    }
+
+    #[test]
+    fn the_latest_checkpoint_below_the_bound_is_safe() {
+        let checkpoints = Checkpoints::default();
+        checkpoints.record(0, at(10, 1_000));
+        checkpoints.record(0, at(20, 2_000));
+        checkpoints.record(0, at(30, 3_000));
+        assert_eq!(checkpoints.safe(Some(500)).get(&0), None);
+        assert_eq!(checkpoints.safe(Some(2_500))[&0], at(20, 2_000));
+        // Dropped what is behind it, kept what may become safe later.
+        assert_eq!(checkpoints.safe(Some(2_500))[&0], at(20, 2_000));
+        assert_eq!(checkpoints.safe(None)[&0], at(30, 3_000));
+    }
+
+    #[test]
+    fn a_later_boundary_at_the_same_event_time_replaces_the_earlier() {
+        let checkpoints = Checkpoints::default();
+        checkpoints.record(1, at(10, 1_000));
+        checkpoints.record(1, at(15, 1_000));
+        assert_eq!(checkpoints.safe(Some(1_001))[&1], at(15, 1_000));
+    }
+
+    #[test]
+    fn nothing_read_yet_is_always_safe() {
+        let checkpoints = Checkpoints::default();
+        let start = Checkpoint {
+            offset: 1,
+            byte: 0,
+            max_ts: None,
+        };
+        checkpoints.record(2, start);
+        assert_eq!(checkpoints.safe(Some(0))[&2], start);
+    }
+}
