@@ -1,0 +1,285 @@
+//! Exactly once across crashes: the binary is killed with SIGKILL at
+//! seeded random moments (while reading, finalizing, writing period files),
+//! restarted each time on the same `--out` (with a different worker count),
+//! and at the end its billing files must equal an uninterrupted run's and
+//! the independent reference, byte for byte, with no file ever changing
+//! between kills and no id billed twice.
+//!
+//! Inputs: a file, a 4-partition topic on librdkafka's mock cluster, and
+//! the same topic on a separate broker process when `LIVEPIPE_TEST_KAFKA`
+//! names one (tansu in CI; required when `CI=true`).
+
+mod support;
+
+use livepipe_sources::generator::{GenConfig, Generator};
+use livepipe_sources::publish::{ensure_topic, producer_config, publish, Pace, PublishStats};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rdkafka::mocking::MockCluster;
+use sha2::{Digest, Sha256};
+use support::job::{dir_bytes, wait_for, Job};
+use support::reference::{expected, Expected, Rules};
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+const KILLS: usize = 6;
+const LIMIT: Duration = Duration::from_secs(240);
+
+fn records(events: u64, seed: u64) -> Vec<Vec<u8>> {
+    Generator::new(&GenConfig {
+        seed,
+        events,
+        rate: 400,
+        ..GenConfig::default()
+    })
+    .collect()
+}
+
+fn reference(records: &[Vec<u8>]) -> Expected {
+    let lines: Vec<&[u8]> = records.iter().map(|r| &r[..]).collect();
+    expected(
+        &lines,
+        Rules {
+            qualify_ms: 2_000,
+            window: 300_000,
+            lateness: 5_000,
+            period: 60_000,
+        },
+    )
+}
+
+/// Checksums of every billing file seen so far; fails if one changes.
+#[derive(Default)]
+struct Witness {
+    seen: BTreeMap<String, String>,
+}
+
+impl Witness {
+    fn check(&mut self, out: &Path) {
+        for (name, bytes) in dir_bytes(&out.join("billing")) {
+            if name.starts_with('.') {
+                continue; // a temp file a kill left; cleaned at the next start
+            }
+            let sum = hex::encode(Sha256::digest(&bytes));
+            if let Some(before) = self.seen.insert(name.clone(), sum.clone()) {
+                assert_eq!(before, sum, "{name} changed after it was written");
+            }
+        }
+    }
+}
+
+/// Billing files only (no temp files), name -> bytes.
+fn billing_files(out: &Path) -> BTreeMap<String, Vec<u8>> {
+    dir_bytes(&out.join("billing"))
+        .into_iter()
+        .filter(|(name, _)| !name.starts_with('.'))
+        .collect()
+}
+
+/// The ledger bills each id once and exactly the rows of the files.
+fn check_ledger(out: &Path, files: &BTreeMap<String, Vec<u8>>) {
+    let ledger = rusqlite::Connection::open(out.join("ledger.sqlite")).unwrap();
+    let billed: i64 = ledger
+        .query_row("SELECT COUNT(*) FROM finalized WHERE billed = 1", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let rows: usize = files
+        .iter()
+        .filter(|(name, _)| name.ends_with(".csv"))
+        .map(|(_, csv)| csv.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count() - 1)
+        .sum();
+    assert_eq!(billed as usize, rows, "ledger rows vs file rows");
+}
+
+fn assert_reference(files: &BTreeMap<String, Vec<u8>>, want: &Expected) {
+    let csvs: BTreeSet<&String> = files.keys().filter(|n| n.ends_with(".csv")).collect();
+    assert_eq!(csvs, want.files.keys().collect::<BTreeSet<_>>());
+    for (name, bytes) in &want.files {
+        assert!(files[name] == *bytes, "{name} differs from the reference");
+    }
+}
+
+/// Kills `start(workers)` after seeded random delays, KILLS times.
+fn kill_repeatedly(
+    rng: &mut ChaCha8Rng,
+    out: &Path,
+    delay_ms: std::ops::Range<u64>,
+    mut start: impl FnMut(&str, usize) -> Job,
+) -> Witness {
+    let mut witness = Witness::default();
+    for kill in 0..KILLS {
+        let workers = ["1", "2", "3"][kill % 3];
+        let mut job = start(workers, kill);
+        std::thread::sleep(Duration::from_millis(rng.random_range(delay_ms.clone())));
+        let status = job.signal("KILL");
+        // It may have finished already (a file run); both are fine.
+        assert!(status.success() || status.code().is_none(), "{status}");
+        witness.check(out);
+        eprintln!(
+            "kill {kill} ({workers} workers): {} billing files so far",
+            witness.seen.len()
+        );
+    }
+    witness
+}
+
+#[test]
+fn a_file_run_killed_six_times_bills_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = records(400_000, 31);
+    let input = dir.path().join("events.jsonl");
+    let mut bytes = Vec::new();
+    for record in &records {
+        bytes.extend_from_slice(record);
+        bytes.push(b'\n');
+    }
+    std::fs::write(&input, bytes).unwrap();
+    let want = reference(&records);
+    let input = input.to_str().unwrap().to_string();
+
+    let run = |out: &Path, workers: &str, log: &Path| {
+        Job::start(
+            &[
+                "run",
+                "--input",
+                &input,
+                "--workers",
+                workers,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            log,
+        )
+    };
+    let clean = dir.path().join("clean");
+    let started = std::time::Instant::now();
+    let mut job = run(&clean, "2", &dir.path().join("clean.log"));
+    wait_for(&mut job, LIMIT, "the uninterrupted run", || {
+        clean.join("live.json").exists()
+    });
+    drop(job);
+    // Kills land anywhere in a run's length: reading, finalizing, writing.
+    let length = started.elapsed().as_millis() as u64;
+    let uninterrupted = billing_files(&clean);
+
+    let out = dir.path().join("crashed");
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let mut witness = kill_repeatedly(&mut rng, &out, length / 10..length, |workers, kill| {
+        run(&out, workers, &dir.path().join(format!("kill-{kill}.log")))
+    });
+    // A run between kills may have finished; the last one must finish now.
+    let _ = std::fs::remove_file(out.join("live.json"));
+    let mut job = run(&out, "2", &dir.path().join("final.log"));
+    wait_for(&mut job, LIMIT, "the resumed run to finish", || {
+        out.join("live.json").exists()
+    });
+    drop(job);
+    witness.check(&out);
+
+    let files = billing_files(&out);
+    assert_eq!(files, uninterrupted, "crashed and resumed vs uninterrupted");
+    assert_reference(&files, &want);
+    check_ledger(&out, &files);
+}
+
+/// The same with a topic: every restart resumes from the ledger's offsets.
+fn topic_killed_six_times(brokers: &str, topic: &str, events: u64, seed: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let records = records(events, seed);
+    let want = reference(&records);
+    let stats = Arc::new(PublishStats::default());
+    publish(
+        &producer_config(brokers, &[]),
+        topic,
+        records.iter().cloned(),
+        Pace {
+            max_rate: None,
+            follow_clock: false,
+        },
+        &AtomicBool::new(false),
+        stats,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+
+    let out = dir.path().join("out");
+    let run = |workers: &str, log: &Path| {
+        Job::start(
+            &[
+                "run",
+                "--brokers",
+                brokers,
+                "--topic",
+                topic,
+                "--workers",
+                workers,
+                "--idle-timeout-ms",
+                "1000",
+                "--http",
+                "127.0.0.1:0",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            log,
+        )
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut witness = kill_repeatedly(&mut rng, &out, 500..4_000, |workers, kill| {
+        run(workers, &dir.path().join(format!("kill-{kill}.log")))
+    });
+    let mut job = run("2", &dir.path().join("final.log"));
+    let markers: BTreeSet<String> = want.files.keys().map(|f| format!("{f}.done")).collect();
+    let log = dir.path().join("final.log");
+    wait_for(&mut job, LIMIT, "every expected file", || {
+        let names: BTreeSet<String> = billing_files(&out).into_keys().collect();
+        // Up and running too, so that the stop is a clean one.
+        let started = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("reading Kafka partitions");
+        markers.is_subset(&names) && started
+    });
+    job.stop();
+    witness.check(&out);
+    let files = billing_files(&out);
+    assert_reference(&files, &want);
+    check_ledger(&out, &files);
+}
+
+#[test]
+fn a_topic_run_killed_six_times_bills_exactly_once() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    // The mock keeps ~5 MiB per partition: 8 of them hold 150k records.
+    cluster.create_topic("events", 8, 1).expect("topic");
+    topic_killed_six_times(&cluster.bootstrap_servers(), "events", 150_000, 41);
+}
+
+#[test]
+fn a_separate_broker_run_killed_six_times_bills_exactly_once() {
+    let Ok(brokers) = std::env::var("LIVEPIPE_TEST_KAFKA") else {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true but LIVEPIPE_TEST_KAFKA is not set: .ci/run must start tansu");
+        }
+        eprintln!("skipped: set LIVEPIPE_TEST_KAFKA=host:port of a Kafka-protocol broker");
+        return;
+    };
+    let topic = format!(
+        "crash-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    );
+    ensure_topic(
+        &producer_config(&brokers, &[]),
+        &topic,
+        4,
+        Duration::from_secs(30),
+    )
+    .expect("topic");
+    topic_killed_six_times(&brokers, &topic, 120_000, 43);
+}
