@@ -389,6 +389,16 @@ pub fn kafka_source<'s>(
                 }
                 reading.next_offset = message.offset() + 1;
                 reading.records += 1;
+                if reading.is_idle(idle_timeout) {
+                    // Its records are now judged against a watermark that
+                    // moved on without it: worth knowing when it happens.
+                    tracing::warn!(
+                        topic = %topic,
+                        partition = reading.id,
+                        offset = message.offset(),
+                        "partition woke up after being idle"
+                    );
+                }
                 reading.at_end = false;
                 reading.last_record = started;
                 let position = Position {
