@@ -275,7 +275,11 @@ fn separate_broker_process_bills_like_the_reference() {
     )
     .expect("topic created on the separate broker");
     assert_eq!(created, 4);
-    topic_bills_like_the_file(&brokers, &topic, 120_000, 23);
+    let events = std::env::var("LIVEPIPE_CRASH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(120_000);
+    topic_bills_like_the_file(&brokers, &topic, events, 23);
 }
 
 /// Rules that finalize within seconds.
