@@ -376,19 +376,20 @@ pub fn kafka_source<'s>(
                 let Some(reading) = readings.get_mut(&message.partition()) else {
                     continue;
                 };
-                if reading.records == 0 && reading.next_offset >= 0 {
-                    if message.offset() > reading.next_offset {
-                        // A correct broker only skips offsets that hold no
-                        // record (compaction, transaction markers); one
-                        // that mis-serves a seek loses records here.
-                        tracing::warn!(
-                            topic = %topic,
-                            partition = reading.id,
-                            resumed_at = reading.next_offset,
-                            first = message.offset(),
-                            "the broker's first record after the resume offset is further on"
-                        );
-                    }
+                // A correct broker only skips offsets that hold no record
+                // (compaction, transaction markers); one that mis-serves a
+                // seek loses records here.
+                if reading.records == 0
+                    && reading.next_offset >= 0
+                    && message.offset() > reading.next_offset
+                {
+                    tracing::warn!(
+                        topic = %topic,
+                        partition = reading.id,
+                        resumed_at = reading.next_offset,
+                        first = message.offset(),
+                        "the broker's first record after the resume offset is further on"
+                    );
                 }
                 if reading.records == 0 {
                     // Re-readable from before its first record of this run.
