@@ -254,6 +254,66 @@ struct Reading {
     /// arrived since.
     at_end: bool,
     last_record: Instant,
+    /// Set until the resume offset's record is seen.
+    resume: Option<ResumeSeek>,
+}
+
+/// Making sure a resumed partition really starts at its resume offset.
+///
+/// A Kafka broker answers a fetch at offset N with the record batch that
+/// contains N, and the client drops the records below N. Some
+/// Kafka-protocol brokers answer with the first batch that *starts* at or
+/// after N instead (tansu 0.6's memory engine: a fetch at 1,000 came back
+/// from 7,851), which would silently skip the rest of N's batch. So until
+/// the record at N is seen, records below N are dropped, and a first record
+/// past N makes the source seek back further (doubling), until the broker
+/// has nothing earlier to give.
+#[derive(Clone, Copy, Debug)]
+struct ResumeSeek {
+    target: i64,
+    /// How far before the target the last seek-back went.
+    back: i64,
+    /// The first offset the broker answered with after the last seek.
+    first_seen: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ResumeCheck {
+    /// Read before the crash: drop it.
+    Below,
+    /// The resume offset itself: carry on normally.
+    Found,
+    /// Past the target: seek back to this offset.
+    SeekBack(i64),
+    /// Past the target and nothing earlier to be had: the records are gone.
+    Gap,
+}
+
+impl ResumeSeek {
+    fn new(target: i64) -> Self {
+        ResumeSeek {
+            target,
+            back: 0,
+            first_seen: None,
+        }
+    }
+
+    fn check(&mut self, offset: i64) -> ResumeCheck {
+        if offset < self.target {
+            return ResumeCheck::Below;
+        }
+        if offset == self.target {
+            return ResumeCheck::Found;
+        }
+        let no_earlier = self.first_seen.is_some_and(|first| offset >= first)
+            || (self.back > 0 && self.target - self.back <= 0);
+        if no_earlier {
+            return ResumeCheck::Gap;
+        }
+        self.first_seen = Some(offset);
+        self.back = (self.back * 2).max(1024);
+        ResumeCheck::SeekBack((self.target - self.back).max(0))
+    }
 }
 
 impl Reading {
@@ -324,6 +384,7 @@ pub fn kafka_source<'s>(
                         records: 0,
                         at_end: false,
                         last_record: now,
+                        resume: resume.map(|c| ResumeSeek::new(c.offset as i64)),
                     },
                 )
             })
@@ -376,20 +437,42 @@ pub fn kafka_source<'s>(
                 let Some(reading) = readings.get_mut(&message.partition()) else {
                     continue;
                 };
-                // A correct broker only skips offsets that hold no record
-                // (compaction, transaction markers); one that mis-serves a
-                // seek loses records here.
-                if reading.records == 0
-                    && reading.next_offset >= 0
-                    && message.offset() > reading.next_offset
-                {
-                    tracing::warn!(
-                        topic = %topic,
-                        partition = reading.id,
-                        resumed_at = reading.next_offset,
-                        first = message.offset(),
-                        "the broker's first record after the resume offset is further on"
-                    );
+                if let Some(resume) = reading.resume.as_mut() {
+                    match resume.check(message.offset()) {
+                        ResumeCheck::Below => continue,
+                        ResumeCheck::Found => reading.resume = None,
+                        ResumeCheck::SeekBack(offset) => {
+                            tracing::warn!(
+                                topic = %topic,
+                                partition = reading.id,
+                                resume_at = resume.target,
+                                got = message.offset(),
+                                seek_to = offset,
+                                "the broker answered a fetch from further on than asked; \
+                                 seeking back and skipping what was read before"
+                            );
+                            if let Err(err) = consumer.seek(
+                                &topic,
+                                reading.id,
+                                Offset::Offset(offset),
+                                Duration::ZERO,
+                            ) {
+                                tracing::warn!("seeking partition {}: {err}", reading.id);
+                            }
+                            continue;
+                        }
+                        ResumeCheck::Gap => {
+                            tracing::warn!(
+                                topic = %topic,
+                                partition = reading.id,
+                                resume_at = resume.target,
+                                first = message.offset(),
+                                "records between the resume offset and the first one the \
+                                 broker holds are gone (retention?)"
+                            );
+                            reading.resume = None;
+                        }
+                    }
                 }
                 if reading.records == 0 {
                     // Re-readable from before its first record of this run.
@@ -637,7 +720,33 @@ fn log_positions(
 
 #[cfg(test)]
 mod tests {
-    use super::worker_watermark;
+    use super::{worker_watermark, ResumeCheck, ResumeSeek};
+
+    #[test]
+    fn a_resume_that_lands_on_its_offset_goes_on() {
+        let mut seek = ResumeSeek::new(5_000);
+        assert_eq!(seek.check(5_000), ResumeCheck::Found);
+    }
+
+    #[test]
+    fn a_broker_answering_from_further_on_is_sought_back_until_it_gives_the_offset() {
+        let mut seek = ResumeSeek::new(5_000);
+        assert_eq!(seek.check(7_851), ResumeCheck::SeekBack(3_976));
+        assert_eq!(seek.check(7_851), ResumeCheck::Gap, "nothing earlier came");
+        let mut seek = ResumeSeek::new(5_000);
+        assert_eq!(seek.check(7_851), ResumeCheck::SeekBack(3_976));
+        assert_eq!(seek.check(6_000), ResumeCheck::SeekBack(2_952));
+        assert_eq!(seek.check(2_990), ResumeCheck::Below);
+        assert_eq!(seek.check(4_999), ResumeCheck::Below);
+        assert_eq!(seek.check(5_000), ResumeCheck::Found);
+    }
+
+    #[test]
+    fn records_gone_below_the_log_start_are_a_gap() {
+        let mut seek = ResumeSeek::new(100);
+        assert_eq!(seek.check(500), ResumeCheck::SeekBack(0));
+        assert_eq!(seek.check(400), ResumeCheck::Gap);
+    }
 
     const WALL: u64 = 1_000_000;
 
