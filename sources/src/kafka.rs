@@ -70,6 +70,8 @@ const POLL_BUDGET: Duration = Duration::from_millis(5);
 /// How often an activation runs when nothing arrives: bounds how late an
 /// idle partition or the wall clock is noticed.
 const TIMER: Duration = Duration::from_millis(100);
+/// How long a seek back (see [`ResumeSeek`]) may block the worker.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the ledger's resume offsets are committed to the group.
 const GROUP_COMMIT_EVERY: Duration = Duration::from_secs(5);
 /// How often the per-partition positions are logged.
@@ -258,7 +260,8 @@ struct Reading {
     resume: Option<ResumeSeek>,
 }
 
-/// Making sure a resumed partition really starts at its resume offset.
+/// Making sure a resumed partition really starts at its resume offset (and
+/// that a gap in the offsets is one).
 ///
 /// A Kafka broker answers a fetch at offset N with the record batch that
 /// contains N, and the client drops the records below N. Some
@@ -437,12 +440,29 @@ pub fn kafka_source<'s>(
                 let Some(reading) = readings.get_mut(&message.partition()) else {
                     continue;
                 };
+                if reading.resume.is_none()
+                    && reading.records > 0
+                    && message.offset() > reading.next_offset
+                {
+                    // A gap in the offsets: normal for control records of
+                    // transactions and for compacted topics, but also what
+                    // a broker that answers a mid-batch fetch from the next
+                    // batch looks like. Check it the same way as a resume.
+                    tracing::debug!(
+                        topic = %topic,
+                        partition = reading.id,
+                        expected = reading.next_offset,
+                        got = message.offset(),
+                        "gap in offsets; checking that the broker has nothing in it"
+                    );
+                    reading.resume = Some(ResumeSeek::new(reading.next_offset));
+                }
                 if let Some(resume) = reading.resume.as_mut() {
                     match resume.check(message.offset()) {
                         ResumeCheck::Below => continue,
                         ResumeCheck::Found => reading.resume = None,
                         ResumeCheck::SeekBack(offset) => {
-                            tracing::warn!(
+                            tracing::debug!(
                                 topic = %topic,
                                 partition = reading.id,
                                 resume_at = resume.target,
@@ -451,11 +471,15 @@ pub fn kafka_source<'s>(
                                 "the broker answered a fetch from further on than asked; \
                                  seeking back and skipping what was read before"
                             );
+                            // Synchronous, so that records fetched before
+                            // the seek are discarded rather than mistaken
+                            // for the broker's new answer. Rare: a resume,
+                            // or a gap in the offsets.
                             if let Err(err) = consumer.seek(
                                 &topic,
                                 reading.id,
                                 Offset::Offset(offset),
-                                Duration::ZERO,
+                                SEEK_TIMEOUT,
                             ) {
                                 tracing::warn!("seeking partition {}: {err}", reading.id);
                             }
