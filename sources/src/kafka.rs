@@ -260,8 +260,7 @@ struct Reading {
     resume: Option<ResumeSeek>,
 }
 
-/// Making sure a resumed partition really starts at its resume offset (and
-/// that a gap in the offsets is one).
+/// Making sure a resumed partition really starts at its resume offset.
 ///
 /// A Kafka broker answers a fetch at offset N with the record batch that
 /// contains N, and the client drops the records below N. Some
@@ -269,16 +268,19 @@ struct Reading {
 /// after N instead (tansu 0.6's memory engine: a fetch at 1,000 came back
 /// from 7,851), which would silently skip the rest of N's batch. So until
 /// the record at N is seen, records below N are dropped, and a first record
-/// past N makes the source seek back further (doubling), until the broker
-/// has nothing earlier to give.
+/// past N makes the source seek back further (doubling), until the record
+/// at N comes, the start of the partition is reached, or the re-reading
+/// bound is hit (then the gap is taken as real).
 #[derive(Clone, Copy, Debug)]
 struct ResumeSeek {
     target: i64,
     /// How far before the target the last seek-back went.
     back: i64,
-    /// The first offset the broker answered with after the last seek.
-    first_seen: Option<i64>,
 }
+
+/// How far back a check may seek before taking a gap as real: bounds the
+/// re-reading a genuine gap (transaction markers, compaction) costs.
+const MAX_SEEK_BACK: i64 = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ResumeCheck {
@@ -294,11 +296,7 @@ enum ResumeCheck {
 
 impl ResumeSeek {
     fn new(target: i64) -> Self {
-        ResumeSeek {
-            target,
-            back: 0,
-            first_seen: None,
-        }
+        ResumeSeek { target, back: 0 }
     }
 
     fn check(&mut self, offset: i64) -> ResumeCheck {
@@ -308,12 +306,12 @@ impl ResumeSeek {
         if offset == self.target {
             return ResumeCheck::Found;
         }
-        let no_earlier = self.first_seen.is_some_and(|first| offset >= first)
-            || (self.back > 0 && self.target - self.back <= 0);
-        if no_earlier {
+        // The same answer after seeking back proves nothing: the batch
+        // holding the target may start further back still. Only the start
+        // of the partition (or a bound on the re-reading) ends the search.
+        if self.back > 0 && (self.target - self.back <= 0 || self.back >= MAX_SEEK_BACK) {
             return ResumeCheck::Gap;
         }
-        self.first_seen = Some(offset);
         self.back = (self.back * 2).max(1024);
         ResumeCheck::SeekBack((self.target - self.back).max(0))
     }
@@ -440,23 +438,6 @@ pub fn kafka_source<'s>(
                 let Some(reading) = readings.get_mut(&message.partition()) else {
                     continue;
                 };
-                if reading.resume.is_none()
-                    && reading.records > 0
-                    && message.offset() > reading.next_offset
-                {
-                    // A gap in the offsets: normal for control records of
-                    // transactions and for compacted topics, but also what
-                    // a broker that answers a mid-batch fetch from the next
-                    // batch looks like. Check it the same way as a resume.
-                    tracing::debug!(
-                        topic = %topic,
-                        partition = reading.id,
-                        expected = reading.next_offset,
-                        got = message.offset(),
-                        "gap in offsets; checking that the broker has nothing in it"
-                    );
-                    reading.resume = Some(ResumeSeek::new(reading.next_offset));
-                }
                 if let Some(resume) = reading.resume.as_mut() {
                     match resume.check(message.offset()) {
                         ResumeCheck::Below => continue,
@@ -756,7 +737,15 @@ mod tests {
     fn a_broker_answering_from_further_on_is_sought_back_until_it_gives_the_offset() {
         let mut seek = ResumeSeek::new(5_000);
         assert_eq!(seek.check(7_851), ResumeCheck::SeekBack(3_976));
-        assert_eq!(seek.check(7_851), ResumeCheck::Gap, "nothing earlier came");
+        // The same answer again: the batch may start further back still.
+        assert_eq!(seek.check(7_851), ResumeCheck::SeekBack(2_952));
+        assert_eq!(seek.check(7_851), ResumeCheck::SeekBack(904));
+        assert_eq!(seek.check(7_851), ResumeCheck::SeekBack(0));
+        assert_eq!(
+            seek.check(7_851),
+            ResumeCheck::Gap,
+            "nothing earlier at all"
+        );
         let mut seek = ResumeSeek::new(5_000);
         assert_eq!(seek.check(7_851), ResumeCheck::SeekBack(3_976));
         assert_eq!(seek.check(6_000), ResumeCheck::SeekBack(2_952));
@@ -770,6 +759,11 @@ mod tests {
         let mut seek = ResumeSeek::new(100);
         assert_eq!(seek.check(500), ResumeCheck::SeekBack(0));
         assert_eq!(seek.check(400), ResumeCheck::Gap);
+        let mut seek = ResumeSeek::new(1 << 40);
+        for _ in 0..11 {
+            assert!(matches!(seek.check(1 << 41), ResumeCheck::SeekBack(_)));
+        }
+        assert_eq!(seek.check(1 << 41), ResumeCheck::Gap, "bounded re-reading");
     }
 
     const WALL: u64 = 1_000_000;
