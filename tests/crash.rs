@@ -12,7 +12,6 @@
 mod support;
 
 use livepipe_sources::generator::{GenConfig, Generator};
-use livepipe_sources::publish::{ensure_topic, producer_config, publish, Pace, PublishStats};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -20,12 +19,11 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sha2::{Digest, Sha256};
 use support::job::{dir_bytes, wait_for, Job};
+use support::kafka::{fresh_topic, publish_all, separate_broker, separate_broker_events};
 use support::reference::{expected, Expected, Rules};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::Duration;
 
 const KILLS: usize = 6;
@@ -205,20 +203,7 @@ fn topic_killed_six_times(brokers: &str, topic: &str, partitions: i32, events: u
     let dir = tempfile::tempdir().unwrap();
     let records = records(events, seed);
     let want = reference(&records);
-    let stats = Arc::new(PublishStats::default());
-    publish(
-        &producer_config(brokers, &[]),
-        topic,
-        records.iter().cloned(),
-        Pace {
-            max_rate: None,
-            follow_clock: false,
-        },
-        &AtomicBool::new(false),
-        stats,
-        Duration::from_secs(60),
-    )
-    .unwrap();
+    publish_all(brokers, topic, &records);
 
     let out = dir.path().join("out");
     let run = |workers: &str, log: &Path| {
@@ -302,31 +287,11 @@ fn a_topic_run_killed_six_times_bills_exactly_once() {
 
 #[test]
 fn a_separate_broker_run_killed_six_times_bills_exactly_once() {
-    let Ok(brokers) = std::env::var("LIVEPIPE_TEST_KAFKA") else {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI=true but LIVEPIPE_TEST_KAFKA is not set: .ci/run must start tansu");
-        }
-        eprintln!("skipped: set LIVEPIPE_TEST_KAFKA=host:port of a Kafka-protocol broker");
+    let Some(brokers) = separate_broker() else {
         return;
     };
-    let topic = format!(
-        "crash-{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis()
-    );
-    ensure_topic(
-        &producer_config(&brokers, &[]),
-        &topic,
-        4,
-        Duration::from_secs(30),
-    )
-    .expect("topic");
-    // LIVEPIPE_CRASH_EVENTS=500000 for the full-size check of the notes.
-    let events = std::env::var("LIVEPIPE_CRASH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(120_000);
+    let topic = fresh_topic(&brokers, "crash", 4);
+    // LIVEPIPE_CRASH_EVENTS=500000 for the full-size check.
+    let events = separate_broker_events(120_000);
     topic_killed_six_times(&brokers, &topic, 4, events, 43);
 }

@@ -8,18 +8,16 @@
 mod support;
 
 use livepipe_sources::generator::{GenConfig, Generator};
-use livepipe_sources::publish::{ensure_topic, producer_config, publish, Pace, PublishStats};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
 use support::job::{dir_bytes, wait_for, Job};
+use support::kafka::{fresh_topic, publish_all, separate_broker, separate_broker_events};
 use support::reference::{expected, Expected, Rules};
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Long enough for a debug build on a loaded 2-core machine; only a guard
@@ -49,26 +47,6 @@ fn generated(events: u64, seed: u64) -> Vec<Vec<u8>> {
         ..GenConfig::default()
     })
     .collect()
-}
-
-/// Sends `records` keyed by stream, as `livepipe gen --brokers` does.
-fn publish_all(brokers: &str, topic: &str, records: &[Vec<u8>]) {
-    let stats = Arc::new(PublishStats::default());
-    publish(
-        &producer_config(brokers, &[]),
-        topic,
-        records.iter().cloned(),
-        Pace {
-            max_rate: None,
-            follow_clock: false,
-        },
-        &AtomicBool::new(false),
-        stats.clone(),
-        Duration::from_secs(60),
-    )
-    .expect("published");
-    let delivered = stats.delivered.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(delivered, records.len() as u64, "every record delivered");
 }
 
 /// A producer that picks partitions itself.
@@ -256,29 +234,11 @@ fn topic_and_file_give_identical_billing_files_for_1_and_2_workers() {
 /// `.ci/run`.
 #[test]
 fn separate_broker_process_bills_like_the_reference() {
-    let Ok(brokers) = std::env::var("LIVEPIPE_TEST_KAFKA") else {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!(
-                "CI=true but LIVEPIPE_TEST_KAFKA is not set: .ci/run must start the separate \
-                 Kafka-protocol broker (tansu) and export its address"
-            );
-        }
-        eprintln!("skipped: set LIVEPIPE_TEST_KAFKA=host:port of a Kafka-protocol broker");
+    let Some(brokers) = separate_broker() else {
         return;
     };
-    let topic = format!("livepipe-test-{}", now_ms());
-    let created = ensure_topic(
-        &producer_config(&brokers, &[]),
-        &topic,
-        4,
-        Duration::from_secs(30),
-    )
-    .expect("topic created on the separate broker");
-    assert_eq!(created, 4);
-    let events = std::env::var("LIVEPIPE_CRASH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(120_000);
+    let topic = fresh_topic(&brokers, "livepipe-test", 4);
+    let events = separate_broker_events(120_000);
     topic_bills_like_the_file(&brokers, &topic, events, 23);
 }
 

@@ -1,4 +1,5 @@
 #![allow(dead_code)]
 pub mod browser;
 pub mod job;
+pub mod kafka;
 pub mod reference;

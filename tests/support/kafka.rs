@@ -1,0 +1,72 @@
+//! Kafka helpers shared by the tests: loading a topic, and the separate
+//! broker process (`LIVEPIPE_TEST_KAFKA`, started by `.ci/run`).
+
+use livepipe_sources::publish::{ensure_topic, producer_config, publish, Pace, PublishStats};
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Sends `records` keyed by stream, as `livepipe gen --brokers` does, and
+/// checks that every one was delivered.
+pub fn publish_all(brokers: &str, topic: &str, records: &[Vec<u8>]) {
+    let stats = Arc::new(PublishStats::default());
+    publish(
+        &producer_config(brokers, &[]),
+        topic,
+        records.iter().cloned(),
+        Pace {
+            max_rate: None,
+            follow_clock: false,
+        },
+        &AtomicBool::new(false),
+        stats.clone(),
+        Duration::from_secs(60),
+    )
+    .expect("published");
+    let delivered = stats.delivered.load(Ordering::Relaxed);
+    assert_eq!(delivered, records.len() as u64, "every record delivered");
+}
+
+/// The separate broker's address, or `None` (the test then skips).
+/// Under `CI=true` a missing broker is a failure, never a silent skip.
+pub fn separate_broker() -> Option<String> {
+    match std::env::var("LIVEPIPE_TEST_KAFKA") {
+        Ok(brokers) => Some(brokers),
+        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => panic!(
+            "CI=true but LIVEPIPE_TEST_KAFKA is not set: .ci/run must start the separate \
+             Kafka-protocol broker (tansu) and export its address"
+        ),
+        Err(_) => {
+            eprintln!("skipped: set LIVEPIPE_TEST_KAFKA=host:port of a Kafka-protocol broker");
+            None
+        }
+    }
+}
+
+/// Creates a topic named `<prefix>-<now>` with `partitions` partitions.
+pub fn fresh_topic(brokers: &str, prefix: &str, partitions: i32) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let topic = format!("{prefix}-{now}");
+    let created = ensure_topic(
+        &producer_config(brokers, &[]),
+        &topic,
+        partitions,
+        Duration::from_secs(30),
+    )
+    .expect("topic created");
+    assert_eq!(created, partitions);
+    topic
+}
+
+/// `LIVEPIPE_CRASH_EVENTS` (records for the separate-broker runs), or
+/// `default`.
+pub fn separate_broker_events(default: u64) -> u64 {
+    std::env::var("LIVEPIPE_CRASH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
