@@ -18,7 +18,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sha2::{Digest, Sha256};
-use support::job::{dir_bytes, wait_for, Job};
+use support::job::{dir_bytes, topic_job, wait_for, Job};
 use support::kafka::{fresh_topic, publish_all, separate_broker, separate_broker_events};
 use support::reference::{expected, Expected, Rules};
 
@@ -206,26 +206,7 @@ fn topic_killed_six_times(brokers: &str, topic: &str, partitions: i32, events: u
     publish_all(brokers, topic, &records);
 
     let out = dir.path().join("out");
-    let run = |workers: &str, log: &Path| {
-        Job::start(
-            &[
-                "run",
-                "--brokers",
-                brokers,
-                "--topic",
-                topic,
-                "--workers",
-                workers,
-                "--idle-timeout-ms",
-                "1000",
-                "--http",
-                "127.0.0.1:0",
-                "--out",
-                out.to_str().unwrap(),
-            ],
-            log,
-        )
-    };
+    let run = |workers: &str, log: &Path| topic_job(brokers, topic, workers, &out, log);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut witness = kill_repeatedly(&mut rng, &out, 500..4_000, |workers, kill| {
         run(workers, &dir.path().join(format!("kill-{kill}.log")))

@@ -5,7 +5,7 @@
 mod support;
 
 use support::browser::{chromium_path, Browser};
-use support::job::{wait_for, Job};
+use support::job::{http_addr, wait_for, Job};
 
 use std::time::Duration;
 
@@ -33,15 +33,10 @@ fn the_dashboard_shows_live_streams_in_a_real_browser() {
         ],
         &log,
     );
-    let addr = |log: &std::path::Path| {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let rest = text.split("serving the dashboard at http://").nth(1)?;
-        Some(rest.split('/').next()?.to_string())
-    };
     wait_for(&mut job, Duration::from_secs(120), "the dashboard", || {
-        addr(&log).is_some()
+        http_addr(&log).is_some()
     });
-    let base = addr(&log).unwrap();
+    let base = http_addr(&log).unwrap();
 
     let mut browser = Browser::start_with(&chromium);
     browser.navigate(&format!("http://{base}/"));

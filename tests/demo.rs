@@ -4,7 +4,7 @@
 
 mod support;
 
-use support::job::{dir_bytes, wait_for, Job};
+use support::job::{dir_bytes, http_addr, wait_for, Job};
 
 use std::time::{Duration, Instant};
 
@@ -26,11 +26,9 @@ fn the_demo_starts_produces_and_writes_billing_files_with_no_flags() {
     );
     // The dashboard's API lists streams with viewers soon after start.
     let live_streams = || -> usize {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let Some(rest) = text.split("serving the dashboard at http://").nth(1) else {
+        let Some(addr) = http_addr(&log) else {
             return 0;
         };
-        let addr = rest.split('/').next().unwrap_or_default();
         let Ok(mut response) = ureq::get(&format!("http://{addr}/api/live")).call() else {
             return 0;
         };

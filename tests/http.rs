@@ -8,10 +8,9 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
-use support::job::{wait_for, Job};
+use support::job::{http_addr, wait_for, Job};
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -39,13 +38,6 @@ fn join(stream: &str, viewer: &str, ts: u64) -> String {
     format!(
         r#"{{"type":"join","event_id":"j-{viewer}","ts":{ts},"stream_id":"{stream}","viewer_id":"{viewer}"}}"#
     )
-}
-
-/// The address the job logged ("serving the dashboard at http://ADDR/").
-fn http_addr(log: &Path) -> Option<String> {
-    let log = std::fs::read_to_string(log).ok()?;
-    let rest = log.split("serving the dashboard at http://").nth(1)?;
-    Some(rest.split('/').next()?.to_string())
 }
 
 fn agent() -> ureq::Agent {

@@ -12,7 +12,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
-use support::job::{dir_bytes, wait_for, Job};
+use support::job::{dir_bytes, topic_job, wait_for, Job};
 use support::kafka::{fresh_topic, publish_all, separate_broker, separate_broker_events};
 use support::reference::{expected, Expected, Rules};
 
@@ -141,25 +141,8 @@ fn run_on_topic(
     dir: &Path,
 ) -> std::collections::BTreeMap<String, Vec<u8>> {
     let out = dir.join(format!("out-{topic}-{workers}"));
-    let out_str = out.to_str().unwrap();
-    let mut job = Job::start(
-        &[
-            "run",
-            "--brokers",
-            brokers,
-            "--topic",
-            topic,
-            "--workers",
-            workers,
-            "--idle-timeout-ms",
-            "1000",
-            "--http",
-            "127.0.0.1:0",
-            "--out",
-            out_str,
-        ],
-        &dir.join(format!("{topic}-{workers}.log")),
-    );
+    let log = dir.join(format!("{topic}-{workers}.log"));
+    let mut job = topic_job(brokers, topic, workers, &out, &log);
     let markers: BTreeSet<String> = want.files.keys().map(|f| format!("{f}.done")).collect();
     wait_for(&mut job, LIMIT, "the expected billing files", || {
         let names: BTreeSet<String> = dir_bytes(&out.join("billing")).into_keys().collect();

@@ -117,3 +117,34 @@ pub fn dir_bytes(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
         })
         .collect()
 }
+
+/// The dashboard address a job logged ("serving the dashboard at
+/// http://ADDR/"), once it has.
+pub fn http_addr(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let rest = text.split("serving the dashboard at http://").nth(1)?;
+    Some(rest.split('/').next()?.to_string())
+}
+
+/// `livepipe run` on a Kafka topic the way the backfill tests run it: a
+/// 1 s idle timeout (the topic is preloaded), any free HTTP port.
+pub fn topic_job(brokers: &str, topic: &str, workers: &str, out: &Path, log: &Path) -> Job {
+    Job::start(
+        &[
+            "run",
+            "--brokers",
+            brokers,
+            "--topic",
+            topic,
+            "--workers",
+            workers,
+            "--idle-timeout-ms",
+            "1000",
+            "--http",
+            "127.0.0.1:0",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        log,
+    )
+}
