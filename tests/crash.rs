@@ -11,7 +11,6 @@
 
 mod support;
 
-use livepipe_sources::generator::{GenConfig, Generator};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -19,7 +18,9 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sha2::{Digest, Sha256};
 use support::job::{dir_bytes, topic_job, wait_for, Job};
-use support::kafka::{fresh_topic, publish_all, separate_broker, separate_broker_events};
+use support::kafka::{
+    fresh_topic, generated_traffic, publish_all, separate_broker, separate_broker_events,
+};
 use support::reference::{expected, Expected, Rules};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,27 +30,9 @@ use std::time::Duration;
 const KILLS: usize = 6;
 const LIMIT: Duration = Duration::from_secs(240);
 
-fn records(events: u64, seed: u64) -> Vec<Vec<u8>> {
-    Generator::new(&GenConfig {
-        seed,
-        events,
-        rate: 400,
-        ..GenConfig::default()
-    })
-    .collect()
-}
-
 fn reference(records: &[Vec<u8>]) -> Expected {
     let lines: Vec<&[u8]> = records.iter().map(|r| &r[..]).collect();
-    expected(
-        &lines,
-        Rules {
-            qualify_ms: 2_000,
-            window: 300_000,
-            lateness: 5_000,
-            period: 60_000,
-        },
-    )
+    expected(&lines, Rules::SPEC)
 }
 
 /// Checksums of every billing file seen so far; fails if one changes.
@@ -142,7 +125,7 @@ fn kill_repeatedly(
 #[test]
 fn a_file_run_killed_six_times_bills_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let records = records(400_000, 31);
+    let records = generated_traffic(400_000, 31);
     let input = dir.path().join("events.jsonl");
     let mut bytes = Vec::new();
     for record in &records {
@@ -201,7 +184,7 @@ fn a_file_run_killed_six_times_bills_exactly_once() {
 /// The same with a topic: every restart resumes from the ledger's offsets.
 fn topic_killed_six_times(brokers: &str, topic: &str, partitions: i32, events: u64, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
-    let records = records(events, seed);
+    let records = generated_traffic(events, seed);
     let want = reference(&records);
     publish_all(brokers, topic, &records);
 

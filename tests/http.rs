@@ -177,6 +177,13 @@ fn the_live_api_ticks_every_second_while_billing_is_frozen() {
         emitted.windows(2).all(|w| w[0] <= w[1]),
         "ticks in order: {emitted:?}"
     );
+    // Each connection sees the current snapshot, then the next tick's.
+    for pair in emitted.chunks(2) {
+        assert!(
+            pair[0] < pair[1],
+            "a new tick on every connection: {emitted:?}"
+        );
+    }
     let last = seen.last().unwrap();
     assert!(
         last["viewers"].as_u64().unwrap() > seen[0]["viewers"].as_u64().unwrap(),

@@ -7,13 +7,14 @@
 
 mod support;
 
-use livepipe_sources::generator::{GenConfig, Generator};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
 use support::job::{dir_bytes, topic_job, wait_for, Job};
-use support::kafka::{fresh_topic, publish_all, separate_broker, separate_broker_events};
+use support::kafka::{
+    fresh_topic, generated_traffic, publish_all, separate_broker, separate_broker_events,
+};
 use support::reference::{expected, Expected, Rules};
 
 use std::collections::BTreeSet;
@@ -35,18 +36,6 @@ fn mock_cluster(topic: &str, partitions: i32) -> MockCluster<'static, DefaultPro
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic(topic, partitions, 1).expect("topic");
     cluster
-}
-
-/// Generated records, the same bytes `livepipe gen --output` writes.
-fn generated(events: u64, seed: u64) -> Vec<Vec<u8>> {
-    Generator::new(&GenConfig {
-        seed,
-        events,
-        // Several billing periods of event time.
-        rate: 400,
-        ..GenConfig::default()
-    })
-    .collect()
 }
 
 /// A producer that picks partitions itself.
@@ -122,15 +111,6 @@ fn json_lines(path: &Path) -> Vec<Value> {
         .collect()
 }
 
-fn default_rules() -> Rules {
-    Rules {
-        qualify_ms: 2_000,
-        window: 300_000,
-        lateness: 5_000,
-        period: 60_000,
-    }
-}
-
 /// Runs `livepipe run` on the topic until every file the reference expects
 /// is there, stops it, and returns the billing directory's bytes.
 fn run_on_topic(
@@ -161,7 +141,7 @@ fn run_on_topic(
 /// the reference's billing files, byte for byte, for 1 and 2 workers.
 fn topic_bills_like_the_file(brokers: &str, topic: &str, events: u64, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
-    let records = generated(events, seed);
+    let records = generated_traffic(events, seed);
     let input = dir.path().join("events.jsonl");
     let mut bytes = Vec::new();
     for record in &records {
@@ -170,7 +150,7 @@ fn topic_bills_like_the_file(brokers: &str, topic: &str, events: u64, seed: u64)
     }
     std::fs::write(&input, &bytes).unwrap();
     let lines: Vec<&[u8]> = records.iter().map(|r| &r[..]).collect();
-    let want = expected(&lines, default_rules());
+    let want = expected(&lines, Rules::SPEC);
     assert!(want.files.len() > 1);
 
     publish_all(brokers, topic, &records);
@@ -466,7 +446,7 @@ fn gen_to_kafka_sends_what_gen_writes_to_a_file() {
     let bytes = std::fs::read(&input).unwrap();
     let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
     lines.pop();
-    let want = expected(&lines, default_rules());
+    let want = expected(&lines, Rules::SPEC);
     let got = run_on_topic(&brokers, "made", "2", &want, dir.path());
     for (name, bytes) in &want.files {
         assert!(got[name] == *bytes, "{name} differs from the reference");

@@ -137,6 +137,22 @@ fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) ->
     metric.encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
 }
 
+/// One gauge family with a sample per partition.
+fn partition_gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[PartitionRow],
+    value: impl Fn(&PartitionRow) -> i64,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for row in rows {
+        let labels = [("partition", row.partition.to_string())];
+        ConstGauge::new(value(row)).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 impl Collector for JobMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -225,36 +241,27 @@ impl Collector for JobMetrics {
 
         let partitions = (self.partitions)();
         if !partitions.is_empty() {
-            let mut offsets = encoder.encode_descriptor(
+            partition_gauge(
+                &mut encoder,
                 "partition_offset",
                 "Next offset to read, per source partition.",
-                None,
-                MetricType::Gauge,
+                &partitions,
+                |row| row.offset,
             )?;
-            for row in &partitions {
-                let labels = [("partition", row.partition.to_string())];
-                ConstGauge::new(row.offset).encode(offsets.encode_family(&labels)?)?;
-            }
-            let mut lags = encoder.encode_descriptor(
+            partition_gauge(
+                &mut encoder,
                 "partition_lag",
                 "Records behind the broker's high watermark, per partition (-1 unknown).",
-                None,
-                MetricType::Gauge,
+                &partitions,
+                |row| row.lag,
             )?;
-            for row in &partitions {
-                let labels = [("partition", row.partition.to_string())];
-                ConstGauge::new(row.lag).encode(lags.encode_family(&labels)?)?;
-            }
-            let mut idle = encoder.encode_descriptor(
+            partition_gauge(
+                &mut encoder,
                 "partition_idle",
                 "1 when the partition is idle and not holding the watermark back.",
-                None,
-                MetricType::Gauge,
+                &partitions,
+                |row| row.idle as i64,
             )?;
-            for row in &partitions {
-                let labels = [("partition", row.partition.to_string())];
-                ConstGauge::new(row.idle as i64).encode(idle.encode_family(&labels)?)?;
-            }
         }
 
         let probes = &self.probes;

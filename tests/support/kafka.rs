@@ -1,6 +1,7 @@
 //! Kafka helpers shared by the tests: loading a topic, and the separate
 //! broker process (`LIVEPIPE_TEST_KAFKA`, started by `.ci/run`).
 
+use livepipe_sources::generator::{GenConfig, Generator};
 use livepipe_sources::publish::{ensure_topic, producer_config, publish, Pace, PublishStats};
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,4 +70,17 @@ pub fn separate_broker_events(default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Generated traffic, the same bytes `livepipe gen --output --rate 400`
+/// writes: several billing periods of event time in a few ten thousand
+/// records.
+pub fn generated_traffic(events: u64, seed: u64) -> Vec<Vec<u8>> {
+    Generator::new(&GenConfig {
+        seed,
+        events,
+        rate: 400,
+        ..GenConfig::default()
+    })
+    .collect()
 }

@@ -18,6 +18,16 @@ pub struct Rules {
     pub period: u64,
 }
 
+impl Rules {
+    /// SPEC's defaults, which `livepipe run` uses without rule flags.
+    pub const SPEC: Rules = Rules {
+        qualify_ms: 2_000,
+        window: 300_000,
+        lateness: 5_000,
+        period: 60_000,
+    };
+}
+
 #[derive(Clone, Debug)]
 struct Pending {
     canonical: Event,
