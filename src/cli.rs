@@ -77,9 +77,19 @@ pub struct RunArgs {
     #[arg(long, value_name = "I", requires = "processes")]
     pub process: Option<usize>,
 
-    /// File with one host:port per line, one line per process.
+    /// File with one host:port per line, one line per process (process 0 first);
+    /// each process listens on its own line's port.
     #[arg(long, value_name = "FILE", requires = "processes")]
     pub hostfile: Option<PathBuf>,
+
+    /// How long a cluster process keeps trying to reach the others at start.
+    #[arg(
+        long,
+        default_value_t = 120,
+        value_name = "SECS",
+        requires = "processes"
+    )]
+    pub cluster_timeout: u64,
 }
 
 /// The business rules; defaults are SPEC's.

@@ -3,4 +3,5 @@
 //! benches drive the same code the binary runs.
 
 pub mod cli;
+pub mod cluster;
 pub mod pipeline;

@@ -5,6 +5,7 @@ use anyhow::Context;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use livepipe::cli::{Cli, Command, GenArgs, RunArgs, StartFrom};
+use livepipe::cluster::ClusterSpec;
 use livepipe::pipeline::{run_job, Input, Job, UsageError};
 use livepipe_sources::demo::{Demo, DemoSettings};
 use livepipe_sources::file::RECORDS_PER_CHUNK;
@@ -55,10 +56,23 @@ fn main() -> ExitCode {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = args.rules.to_config().map_err(UsageError)?;
-    if args.processes.is_some_and(|n| n > 1) {
+    let cluster = match (args.processes, args.process, &args.hostfile) {
+        (Some(processes), Some(process), Some(hostfile)) => Some(
+            ClusterSpec::load(
+                processes,
+                process,
+                hostfile,
+                Duration::from_secs(args.cluster_timeout),
+            )
+            .map_err(UsageError)?,
+        ),
+        // clap requires all three together.
+        _ => None,
+    };
+    if cluster.is_some() && args.input.is_empty() && args.brokers.is_none() {
         return Err(UsageError(
-            "multi-process clusters (--processes > 1) are not supported by this build yet; \
-             run one process with --workers N"
+            "the embedded demo runs as one process; give a cluster --brokers and --topic, \
+             or --input files"
                 .into(),
         )
         .into());
@@ -117,10 +131,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let bounded = matches!(input, Input::Files { .. });
     // A file replay ends on its own; it serves HTTP only when asked to.
+    // Processes of a cluster on one machine must not fight over one port.
+    let process = cluster.as_ref().map_or(0, |c| c.process);
     let http = if bounded {
         args.http
     } else {
-        Some(args.http.unwrap_or(DEFAULT_HTTP))
+        Some(args.http.unwrap_or_else(|| default_http(process)))
     };
     let summary = run_job(Job {
         input,
@@ -131,6 +147,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         live_log: !bounded,
         http,
         stop,
+        cluster,
     });
     // The consumers are gone: the demo broker may go too.
     if let Some(demo) = demo {
@@ -150,11 +167,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where the dashboard is served by default: loopback only (SPEC §2).
-const DEFAULT_HTTP: std::net::SocketAddr = std::net::SocketAddr::V4(std::net::SocketAddrV4::new(
-    std::net::Ipv4Addr::LOCALHOST,
-    8080,
-));
+/// Where the dashboard is served by default: loopback only (SPEC §2), port
+/// 8080 (8080 + i for process i of a cluster).
+fn default_http(process: usize) -> std::net::SocketAddr {
+    let port = u16::try_from(8080 + process).unwrap_or(0);
+    std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port))
+}
 
 /// The flag that SIGINT and SIGTERM set for a graceful stop; a second
 /// signal ends the process at once (exit 1).

@@ -6,15 +6,24 @@
 //! every file is read and every impression final; the last snapshots are
 //! then written to `live.json`. A Kafka run goes on until it is stopped
 //! (SIGINT/SIGTERM), and stopping finalizes nothing that is not final.
+//!
+//! In a cluster ([`crate::cluster`]) worker 0 lives in process 0, so that
+//! process alone holds the billing output, the ledger, `live.json` and the
+//! dashboard; what the others need from the ledger (where to resume) reaches
+//! them through the dataflow before the job starts, and their sources'
+//! checkpoints reach the sink the same way. Each process writes the records
+//! its own workers reject: process 0 into `--out`, process `i` into
+//! `--out/process-i/`.
 
+use crate::cluster::{self, ClusterSpec, JobShape};
 use anyhow::Context;
 use livepipe_dataflow::billing::billing;
 use livepipe_dataflow::config::PipelineConfig;
 use livepipe_dataflow::event::RejectedRecord;
-use livepipe_dataflow::event::{EventKind, Ingested};
 use livepipe_dataflow::live::live;
 use livepipe_dataflow::probe::Probes;
-use livepipe_dataflow::resume::{Checkpoint, Checkpoints};
+use livepipe_dataflow::resume::{ship_checkpoints, Checkpoint, CheckpointOutbox, Checkpoints};
+use livepipe_dataflow::route::split_paths;
 use livepipe_dataflow::time::Time;
 use livepipe_sinks::billing::{BillingSink, BillingStats};
 use livepipe_sinks::http::{self, HttpState};
@@ -26,13 +35,19 @@ use livepipe_sources::kafka::{
     discover_partitions, kafka_source, KafkaSettings, KafkaSourceContext, KafkaStatus, SetupError,
 };
 use livepipe_sources::SourceContext;
-use timely::dataflow::operators::vec::Partition;
+use timely::dataflow::operators::vec::Broadcast;
+use timely::dataflow::operators::vec::Input as _;
+use timely::dataflow::operators::Inspect;
+use timely::dataflow::operators::Probe;
+use timely::worker::Worker;
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -73,6 +88,8 @@ pub struct Job {
     /// drops the dataflow between two steps. What was final is committed
     /// already; nothing that is not final gets finalized.
     pub stop: Arc<AtomicBool>,
+    /// This process's place in a multi-process cluster (`None`: alone).
+    pub cluster: Option<ClusterSpec>,
 }
 
 /// A run over files (the shape the tests use).
@@ -115,6 +132,7 @@ pub fn run_files(run: FileRun) -> anyhow::Result<RunSummary> {
         live_log: false,
         http: None,
         stop: Arc::new(AtomicBool::new(false)),
+        cluster: None,
     })
 }
 
@@ -164,6 +182,9 @@ fn run_dataflow(
     sources: Vec<Arc<str>>,
     partitions: Vec<i32>,
 ) -> anyhow::Result<RunSummary> {
+    // Process 0 (or a process alone) holds the billing output and the board.
+    let process = job.cluster.as_ref().map_or(0, |c| c.process);
+    let first = process == 0;
     let listener = match job.http {
         Some(addr) => Some(http::bind(addr).map_err(|err| {
             UsageError(format!(
@@ -172,22 +193,37 @@ fn run_dataflow(
         })?),
         None => None,
     };
-    fs::create_dir_all(&job.out)
-        .map_err(|err| UsageError(format!("--out {}: cannot create: {err}", job.out.display())))?;
+    let side_dir = if first {
+        job.out.clone()
+    } else {
+        job.out.join(format!("process-{process}"))
+    };
+    fs::create_dir_all(&side_dir).map_err(|err| {
+        UsageError(format!(
+            "--out {}: cannot create: {err}",
+            side_dir.display()
+        ))
+    })?;
 
-    let side = Arc::new(SideOutputs::open(&job.out).context("opening side outputs")?);
-    let checkpoints = Arc::new(Checkpoints::default());
-    let sink = BillingSink::open(
-        &job.out,
-        job.config.clone(),
-        sources.clone(),
-        side.clone(),
-        checkpoints.clone(),
-    )
-    .with_context(|| format!("opening the billing output in {}", job.out.display()))?;
-    let resume = resume_positions(&sink, &sources, &job.out)?;
-    let billing_stats = sink.stats();
-    let sink = Arc::new(Mutex::new(Some(sink)));
+    let side = Arc::new(SideOutputs::open(&side_dir).context("opening side outputs")?);
+    let ledger_positions = Arc::new(Checkpoints::default());
+    let (sink, resume, billing_stats) = if first {
+        let sink = BillingSink::open(
+            &job.out,
+            job.config.clone(),
+            sources.clone(),
+            side.clone(),
+            ledger_positions.clone(),
+        )
+        .with_context(|| format!("opening the billing output in {}", job.out.display()))?;
+        let resume = resume_positions(&sink, &sources, &job.out)?;
+        let stats = sink.stats();
+        (Some(sink), resume, stats)
+    } else {
+        (None, BTreeMap::new(), Arc::new(BillingStats::default()))
+    };
+    let sink = Arc::new(Mutex::new(sink));
+    let resume = Arc::new(resume);
     let board = LiveBoard::default();
 
     let records_read = Arc::new(AtomicU64::new(0));
@@ -229,10 +265,15 @@ fn run_dataflow(
                 HttpState {
                     board: board.clone(),
                     metrics,
+                    dashboard: first,
                 },
             )
             .context("starting the HTTP server")?;
-            tracing::info!(addr = %server.addr(), "serving the dashboard at http://{}/", server.addr());
+            if first {
+                tracing::info!(addr = %server.addr(), "serving the dashboard at http://{}/", server.addr());
+            } else {
+                tracing::info!(addr = %server.addr(), "serving /healthz and /metrics (the dashboard is process 0's)");
+            }
             Some(server)
         }
         None => None,
@@ -240,7 +281,6 @@ fn run_dataflow(
     let context = SourceContext {
         allowed_lateness_ms: job.config.allowed_lateness_ms,
         time_granularity_ms: job.config.time_granularity_ms,
-        max_event_ts: Arc::new(AtomicU64::new(0)),
         records_read: records_read.clone(),
         on_reject: {
             let side = side.clone();
@@ -258,96 +298,130 @@ fn run_dataflow(
             })
         },
         on_fatal: Arc::new(|cause| fail(cause)),
-        checkpoints,
-        resume: Arc::new(resume),
+        // Each worker gets its own outbox below.
+        checkpoints: Arc::default(),
+        committed: ledger_positions,
+        // Each worker gets what process 0 read from its ledger below.
+        resume: Arc::default(),
+    };
+
+    // Connect before anything starts: a cluster that cannot form leaves
+    // nothing behind but the side outputs' empty files.
+    let (builders, network, health) = match &job.cluster {
+        None => {
+            let (builders, network) = timely::CommunicationConfig::Process(job.workers)
+                .try_build()
+                .map_err(|err| anyhow::anyhow!("starting timely workers: {err}"))?;
+            (builders, network, None)
+        }
+        Some(spec) => {
+            let formed = cluster::form(spec, job.workers, &job_shape(&job), job.stop.clone())
+                .map_err(|err| match err {
+                    cluster::ClusterError::Usage(message) => UsageError(message).into(),
+                    cluster::ClusterError::Unreachable(message) => anyhow::anyhow!(message),
+                })?;
+            (formed.builders, formed.guard, Some(formed.health))
+        }
     };
 
     let done = Arc::new(AtomicBool::new(false));
     let reporter = job
         .progress
         .then(|| spawn_progress(records_read.clone(), billing_stats.clone(), done.clone()));
-    let live_logger = job
-        .live_log
+    let live_logger = (job.live_log && first)
         .then(|| spawn_live_log(board.clone(), billing_stats.clone(), done.clone()));
+    let peer_watch = health.map(|health| {
+        let probes = probes.clone();
+        let stop = job.stop.clone();
+        cluster::watch_peers(
+            health,
+            move || stop.load(Ordering::Relaxed) || probes.inputs_ended.load(Ordering::Relaxed),
+            done.clone(),
+            |message| fail(message),
+        )
+    });
 
     let started = Instant::now();
     let input = job.input.clone();
     let config = job.config.clone();
     let stop = job.stop.clone();
+    let workers = job.workers;
     let job_board = board.clone();
-    let guards = timely::execute(timely::Config::process(job.workers), move |worker| {
-        let index = worker.index();
-        let context = context.clone();
-        worker.dataflow::<Time, _, _>(|scope| {
-            let ingested = match &input {
-                Input::Files {
-                    paths,
-                    records_per_chunk,
-                } => file_source(
-                    scope,
-                    paths,
-                    FileSourceContext {
-                        source: context.clone(),
-                        records_per_chunk: *records_per_chunk,
-                    },
-                ),
-                Input::Kafka(settings) => kafka_source(
-                    scope,
-                    KafkaSourceContext {
-                        source: context.clone(),
-                        settings: settings.clone(),
-                        partitions: partitions.clone(),
-                        idle_timeout_ms: config.idle_timeout_ms,
-                        status: kafka_status.clone(),
-                    },
-                ),
-            };
-            let counts = events_in.clone();
-            let mut paths = ingested.partition(2, move |record: Ingested| {
-                counts.worker(index).count(&record.event.kind);
-                let billing = matches!(
-                    record.event.kind,
-                    EventKind::Impression(_) | EventKind::AdProgress(_)
+    let guards = timely::execute::execute_from(
+        builders,
+        network,
+        timely::WorkerConfig::default(),
+        move |worker| {
+            let index = worker.index();
+            let mut context = context.clone();
+            context.resume = Arc::new(share_resume(worker, &resume));
+            let outbox = Arc::new(CheckpointOutbox::default());
+            context.checkpoints = outbox.clone();
+            worker.dataflow::<Time, _, _>(|scope| {
+                let ingested = match &input {
+                    Input::Files {
+                        paths,
+                        records_per_chunk,
+                    } => file_source(
+                        scope,
+                        paths,
+                        FileSourceContext {
+                            source: context.clone(),
+                            records_per_chunk: *records_per_chunk,
+                        },
+                    ),
+                    Input::Kafka(settings) => kafka_source(
+                        scope,
+                        KafkaSourceContext {
+                            source: context.clone(),
+                            settings: settings.clone(),
+                            partitions: partitions.clone(),
+                            idle_timeout_ms: config.idle_timeout_ms,
+                            status: kafka_status.clone(),
+                        },
+                    ),
+                };
+                // Counters are per process, one slot per local worker.
+                let counts = events_in.clone();
+                let local = index % workers;
+                let paths = split_paths(ingested, move |kind| counts.worker(local).count(kind));
+
+                let snapshots = live(paths.live, paths.clock, &config, probes.clone());
+                livepipe_sinks::live::attach(snapshots, (index == 0).then(|| job_board.clone()));
+
+                let outcomes = billing(paths.billing, &config, probes.clone());
+                let checkpoints = ship_checkpoints(scope, outbox);
+                let sink = if index == 0 {
+                    sink.lock().unwrap_or_else(|p| p.into_inner()).take()
+                } else {
+                    None
+                };
+                livepipe_sinks::billing::attach(
+                    outcomes,
+                    checkpoints,
+                    sink,
+                    Arc::new(|cause| fail(cause)),
                 );
-                (billing as u64, record)
             });
-            let billing_in = paths.pop().expect("two partitions");
-            let live_in = paths.pop().expect("two partitions");
-
-            let snapshots = live(
-                live_in,
-                &config,
-                context.max_event_ts.clone(),
-                probes.clone(),
-            );
-            livepipe_sinks::live::attach(snapshots, (index == 0).then(|| job_board.clone()));
-
-            let outcomes = billing(billing_in, &config, probes.clone());
-            let sink = if index == 0 {
-                sink.lock().unwrap_or_else(|p| p.into_inner()).take()
-            } else {
-                None
-            };
-            livepipe_sinks::billing::attach(outcomes, sink, Arc::new(|cause| fail(cause)));
-        });
-        // Step until the input ends (files) or we are told to stop. The
-        // timeout only bounds how late a stop is noticed.
-        while worker.has_dataflows() {
-            if stop.load(Ordering::Relaxed) {
-                // Dropping the dataflow, unlike letting its sources end,
-                // never empties a frontier: nothing pending is finalized.
-                for dataflow in worker.installed_dataflows() {
-                    worker.drop_dataflow(dataflow);
+            // Step until the input ends (files) or we are told to stop. The
+            // timeout only bounds how late a stop is noticed.
+            while worker.has_dataflows() {
+                if stop.load(Ordering::Relaxed) {
+                    // Dropping the dataflow, unlike letting its sources end,
+                    // never empties a frontier: nothing pending is finalized.
+                    for dataflow in worker.installed_dataflows() {
+                        worker.drop_dataflow(dataflow);
+                    }
+                    break;
                 }
-                break;
+                worker.step_or_park(Some(STOP_CHECK));
             }
-            worker.step_or_park(Some(STOP_CHECK));
-        }
-    })
+        },
+    )
     .map_err(|err| anyhow::anyhow!("starting timely workers: {err}"))?;
     let results = guards.join();
     done.store(true, Ordering::Relaxed);
-    for thread in reporter.into_iter().chain(live_logger) {
+    for thread in reporter.into_iter().chain(live_logger).chain(peer_watch) {
         let _ = thread.join();
     }
     for result in results {
@@ -358,7 +432,7 @@ fn run_dataflow(
     let stopped = job.stop.load(Ordering::Relaxed);
     // live.json is the final word of a finite input; a stopped or
     // unbounded run has no final word.
-    if !stopped {
+    if !stopped && first {
         board
             .write_json(&job.out.join("live.json"))
             .context("writing live.json")?;
@@ -390,6 +464,77 @@ fn run_dataflow(
         "run finished"
     );
     Ok(summary)
+}
+
+/// Hands the resume positions process 0 read from its ledger to every
+/// worker of every process, through a small dataflow of its own that runs
+/// to completion before the job's starts.
+fn share_resume(
+    worker: &mut Worker,
+    ledger: &BTreeMap<u32, Checkpoint>,
+) -> BTreeMap<u32, Checkpoint> {
+    let received = Rc::new(RefCell::new(BTreeMap::new()));
+    let (mut input, probe) = worker.dataflow::<u64, _, _>(|scope| {
+        let (input, positions) = scope.new_input::<(u32, Checkpoint)>();
+        let into = received.clone();
+        let (probe, _) = positions
+            .broadcast()
+            .inspect(move |(partition, checkpoint)| {
+                into.borrow_mut().insert(*partition, *checkpoint);
+            })
+            .probe();
+        (input, probe)
+    });
+    // Worker 0 is in process 0, the only one that read a ledger.
+    if worker.index() == 0 {
+        for (&partition, &checkpoint) in ledger {
+            input.send((partition, checkpoint));
+        }
+    }
+    input.close();
+    while !probe.done() {
+        worker.step_or_park(Some(STOP_CHECK));
+    }
+    received.take()
+}
+
+/// What every process of a cluster must agree on: a process with other
+/// workers, another input or other rules would route, judge or bill
+/// differently. Broker lists may differ (each machine may know its own).
+fn job_shape(job: &Job) -> JobShape {
+    let mut shape = JobShape::new();
+    let mut set = |flag: &str, value: String| {
+        shape.insert(flag.to_string(), value);
+    };
+    set("--workers", job.workers.to_string());
+    match &job.input {
+        Input::Files { paths, .. } => {
+            let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+            set("--input", paths.join(" "));
+        }
+        Input::Kafka(settings) => {
+            set("--topic", settings.topic.clone());
+            set(
+                "--start-offsets",
+                format!("{:?}", settings.start).to_lowercase(),
+            );
+        }
+    }
+    let rules = &job.config;
+    set("--qualify-ms", rules.qualify_ms.to_string());
+    set("--qualify-window-ms", rules.qualify_window_ms.to_string());
+    set(
+        "--allowed-lateness-ms",
+        rules.allowed_lateness_ms.to_string(),
+    );
+    set("--billing-period-ms", rules.billing_period_ms.to_string());
+    set("--presence-ttl-ms", rules.presence_ttl_ms.to_string());
+    set("--idle-timeout-ms", rules.idle_timeout_ms.to_string());
+    set(
+        "time granularity (ms)",
+        rules.time_granularity_ms.to_string(),
+    );
+    shape
 }
 
 /// The positions an earlier run on this `--out` committed, checked to be of

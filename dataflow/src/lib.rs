@@ -1,5 +1,6 @@
 //! The livepipe dataflow: one ingest, two paths that share nothing else.
 //!
+//! * [`route`]: where ingest splits into the two paths.
 //! * [`live`]: a timely sub-graph that emits per-stream presence and chat
 //!   counts on a one-second wall-clock tick, whatever the frontier says.
 //! * [`billing`]: a differential sub-graph that deduplicates impressions,
@@ -16,4 +17,5 @@ pub mod live;
 pub mod parse;
 pub mod probe;
 pub mod resume;
+pub mod route;
 pub mod time;

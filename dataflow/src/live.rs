@@ -9,11 +9,13 @@
 //! arrival, not at frontier progress, so a stalled frontier (billing waiting
 //! for a slow partition) never delays a tick.
 //!
-//! `now` is the highest event time the pipeline has seen (shared by the
-//! sources through an atomic), so replaying an old file behaves like live.
+//! `now` is the highest event time the pipeline has seen (every worker's
+//! highest, broadcast as the clock stream of [`crate::route`]), so
+//! replaying an old file behaves like live, in one process or many.
 
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::Capability;
@@ -22,7 +24,7 @@ use timely::dataflow::StreamVec;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -129,13 +131,14 @@ fn stream_hash(stream_id: &str) -> u64 {
     hasher.finish()
 }
 
-/// Builds the live sub-graph. `max_event_ts` is the highest `ts` any source
-/// has seen. The returned stream carries one snapshot per stream per tick,
-/// and a last one when the input ends.
+/// Builds the live sub-graph over the live events and the event clock (the
+/// highest `ts` seen anywhere, as [`crate::route::split_paths`] gives it).
+/// The returned stream carries one snapshot per stream per tick, and a last
+/// one when the input ends.
 pub fn live<'s>(
     ingested: StreamVec<'s, Time, Ingested>,
+    clock: StreamVec<'s, Time, u64>,
     config: &PipelineConfig,
-    max_event_ts: Arc<AtomicU64>,
     probes: Arc<Probes>,
 ) -> StreamVec<'s, Time, Snapshot> {
     let ttl = config.presence_ttl_ms;
@@ -156,16 +159,24 @@ pub fn live<'s>(
                 kind,
             })
         })
-        .unary_frontier(
+        .binary_frontier(
+            clock,
             Exchange::new(|signal: &Signal| stream_hash(&signal.stream_id)),
+            Pipeline,
             "LiveCounts",
             move |capability, info| {
                 let activator = scope.activator_for(info.address);
                 let mut capability: Option<Capability<Time>> = Some(capability);
                 let mut streams: HashMap<String, StreamState> = HashMap::new();
+                let mut now: u64 = 0;
                 let mut next_tick = Instant::now() + tick;
                 activator.activate_after(tick);
-                move |(input, frontier), output| {
+                move |(input, frontier), (clock, clock_frontier), output| {
+                    clock.for_each_stamp(|_, batches| {
+                        for batch in batches {
+                            now = batch.drain(..).fold(now, u64::max);
+                        }
+                    });
                     input.for_each_stamp(|_, batches| {
                         for batch in batches {
                             for signal in batch.drain(..) {
@@ -181,10 +192,9 @@ pub fn live<'s>(
                     let Some(cap) = capability.as_mut() else {
                         return;
                     };
-                    let finished = frontier.is_empty();
+                    let finished = frontier.is_empty() && clock_frontier.is_empty();
                     let now_instant = Instant::now();
                     if finished || now_instant >= next_tick {
-                        let now = max_event_ts.load(Ordering::Relaxed);
                         let emitted_at = wall_clock_ms();
                         let mut session = output.session(&*cap);
                         for (stream_id, state) in streams.iter_mut() {
@@ -213,10 +223,17 @@ pub fn live<'s>(
                         }
                     }
                     if finished {
+                        probes.inputs_ended.store(true, Ordering::Relaxed);
                         capability = None;
                         return;
                     }
-                    if let Some(&time) = frontier.frontier().first() {
+                    let least = frontier
+                        .frontier()
+                        .iter()
+                        .chain(clock_frontier.frontier().iter())
+                        .min()
+                        .copied();
+                    if let Some(time) = least {
                         if time > *cap.time() {
                             cap.downgrade(&time);
                         }

@@ -3,7 +3,7 @@
 //! nothing of how they are exported, and updating them costs a relaxed
 //! add per batch or tick, never a lock.
 
-use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
 
 #[derive(Debug, Default)]
 pub struct Probes {
@@ -19,4 +19,7 @@ pub struct Probes {
     pub tick_micros_max: AtomicU64,
     /// Wall-clock ms of the latest tick, for `/healthz`.
     pub last_tick_ms: AtomicU64,
+    /// Every input of the job has ended (a finite input read to its end):
+    /// the dataflow is completing, not waiting for anything.
+    pub inputs_ended: AtomicBool,
 }

@@ -20,10 +20,15 @@
 //! exactly the watermarks they had the first time, so every late/on-time
 //! decision repeats.
 
+use crate::time::Time;
 use serde::{Deserialize, Serialize};
+use timely::dataflow::operators::generic::operator::source;
+use timely::dataflow::{Scope, StreamVec};
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// A record boundary in one partition.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,8 +42,9 @@ pub struct Checkpoint {
     pub max_ts: Option<u64>,
 }
 
-/// Recent checkpoints of every partition, shared by the sources (which
-/// record) and the billing sink (which commits the safe ones).
+/// Recent checkpoints of every partition, kept by the billing sink (which
+/// commits the safe ones) and read by sources that report the committed
+/// offsets elsewhere.
 #[derive(Debug, Default)]
 pub struct Checkpoints {
     partitions: Mutex<BTreeMap<u32, VecDeque<Checkpoint>>>,
@@ -54,6 +60,9 @@ impl Checkpoints {
         let mut partitions = self.partitions.lock().unwrap_or_else(|p| p.into_inner());
         let recent = partitions.entry(partition).or_default();
         match recent.back_mut() {
+            // Checkpoints travel through the dataflow; one that arrives
+            // behind a later one of its partition adds nothing.
+            Some(last) if checkpoint.offset < last.offset => {}
             // Same event time as the last one: the later boundary is as
             // safe and replays less.
             Some(last) if last.max_ts == checkpoint.max_ts => *last = checkpoint,
@@ -101,6 +110,73 @@ impl Checkpoints {
     }
 }
 
+/// One worker's checkpoints on their way to the billing sink, which may be
+/// in another process: sources record here, [`ship_checkpoints`] sends them.
+#[derive(Debug, Default)]
+pub struct CheckpointOutbox {
+    queue: Mutex<Vec<(u32, Checkpoint)>>,
+    /// Set by the worker's sources once they will record nothing more.
+    closed: AtomicBool,
+}
+
+impl CheckpointOutbox {
+    /// Records that `partition` can be re-read from `checkpoint`. Cheap:
+    /// call it per chunk or per poll, not per record.
+    pub fn record(&self, partition: u32, checkpoint: Checkpoint) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((partition, checkpoint));
+    }
+
+    /// No more checkpoints will come from this worker (its inputs ended).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    fn take(&self) -> Vec<(u32, Checkpoint)> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// How often [`ship_checkpoints`] looks into its outbox.
+const SHIP_EVERY: Duration = Duration::from_millis(100);
+
+/// Sends this worker's checkpoints into the dataflow, towards the billing
+/// sink, until the outbox is closed.
+///
+/// The stream's timestamps mean nothing: the sink takes checkpoints as they
+/// come, and a checkpoint that arrives late is only less advanced, never
+/// unsafe (see the module docs). So the operator simply holds its first
+/// capability, and only its consumer, the sink, ever waits on it.
+pub fn ship_checkpoints<'s>(
+    scope: Scope<'s, Time>,
+    outbox: std::sync::Arc<CheckpointOutbox>,
+) -> StreamVec<'s, Time, (u32, Checkpoint)> {
+    source(scope, "ShipCheckpoints", move |capability, info| {
+        let activator = scope.activator_for(info.address);
+        let mut capability = Some(capability);
+        activator.activate();
+        move |output| {
+            let Some(cap) = capability.as_ref() else {
+                return;
+            };
+            // Read the flag before draining: whatever was recorded before
+            // the close is then in this drain.
+            let closed = outbox.closed.load(Ordering::Acquire);
+            let mut checkpoints = outbox.take();
+            if !checkpoints.is_empty() {
+                output.session(cap).give_container(&mut checkpoints);
+            }
+            if closed {
+                capability = None;
+            } else {
+                activator.activate_after(SHIP_EVERY);
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +208,15 @@ mod tests {
         checkpoints.record(1, at(10, 1_000));
         checkpoints.record(1, at(15, 1_000));
         assert_eq!(checkpoints.safe(Some(1_001))[&1], at(15, 1_000));
+    }
+
+    #[test]
+    fn a_checkpoint_behind_the_latest_is_ignored() {
+        let checkpoints = Checkpoints::default();
+        checkpoints.record(3, at(20, 2_000));
+        checkpoints.record(3, at(10, 1_000));
+        assert_eq!(checkpoints.safe(None)[&3], at(20, 2_000));
+        assert_eq!(checkpoints.safe(Some(1_500)).get(&3), None);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Billing sink: final outcomes into the ledger, period files out of it.
 //!
-//! All billing output is written by one worker (worker 0), so files do not
-//! depend on the number of workers. Outcomes arrive already final; the sink
+//! All billing output is written by one worker (worker 0, in process 0 of a
+//! cluster), so files do not depend on the number of workers or processes. Outcomes arrive already final; the sink
 //! commits them to the [`Ledger`] and, once its input frontier shows that a
 //! whole period is final, renders the period's file from the ledger:
 //!
@@ -19,12 +19,12 @@
 
 use livepipe_dataflow::billing::BillingEvent;
 use livepipe_dataflow::config::PipelineConfig;
-use livepipe_dataflow::resume::Checkpoints;
+use livepipe_dataflow::resume::{Checkpoint, Checkpoints};
 use livepipe_dataflow::time::{coarse, Time};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use timely::dataflow::channels::pact::Exchange;
-use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::StreamVec;
 
 use std::collections::BTreeMap;
@@ -370,22 +370,26 @@ pub fn render_csv(rows: &[BilledRow]) -> Result<(Vec<u8>, u64), std::io::Error> 
     Ok((bytes, total))
 }
 
-/// Attaches the sink to the billing stream: everything goes to worker 0,
-/// which commits whenever data arrives or its frontier moves. A sink error
-/// is handed to `on_fatal` (the job cannot bill without its ledger).
+/// Attaches the sink to the billing stream and the sources' checkpoints:
+/// everything goes to worker 0, which commits whenever outcomes arrive or
+/// their frontier moves (and once more for checkpoints that arrive after the
+/// end). A sink error is handed to `on_fatal` (the job cannot bill without
+/// its ledger). Workers other than 0 pass `None`.
 pub fn attach<'s>(
     events: StreamVec<'s, Time, BillingEvent>,
+    checkpoints: StreamVec<'s, Time, (u32, Checkpoint)>,
     mut sink: Option<BillingSink>,
     on_fatal: Arc<dyn Fn(String) + Send + Sync>,
 ) {
+    let mut builder = OperatorBuilder::new("BillingSink".to_owned(), events.scope());
+    let mut events = builder.new_input(events, Exchange::new(|_| 0));
+    let mut checkpoints = builder.new_input(checkpoints, Exchange::new(|_| 0));
     let mut last_frontier: Option<Option<Time>> = None;
-    events.sink(
-        Exchange::new(|_| 0),
-        "BillingSink",
-        move |(input, frontier)| {
+    builder.build(move |_capabilities| {
+        move |frontiers| {
             let mut received = false;
             let mut failed = None;
-            input.for_each_stamp(|_, batches| {
+            events.for_each_stamp(|_, batches| {
                 for batch in batches {
                     for event in batch.drain(..) {
                         received = true;
@@ -397,8 +401,22 @@ pub fn attach<'s>(
                     }
                 }
             });
-            let current = frontier.frontier().first().copied();
-            if received || last_frontier != Some(current) {
+            let mut new_checkpoints = false;
+            checkpoints.for_each_stamp(|_, batches| {
+                for batch in batches {
+                    for (partition, checkpoint) in batch.drain(..) {
+                        new_checkpoints = true;
+                        if let Some(sink) = sink.as_mut() {
+                            sink.checkpoints.record(partition, checkpoint);
+                        }
+                    }
+                }
+            });
+            let current = frontiers[0].frontier().first().copied();
+            // Checkpoints alone wait for the next commit, except after the
+            // end, when there is no next one.
+            let finished_with_news = current.is_none() && new_checkpoints;
+            if received || last_frontier != Some(current) || finished_with_news {
                 last_frontier = Some(current);
                 if let Some(sink) = sink.as_mut() {
                     if let Err(err) = sink.advance(current) {
@@ -409,6 +427,6 @@ pub fn attach<'s>(
             if let Some(err) = failed {
                 on_fatal(err.to_string());
             }
-        },
-    );
+        }
+    });
 }

@@ -54,6 +54,9 @@ const BOARD_SETTLE: Duration = Duration::from_millis(50);
 pub struct HttpState {
     pub board: LiveBoard,
     pub metrics: JobMetrics,
+    /// Serve the dashboard and the live API. In a cluster only process 0
+    /// has the live board; the others serve `/healthz` and `/metrics`.
+    pub dashboard: bool,
 }
 
 /// A running server; stopped on drop.
@@ -193,22 +196,32 @@ fn routes(
         .and(with_state)
         .map(|state: HttpState| health(&state));
 
+    let own = metrics.or(health).unify();
+    let served = if state.dashboard {
+        dashboard
+            .or(list)
+            .unify()
+            .or(board_events)
+            .unify()
+            .or(one)
+            .unify()
+            .or(stream_events)
+            .unify()
+            .or(own)
+            .unify()
+            .boxed()
+    } else {
+        let elsewhere = warp::any().map(|| {
+            json_error(
+                StatusCode::NOT_FOUND,
+                "not served here: the dashboard and live API are on process 0 of the cluster",
+                None,
+            )
+        });
+        own.or(elsewhere).unify().boxed()
+    };
     warp::get()
-        .and(
-            dashboard
-                .or(list)
-                .unify()
-                .or(board_events)
-                .unify()
-                .or(one)
-                .unify()
-                .or(stream_events)
-                .unify()
-                .or(metrics)
-                .unify()
-                .or(health)
-                .unify(),
-        )
+        .and(served)
         .recover(|rejection: Rejection| async move {
             let response = if rejection.is_not_found() {
                 json_error(StatusCode::NOT_FOUND, "no such route", None)

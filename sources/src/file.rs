@@ -244,7 +244,12 @@ fn read_chunks<'s>(
                     cap.downgrade(&time);
                     activator.activate();
                 }
-                None => capability = None,
+                None => {
+                    // Every file of this worker is stamped to its end, and
+                    // with it every checkpoint recorded.
+                    context.source.checkpoints.close();
+                    capability = None;
+                }
             }
         }
     })
@@ -366,7 +371,6 @@ fn stamp<'s>(
 ) -> StreamVec<'s, Time, Ingested> {
     let lateness = context.source.allowed_lateness_ms;
     let granularity = context.source.time_granularity_ms;
-    let max_event_ts = context.source.max_event_ts.clone();
     let checkpoints = context.source.checkpoints.clone();
     parsed.unary(
         Exchange::new(|chunk: &ParsedChunk| chunk.partition as u64),
@@ -419,9 +423,6 @@ fn stamp<'s>(
                         output
                             .session(&cap.delayed(&batch_time))
                             .give_iterator(batch.drain(..));
-                    }
-                    if let Some(max) = state.max_ts {
-                        max_event_ts.fetch_max(max, Ordering::Relaxed);
                     }
                     state.chunks += 1;
                     checkpoints.record(

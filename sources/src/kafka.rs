@@ -355,6 +355,7 @@ pub fn kafka_source<'s>(
         let consumer = if owned.is_empty() {
             // Nothing to read: hold no time back.
             capability = None;
+            context.source.checkpoints.close();
             None
         } else {
             match open_consumer(&context, &owned, wake) {
@@ -522,10 +523,6 @@ pub fn kafka_source<'s>(
                         }
                         batch_time = time;
                         reading.max_ts = Some(reading.max_ts.map_or(event.ts, |m| m.max(event.ts)));
-                        context
-                            .source
-                            .max_event_ts
-                            .fetch_max(event.ts, Ordering::Relaxed);
                         batch.push(Ingested {
                             event,
                             position,
@@ -571,9 +568,11 @@ pub fn kafka_source<'s>(
                     );
                 }
             }
-            if last_group_commit.elapsed() >= GROUP_COMMIT_EVERY {
+            // The ledger's positions are known where the billing sink runs,
+            // process 0; its worker 0 reports them all.
+            if index == 0 && last_group_commit.elapsed() >= GROUP_COMMIT_EVERY {
                 last_group_commit = Instant::now();
-                commit_group_offsets(consumer, &topic, &readings, &context.source.checkpoints);
+                commit_group_offsets(consumer, &topic, &context.source.committed);
             }
             publish_status(&context.status, &readings, idle_timeout, lateness);
             if last_log.elapsed() >= LOG_EVERY {
@@ -665,18 +664,11 @@ fn open_consumer(
 /// Commits the ledger's resume offsets as the consumer group's offsets, so
 /// that standard lag tools see where the job stands. The ledger stays the
 /// truth: a restart reads its positions, not these.
-fn commit_group_offsets(
-    consumer: &BaseConsumer<StatsContext>,
-    topic: &str,
-    readings: &BTreeMap<i32, Reading>,
-    checkpoints: &Checkpoints,
-) {
-    let committed = checkpoints.committed();
+fn commit_group_offsets(consumer: &BaseConsumer<StatsContext>, topic: &str, ledger: &Checkpoints) {
     let mut offsets = TopicPartitionList::new();
-    for id in readings.keys() {
-        if let Some(&offset) = committed.get(&(*id as u32)) {
-            let _ = offsets.add_partition_offset(topic, *id, Offset::Offset(offset as i64));
-        }
+    for (partition, offset) in ledger.committed() {
+        let _ =
+            offsets.add_partition_offset(topic, partition as i32, Offset::Offset(offset as i64));
     }
     if offsets.count() > 0 {
         if let Err(err) = consumer.commit(&offsets, CommitMode::Async) {

@@ -18,7 +18,7 @@ pub mod kafka;
 pub mod publish;
 
 use livepipe_dataflow::event::RejectedRecord;
-use livepipe_dataflow::resume::{Checkpoint, Checkpoints};
+use livepipe_dataflow::resume::{Checkpoint, CheckpointOutbox, Checkpoints};
 
 use std::collections::BTreeMap;
 
@@ -31,16 +31,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub struct SourceContext {
     pub allowed_lateness_ms: u64,
     pub time_granularity_ms: u64,
-    /// Highest `ts` of any valid record seen, for the live path's `now`.
-    pub max_event_ts: Arc<AtomicU64>,
     /// Records read (valid or not), for progress reporting.
     pub records_read: Arc<AtomicU64>,
     /// Where rejected records go. Called from the worker that parsed them.
     pub on_reject: Arc<dyn Fn(RejectedRecord) + Send + Sync>,
     /// Called once with the cause if an input cannot be read any further.
     pub on_fatal: Arc<dyn Fn(String) + Send + Sync>,
-    /// Where sources record re-readable positions as they go.
-    pub checkpoints: Arc<Checkpoints>,
+    /// Where sources record re-readable positions as they go: this
+    /// worker's outbox, shipped to the billing sink.
+    pub checkpoints: Arc<CheckpointOutbox>,
+    /// The positions the billing sink committed (known in its process
+    /// only), for sources that also report them elsewhere.
+    pub committed: Arc<Checkpoints>,
     /// Where each partition starts: the positions an earlier run committed
     /// (partitions not in it start from the beginning, or as configured).
     pub resume: Arc<BTreeMap<u32, Checkpoint>>,

@@ -68,6 +68,23 @@ impl Job {
         }
     }
 
+    /// Waits for the job to exit on its own; fails after `limit`.
+    pub fn wait(mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("no exit within {limit:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Stops the job the way an operator does (SIGTERM) and expects exit 0.
     pub fn stop(mut self) {
         let status = self.signal("TERM");

@@ -1,0 +1,78 @@
+//! Where ingest splits: every event goes to exactly one path, and the live
+//! path also gets the event clock.
+//!
+//! The live path counts "now" as the highest event time the pipeline has
+//! seen, over every partition and every kind of event. A worker only sees
+//! its own partitions, and in a cluster no memory is shared between
+//! processes, so each worker reports its highest `ts` into a small stream
+//! that is broadcast to every live operator. It reports only when that
+//! time moves, at most once per batch.
+
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::OutputBuilder;
+use timely::dataflow::operators::vec::Broadcast;
+use timely::dataflow::StreamVec;
+
+use crate::event::{EventKind, Ingested};
+use crate::time::Time;
+
+/// The streams the two paths start from.
+pub struct Paths<'s> {
+    /// Joins, heartbeats, leaves and chat.
+    pub live: StreamVec<'s, Time, Ingested>,
+    /// Every worker's highest event time so far, on every worker.
+    pub clock: StreamVec<'s, Time, u64>,
+    /// Impressions and ad progress.
+    pub billing: StreamVec<'s, Time, Ingested>,
+}
+
+/// Splits `ingested` into the two paths and the clock. `on_event` sees
+/// every event once, on the worker that ingested it (for counters).
+pub fn split_paths<'s>(
+    ingested: StreamVec<'s, Time, Ingested>,
+    mut on_event: impl FnMut(&EventKind) + 'static,
+) -> Paths<'s> {
+    let mut builder = OperatorBuilder::new("SplitPaths".to_owned(), ingested.scope());
+    let mut input = builder.new_input(ingested, Pipeline);
+    let (live, live_stream) = builder.new_output();
+    let (clock, clock_stream) = builder.new_output();
+    let (billing, billing_stream) = builder.new_output();
+    let mut live = OutputBuilder::from(live);
+    let mut clock = OutputBuilder::from(clock);
+    let mut billing = OutputBuilder::from(billing);
+    builder.build(move |_capabilities| {
+        let mut reported: u64 = 0;
+        move |_frontiers| {
+            let mut live = live.activate();
+            let mut clock = clock.activate();
+            let mut billing = billing.activate();
+            input.for_each_stamp(|cap, batches| {
+                let mut to_live = live.session(&cap);
+                let mut to_billing = billing.session(&cap);
+                let mut highest = reported;
+                for batch in batches {
+                    for record in batch.drain(..) {
+                        on_event(&record.event.kind);
+                        highest = highest.max(record.event.ts);
+                        match record.event.kind {
+                            EventKind::Impression(_) | EventKind::AdProgress(_) => {
+                                to_billing.give(record)
+                            }
+                            _ => to_live.give(record),
+                        }
+                    }
+                }
+                if highest > reported {
+                    reported = highest;
+                    clock.session(&cap).give(highest);
+                }
+            });
+        }
+    });
+    Paths {
+        live: live_stream,
+        clock: clock_stream.broadcast(),
+        billing: billing_stream,
+    }
+}
