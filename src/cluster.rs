@@ -227,20 +227,14 @@ pub fn form(
 /// one, until all are connected or the timeout passes.
 fn connect_all(spec: &ClusterSpec, hello: &Hello) -> Result<Vec<Option<TcpStream>>, ClusterError> {
     let own = &spec.addresses[spec.process];
-    let listener = TcpListener::bind(own.as_str()).map_err(|err| {
-        ClusterError::Usage(format!(
-            "cannot listen on {own} (line {} of the hostfile, this process's own): {err}; \
-             check --process and that the port is free on this machine",
-            spec.process + 1
-        ))
-    })?;
+    let started = Instant::now();
+    let listener = listen(own, spec, started)?;
     listener
         .set_nonblocking(true)
         .map_err(|err| ClusterError::Unreachable(format!("listening on {own}: {err}")))?;
     let processes = spec.processes();
     let mut sockets: Vec<Option<TcpStream>> = (0..processes).map(|_| None).collect();
     let mut last_error: BTreeMap<usize, String> = BTreeMap::new();
-    let started = Instant::now();
     let mut last_log = started;
     tracing::info!(
         listen = %own,
@@ -327,6 +321,39 @@ fn connect_all(spec: &ClusterSpec, hello: &Hello) -> Result<Vec<Option<TcpStream
             tracing::info!("waiting for {}", waiting.join(", "));
         }
         std::thread::sleep(RETRY_EVERY);
+    }
+}
+
+/// Listens on this process's own hostfile address. A name that does not
+/// resolve yet is retried until the timeout (an orchestrator may publish a
+/// machine's name only after it started); a port in use or an address of
+/// another machine is a mistake to fix now.
+fn listen(own: &str, spec: &ClusterSpec, started: Instant) -> Result<TcpListener, ClusterError> {
+    loop {
+        let err = match TcpListener::bind(own) {
+            Ok(listener) => return Ok(listener),
+            Err(err) => err,
+        };
+        let mistake = matches!(
+            err.kind(),
+            io::ErrorKind::AddrInUse
+                | io::ErrorKind::AddrNotAvailable
+                | io::ErrorKind::PermissionDenied
+        );
+        if mistake || started.elapsed() >= spec.timeout {
+            let why = format!(
+                "cannot listen on {own} (line {} of the hostfile, this process's own): {err}; \
+                 check --process, and that the address is this machine's and the port free",
+                spec.process + 1
+            );
+            return Err(if mistake {
+                ClusterError::Usage(why)
+            } else {
+                ClusterError::Unreachable(why)
+            });
+        }
+        tracing::info!("cannot listen on {own} yet ({err}); retrying");
+        std::thread::sleep(Duration::from_secs(1));
     }
 }
 

@@ -68,7 +68,15 @@ impl Job {
         }
     }
 
-    /// Waits for the job to exit on its own; fails after `limit`.
+    /// Sends `signal` without waiting for the exit.
+    pub fn send(&self, signal: &str) {
+        let child = self.child.as_ref().expect("running");
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status();
+    }
+
+    /// Waits for the job to exit; fails after `limit`.
     pub fn wait(mut self, limit: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         let started = Instant::now();

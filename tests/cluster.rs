@@ -1,0 +1,487 @@
+//! The job as a multi-process timely cluster on loopback: two processes of
+//! one worker each read a file or a topic, and process 0's `--out` must hold
+//! billing files identical to one process's and to the independent
+//! reference. Then the failure behaviour: a killed process takes the other
+//! down with a message naming it, a process stopped alone does too, and a
+//! full restart resumes exactly once from process 0's ledger. Also the
+//! start-up mistakes: a missing peer, a peer of another job.
+
+mod support;
+
+use rdkafka::mocking::MockCluster;
+use serde_json::Value;
+use support::job::{dir_bytes, wait_for, Job};
+use support::kafka::{generated_traffic, publish_all};
+use support::reference::{expected, expected_live, Expected, Rules};
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Only a guard against hanging; nothing here measures speed.
+const LIMIT: Duration = Duration::from_secs(180);
+
+/// Free loopback ports, one per process.
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// A two-process cluster's hostfile and HTTP ports.
+struct Layout {
+    hostfile: PathBuf,
+    http: Vec<u16>,
+}
+
+impl Layout {
+    fn new(dir: &Path) -> Layout {
+        let ports = free_ports(4);
+        let hostfile = dir.join("hosts");
+        std::fs::write(
+            &hostfile,
+            format!(
+                "# two processes on loopback\n127.0.0.1:{}\n127.0.0.1:{}\n",
+                ports[0], ports[1]
+            ),
+        )
+        .unwrap();
+        Layout {
+            hostfile,
+            http: ports[2..].to_vec(),
+        }
+    }
+
+    /// `livepipe run ARGS` as process `process` of 2, one worker.
+    fn start(&self, process: usize, args: &[&str], out: &Path, log: &Path) -> Job {
+        let process_flag = process.to_string();
+        let http = format!("127.0.0.1:{}", self.http[process]);
+        let mut all: Vec<&str> = vec!["run"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&[
+            "--workers",
+            "1",
+            "--processes",
+            "2",
+            "--process",
+            &process_flag,
+            "--hostfile",
+            self.hostfile.to_str().unwrap(),
+            "--http",
+            &http,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        Job::start(&all, log)
+    }
+}
+
+fn write_records(path: &Path, records: &[Vec<u8>]) {
+    let mut bytes = Vec::new();
+    for record in records {
+        bytes.extend_from_slice(record);
+        bytes.push(b'\n');
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn reference(records: &[Vec<u8>]) -> Expected {
+    let lines: Vec<&[u8]> = records.iter().map(|r| &r[..]).collect();
+    expected(&lines, Rules::SPEC)
+}
+
+/// Billing files (no temp files), name -> bytes.
+fn billing_files(out: &Path) -> BTreeMap<String, Vec<u8>> {
+    dir_bytes(&out.join("billing"))
+        .into_iter()
+        .filter(|(name, _)| !name.starts_with('.'))
+        .collect()
+}
+
+fn assert_reference(files: &BTreeMap<String, Vec<u8>>, want: &Expected) {
+    let csvs: BTreeSet<&String> = files.keys().filter(|n| n.ends_with(".csv")).collect();
+    assert_eq!(
+        csvs,
+        want.files.keys().collect::<BTreeSet<_>>(),
+        "file names"
+    );
+    for (name, bytes) in &want.files {
+        assert!(files[name] == *bytes, "{name} differs from the reference");
+    }
+}
+
+/// The ledger bills each id once and exactly the rows of the files.
+fn assert_ledger_matches(out: &Path, files: &BTreeMap<String, Vec<u8>>) {
+    let ledger = rusqlite::Connection::open(out.join("ledger.sqlite")).unwrap();
+    let billed: i64 = ledger
+        .query_row("SELECT COUNT(*) FROM finalized WHERE billed = 1", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let rows: usize = files
+        .iter()
+        .filter(|(name, _)| name.ends_with(".csv"))
+        .map(|(_, csv)| csv.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count() - 1)
+        .sum();
+    assert_eq!(billed as usize, rows, "ledger rows vs file rows");
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+fn get(port: u16, path: &str) -> (u16, String) {
+    match ureq::get(&format!("http://127.0.0.1:{port}{path}")).call() {
+        Ok(mut response) => (
+            response.status().as_u16(),
+            response.body_mut().read_to_string().unwrap(),
+        ),
+        Err(ureq::Error::StatusCode(code)) => (code, String::new()),
+        Err(err) => panic!("GET {path}: {err}"),
+    }
+}
+
+#[test]
+fn two_processes_replay_a_file_like_the_reference_and_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = generated_traffic(120_000, 61);
+    let input = dir.path().join("events.jsonl");
+    write_records(&input, &records);
+    let want = reference(&records);
+    assert!(want.files.len() > 1);
+    let input = input.to_str().unwrap();
+
+    let single = dir.path().join("single");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
+        .args(["run", "--input", input, "--workers", "2"])
+        .args(["--out", single.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    // Process 1 first: the order the processes start in does not matter.
+    let layout = Layout::new(dir.path());
+    let (out0, out1) = (dir.path().join("out0"), dir.path().join("out1"));
+    let one = layout.start(1, &["--input", input], &out1, &dir.path().join("p1.log"));
+    std::thread::sleep(Duration::from_millis(700));
+    let zero = layout.start(0, &["--input", input], &out0, &dir.path().join("p0.log"));
+    let (log0, log1) = (zero.stderr.clone(), one.stderr.clone());
+    let status0 = zero.wait(LIMIT);
+    let status1 = one.wait(LIMIT);
+    assert!(
+        status0.success(),
+        "process 0: {status0}\n{}",
+        lines(&log0).join("\n")
+    );
+    assert!(
+        status1.success(),
+        "process 1: {status1}\n{}",
+        lines(&log1).join("\n")
+    );
+
+    // One billing output, in process 0's --out: the reference's files, and
+    // byte for byte those of one process with two workers.
+    let files = billing_files(&out0);
+    assert_reference(&files, &want);
+    assert_eq!(files, billing_files(&single), "cluster vs one process");
+    assert_ledger_matches(&out0, &files);
+    assert!(!out1.join("billing").exists() && !out1.join("ledger.sqlite").exists());
+
+    // live.json gathers every stream, with the numbers one process gives
+    // (each process's workers counted their own streams on one clock).
+    let (now, want_live) =
+        expected_live(&records.iter().map(|r| &r[..]).collect::<Vec<_>>(), 30_000);
+    let live: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(out0.join("live.json")).unwrap()).unwrap();
+    let got_live: BTreeMap<String, (u64, u64)> = live
+        .iter()
+        .map(|s| {
+            assert_eq!(s["as_of"].as_u64(), Some(now));
+            (
+                s["stream_id"].as_str().unwrap().to_string(),
+                (
+                    s["viewers"].as_u64().unwrap(),
+                    s["chat_per_min"].as_u64().unwrap(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(got_live, want_live, "live.json");
+    assert!(!out1.join("live.json").exists());
+
+    // Each process dead-letters what its workers parsed: together, exactly
+    // one process's dead letters.
+    let mut rejected: Vec<String> = lines(&out0.join("rejected.jsonl"));
+    let theirs = lines(&out1.join("process-1").join("rejected.jsonl"));
+    assert!(!theirs.is_empty(), "process 1 parsed some of the file");
+    rejected.extend(theirs);
+    rejected.sort();
+    let mut alone = lines(&single.join("rejected.jsonl"));
+    alone.sort();
+    assert_eq!(rejected, alone, "dead letters");
+}
+
+/// A 4-partition topic on the mock cluster, loaded with `records`.
+fn loaded_topic(
+    records: &[Vec<u8>],
+) -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("events", 4, 1).expect("topic");
+    publish_all(&cluster.bootstrap_servers(), "events", records);
+    cluster
+}
+
+fn topic_args(brokers: &str) -> Vec<&str> {
+    vec![
+        "--brokers",
+        brokers,
+        "--topic",
+        "events",
+        "--idle-timeout-ms",
+        "1000",
+    ]
+}
+
+/// SIGTERM to every process at once, as an orchestrator stops a cluster:
+/// each exits 0.
+fn stop_together(jobs: Vec<Job>) {
+    for job in &jobs {
+        job.send("TERM");
+    }
+    for job in jobs {
+        let log = job.stderr.clone();
+        let status = job.wait(LIMIT);
+        assert!(
+            status.success(),
+            "exit {status} after SIGTERM:\n{}",
+            lines(&log).join("\n")
+        );
+    }
+}
+
+/// Waits until process 0's `--out` holds every file the reference expects.
+fn wait_for_all_files(job: &mut Job, out: &Path, want: &Expected) {
+    let markers: BTreeSet<String> = want.files.keys().map(|f| format!("{f}.done")).collect();
+    wait_for(job, LIMIT, "every expected billing file", || {
+        let names: BTreeSet<String> = billing_files(out).into_keys().collect();
+        markers.is_subset(&names)
+    });
+}
+
+#[test]
+fn two_processes_read_a_topic_like_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = generated_traffic(60_000, 62);
+    let want = reference(&records);
+    let cluster = loaded_topic(&records);
+    let brokers = cluster.bootstrap_servers();
+
+    let layout = Layout::new(dir.path());
+    let (out0, out1) = (dir.path().join("out0"), dir.path().join("out1"));
+    let args = topic_args(&brokers);
+    let mut zero = layout.start(0, &args, &out0, &dir.path().join("p0.log"));
+    let mut one = layout.start(1, &args, &out1, &dir.path().join("p1.log"));
+    wait_for_all_files(&mut zero, &out0, &want);
+    one.assert_running();
+
+    // The dashboard is process 0's and shows every stream, wherever it was
+    // counted; process 1 serves its own health and metrics only.
+    let streams: BTreeSet<String> =
+        expected_live(&records.iter().map(|r| &r[..]).collect::<Vec<_>>(), 30_000)
+            .1
+            .into_keys()
+            .collect();
+    wait_for(
+        &mut zero,
+        LIMIT,
+        "every stream on process 0's board",
+        || {
+            let (status, body) = get(layout.http[0], "/api/live");
+            let board: Vec<Value> = serde_json::from_str(&body).unwrap_or_default();
+            status == 200 && board.len() == streams.len()
+        },
+    );
+    assert_eq!(get(layout.http[1], "/healthz").0, 200);
+    let (status, metrics) = get(layout.http[1], "/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("livepipe_events_in_total"), "{metrics}");
+    assert_eq!(get(layout.http[1], "/api/live").0, 404);
+
+    // Stopped together, both exit 0.
+    stop_together(vec![zero, one]);
+    let files = billing_files(&out0);
+    assert_reference(&files, &want);
+    assert_ledger_matches(&out0, &files);
+    assert!(!out1.join("billing").exists());
+}
+
+#[test]
+fn a_lost_process_stops_the_other_and_a_full_restart_bills_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = generated_traffic(60_000, 63);
+    let want = reference(&records);
+    let cluster = loaded_topic(&records);
+    let brokers = cluster.bootstrap_servers();
+    let layout = Layout::new(dir.path());
+    let (out0, out1) = (dir.path().join("out0"), dir.path().join("out1"));
+    let args = topic_args(&brokers);
+    let log = |name: &str| dir.path().join(name);
+    let formed = |log: &Path| lines(log).iter().any(|l| l.contains("cluster formed"));
+
+    // Each process in turn is killed (SIGKILL) mid-run; the survivor exits 1
+    // naming it. Then process 1 alone is stopped (SIGTERM): it exits 0, and
+    // process 0, left waiting for it, exits 1 naming it.
+    for (round, victim) in [(0, 1usize), (1, 0), (2, 1)] {
+        let mut jobs = vec![
+            layout.start(0, &args, &out0, &log(&format!("r{round}-p0.log"))),
+            layout.start(1, &args, &out1, &log(&format!("r{round}-p1.log"))),
+        ];
+        for job in jobs.iter_mut() {
+            let path = job.stderr.clone();
+            wait_for(job, LIMIT, "the cluster to form", || formed(&path));
+        }
+        std::thread::sleep(Duration::from_millis(1_500));
+        let survivor = jobs.remove(1 - victim);
+        let mut victim_job = jobs.remove(0);
+        let graceful = round == 2;
+        let status = victim_job.signal(if graceful { "TERM" } else { "KILL" });
+        if graceful {
+            assert!(status.success(), "a stopped process exits 0: {status}");
+        }
+        let survivor_log = survivor.stderr.clone();
+        let status = survivor.wait(LIMIT);
+        let said = lines(&survivor_log).join("\n");
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "round {round}: survivor exit\n{said}"
+        );
+        let named = format!("lost process {victim} (127.0.0.1:");
+        assert!(
+            said.contains(&named),
+            "round {round}: names the lost peer\n{said}"
+        );
+        eprintln!(
+            "round {round}: {} billing files so far",
+            billing_files(&out0).len()
+        );
+    }
+
+    // A full restart resumes from process 0's ledger and bills exactly once.
+    let mut zero = layout.start(0, &args, &out0, &log("final-p0.log"));
+    let one = layout.start(1, &args, &out1, &log("final-p1.log"));
+    wait_for_all_files(&mut zero, &out0, &want);
+    stop_together(vec![zero, one]);
+    let files = billing_files(&out0);
+    assert_reference(&files, &want);
+    assert_ledger_matches(&out0, &files);
+}
+
+#[test]
+fn a_process_whose_peer_never_comes_gives_up_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    write_records(&input, &generated_traffic(100, 64));
+    let layout = Layout::new(dir.path());
+    let out = dir.path().join("out");
+    let job = Job::start(
+        &[
+            "run",
+            "--input",
+            input.to_str().unwrap(),
+            "--workers",
+            "1",
+            "--processes",
+            "2",
+            "--process",
+            "1",
+            "--hostfile",
+            layout.hostfile.to_str().unwrap(),
+            "--cluster-timeout",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &dir.path().join("p1.log"),
+    );
+    let log = job.stderr.clone();
+    let status = job.wait(LIMIT);
+    let said = lines(&log).join("\n");
+    assert_eq!(status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("gave up forming the cluster after 2 s"),
+        "{said}"
+    );
+    assert!(said.contains("process 0 (127.0.0.1:"), "{said}");
+}
+
+#[test]
+fn a_peer_started_with_other_flags_is_refused_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    write_records(&input, &generated_traffic(100, 65));
+    let input = input.to_str().unwrap();
+    let layout = Layout::new(dir.path());
+    let zero = layout.start(
+        0,
+        &["--input", input],
+        &dir.path().join("out0"),
+        &dir.path().join("p0.log"),
+    );
+    let one = layout.start(
+        1,
+        &["--input", input, "--qualify-ms", "3000"],
+        &dir.path().join("out1"),
+        &dir.path().join("p1.log"),
+    );
+    for job in [zero, one] {
+        let log = job.stderr.clone();
+        let status = job.wait(LIMIT);
+        let said = lines(&log).join("\n");
+        assert_eq!(status.code(), Some(2), "{said}");
+        assert!(said.contains("--qualify-ms"), "{said}");
+    }
+    // Refused before any data moved: nothing billed.
+    assert!(billing_files(&dir.path().join("out0")).is_empty());
+}
+
+#[test]
+fn cluster_flags_are_checked_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1:7400\n127.0.0.1:7401\n").unwrap();
+    let hosts = hosts.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--processes", "3", "--process", "0"], "lists 2 processes"),
+        (&["--processes", "2", "--process", "2"], "out of range"),
+        (&["--processes", "2"], "--process"),
+        (
+            &["--processes", "2", "--process", "0"],
+            "demo runs as one process",
+        ),
+    ];
+    for (flags, hint) in cases {
+        let mut args = vec!["run", "--out", dir.path().to_str().unwrap()];
+        args.extend_from_slice(flags);
+        if flags.len() > 2 {
+            args.extend_from_slice(&["--hostfile", hosts]);
+        }
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(hint), "{args:?}: {stderr}");
+    }
+}
