@@ -25,7 +25,7 @@ use livepipe_dataflow::probe::Probes;
 use livepipe_dataflow::resume::{ship_checkpoints, Checkpoint, CheckpointOutbox, Checkpoints};
 use livepipe_dataflow::route::split_paths;
 use livepipe_dataflow::time::Time;
-use livepipe_sinks::billing::{BillingSink, BillingStats};
+use livepipe_sinks::billing::{BillingSink, BillingStats, SinkThread};
 use livepipe_sinks::http::{self, HttpState};
 use livepipe_sinks::live::LiveBoard;
 use livepipe_sinks::metrics::{EventsIn, JobMetrics, PartitionRow, RejectedByReason};
@@ -222,7 +222,16 @@ fn run_dataflow(
     } else {
         (None, BTreeMap::new(), Arc::new(BillingStats::default()))
     };
-    let sink = Arc::new(Mutex::new(sink));
+    // The sink commits on a thread of its own: worker 0 never waits on the
+    // disk, and a billing output that refuses writes stalls billing only.
+    let (sink_input, sink_thread) = match sink {
+        Some(sink) => {
+            let (input, thread) = SinkThread::spawn(sink, job.stop.clone());
+            (Some(input), Some(thread))
+        }
+        None => (None, None),
+    };
+    let sink_input = Arc::new(Mutex::new(sink_input));
     let resume = Arc::new(resume);
     let board = LiveBoard::default();
 
@@ -392,16 +401,11 @@ fn run_dataflow(
                 let outcomes = billing(paths.billing, &config, probes.clone());
                 let checkpoints = ship_checkpoints(scope, outbox);
                 let sink = if index == 0 {
-                    sink.lock().unwrap_or_else(|p| p.into_inner()).take()
+                    sink_input.lock().unwrap_or_else(|p| p.into_inner()).take()
                 } else {
                     None
                 };
-                livepipe_sinks::billing::attach(
-                    outcomes,
-                    checkpoints,
-                    sink,
-                    Arc::new(|cause| fail(cause)),
-                );
+                livepipe_sinks::billing::attach(outcomes, checkpoints, sink);
             });
             // Step until the input ends (files) or we are told to stop. The
             // timeout only bounds how late a stop is noticed.
@@ -420,6 +424,11 @@ fn run_dataflow(
     )
     .map_err(|err| anyhow::anyhow!("starting timely workers: {err}"))?;
     let results = guards.join();
+    // What the workers handed the sink is committed before the run counts
+    // as finished (or abandoned on a stop while billing is stalled).
+    if let Some(thread) = sink_thread {
+        thread.join();
+    }
     done.store(true, Ordering::Relaxed);
     for thread in reporter.into_iter().chain(live_logger).chain(peer_watch) {
         let _ = thread.join();

@@ -83,11 +83,20 @@ pub struct ImpressionFact {
     pub event_id: Text,
     pub watermark: u64,
     pub position: Position,
-    pub ad_id: Text,
-    pub campaign_id: Text,
-    pub advertiser_id: Text,
-    pub stream_id: Text,
-    pub viewer_id: Text,
+    /// What the billed row says about the ad, behind one pointer: facts are
+    /// moved and cloned at every merge of the arrangement, and only the
+    /// canonical impression's details are ever read.
+    pub ad: Arc<AdDetails>,
+}
+
+/// An impression's billable details.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct AdDetails {
+    pub ad_id: String,
+    pub campaign_id: String,
+    pub advertiser_id: String,
+    pub stream_id: String,
+    pub viewer_id: String,
     pub price_micros: u64,
 }
 
@@ -246,12 +255,14 @@ fn admit<'s>(
                         event_id: event.event_id.into(),
                         watermark,
                         position,
-                        ad_id: imp.ad_id.into(),
-                        campaign_id: imp.campaign_id.into(),
-                        advertiser_id: imp.advertiser_id.into(),
-                        stream_id: event.stream_id.into(),
-                        viewer_id: event.viewer_id.into(),
-                        price_micros: imp.price_micros,
+                        ad: Arc::new(AdDetails {
+                            ad_id: imp.ad_id,
+                            campaign_id: imp.campaign_id,
+                            advertiser_id: imp.advertiser_id,
+                            stream_id: event.stream_id,
+                            viewer_id: event.viewer_id,
+                            price_micros: imp.price_micros,
+                        }),
                     });
                     if watermark > event.ts + window {
                         Err(LateRecord::of(
@@ -290,6 +301,13 @@ fn decide<'s>(
     let window = config.qualify_window_ms;
     let granularity = config.time_granularity_ms;
     let retention = config.state_retention_ms;
+    // Retirements are rounded up to a grid of a tenth of the retention: the
+    // records of one impression (its retries, its progress) then mostly leave
+    // at one time, and the reduce revisits the id once, not once per record.
+    // State lives at most a tenth longer.
+    let retire_grid = (retention / 10)
+        .next_multiple_of(granularity)
+        .max(granularity);
     let updates = facts.unary_frontier(Pipeline, "EnterAndRetire", move |_, _| {
         // Retractions wait here, by retire time, until the frontier reaches
         // them. Handing them to differential up front would park them in the
@@ -309,7 +327,10 @@ fn decide<'s>(
                         // or later). It must still be present when the frontier
                         // passes that deadline, and may leave `retention` later.
                         let last_useful = fact.watermark().max(fact.ts() + window);
-                        let retire = after(last_useful, granularity).saturating_add(retention);
+                        let retire = after(last_useful, granularity)
+                            .saturating_add(retention)
+                            .checked_next_multiple_of(retire_grid)
+                            .unwrap_or(u64::MAX);
                         debug_assert!(retire > time);
                         if retire_cap.as_ref().is_none_or(|c| retire < *c.time()) {
                             retire_cap = Some(cap.delayed(&retire, 0));

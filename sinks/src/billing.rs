@@ -30,9 +30,9 @@ use timely::dataflow::StreamVec;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::fsutil::{sync_dir, write_atomic, TEMP_PREFIX};
 use crate::ledger::{BilledRow, Commit, FileRecord, Ledger, Position, LEDGER_FILE};
@@ -66,9 +66,24 @@ pub struct BillingStats {
     /// The sink's input frontier (coarse event-time ms); 0 before the first
     /// move, `u64::MAX` once the input is exhausted.
     pub frontier_ms: AtomicU64,
+    /// Set while the billing output refuses writes.
+    pub stall: Mutex<Option<Stall>>,
+}
+
+/// Why billing is not committing, and since when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stall {
+    pub cause: String,
+    /// Wall-clock ms of the first failed attempt.
+    pub since_ms: u64,
 }
 
 impl BillingStats {
+    /// Why billing is stalled, if it is.
+    pub fn stall(&self) -> Option<Stall> {
+        self.stall.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Billing's watermark as far as the sink knows it.
     pub fn watermark(&self) -> Option<u64> {
         match self.frontier_ms.load(Ordering::Relaxed) {
@@ -119,7 +134,6 @@ impl PeriodsSeen {
 struct PeriodWriter {
     billing_dir: PathBuf,
     config: PipelineConfig,
-    stats: Arc<BillingStats>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,7 +176,6 @@ impl BillingSink {
             periods: PeriodWriter {
                 billing_dir,
                 config,
-                stats: stats.clone(),
             },
             side,
             sources,
@@ -188,9 +201,9 @@ impl BillingSink {
         match event {
             BillingEvent::Final(outcome) => self.buffered.push(outcome),
             BillingEvent::Late(late) => {
-                self.stats.late.fetch_add(1, Ordering::Relaxed);
                 self.side
                     .late(source_name(&self.sources, late.position.partition), &late)?;
+                self.stats.late.fetch_add(1, Ordering::Relaxed);
             }
         }
         Ok(())
@@ -213,57 +226,56 @@ impl BillingSink {
             self.side.flush()?;
             return Ok(());
         }
+        // Nothing changes outside the transaction until it has committed:
+        // a failed attempt (disk full, say) can simply be tried again.
         let commit = self.ledger.begin()?;
-        for outcome in self.buffered.drain(..) {
+        let mut seen = self.periods_seen;
+        let mut already_final = Vec::new();
+        let mut expired = Vec::new();
+        let (mut billed, mut duplicates) = (0u64, 0u64);
+        for outcome in &self.buffered {
             let period = self.periods.config.period_start(outcome.impression.ts);
-            self.stats
-                .duplicates
-                .fetch_add(outcome.duplicates as u64, Ordering::Relaxed);
-            if !commit.finalize(&outcome, period)? {
+            duplicates += u64::from(outcome.duplicates);
+            if !commit.finalize(outcome, period)? {
                 // Already final (state retired long ago, or a replay): the
                 // first answer stands.
-                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                self.stats.late.fetch_add(1, Ordering::Relaxed);
-                let late = livepipe_dataflow::billing::LateRecord {
+                already_final.push(livepipe_dataflow::billing::LateRecord {
                     reason: livepipe_dataflow::billing::LateReason::AlreadyFinal,
                     kind: "impression".into(),
                     event_id: outcome.impression.event_id.to_string(),
                     impression_id: outcome.impression_id.to_string(),
                     ts: outcome.impression.ts,
                     position: outcome.impression.position,
-                };
-                let source = source_name(&self.sources, late.position.partition);
-                self.side.late(source, &late)?;
+                });
                 continue;
             }
-            self.periods_seen.saw(period);
+            seen.saw(period);
             if outcome.is_billed() {
-                self.stats.billed.fetch_add(1, Ordering::Relaxed);
+                billed += 1;
             } else {
-                self.stats.expired.fetch_add(1, Ordering::Relaxed);
-                self.side.expired(&outcome)?;
+                expired.push(outcome);
             }
         }
-        tracing::debug!(?frontier, periods = ?self.periods_seen, "billing commit");
-        let mut wrote = false;
-        while let Some(period) = self.periods_seen.next {
+        tracing::debug!(?frontier, periods = ?seen, "billing commit");
+        let mut files = 0;
+        while let Some(period) = seen.next {
             if !self.periods.is_final(period, frontier) {
                 break;
             }
             // Files stop at the last period that held a finalized
             // impression: the same files for the same input, however far
             // the watermark runs (a quiet topic follows the wall clock).
-            if self.periods_seen.last.is_none_or(|last| period > last) {
+            if seen.last.is_none_or(|last| period > last) {
                 break;
             }
             if commit.file_for(period)?.is_none() {
                 self.periods.write(&commit, period)?;
-                wrote = true;
+                files += 1;
             }
-            self.periods_seen.next = Some(period + self.periods.config.billing_period_ms);
-            self.periods_seen.files_started = true;
+            seen.next = Some(period + self.periods.config.billing_period_ms);
+            seen.files_started = true;
         }
-        if wrote {
+        if files > 0 {
             sync_dir(&self.periods.billing_dir)?;
         }
         // Resume positions safe at this frontier: every impression that is
@@ -283,8 +295,34 @@ impl BillingSink {
             commit.set_position(partition, &position)?;
         }
         commit.commit()?;
+
         self.checkpoints.mark_committed(&safe);
-        self.side.flush()?;
+        self.periods_seen = seen;
+        let stats = &self.stats;
+        stats.billed.fetch_add(billed, Ordering::Relaxed);
+        stats
+            .expired
+            .fetch_add(expired.len() as u64, Ordering::Relaxed);
+        stats.files.fetch_add(files, Ordering::Relaxed);
+        let again = already_final.len() as u64;
+        stats
+            .duplicates
+            .fetch_add(duplicates + again, Ordering::Relaxed);
+        stats.late.fetch_add(again, Ordering::Relaxed);
+        // Side outputs are written once the ledger holds the outcomes; if
+        // writing them fails, the outcomes are not committed again.
+        let side_lines = (|| {
+            for outcome in expired {
+                self.side.expired(outcome)?;
+            }
+            for late in &already_final {
+                self.side
+                    .late(source_name(&self.sources, late.position.partition), late)?;
+            }
+            self.side.flush()
+        })();
+        self.buffered.clear();
+        side_lines?;
         Ok(())
     }
 }
@@ -336,7 +374,6 @@ impl PeriodWriter {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
         })?;
-        self.stats.files.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -370,16 +407,151 @@ pub fn render_csv(rows: &[BilledRow]) -> Result<(Vec<u8>, u64), std::io::Error> 
     Ok((bytes, total))
 }
 
+/// What worker 0 hands the sink thread, in dataflow order.
+enum SinkMessage {
+    Events(Vec<BillingEvent>),
+    Checkpoints(Vec<(u32, Checkpoint)>),
+    /// The sink's input frontier moved (`None`: the input is exhausted).
+    Frontier(Option<Time>),
+}
+
+/// The dataflow's end of the sink thread (worker 0 holds it).
+pub struct SinkInput {
+    sender: mpsc::Sender<SinkMessage>,
+}
+
+/// The billing sink on a thread of its own.
+///
+/// The dataflow never waits for the disk: worker 0 hands over final
+/// outcomes and frontier moves and goes on (it also runs the live path).
+/// The thread commits them in order; when a commit fails (disk full, a
+/// directory that refuses writes) it says so in [`BillingStats`] and tries
+/// the same commit again, with backoff, until it succeeds or the job stops.
+/// Nothing changes outside a transaction that failed, so catching up bills
+/// exactly once. While stalled, final outcomes queue in memory.
+pub struct SinkThread {
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Longest pause between attempts while the billing output refuses writes.
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(10);
+
+impl SinkThread {
+    /// Starts the thread. It ends when the [`SinkInput`] is dropped and
+    /// everything sent is committed, or, while stalled, once `stop` is set.
+    pub fn spawn(mut sink: BillingSink, stop: Arc<AtomicBool>) -> (SinkInput, SinkThread) {
+        let (sender, receiver) = mpsc::channel::<SinkMessage>();
+        let thread = std::thread::Builder::new()
+            .name("billing-sink".into())
+            .spawn(move || {
+                // Everything waiting is taken at once: after a stall the
+                // backlog is committed in one transaction, not one per
+                // frontier move.
+                while let Ok(first) = receiver.recv() {
+                    let mut frontier = None;
+                    let mut messages = vec![first];
+                    messages.extend(receiver.try_iter());
+                    for message in messages {
+                        match message {
+                            SinkMessage::Events(events) => {
+                                for event in events {
+                                    if !sink.retry(&stop, |sink| sink.accept(event.clone())) {
+                                        return;
+                                    }
+                                }
+                            }
+                            SinkMessage::Checkpoints(checkpoints) => {
+                                for (partition, checkpoint) in checkpoints {
+                                    sink.checkpoints.record(partition, checkpoint);
+                                }
+                            }
+                            SinkMessage::Frontier(moved) => frontier = Some(moved),
+                        }
+                    }
+                    if let Some(frontier) = frontier {
+                        if !sink.retry(&stop, |sink| sink.advance(frontier)) {
+                            return;
+                        }
+                    }
+                }
+            })
+            .expect("spawning the billing sink thread");
+        (SinkInput { sender }, SinkThread { thread })
+    }
+
+    /// Waits for the thread to commit what it was sent (or to give up on a
+    /// stop while stalled).
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+impl BillingSink {
+    /// Runs `attempt` until it succeeds, reporting the stall meanwhile.
+    /// False if the job was stopped first.
+    fn retry(
+        &mut self,
+        stop: &AtomicBool,
+        mut attempt: impl FnMut(&mut Self) -> Result<(), SinkError>,
+    ) -> bool {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match attempt(self) {
+                Ok(()) => {
+                    if self
+                        .stats
+                        .stall
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take()
+                        .is_some()
+                    {
+                        tracing::info!("billing output writable again: caught up");
+                    }
+                    return true;
+                }
+                Err(err) => {
+                    let cause = err.to_string();
+                    let mut stall = self.stats.stall.lock().unwrap_or_else(|p| p.into_inner());
+                    if stall.as_ref().is_none_or(|s| s.cause != cause) {
+                        tracing::error!(
+                            "billing stalled: {cause}; the live path goes on, billing retries \
+                             and catches up once the output takes writes again"
+                        );
+                    }
+                    let since = stall.as_ref().map_or_else(wall_clock_ms, |s| s.since_ms);
+                    *stall = Some(Stall {
+                        cause,
+                        since_ms: since,
+                    });
+                }
+            }
+            if stop.load(Ordering::Relaxed) {
+                tracing::warn!(
+                    "stopped while billing was stalled: the ledger keeps what was committed"
+                );
+                return false;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(MAX_RETRY_PAUSE);
+        }
+    }
+}
+
+fn wall_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Attaches the sink to the billing stream and the sources' checkpoints:
-/// everything goes to worker 0, which commits whenever outcomes arrive or
-/// their frontier moves (and once more for checkpoints that arrive after the
-/// end). A sink error is handed to `on_fatal` (the job cannot bill without
-/// its ledger). Workers other than 0 pass `None`.
+/// everything goes to worker 0, which hands outcomes, checkpoints and every
+/// move of the outcomes' frontier to the [`SinkThread`]. Workers other than
+/// 0 pass `None`.
 pub fn attach<'s>(
     events: StreamVec<'s, Time, BillingEvent>,
     checkpoints: StreamVec<'s, Time, (u32, Checkpoint)>,
-    mut sink: Option<BillingSink>,
-    on_fatal: Arc<dyn Fn(String) + Send + Sync>,
+    sink: Option<SinkInput>,
 ) {
     let mut builder = OperatorBuilder::new("BillingSink".to_owned(), events.scope());
     let mut events = builder.new_input(events, Exchange::new(|_| 0));
@@ -388,27 +560,26 @@ pub fn attach<'s>(
     builder.build(move |_capabilities| {
         move |frontiers| {
             let mut received = false;
-            let mut failed = None;
             events.for_each_stamp(|_, batches| {
                 for batch in batches {
-                    for event in batch.drain(..) {
-                        received = true;
-                        if let Some(sink) = sink.as_mut() {
-                            if let Err(err) = sink.accept(event) {
-                                failed.get_or_insert(err);
-                            }
-                        }
+                    received |= !batch.is_empty();
+                    if let Some(sink) = sink.as_ref() {
+                        let _ = sink.sender.send(SinkMessage::Events(std::mem::take(batch)));
+                    } else {
+                        batch.clear();
                     }
                 }
             });
             let mut new_checkpoints = false;
             checkpoints.for_each_stamp(|_, batches| {
                 for batch in batches {
-                    for (partition, checkpoint) in batch.drain(..) {
-                        new_checkpoints = true;
-                        if let Some(sink) = sink.as_mut() {
-                            sink.checkpoints.record(partition, checkpoint);
-                        }
+                    new_checkpoints |= !batch.is_empty();
+                    if let Some(sink) = sink.as_ref() {
+                        let _ = sink
+                            .sender
+                            .send(SinkMessage::Checkpoints(std::mem::take(batch)));
+                    } else {
+                        batch.clear();
                     }
                 }
             });
@@ -418,14 +589,10 @@ pub fn attach<'s>(
             let finished_with_news = current.is_none() && new_checkpoints;
             if received || last_frontier != Some(current) || finished_with_news {
                 last_frontier = Some(current);
-                if let Some(sink) = sink.as_mut() {
-                    if let Err(err) = sink.advance(current) {
-                        failed.get_or_insert(err);
-                    }
+                if let Some(sink) = sink.as_ref() {
+                    // The thread ends only after this operator is gone.
+                    let _ = sink.sender.send(SinkMessage::Frontier(current));
                 }
-            }
-            if let Some(err) = failed {
-                on_fatal(err.to_string());
             }
         }
     });

@@ -239,11 +239,13 @@ fn routes(
 struct Health<'a> {
     status: &'a str,
     live: &'a str,
-    billing: &'a str,
+    billing: String,
 }
 
-/// 200 while the live path ticks; the billing path stops the process when
-/// it cannot go on, so while we answer it is running.
+/// 200 while the live path ticks (the process does its most urgent job),
+/// with `"status":"degraded"` and the cause while billing is stalled: a
+/// restart would not fix a full disk and would stop the live path too.
+/// 503 when the live path does not tick.
 fn health(state: &HttpState) -> warp::reply::Response {
     let last_tick = state.metrics.probes.last_tick_ms.load(Ordering::Relaxed);
     let now = std::time::SystemTime::now()
@@ -256,14 +258,23 @@ fn health(state: &HttpState) -> warp::reply::Response {
         (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "starting: no tick yet"),
         (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "stalled: no tick for 5 s"),
     };
+    let stall = state.metrics.billing.stall();
+    let billing = match &stall {
+        Some(stall) => format!(
+            "stalled for {} s: {}",
+            now.saturating_sub(stall.since_ms) / 1000,
+            stall.cause
+        ),
+        None => "running".to_string(),
+    };
     let body = Health {
-        status: if status == StatusCode::OK {
-            "ok"
-        } else {
-            "unavailable"
+        status: match (status == StatusCode::OK, stall.is_some()) {
+            (true, false) => "ok",
+            (true, true) => "degraded",
+            (false, _) => "unavailable",
         },
         live,
-        billing: "running",
+        billing,
     };
     warp::reply::with_status(warp::reply::json(&body), status).into_response()
 }

@@ -164,6 +164,7 @@ impl Commit<'_> {
     /// (then nothing changes).
     pub fn finalize(&self, outcome: &Outcome, period_start: u64) -> rusqlite::Result<bool> {
         let imp = &outcome.impression;
+        let ad = &imp.ad;
         let mut stmt = self.tx.prepare_cached(
             "INSERT OR IGNORE INTO finalized (impression_id, billed, period_start, event_id,
                 ad_id, campaign_id, advertiser_id, stream_id, viewer_id,
@@ -175,14 +176,14 @@ impl Commit<'_> {
             outcome.is_billed(),
             period_start as i64,
             imp.event_id,
-            imp.ad_id,
-            imp.campaign_id,
-            imp.advertiser_id,
-            imp.stream_id,
-            imp.viewer_id,
+            ad.ad_id,
+            ad.campaign_id,
+            ad.advertiser_id,
+            ad.stream_id,
+            ad.viewer_id,
             imp.ts as i64,
             outcome.qualified_ts.map(|ts| ts as i64),
-            imp.price_micros as i64,
+            ad.price_micros as i64,
         ])?;
         Ok(inserted == 1)
     }

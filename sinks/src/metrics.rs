@@ -223,6 +223,21 @@ impl Collector for JobMetrics {
                 .load(Ordering::Relaxed)
                 .max(0),
         )?;
+        let stall = billing.stall();
+        gauge(
+            &mut encoder,
+            "billing_stalled",
+            "1 while the billing output refuses writes (billing retries; /healthz says why).",
+            i64::from(stall.is_some()),
+        )?;
+        gauge(
+            &mut encoder,
+            "billing_stalled_seconds",
+            "How long billing has been stalled (0 when it is not).",
+            stall.map_or(0, |s| {
+                (wall_clock_ms().saturating_sub(s.since_ms) / 1000) as i64
+            }),
+        )?;
         if let Some(watermark) = billing.watermark() {
             gauge(
                 &mut encoder,

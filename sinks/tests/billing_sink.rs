@@ -1,6 +1,6 @@
 //! The billing sink on its own: which files appear when, and what is in them.
 
-use livepipe_dataflow::billing::{BillingEvent, ImpressionFact, Outcome};
+use livepipe_dataflow::billing::{AdDetails, BillingEvent, ImpressionFact, Outcome};
 use livepipe_dataflow::config::PipelineConfig;
 use livepipe_dataflow::event::Position;
 use livepipe_sinks::billing::BillingSink;
@@ -32,12 +32,15 @@ fn outcome(id: &str, ts: u64, qualified: Option<u64>) -> BillingEvent {
                 partition: 0,
                 offset: 1,
             },
-            ad_id: "ad".into(),
-            campaign_id: "c,1".into(),
-            advertiser_id: "adv".into(),
-            stream_id: "s".into(),
-            viewer_id: "v".into(),
-            price_micros: 7,
+            ad: AdDetails {
+                ad_id: "ad".into(),
+                campaign_id: "c,1".into(),
+                advertiser_id: "adv".into(),
+                stream_id: "s".into(),
+                viewer_id: "v".into(),
+                price_micros: 7,
+            }
+            .into(),
         },
         qualified_ts: qualified,
         duplicates: 0,
