@@ -223,17 +223,27 @@ fn every_reason_code_reaches_the_dead_letter_file_with_its_line() {
         content.push(b'\n');
     }
     content.extend_from_slice(b"{\"type\":\"join\",\"event_id\":\"\xff\"}\n");
+    // A record past the size bound (1 MiB, Kafka's default message size)
+    // is rejected without being parsed, and the lines around it are read.
+    content.extend_from_slice(good.as_bytes());
+    content.push(b'\n');
+    content.extend_from_slice(&vec![b'{'; (1 << 20) + 1]);
+    content.push(b'\n');
+    content.extend_from_slice(good.as_bytes());
+    content.push(b'\n');
     std::fs::write(&input, &content).unwrap();
     let out = dir.path().join("out");
     run_ok(&[
         "run",
         "--input",
         input.to_str().unwrap(),
+        "--workers",
+        "2",
         "--out",
         out.to_str().unwrap(),
     ]);
     let rejected = json_lines(&out.join("rejected.jsonl"));
-    let got: Vec<(u64, String)> = rejected
+    let mut got: Vec<(u64, String)> = rejected
         .iter()
         .map(|v| {
             (
@@ -248,11 +258,22 @@ fn every_reason_code_reaches_the_dead_letter_file_with_its_line() {
         .map(|(i, (_, r))| (2 * i as u64 + 2, r.to_string()))
         .collect();
     want.push((2 * bad.len() as u64 + 1, "bad_utf8".into()));
+    want.push((2 * bad.len() as u64 + 3, "too_large".into()));
+    // Exactly the bad lines, each once, at its line: no valid record.
+    got.sort();
     assert_eq!(got, want);
-    assert!(rejected.last().unwrap()["raw"]
-        .as_str()
-        .unwrap()
-        .contains('\u{FFFD}'));
+    let raw = |offset: u64| {
+        rejected
+            .iter()
+            .find(|v| v["offset"].as_u64() == Some(offset))
+            .unwrap()["raw"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(raw(2 * bad.len() as u64 + 1).contains('\u{FFFD}'));
+    // An oversized record's raw text is cut, not kept whole.
+    assert!(raw(2 * bad.len() as u64 + 3).len() <= 4096);
 }
 
 #[test]

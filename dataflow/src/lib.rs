@@ -13,6 +13,7 @@
 pub mod billing;
 pub mod config;
 pub mod event;
+pub mod lines;
 pub mod live;
 pub mod parse;
 pub mod probe;
