@@ -32,7 +32,8 @@ use livepipe_sinks::metrics::{EventsIn, JobMetrics, PartitionRow, RejectedByReas
 use livepipe_sinks::side::SideOutputs;
 use livepipe_sources::file::{check_inputs, file_source, FileSourceContext};
 use livepipe_sources::kafka::{
-    discover_partitions, kafka_source, KafkaSettings, KafkaSourceContext, KafkaStatus, SetupError,
+    discover_partitions, kafka_source, BrokerHealth, KafkaSettings, KafkaSourceContext,
+    KafkaStatus, SetupError,
 };
 use livepipe_sources::SourceContext;
 use timely::dataflow::operators::vec::Broadcast;
@@ -241,6 +242,7 @@ fn run_dataflow(
     let events_in = Arc::new(EventsIn::new(job.workers));
     let probes = Arc::new(Probes::default());
     let kafka_status = KafkaStatus::default();
+    let brokers = BrokerHealth::default();
     let metrics = JobMetrics {
         events_in: events_in.clone(),
         rejected: rejected_by_reason.clone(),
@@ -265,6 +267,10 @@ fn run_dataflow(
         live_streams: {
             let board = board.clone();
             Arc::new(move || board.latest().len())
+        },
+        input_problem: {
+            let brokers = brokers.clone();
+            Arc::new(move || brokers.lock().unwrap_or_else(|p| p.into_inner()).clone())
         },
     };
     let _server = match listener {
@@ -387,6 +393,7 @@ fn run_dataflow(
                             partitions: partitions.clone(),
                             idle_timeout_ms: config.idle_timeout_ms,
                             status: kafka_status.clone(),
+                            brokers: brokers.clone(),
                         },
                     ),
                 };

@@ -10,8 +10,9 @@ mod support;
 
 use rdkafka::mocking::MockCluster;
 use serde_json::Value;
-use support::job::{dir_bytes, wait_for, Job};
+use support::job::{wait_for, Job};
 use support::kafka::{generated_traffic, publish_all};
+use support::outputs::{assert_ledger_matches, assert_reference, billing_files};
 use support::reference::{expected, expected_live, Expected, Rules};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -93,42 +94,6 @@ fn write_records(path: &Path, records: &[Vec<u8>]) {
 fn reference(records: &[Vec<u8>]) -> Expected {
     let lines: Vec<&[u8]> = records.iter().map(|r| &r[..]).collect();
     expected(&lines, Rules::SPEC)
-}
-
-/// Billing files (no temp files), name -> bytes.
-fn billing_files(out: &Path) -> BTreeMap<String, Vec<u8>> {
-    dir_bytes(&out.join("billing"))
-        .into_iter()
-        .filter(|(name, _)| !name.starts_with('.'))
-        .collect()
-}
-
-fn assert_reference(files: &BTreeMap<String, Vec<u8>>, want: &Expected) {
-    let csvs: BTreeSet<&String> = files.keys().filter(|n| n.ends_with(".csv")).collect();
-    assert_eq!(
-        csvs,
-        want.files.keys().collect::<BTreeSet<_>>(),
-        "file names"
-    );
-    for (name, bytes) in &want.files {
-        assert!(files[name] == *bytes, "{name} differs from the reference");
-    }
-}
-
-/// The ledger bills each id once and exactly the rows of the files.
-fn assert_ledger_matches(out: &Path, files: &BTreeMap<String, Vec<u8>>) {
-    let ledger = rusqlite::Connection::open(out.join("ledger.sqlite")).unwrap();
-    let billed: i64 = ledger
-        .query_row("SELECT COUNT(*) FROM finalized WHERE billed = 1", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    let rows: usize = files
-        .iter()
-        .filter(|(name, _)| name.ends_with(".csv"))
-        .map(|(_, csv)| csv.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count() - 1)
-        .sum();
-    assert_eq!(billed as usize, rows, "ledger rows vs file rows");
 }
 
 fn lines(path: &Path) -> Vec<String> {

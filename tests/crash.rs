@@ -21,6 +21,7 @@ use support::job::{dir_bytes, topic_job, wait_for, Job};
 use support::kafka::{
     fresh_topic, generated_traffic, publish_all, separate_broker, separate_broker_events,
 };
+use support::outputs::{assert_ledger_matches, assert_reference, billing_files};
 use support::reference::{expected, Expected, Rules};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -51,49 +52,6 @@ impl Witness {
             if let Some(before) = self.seen.insert(name.clone(), sum.clone()) {
                 assert_eq!(before, sum, "{name} changed after it was written");
             }
-        }
-    }
-}
-
-/// Billing files only (no temp files), name -> bytes.
-fn billing_files(out: &Path) -> BTreeMap<String, Vec<u8>> {
-    dir_bytes(&out.join("billing"))
-        .into_iter()
-        .filter(|(name, _)| !name.starts_with('.'))
-        .collect()
-}
-
-/// The ledger bills each id once and exactly the rows of the files.
-fn check_ledger(out: &Path, files: &BTreeMap<String, Vec<u8>>) {
-    let ledger = rusqlite::Connection::open(out.join("ledger.sqlite")).unwrap();
-    let billed: i64 = ledger
-        .query_row("SELECT COUNT(*) FROM finalized WHERE billed = 1", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    let rows: usize = files
-        .iter()
-        .filter(|(name, _)| name.ends_with(".csv"))
-        .map(|(_, csv)| csv.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count() - 1)
-        .sum();
-    assert_eq!(billed as usize, rows, "ledger rows vs file rows");
-}
-
-fn assert_reference(files: &BTreeMap<String, Vec<u8>>, want: &Expected) {
-    let csvs: BTreeSet<&String> = files.keys().filter(|n| n.ends_with(".csv")).collect();
-    assert_eq!(csvs, want.files.keys().collect::<BTreeSet<_>>());
-    for (name, bytes) in &want.files {
-        if files[name] != *bytes {
-            let lines = |b: &[u8]| -> BTreeSet<String> {
-                String::from_utf8_lossy(b)
-                    .lines()
-                    .map(String::from)
-                    .collect()
-            };
-            let (got, want) = (lines(&files[name]), lines(bytes));
-            let extra: Vec<_> = got.difference(&want).take(5).collect();
-            let missing: Vec<_> = want.difference(&got).take(5).collect();
-            panic!("{name} differs from the reference: extra {extra:?}, missing {missing:?}");
         }
     }
 }
@@ -178,7 +136,7 @@ fn a_file_run_killed_six_times_bills_exactly_once() {
     let files = billing_files(&out);
     assert_eq!(files, uninterrupted, "crashed and resumed vs uninterrupted");
     assert_reference(&files, &want);
-    check_ledger(&out, &files);
+    assert_ledger_matches(&out, &files);
 }
 
 /// The same with a topic: every restart resumes from the ledger's offsets.
@@ -238,7 +196,7 @@ fn topic_killed_six_times(brokers: &str, topic: &str, partitions: i32, events: u
         }
     }
     assert_reference(&files, &want);
-    check_ledger(&out, &files);
+    assert_ledger_matches(&out, &files);
 }
 
 #[test]

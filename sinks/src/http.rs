@@ -240,12 +240,14 @@ struct Health<'a> {
     status: &'a str,
     live: &'a str,
     billing: String,
+    input: String,
 }
 
 /// 200 while the live path ticks (the process does its most urgent job),
-/// with `"status":"degraded"` and the cause while billing is stalled: a
-/// restart would not fix a full disk and would stop the live path too.
-/// 503 when the live path does not tick.
+/// with `"status":"degraded"` and the cause while billing is stalled or the
+/// brokers are unreachable: a restart would fix neither a full disk nor a
+/// broker outage, and would stop the live path too. 503 when the live path
+/// does not tick.
 fn health(state: &HttpState) -> warp::reply::Response {
     let last_tick = state.metrics.probes.last_tick_ms.load(Ordering::Relaxed);
     let now = std::time::SystemTime::now()
@@ -267,14 +269,17 @@ fn health(state: &HttpState) -> warp::reply::Response {
         ),
         None => "running".to_string(),
     };
+    let input_problem = (state.metrics.input_problem)();
+    let degraded = stall.is_some() || input_problem.is_some();
     let body = Health {
-        status: match (status == StatusCode::OK, stall.is_some()) {
+        status: match (status == StatusCode::OK, degraded) {
             (true, false) => "ok",
             (true, true) => "degraded",
             (false, _) => "unavailable",
         },
         live,
         billing,
+        input: input_problem.map_or_else(|| "reading".to_string(), |why| format!("waiting: {why}")),
     };
     warp::reply::with_status(warp::reply::json(&body), status).into_response()
 }

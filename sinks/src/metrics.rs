@@ -103,6 +103,8 @@ pub struct JobMetrics {
     pub sse_clients: Arc<AtomicUsize>,
     /// Streams on the live board.
     pub live_streams: Arc<dyn Fn() -> usize + Send + Sync>,
+    /// Why the input cannot be read right now (brokers unreachable), if so.
+    pub input_problem: Arc<dyn Fn() -> Option<String> + Send + Sync>,
 }
 
 impl fmt::Debug for JobMetrics {
@@ -222,6 +224,12 @@ impl Collector for JobMetrics {
                 .pending_impressions
                 .load(Ordering::Relaxed)
                 .max(0),
+        )?;
+        gauge(
+            &mut encoder,
+            "input_unreachable",
+            "1 while the input cannot be read (no Kafka broker up); the job waits and reconnects.",
+            i64::from((self.input_problem)().is_some()),
         )?;
         let stall = billing.stall();
         gauge(

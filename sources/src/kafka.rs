@@ -151,7 +151,7 @@ pub fn discover_partitions(
     let consumer: BaseConsumer = settings
         .consumer_config()
         .create()
-        .map_err(|err| SetupError::Usage(format!("Kafka client configuration: {err}")))?;
+        .map_err(|err| SetupError::Usage(client_config_error(&err)))?;
     let metadata = consumer
         .fetch_metadata(Some(&settings.topic), timeout)
         .map_err(|err| {
@@ -215,22 +215,71 @@ pub struct PartitionStatus {
 /// Per-partition status of every partition this process reads.
 pub type KafkaStatus = Arc<Mutex<BTreeMap<i32, PartitionStatus>>>;
 
-/// Keeps librdkafka's per-partition statistics (lag, high watermark).
+/// A client that could not be created, said without the property's value:
+/// librdkafka's own message repeats it, and `-X` values are often secrets
+/// (`sasl.password`, `ssl.key.password`).
+pub fn client_config_error(err: &KafkaError) -> String {
+    match err {
+        KafkaError::ClientConfig(_, description, key, value) => {
+            let description = if value.is_empty() {
+                description.clone()
+            } else {
+                description.replace(value.as_str(), "<value>")
+            };
+            format!("Kafka client configuration: {description} (-X {key}=<value>)")
+        }
+        other => format!("Kafka client: {other}"),
+    }
+}
+
+/// Why the brokers cannot be reached right now (`None`: they can), as
+/// librdkafka's statistics and errors tell it, for `/healthz` and
+/// `/metrics`. librdkafka reconnects on its own; nothing read is lost while
+/// they are away, the job just waits.
+pub type BrokerHealth = Arc<Mutex<Option<String>>>;
+
+/// Keeps librdkafka's per-partition statistics (lag, high watermark) and
+/// whether any broker is up.
 struct StatsContext {
     topic: String,
     status: KafkaStatus,
+    brokers: BrokerHealth,
 }
 
 impl ClientContext for StatsContext {
     fn error(&self, error: KafkaError, reason: &str) {
         // Reaching the end of a partition is how idleness is noticed, not
         // a problem; librdkafka reports it as a "global error" too.
-        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
-            tracing::warn!("Kafka: {error}: {reason}");
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
+            return;
+        }
+        tracing::warn!("Kafka: {error}: {reason}");
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            *self.brokers.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(format!("all brokers down: {reason}"));
         }
     }
 
     fn stats(&self, statistics: Statistics) {
+        // Reachable while any real broker (not a bootstrap address) is up.
+        let known: Vec<_> = statistics
+            .brokers
+            .values()
+            .filter(|b| b.nodeid >= 0)
+            .collect();
+        if !known.is_empty() {
+            let up = known.iter().any(|b| b.state == "UP");
+            let mut brokers = self.brokers.lock().unwrap_or_else(|p| p.into_inner());
+            *brokers = if up {
+                None
+            } else {
+                let states: Vec<String> = known
+                    .iter()
+                    .map(|b| format!("{} {}", b.nodename, b.state))
+                    .collect();
+                Some(format!("no broker is up ({})", states.join(", ")))
+            };
+        }
         let Some(topic) = statistics.topics.get(&self.topic) else {
             return;
         };
@@ -333,6 +382,8 @@ pub struct KafkaSourceContext {
     pub idle_timeout_ms: u64,
     /// Filled in as partitions are read.
     pub status: KafkaStatus,
+    /// Set while no broker can be reached.
+    pub brokers: BrokerHealth,
 }
 
 /// Builds the source on this worker: a consumer for the partitions it owns.
@@ -617,8 +668,9 @@ fn open_consumer(
         .create_with_context(StatsContext {
             topic: settings.topic.clone(),
             status: context.status.clone(),
+            brokers: context.brokers.clone(),
         })
-        .map_err(|err| format!("creating the Kafka consumer: {err}"))?;
+        .map_err(|err| format!("creating the Kafka consumer: {}", client_config_error(&err)))?;
     let start = match settings.start {
         StartOffsets::Earliest => Offset::Beginning,
         StartOffsets::Latest => Offset::End,

@@ -9,7 +9,7 @@
 //! messages within a partition: the topic holds exactly the generated
 //! sequence, which is what lets a test compare a topic run with a file run.
 
-use crate::kafka::SetupError;
+use crate::kafka::{client_config_error, SetupError};
 use crate::wall_clock_ms;
 use livepipe_dataflow::parse::parse_event;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -53,7 +53,7 @@ pub fn ensure_topic(
 ) -> Result<i32, SetupError> {
     let admin: AdminClient<DefaultClientContext> = config
         .create()
-        .map_err(|err| SetupError::Usage(format!("Kafka client configuration: {err}")))?;
+        .map_err(|err| SetupError::Usage(client_config_error(&err)))?;
     let count = |admin: &AdminClient<DefaultClientContext>| {
         admin
             .inner()
@@ -176,7 +176,7 @@ pub fn publish(
             stats: stats.clone(),
             first_error: Default::default(),
         })
-        .map_err(|err| format!("creating the Kafka producer: {err}"))?;
+        .map_err(|err| format!("creating the Kafka producer: {}", client_config_error(&err)))?;
     let started = Instant::now();
     let mut sent: u64 = 0;
     for record in records {

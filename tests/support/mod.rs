@@ -2,4 +2,5 @@
 pub mod browser;
 pub mod job;
 pub mod kafka;
+pub mod outputs;
 pub mod reference;

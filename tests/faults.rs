@@ -1,0 +1,390 @@
+//! Faults on one side never take the other down, and never lose or double
+//! bill anything (issue 8; README "Guarantees"):
+//!
+//! * the billing output refuses writes: live ticks go on, `/healthz` and
+//!   `/metrics` say billing is stalled and why, and once the output takes
+//!   writes again billing catches up exactly once;
+//! * hundreds of SSE clients that never read: billing finalizes everything,
+//!   exactly as without them;
+//! * the broker goes away mid-run and comes back: `/healthz` says so while
+//!   it is away, then the job goes on, losing nothing;
+//! * operator mistakes exit 2 and leave the output as it was;
+//! * `-X` secrets never reach the logs.
+//!
+//! All on librdkafka's mock cluster in this process, over TCP.
+
+mod support;
+
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use serde_json::Value;
+use support::job::{dir_bytes, topic_job, wait_for, Job};
+use support::kafka::{generated_traffic, publish_all};
+use support::outputs::{assert_ledger_matches, assert_reference, billing_files};
+use support::reference::{expected, Expected, Rules};
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// Only a guard against hanging; nothing here measures speed.
+const LIMIT: Duration = Duration::from_secs(180);
+
+fn loaded_topic(
+    records: &[Vec<u8>],
+    partitions: i32,
+) -> MockCluster<'static, DefaultProducerContext> {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster
+        .create_topic("events", partitions, 1)
+        .expect("topic");
+    publish_all(&cluster.bootstrap_servers(), "events", records);
+    cluster
+}
+
+fn reference(records: &[Vec<u8>]) -> Expected {
+    let lines: Vec<&[u8]> = records.iter().map(|r| &r[..]).collect();
+    expected(&lines, Rules::SPEC)
+}
+
+fn get(addr: &str, path: &str) -> (u16, String) {
+    match ureq::get(&format!("http://{addr}{path}")).call() {
+        Ok(mut response) => (
+            response.status().as_u16(),
+            response.body_mut().read_to_string().unwrap(),
+        ),
+        Err(ureq::Error::StatusCode(code)) => (code, String::new()),
+        Err(err) => panic!("GET {path}: {err}"),
+    }
+}
+
+fn health(addr: &str) -> Value {
+    serde_json::from_str(&get(addr, "/healthz").1).unwrap_or(Value::Null)
+}
+
+fn metric(addr: &str, name: &str) -> Option<f64> {
+    get(addr, "/metrics").1.lines().find_map(|line| {
+        let (key, value) = line.split_once(' ')?;
+        (key == name).then(|| value.trim().parse().ok())?
+    })
+}
+
+/// The address the job serves on, once it logged it.
+fn served(job: &mut Job) -> String {
+    let log = job.stderr.clone();
+    let mut addr = None;
+    wait_for(job, LIMIT, "the HTTP server", || {
+        addr = support::job::http_addr(&log);
+        addr.is_some()
+    });
+    addr.unwrap()
+}
+
+/// Waits until the job has assigned its partitions.
+fn wait_until_reading(job: &mut Job) {
+    let log = job.stderr.clone();
+    wait_for(job, LIMIT, "the job to read its partitions", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("reading Kafka partitions")
+    });
+}
+
+/// Live ticks keep coming: the tick counter moves on over a few seconds.
+fn assert_live_ticks(job: &mut Job, addr: &str) {
+    let before = metric(addr, "livepipe_live_ticks_total").unwrap_or(0.0);
+    wait_for(job, LIMIT, "live ticks to go on", || {
+        metric(addr, "livepipe_live_ticks_total").unwrap_or(0.0) >= before + 2.0
+    });
+}
+
+fn wait_for_all_files(job: &mut Job, out: &Path, want: &Expected) {
+    let markers: BTreeSet<String> = want.files.keys().map(|f| format!("{f}.done")).collect();
+    wait_for(job, LIMIT, "every expected billing file", || {
+        let names: BTreeSet<String> = billing_files(out).into_keys().collect();
+        markers.is_subset(&names)
+    });
+}
+
+/// Every marker names its CSV's exact bytes; no temp file is left.
+fn assert_files_whole(out: &Path) {
+    let all = dir_bytes(&out.join("billing"));
+    assert!(
+        all.keys().all(|name| !name.starts_with('.')),
+        "temp files left: {:?}",
+        all.keys().collect::<Vec<_>>()
+    );
+    for (name, bytes) in &all {
+        if let Some(csv) = name.strip_suffix(".done") {
+            let marker: Value = serde_json::from_slice(bytes).unwrap();
+            let sum = {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(&all[csv]))
+            };
+            assert_eq!(marker["sha256"].as_str(), Some(sum.as_str()), "{name}");
+        }
+    }
+}
+
+#[test]
+fn a_billing_output_that_refuses_writes_stalls_billing_only_then_catches_up_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = generated_traffic(60_000, 81);
+    let want = reference(&records);
+    let cluster = loaded_topic(&records, 4);
+    let out = dir.path().join("out");
+    let mut job = topic_job(
+        &cluster.bootstrap_servers(),
+        "events",
+        "2",
+        &out,
+        &dir.path().join("job.log"),
+    );
+    let addr = served(&mut job);
+    wait_until_reading(&mut job);
+    // The billing directory stops taking files: it is moved aside and a
+    // plain file takes its name (a real filesystem fault; permissions would
+    // not stop root).
+    let billing = out.join("billing");
+    let aside = out.join("billing.aside");
+    std::fs::rename(&billing, &aside).unwrap();
+    std::fs::write(&billing, b"in the way").unwrap();
+
+    wait_for(&mut job, LIMIT, "/healthz to report the stall", || {
+        let h = health(&addr);
+        h["status"] == "degraded"
+            && h["billing"]
+                .as_str()
+                .is_some_and(|b| b.starts_with("stalled"))
+    });
+    let said = health(&addr);
+    assert!(
+        said["billing"].as_str().unwrap().contains("directory"),
+        "the cause is named: {said}"
+    );
+    assert_eq!(metric(&addr, "livepipe_billing_stalled"), Some(1.0));
+    // Creators do not notice: ticks go on, the board is served.
+    assert_live_ticks(&mut job, &addr);
+    assert_eq!(get(&addr, "/api/live").0, 200);
+    assert_eq!(get(&addr, "/healthz").0, 200);
+
+    // The output takes writes again: billing catches up on its own.
+    std::fs::remove_file(&billing).unwrap();
+    std::fs::rename(&aside, &billing).unwrap();
+    wait_for_all_files(&mut job, &out, &want);
+    wait_for(&mut job, LIMIT, "the stall to clear", || {
+        health(&addr)["billing"] == "running"
+    });
+    assert_eq!(metric(&addr, "livepipe_billing_stalled"), Some(0.0));
+    job.stop();
+    let files = billing_files(&out);
+    assert_reference(&files, &want);
+    assert_ledger_matches(&out, &files);
+    assert_files_whole(&out);
+}
+
+#[test]
+fn sse_clients_that_never_read_neither_delay_nor_change_billing() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = generated_traffic(60_000, 82);
+    let want = reference(&records);
+    let cluster = loaded_topic(&records, 4);
+    let out = dir.path().join("out");
+    let mut job = topic_job(
+        &cluster.bootstrap_servers(),
+        "events",
+        "2",
+        &out,
+        &dir.path().join("job.log"),
+    );
+    let addr = served(&mut job);
+    // 300 clients on the board stream and on one stream's events, none of
+    // which ever reads a byte.
+    let mut idle = Vec::new();
+    for i in 0..300 {
+        let path = if i % 2 == 0 {
+            "/api/board/events".to_string()
+        } else {
+            "/api/live/stream-1/events".to_string()
+        };
+        let mut stream = TcpStream::connect(&addr).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+        idle.push(stream);
+    }
+    wait_for(&mut job, LIMIT, "the idle clients to be served", || {
+        metric(&addr, "livepipe_sse_clients").unwrap_or(0.0) >= 150.0
+    });
+    wait_for_all_files(&mut job, &out, &want);
+    assert_live_ticks(&mut job, &addr);
+    drop(idle);
+    job.stop();
+    let files = billing_files(&out);
+    assert_reference(&files, &want);
+    assert_ledger_matches(&out, &files);
+}
+
+#[test]
+fn a_broker_outage_is_reported_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // The mock keeps ~5 MiB per partition: 8 of them hold 150k records.
+    let records = generated_traffic(150_000, 83);
+    let want = reference(&records);
+    let cluster = loaded_topic(&records, 8);
+    let out = dir.path().join("out");
+    let mut job = topic_job(
+        &cluster.bootstrap_servers(),
+        "events",
+        "2",
+        &out,
+        &dir.path().join("job.log"),
+    );
+    let addr = served(&mut job);
+    wait_until_reading(&mut job);
+    cluster.broker_down(1).expect("broker down");
+    wait_for(&mut job, LIMIT, "/healthz to report the outage", || {
+        let h = health(&addr);
+        h["status"] == "degraded"
+            && h["input"]
+                .as_str()
+                .is_some_and(|i| i.starts_with("waiting"))
+    });
+    assert_eq!(metric(&addr, "livepipe_input_unreachable"), Some(1.0));
+    assert_live_ticks(&mut job, &addr);
+    cluster.broker_up(1).expect("broker up");
+    wait_for_all_files(&mut job, &out, &want);
+    wait_for(&mut job, LIMIT, "/healthz to report reading again", || {
+        health(&addr)["input"] == "reading"
+    });
+    job.stop();
+    let files = billing_files(&out);
+    assert_reference(&files, &want);
+    assert_ledger_matches(&out, &files);
+}
+
+#[test]
+fn operator_mistakes_exit_2_and_leave_the_output_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = generated_traffic(20_000, 84);
+    let want = reference(&records);
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    for topic in ["events", "other"] {
+        cluster.create_topic(topic, 2, 1).expect("topic");
+        publish_all(&cluster.bootstrap_servers(), topic, &records);
+    }
+    let brokers = cluster.bootstrap_servers();
+    let out = dir.path().join("out");
+    let mut job = topic_job(&brokers, "events", "2", &out, &dir.path().join("a.log"));
+    wait_for_all_files(&mut job, &out, &want);
+    job.stop();
+    let before = dir_bytes(&out.join("billing"));
+    let livepipe = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    // Another topic into an --out whose ledger belongs to this one.
+    let other = livepipe(&[
+        "run",
+        "--brokers",
+        &brokers,
+        "--topic",
+        "other",
+        "--http",
+        "127.0.0.1:0",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let said = String::from_utf8_lossy(&other.stderr);
+    assert_eq!(other.status.code(), Some(2), "{said}");
+    assert!(said.contains("belongs to another input"), "{said}");
+    assert!(said.contains("fresh --out"), "says what to do: {said}");
+
+    // A port in use.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let fresh = dir.path().join("fresh");
+    let busy = livepipe(&[
+        "run",
+        "--brokers",
+        &brokers,
+        "--topic",
+        "events",
+        "--http",
+        &port,
+        "--out",
+        fresh.to_str().unwrap(),
+    ]);
+    let said = String::from_utf8_lossy(&busy.stderr);
+    assert_eq!(busy.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("cannot listen") && said.contains("127.0.0.1:0"),
+        "{said}"
+    );
+    assert!(
+        !fresh.exists(),
+        "nothing written for a job that did not start"
+    );
+
+    // An input that cannot be read.
+    let unreadable = livepipe(&[
+        "run",
+        "--input",
+        dir.path().to_str().unwrap(),
+        "--out",
+        fresh.to_str().unwrap(),
+    ]);
+    assert_eq!(unreadable.status.code(), Some(2));
+    assert!(!fresh.exists());
+
+    assert_eq!(
+        dir_bytes(&out.join("billing")),
+        before,
+        "the output is as it was"
+    );
+}
+
+#[test]
+fn kafka_secrets_never_reach_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = generated_traffic(5_000, 85);
+    let cluster = loaded_topic(&records, 2);
+    let secret = "hunter2-do-not-log";
+    let property = format!("sasl.password={secret}");
+    let log = dir.path().join("job.log");
+    let out = dir.path().join("out");
+    let mut job = Job::start(
+        &[
+            "run",
+            "--brokers",
+            &cluster.bootstrap_servers(),
+            "--topic",
+            "events",
+            "-X",
+            &property,
+            "--http",
+            "127.0.0.1:0",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &log,
+    );
+    wait_until_reading(&mut job);
+    std::thread::sleep(Duration::from_secs(2));
+    job.send("TERM");
+    let text = job.log();
+    let _ = job.wait(LIMIT);
+    assert!(!text.contains(secret), "a secret in the log:\n{text}");
+    // A property librdkafka refuses is named without its value.
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
+        .args(["run", "--brokers", "127.0.0.1:1", "-X"])
+        .arg(format!("no.such.password={secret}"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{said}");
+    assert!(!said.contains(secret), "{said}");
+}
