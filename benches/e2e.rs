@@ -13,9 +13,12 @@
 //!    window -> the period's `.done` marker), with 10 s periods and a 10 s
 //!    window so that several periods finalize in the phase.
 //! 3. **Soak.** `livepipe gen --brokers` at 2,000 records/s into the mock
-//!    cluster and `livepipe run` with SPEC's defaults for
+//!    cluster and `livepipe run` with SPEC's defaults (plus
+//!    `LIVEPIPE_SOAK_ARGS`, e.g. `--state-retention-ms 60000`) for
 //!    `LIVEPIPE_SOAK_MINUTES` (default 30; 0 skips): RSS, pending
 //!    impressions and present viewers every minute.
+//!
+//! `LIVEPIPE_E2E_ONLY=file|live|soak` runs one part alone.
 
 mod common;
 
@@ -204,12 +207,19 @@ fn soak() {
         .spawn()
         .expect("livepipe gen runs");
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-soak");
-    let job = Job::start(&brokers, "soak", &dir, &[]);
+    let extra = std::env::var("LIVEPIPE_SOAK_ARGS").unwrap_or_default();
+    let extra: Vec<&str> = extra.split_whitespace().collect();
+    let job = Job::start(&brokers, "soak", &dir, &extra);
     println!("\n## Soak\n");
     println!(
         "`livepipe gen --brokers` at 2,000 records/s into the mock cluster, `livepipe run` with \
-         SPEC's defaults (5 min window, 10 min state retention), 2 workers, {minutes} min; \
-         sampled every minute\n"
+         SPEC's defaults (5 min window, 10 min state retention) {}, 2 workers, {minutes} min; \
+         sampled every minute\n",
+        if extra.is_empty() {
+            String::new()
+        } else {
+            format!("and `{}`", extra.join(" "))
+        }
     );
     println!("| minute | RSS MiB | pending impressions | present viewers | billed |");
     println!("|---|---|---|---|---|");
@@ -246,8 +256,16 @@ fn soak() {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; there is nothing to filter here.
-    file_replay();
-    live_and_finality();
-    soak();
+    // `cargo bench` passes `--bench`; parts are chosen by the environment.
+    let only = std::env::var("LIVEPIPE_E2E_ONLY").unwrap_or_default();
+    let run = |part: &str| only.is_empty() || only == part;
+    if run("file") {
+        file_replay();
+    }
+    if run("live") {
+        live_and_finality();
+    }
+    if run("soak") {
+        soak();
+    }
 }
