@@ -17,8 +17,10 @@ use livepipe_dataflow::parse::parse_event;
 use livepipe_dataflow::probe::Probes;
 use livepipe_dataflow::time::{coarse, Time};
 use livepipe_sources::generator::{GenConfig, Generator};
+use timely::dataflow::operators::vec::input::Handle as InputHandle;
 use timely::dataflow::operators::vec::Input as _;
 use timely::dataflow::operators::Probe;
+use timely::dataflow::ProbeHandle;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
@@ -80,22 +82,35 @@ fn is_billing(record: &Ingested) -> bool {
     )
 }
 
+/// The live or the billing sub-graph with SPEC's rules, fed by hand: the
+/// records, the event clock (live only), and a probe at the end.
+fn build_path(
+    worker: &mut timely::worker::Worker,
+    billing_path: bool,
+) -> (
+    InputHandle<Time, Ingested>,
+    InputHandle<Time, u64>,
+    ProbeHandle<Time>,
+) {
+    let config = PipelineConfig::default();
+    let probes = Arc::new(Probes::default());
+    worker.dataflow::<Time, _, _>(|scope| {
+        let (input, stream) = scope.new_input::<Ingested>();
+        let (clock, ticks) = scope.new_input::<u64>();
+        let probe = if billing_path {
+            billing(stream, &config, probes.clone()).probe().0
+        } else {
+            live(stream, ticks, &config, probes.clone()).probe().0
+        };
+        (input, clock, probe)
+    })
+}
+
 /// Runs `records` through the live or the billing sub-graph to the end.
 fn run_path(records: &[(Time, Ingested)], billing_path: bool) {
     let records = records.to_vec();
     timely::execute_directly(move |worker| {
-        let config = PipelineConfig::default();
-        let probes = Arc::new(Probes::default());
-        let (mut input, mut clock, probe) = worker.dataflow::<Time, _, _>(|scope| {
-            let (input, stream) = scope.new_input::<Ingested>();
-            let (clock, ticks) = scope.new_input::<u64>();
-            let probe = if billing_path {
-                billing(stream, &config, probes.clone()).probe().0
-            } else {
-                live(stream, ticks, &config, probes.clone()).probe().0
-            };
-            (input, clock, probe)
-        });
+        let (mut input, mut clock, probe) = build_path(worker, billing_path);
         for (time, record) in records {
             if time > *input.time() {
                 input.advance_to(time);
@@ -119,18 +134,7 @@ fn state_bytes(records: &[(Time, Ingested)], billing_path: bool) -> (usize, f64)
     let before = LIVE_BYTES.load(Ordering::Relaxed);
     let records = records.to_vec();
     timely::execute_directly(move |worker| {
-        let config = PipelineConfig::default();
-        let probes = Arc::new(Probes::default());
-        let (mut input, mut clock, probe) = worker.dataflow::<Time, _, _>(|scope| {
-            let (input, stream) = scope.new_input::<Ingested>();
-            let (clock, ticks) = scope.new_input::<u64>();
-            let probe = if billing_path {
-                billing(stream, &config, probes.clone()).probe().0
-            } else {
-                live(stream, ticks, &config, probes.clone()).probe().0
-            };
-            (input, clock, probe)
-        });
+        let (mut input, mut clock, probe) = build_path(worker, billing_path);
         let mut units = std::collections::BTreeSet::new();
         for (_, record) in records {
             // Everything at one time: no window closes, nothing is retired.

@@ -8,12 +8,13 @@
 
 mod support;
 
-use rdkafka::mocking::MockCluster;
 use serde_json::Value;
-use support::job::{wait_for, Job};
-use support::kafka::{generated_traffic, publish_all};
-use support::outputs::{assert_ledger_matches, assert_reference, billing_files};
-use support::reference::{expected, expected_live, Expected, Rules};
+use support::job::{http_get, wait_for, Job};
+use support::kafka::{generated_traffic, loaded_mock_topic};
+use support::outputs::{
+    assert_ledger_matches, assert_reference, billing_files, reference, wait_for_all_files,
+};
+use support::reference::expected_live;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
@@ -91,11 +92,6 @@ fn write_records(path: &Path, records: &[Vec<u8>]) {
     std::fs::write(path, bytes).unwrap();
 }
 
-fn reference(records: &[Vec<u8>]) -> Expected {
-    let lines: Vec<&[u8]> = records.iter().map(|r| &r[..]).collect();
-    expected(&lines, Rules::SPEC)
-}
-
 fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -105,14 +101,7 @@ fn lines(path: &Path) -> Vec<String> {
 }
 
 fn get(port: u16, path: &str) -> (u16, String) {
-    match ureq::get(&format!("http://127.0.0.1:{port}{path}")).call() {
-        Ok(mut response) => (
-            response.status().as_u16(),
-            response.body_mut().read_to_string().unwrap(),
-        ),
-        Err(ureq::Error::StatusCode(code)) => (code, String::new()),
-        Err(err) => panic!("GET {path}: {err}"),
-    }
+    http_get(&format!("127.0.0.1:{port}"), path)
 }
 
 #[test]
@@ -196,16 +185,6 @@ fn two_processes_replay_a_file_like_the_reference_and_one_process() {
     assert_eq!(rejected, alone, "dead letters");
 }
 
-/// A 4-partition topic on the mock cluster, loaded with `records`.
-fn loaded_topic(
-    records: &[Vec<u8>],
-) -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("events", 4, 1).expect("topic");
-    publish_all(&cluster.bootstrap_servers(), "events", records);
-    cluster
-}
-
 fn topic_args(brokers: &str) -> Vec<&str> {
     vec![
         "--brokers",
@@ -234,21 +213,12 @@ fn stop_together(jobs: Vec<Job>) {
     }
 }
 
-/// Waits until process 0's `--out` holds every file the reference expects.
-fn wait_for_all_files(job: &mut Job, out: &Path, want: &Expected) {
-    let markers: BTreeSet<String> = want.files.keys().map(|f| format!("{f}.done")).collect();
-    wait_for(job, LIMIT, "every expected billing file", || {
-        let names: BTreeSet<String> = billing_files(out).into_keys().collect();
-        markers.is_subset(&names)
-    });
-}
-
 #[test]
 fn two_processes_read_a_topic_like_the_reference() {
     let dir = tempfile::tempdir().unwrap();
     let records = generated_traffic(60_000, 62);
     let want = reference(&records);
-    let cluster = loaded_topic(&records);
+    let cluster = loaded_mock_topic(&records, 4);
     let brokers = cluster.bootstrap_servers();
 
     let layout = Layout::new(dir.path());
@@ -256,7 +226,7 @@ fn two_processes_read_a_topic_like_the_reference() {
     let args = topic_args(&brokers);
     let mut zero = layout.start(0, &args, &out0, &dir.path().join("p0.log"));
     let mut one = layout.start(1, &args, &out1, &dir.path().join("p1.log"));
-    wait_for_all_files(&mut zero, &out0, &want);
+    wait_for_all_files(&mut zero, &out0, &want, LIMIT);
     one.assert_running();
 
     // The dashboard is process 0's and shows every stream, wherever it was
@@ -295,7 +265,7 @@ fn a_lost_process_stops_the_other_and_a_full_restart_bills_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let records = generated_traffic(60_000, 63);
     let want = reference(&records);
-    let cluster = loaded_topic(&records);
+    let cluster = loaded_mock_topic(&records, 4);
     let brokers = cluster.bootstrap_servers();
     let layout = Layout::new(dir.path());
     let (out0, out1) = (dir.path().join("out0"), dir.path().join("out1"));
@@ -345,7 +315,7 @@ fn a_lost_process_stops_the_other_and_a_full_restart_bills_exactly_once() {
     // A full restart resumes from process 0's ledger and bills exactly once.
     let mut zero = layout.start(0, &args, &out0, &log("final-p0.log"));
     let one = layout.start(1, &args, &out1, &log("final-p1.log"));
-    wait_for_all_files(&mut zero, &out0, &want);
+    wait_for_all_files(&mut zero, &out0, &want, LIMIT);
     stop_together(vec![zero, one]);
     let files = billing_files(&out0);
     assert_reference(&files, &want);

@@ -21,8 +21,7 @@ use support::job::{dir_bytes, topic_job, wait_for, Job};
 use support::kafka::{
     fresh_topic, generated_traffic, publish_all, separate_broker, separate_broker_events,
 };
-use support::outputs::{assert_ledger_matches, assert_reference, billing_files};
-use support::reference::{expected, Expected, Rules};
+use support::outputs::{assert_ledger_matches, assert_reference, billing_files, reference};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -30,11 +29,6 @@ use std::time::Duration;
 
 const KILLS: usize = 6;
 const LIMIT: Duration = Duration::from_secs(240);
-
-fn reference(records: &[Vec<u8>]) -> Expected {
-    let lines: Vec<&[u8]> = records.iter().map(|r| &r[..]).collect();
-    expected(&lines, Rules::SPEC)
-}
 
 /// Checksums of every billing file seen so far; fails if one changes.
 #[derive(Default)]

@@ -16,14 +16,13 @@
 mod support;
 
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
 use serde_json::Value;
-use support::job::{dir_bytes, topic_job, wait_for, Job};
-use support::kafka::{generated_traffic, publish_all};
-use support::outputs::{assert_ledger_matches, assert_reference, billing_files};
-use support::reference::{expected, Expected, Rules};
+use support::job::{dir_bytes, http_get, topic_job, wait_for, Job};
+use support::kafka::{generated_traffic, loaded_mock_topic, publish_all};
+use support::outputs::{
+    assert_ledger_matches, assert_reference, billing_files, reference, wait_for_all_files,
+};
 
-use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
@@ -32,36 +31,12 @@ use std::time::Duration;
 /// Only a guard against hanging; nothing here measures speed.
 const LIMIT: Duration = Duration::from_secs(180);
 
-fn loaded_topic(
-    records: &[Vec<u8>],
-    partitions: i32,
-) -> MockCluster<'static, DefaultProducerContext> {
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster
-        .create_topic("events", partitions, 1)
-        .expect("topic");
-    publish_all(&cluster.bootstrap_servers(), "events", records);
-    cluster
-}
-
-fn reference(records: &[Vec<u8>]) -> Expected {
-    let lines: Vec<&[u8]> = records.iter().map(|r| &r[..]).collect();
-    expected(&lines, Rules::SPEC)
+fn health(addr: &str) -> Value {
+    serde_json::from_str(&get(addr, "/healthz").1).unwrap_or(Value::Null)
 }
 
 fn get(addr: &str, path: &str) -> (u16, String) {
-    match ureq::get(&format!("http://{addr}{path}")).call() {
-        Ok(mut response) => (
-            response.status().as_u16(),
-            response.body_mut().read_to_string().unwrap(),
-        ),
-        Err(ureq::Error::StatusCode(code)) => (code, String::new()),
-        Err(err) => panic!("GET {path}: {err}"),
-    }
-}
-
-fn health(addr: &str) -> Value {
-    serde_json::from_str(&get(addr, "/healthz").1).unwrap_or(Value::Null)
+    http_get(addr, path)
 }
 
 fn metric(addr: &str, name: &str) -> Option<f64> {
@@ -100,14 +75,6 @@ fn assert_live_ticks(job: &mut Job, addr: &str) {
     });
 }
 
-fn wait_for_all_files(job: &mut Job, out: &Path, want: &Expected) {
-    let markers: BTreeSet<String> = want.files.keys().map(|f| format!("{f}.done")).collect();
-    wait_for(job, LIMIT, "every expected billing file", || {
-        let names: BTreeSet<String> = billing_files(out).into_keys().collect();
-        markers.is_subset(&names)
-    });
-}
-
 /// Every marker names its CSV's exact bytes; no temp file is left.
 fn assert_files_whole(out: &Path) {
     let all = dir_bytes(&out.join("billing"));
@@ -128,31 +95,62 @@ fn assert_files_whole(out: &Path) {
     }
 }
 
+/// A job on a loaded mock topic, serving HTTP, with the reference's answer.
+struct Rig {
+    _dir: tempfile::TempDir,
+    cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    want: support::reference::Expected,
+    out: std::path::PathBuf,
+    job: Job,
+    addr: String,
+}
+
+impl Rig {
+    fn start(events: u64, seed: u64, partitions: i32) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let records = generated_traffic(events, seed);
+        let want = reference(&records);
+        let cluster = loaded_mock_topic(&records, partitions);
+        let out = dir.path().join("out");
+        let log = dir.path().join("job.log");
+        let mut job = topic_job(&cluster.bootstrap_servers(), "events", "2", &out, &log);
+        let addr = served(&mut job);
+        wait_until_reading(&mut job);
+        Rig {
+            _dir: dir,
+            cluster,
+            want,
+            out,
+            job,
+            addr,
+        }
+    }
+
+    /// Waits for every expected file, stops the job, and checks the files
+    /// against the reference and the ledger against the files.
+    fn finish(mut self) {
+        wait_for_all_files(&mut self.job, &self.out, &self.want, LIMIT);
+        self.job.stop();
+        let files = billing_files(&self.out);
+        assert_reference(&files, &self.want);
+        assert_ledger_matches(&self.out, &files);
+        assert_files_whole(&self.out);
+    }
+}
+
 #[test]
 fn a_billing_output_that_refuses_writes_stalls_billing_only_then_catches_up_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let records = generated_traffic(60_000, 81);
-    let want = reference(&records);
-    let cluster = loaded_topic(&records, 4);
-    let out = dir.path().join("out");
-    let mut job = topic_job(
-        &cluster.bootstrap_servers(),
-        "events",
-        "2",
-        &out,
-        &dir.path().join("job.log"),
-    );
-    let addr = served(&mut job);
-    wait_until_reading(&mut job);
+    let mut rig = Rig::start(60_000, 81, 4);
+    let addr = rig.addr.clone();
     // The billing directory stops taking files: it is moved aside and a
     // plain file takes its name (a real filesystem fault; permissions would
     // not stop root).
-    let billing = out.join("billing");
-    let aside = out.join("billing.aside");
+    let billing = rig.out.join("billing");
+    let aside = rig.out.join("billing.aside");
     std::fs::rename(&billing, &aside).unwrap();
     std::fs::write(&billing, b"in the way").unwrap();
 
-    wait_for(&mut job, LIMIT, "/healthz to report the stall", || {
+    wait_for(&mut rig.job, LIMIT, "/healthz to report the stall", || {
         let h = health(&addr);
         h["status"] == "degraded"
             && h["billing"]
@@ -166,84 +164,53 @@ fn a_billing_output_that_refuses_writes_stalls_billing_only_then_catches_up_exac
     );
     assert_eq!(metric(&addr, "livepipe_billing_stalled"), Some(1.0));
     // Creators do not notice: ticks go on, the board is served.
-    assert_live_ticks(&mut job, &addr);
+    assert_live_ticks(&mut rig.job, &addr);
     assert_eq!(get(&addr, "/api/live").0, 200);
     assert_eq!(get(&addr, "/healthz").0, 200);
 
     // The output takes writes again: billing catches up on its own.
     std::fs::remove_file(&billing).unwrap();
     std::fs::rename(&aside, &billing).unwrap();
-    wait_for_all_files(&mut job, &out, &want);
-    wait_for(&mut job, LIMIT, "the stall to clear", || {
+    wait_for(&mut rig.job, LIMIT, "the stall to clear", || {
         health(&addr)["billing"] == "running"
     });
     assert_eq!(metric(&addr, "livepipe_billing_stalled"), Some(0.0));
-    job.stop();
-    let files = billing_files(&out);
-    assert_reference(&files, &want);
-    assert_ledger_matches(&out, &files);
-    assert_files_whole(&out);
+    rig.finish();
 }
 
 #[test]
 fn sse_clients_that_never_read_neither_delay_nor_change_billing() {
-    let dir = tempfile::tempdir().unwrap();
-    let records = generated_traffic(60_000, 82);
-    let want = reference(&records);
-    let cluster = loaded_topic(&records, 4);
-    let out = dir.path().join("out");
-    let mut job = topic_job(
-        &cluster.bootstrap_servers(),
-        "events",
-        "2",
-        &out,
-        &dir.path().join("job.log"),
-    );
-    let addr = served(&mut job);
+    let mut rig = Rig::start(60_000, 82, 4);
+    let addr = rig.addr.clone();
     // 300 clients on the board stream and on one stream's events, none of
     // which ever reads a byte.
     let mut idle = Vec::new();
     for i in 0..300 {
         let path = if i % 2 == 0 {
-            "/api/board/events".to_string()
+            "/api/board/events"
         } else {
-            "/api/live/stream-1/events".to_string()
+            "/api/live/stream-1/events"
         };
         let mut stream = TcpStream::connect(&addr).unwrap();
         write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
         idle.push(stream);
     }
-    wait_for(&mut job, LIMIT, "the idle clients to be served", || {
+    wait_for(&mut rig.job, LIMIT, "the idle clients to be served", || {
         metric(&addr, "livepipe_sse_clients").unwrap_or(0.0) >= 150.0
     });
-    wait_for_all_files(&mut job, &out, &want);
-    assert_live_ticks(&mut job, &addr);
+    wait_for_all_files(&mut rig.job, &rig.out, &rig.want, LIMIT);
+    assert_live_ticks(&mut rig.job, &addr);
+    rig.finish();
     drop(idle);
-    job.stop();
-    let files = billing_files(&out);
-    assert_reference(&files, &want);
-    assert_ledger_matches(&out, &files);
 }
 
 #[test]
 fn a_broker_outage_is_reported_and_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
     // The mock keeps ~5 MiB per partition: 8 of them hold 150k records.
-    let records = generated_traffic(150_000, 83);
-    let want = reference(&records);
-    let cluster = loaded_topic(&records, 8);
-    let out = dir.path().join("out");
-    let mut job = topic_job(
-        &cluster.bootstrap_servers(),
-        "events",
-        "2",
-        &out,
-        &dir.path().join("job.log"),
-    );
-    let addr = served(&mut job);
-    wait_until_reading(&mut job);
-    cluster.broker_down(1).expect("broker down");
-    wait_for(&mut job, LIMIT, "/healthz to report the outage", || {
+    let mut rig = Rig::start(150_000, 83, 8);
+    let addr = rig.addr.clone();
+    rig.cluster.broker_down(1).expect("broker down");
+    wait_for(&mut rig.job, LIMIT, "/healthz to report the outage", || {
         let h = health(&addr);
         h["status"] == "degraded"
             && h["input"]
@@ -251,16 +218,15 @@ fn a_broker_outage_is_reported_and_loses_nothing() {
                 .is_some_and(|i| i.starts_with("waiting"))
     });
     assert_eq!(metric(&addr, "livepipe_input_unreachable"), Some(1.0));
-    assert_live_ticks(&mut job, &addr);
-    cluster.broker_up(1).expect("broker up");
-    wait_for_all_files(&mut job, &out, &want);
-    wait_for(&mut job, LIMIT, "/healthz to report reading again", || {
-        health(&addr)["input"] == "reading"
-    });
-    job.stop();
-    let files = billing_files(&out);
-    assert_reference(&files, &want);
-    assert_ledger_matches(&out, &files);
+    assert_live_ticks(&mut rig.job, &addr);
+    rig.cluster.broker_up(1).expect("broker up");
+    wait_for(
+        &mut rig.job,
+        LIMIT,
+        "/healthz to report reading again",
+        || health(&addr)["input"] == "reading",
+    );
+    rig.finish();
 }
 
 #[test]
@@ -276,7 +242,7 @@ fn operator_mistakes_exit_2_and_leave_the_output_as_it_was() {
     let brokers = cluster.bootstrap_servers();
     let out = dir.path().join("out");
     let mut job = topic_job(&brokers, "events", "2", &out, &dir.path().join("a.log"));
-    wait_for_all_files(&mut job, &out, &want);
+    wait_for_all_files(&mut job, &out, &want, LIMIT);
     job.stop();
     let before = dir_bytes(&out.join("billing"));
     let livepipe = |args: &[&str]| {
@@ -351,7 +317,7 @@ fn operator_mistakes_exit_2_and_leave_the_output_as_it_was() {
 fn kafka_secrets_never_reach_the_logs() {
     let dir = tempfile::tempdir().unwrap();
     let records = generated_traffic(5_000, 85);
-    let cluster = loaded_topic(&records, 2);
+    let cluster = loaded_mock_topic(&records, 2);
     let secret = "hunter2-do-not-log";
     let property = format!("sasl.password={secret}");
     let log = dir.path().join("job.log");

@@ -173,3 +173,15 @@ pub fn topic_job(brokers: &str, topic: &str, workers: &str, out: &Path, log: &Pa
         log,
     )
 }
+
+/// `GET http://ADDR/PATH`: status and body (empty for error statuses).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    match ureq::get(&format!("http://{addr}{path}")).call() {
+        Ok(mut response) => (
+            response.status().as_u16(),
+            response.body_mut().read_to_string().unwrap(),
+        ),
+        Err(ureq::Error::StatusCode(code)) => (code, String::new()),
+        Err(err) => panic!("GET {path}: {err}"),
+    }
+}

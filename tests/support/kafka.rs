@@ -84,3 +84,17 @@ pub fn generated_traffic(events: u64, seed: u64) -> Vec<Vec<u8>> {
     })
     .collect()
 }
+
+/// librdkafka's mock cluster with topic `events` of `partitions`
+/// partitions, loaded with `records`.
+pub fn loaded_mock_topic(
+    records: &[Vec<u8>],
+    partitions: i32,
+) -> rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    cluster
+        .create_topic("events", partitions, 1)
+        .expect("topic");
+    publish_all(&cluster.bootstrap_servers(), "events", records);
+    cluster
+}

@@ -1,11 +1,27 @@
 //! Checks of a job's billing output shared by the tests: the files against
 //! the independent reference, and the ledger against the files.
 
-use super::job::dir_bytes;
-use super::reference::Expected;
+use super::job::{dir_bytes, wait_for, Job};
+use super::reference::{expected, Expected, Rules};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::time::Duration;
+
+/// The independent reference's answer for `records` under SPEC's rules.
+pub fn reference(records: &[Vec<u8>]) -> Expected {
+    let lines: Vec<&[u8]> = records.iter().map(|r| &r[..]).collect();
+    expected(&lines, Rules::SPEC)
+}
+
+/// Waits until `out` holds a marker for every file the reference expects.
+pub fn wait_for_all_files(job: &mut Job, out: &Path, want: &Expected, limit: Duration) {
+    let markers: BTreeSet<String> = want.files.keys().map(|f| format!("{f}.done")).collect();
+    wait_for(job, limit, "every expected billing file", || {
+        let names: BTreeSet<String> = billing_files(out).into_keys().collect();
+        markers.is_subset(&names)
+    });
+}
 
 /// Billing files (no temp files), name -> bytes.
 pub fn billing_files(out: &Path) -> BTreeMap<String, Vec<u8>> {
