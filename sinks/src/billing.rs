@@ -17,7 +17,7 @@
 //! gets a header-only file, so "nothing to bill" is distinguishable from "not
 //! final yet".
 
-use livepipe_dataflow::billing::BillingEvent;
+use livepipe_dataflow::billing::{BillingEvent, LateRecord};
 use livepipe_dataflow::config::PipelineConfig;
 use livepipe_dataflow::resume::{Checkpoint, Checkpoints};
 use livepipe_dataflow::time::{coarse, Time};
@@ -200,12 +200,16 @@ impl BillingSink {
     pub fn accept(&mut self, event: BillingEvent) -> Result<(), SinkError> {
         match event {
             BillingEvent::Final(outcome) => self.buffered.push(outcome),
-            BillingEvent::Late(late) => {
-                self.side
-                    .late(source_name(&self.sources, late.position.partition), &late)?;
-                self.stats.late.fetch_add(1, Ordering::Relaxed);
-            }
+            BillingEvent::Late(late) => self.record_late(&late)?,
         }
+        Ok(())
+    }
+
+    /// Writes a late record to `late.jsonl`.
+    fn record_late(&mut self, late: &LateRecord) -> Result<(), SinkError> {
+        self.side
+            .late(source_name(&self.sources, late.position.partition), late)?;
+        self.stats.late.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -239,7 +243,7 @@ impl BillingSink {
             if !commit.finalize(outcome, period)? {
                 // Already final (state retired long ago, or a replay): the
                 // first answer stands.
-                already_final.push(livepipe_dataflow::billing::LateRecord {
+                already_final.push(LateRecord {
                     reason: livepipe_dataflow::billing::LateReason::AlreadyFinal,
                     kind: "impression".into(),
                     event_id: outcome.impression.event_id.to_string(),
@@ -455,8 +459,13 @@ impl SinkThread {
                         match message {
                             SinkMessage::Events(events) => {
                                 for event in events {
-                                    if !sink.retry(&stop, |sink| sink.accept(event.clone())) {
-                                        return;
+                                    match event {
+                                        BillingEvent::Final(outcome) => sink.buffered.push(outcome),
+                                        BillingEvent::Late(late) => {
+                                            if !sink.retry(&stop, |sink| sink.record_late(&late)) {
+                                                return;
+                                            }
+                                        }
                                     }
                                 }
                             }
