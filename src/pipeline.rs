@@ -592,8 +592,9 @@ fn resume_positions(
 const STOP_CHECK: Duration = Duration::from_millis(100);
 
 /// A fault the job cannot survive (an input that cannot be read any more,
-/// a ledger or output directory that refuses writes): say why and stop the
-/// process, exit 1. Outputs are safe to stop at any moment (atomic files,
+/// a dead-letter file that refuses writes, a lost cluster peer): say why
+/// and stop the process, exit 1. (A billing output that refuses writes is
+/// not one: the sink thread retries, see `SinkThread`.) Outputs are safe to stop at any moment (atomic files,
 /// ledger transactions), and stopping, rather than letting a worker wind
 /// down, keeps a dropped capability from ever finalizing what is not final.
 fn fail(cause: String) -> ! {
