@@ -53,6 +53,11 @@ pub struct RunArgs {
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property)]
     pub kafka_property: Vec<(String, String)>,
 
+    /// A file of librdkafka properties, KEY=VALUE per line (like kcat's -F): keeps
+    /// secrets off the command line. -X properties apply after it.
+    #[arg(long, value_name = "FILE")]
+    pub kafka_config: Option<PathBuf>,
+
     /// Output directory: billing/ files, ledger.sqlite, live.json and the side outputs.
     #[arg(long, default_value = "./out", value_name = "DIR")]
     pub out: PathBuf,
@@ -179,6 +184,10 @@ pub struct GenArgs {
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property, requires = "brokers")]
     pub kafka_property: Vec<(String, String)>,
 
+    /// A file of librdkafka properties, KEY=VALUE per line; -X applies after it.
+    #[arg(long, value_name = "FILE", requires = "brokers")]
+    pub kafka_config: Option<PathBuf>,
+
     /// Number of records to write [default: 100000 to a file; unlimited to Kafka
     /// with --duration].
     #[arg(long, value_name = "N")]
@@ -254,4 +263,39 @@ fn parse_rate(text: &str) -> Result<f64, String> {
             "{rate} is out of range; give a fraction between 0 and 1"
         ))
     }
+}
+
+/// The librdkafka properties of `--kafka-config FILE` (if given) followed
+/// by the `-X` ones, which win. The file holds `KEY=VALUE` lines; blank
+/// lines and `#` comments are skipped. Errors name the file and line, never
+/// a value (values are often secrets).
+pub fn kafka_properties(
+    file: Option<&std::path::Path>,
+    flags: &[(String, String)],
+) -> Result<Vec<(String, String)>, String> {
+    let mut properties = Vec::new();
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| format!("--kafka-config {}: cannot read: {err}", path.display()))?;
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            match line.split_once('=') {
+                Some((key, value)) if !key.trim().is_empty() => {
+                    properties.push((key.trim().to_string(), value.trim().to_string()))
+                }
+                _ => {
+                    return Err(format!(
+                        "--kafka-config {}: line {} is not KEY=VALUE",
+                        path.display(),
+                        number + 1
+                    ))
+                }
+            }
+        }
+    }
+    properties.extend_from_slice(flags);
+    Ok(properties)
 }

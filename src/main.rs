@@ -4,7 +4,7 @@
 use anyhow::Context;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use livepipe::cli::{Cli, Command, GenArgs, RunArgs, StartFrom};
+use livepipe::cli::{kafka_properties, Cli, Command, GenArgs, RunArgs, StartFrom};
 use livepipe::cluster::ClusterSpec;
 use livepipe::pipeline::{run_job, Input, Job, UsageError};
 use livepipe_sources::demo::{Demo, DemoSettings};
@@ -96,11 +96,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             records_per_chunk: RECORDS_PER_CHUNK,
         }
     } else if let Some(brokers) = args.brokers {
+        let overrides = kafka_properties(args.kafka_config.as_deref(), &args.kafka_property)
+            .map_err(UsageError)?;
         Input::Kafka(KafkaSettings {
             brokers,
             topic: args.topic,
             start,
-            overrides: args.kafka_property,
+            overrides,
         })
     } else {
         let settings = DemoSettings {
@@ -248,7 +250,9 @@ fn gen_file(config: &GenConfig, output: &std::path::Path) -> anyhow::Result<()> 
 }
 
 fn gen_kafka(config: &GenConfig, brokers: &str, args: &GenArgs) -> anyhow::Result<()> {
-    let producer = producer_config(brokers, &args.kafka_property);
+    let properties =
+        kafka_properties(args.kafka_config.as_deref(), &args.kafka_property).map_err(UsageError)?;
+    let producer = producer_config(brokers, &properties);
     let partitions = match ensure_topic(
         &producer,
         &args.topic,

@@ -320,6 +320,14 @@ fn kafka_secrets_never_reach_the_logs() {
     let cluster = loaded_mock_topic(&records, 2);
     let secret = "hunter2-do-not-log";
     let property = format!("sasl.password={secret}");
+    // The same secret from a properties file, which keeps it off the
+    // command line.
+    let config = dir.path().join("kafka.properties");
+    std::fs::write(
+        &config,
+        format!("# client secrets\nssl.key.password = {secret}\n"),
+    )
+    .unwrap();
     let log = dir.path().join("job.log");
     let out = dir.path().join("out");
     let mut job = Job::start(
@@ -329,6 +337,8 @@ fn kafka_secrets_never_reach_the_logs() {
             &cluster.bootstrap_servers(),
             "--topic",
             "events",
+            "--kafka-config",
+            config.to_str().unwrap(),
             "-X",
             &property,
             "--http",
@@ -352,5 +362,16 @@ fn kafka_secrets_never_reach_the_logs() {
         .unwrap();
     let said = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(2), "{said}");
+    assert!(!said.contains(secret), "{said}");
+    // A properties file with a line that is not KEY=VALUE: named by line.
+    std::fs::write(&config, format!("{secret}\n")).unwrap();
+    let malformed = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
+        .args(["run", "--brokers", "127.0.0.1:1", "--kafka-config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&malformed.stderr);
+    assert_eq!(malformed.status.code(), Some(2), "{said}");
+    assert!(said.contains("line 1 is not KEY=VALUE"), "{said}");
     assert!(!said.contains(secret), "{said}");
 }
