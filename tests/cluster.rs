@@ -185,15 +185,51 @@ fn two_processes_replay_a_file_like_the_reference_and_one_process() {
     assert_eq!(rejected, alone, "dead letters");
 }
 
-fn topic_args(brokers: &str) -> Vec<&str> {
-    vec![
-        "--brokers",
-        brokers,
-        "--topic",
-        "events",
-        "--idle-timeout-ms",
-        "1000",
-    ]
+/// Two processes reading a loaded 4-partition mock topic, each with its
+/// own `--out`, and the reference's answer for the records.
+struct TopicCluster {
+    dir: tempfile::TempDir,
+    _broker: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    brokers: String,
+    records: Vec<Vec<u8>>,
+    want: support::reference::Expected,
+    layout: Layout,
+    out: [PathBuf; 2],
+}
+
+impl TopicCluster {
+    fn new(events: u64, seed: u64) -> TopicCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let records = generated_traffic(events, seed);
+        let want = reference(&records);
+        let broker = loaded_mock_topic(&records, 4);
+        let brokers = broker.bootstrap_servers();
+        let layout = Layout::new(dir.path());
+        let out = [dir.path().join("out0"), dir.path().join("out1")];
+        TopicCluster {
+            dir,
+            _broker: broker,
+            brokers,
+            records,
+            want,
+            layout,
+            out,
+        }
+    }
+
+    /// Process `process` on the topic, logging to `<log>.log`.
+    fn start(&self, process: usize, log: &str) -> Job {
+        let args = [
+            "--brokers",
+            &self.brokers,
+            "--topic",
+            "events",
+            "--idle-timeout-ms",
+            "1000",
+        ];
+        let log = self.dir.path().join(format!("{log}.log"));
+        self.layout.start(process, &args, &self.out[process], &log)
+    }
 }
 
 /// SIGTERM to every process at once, as an orchestrator stops a cluster:
@@ -215,27 +251,22 @@ fn stop_together(jobs: Vec<Job>) {
 
 #[test]
 fn two_processes_read_a_topic_like_the_reference() {
-    let dir = tempfile::tempdir().unwrap();
-    let records = generated_traffic(60_000, 62);
-    let want = reference(&records);
-    let cluster = loaded_mock_topic(&records, 4);
-    let brokers = cluster.bootstrap_servers();
-
-    let layout = Layout::new(dir.path());
-    let (out0, out1) = (dir.path().join("out0"), dir.path().join("out1"));
-    let args = topic_args(&brokers);
-    let mut zero = layout.start(0, &args, &out0, &dir.path().join("p0.log"));
-    let mut one = layout.start(1, &args, &out1, &dir.path().join("p1.log"));
-    wait_for_all_files(&mut zero, &out0, &want, LIMIT);
+    let topic = TopicCluster::new(60_000, 62);
+    let (layout, want, [out0, out1]) = (&topic.layout, &topic.want, &topic.out);
+    let mut zero = topic.start(0, "p0");
+    let mut one = topic.start(1, "p1");
+    wait_for_all_files(&mut zero, out0, want, LIMIT);
     one.assert_running();
 
     // The dashboard is process 0's and shows every stream, wherever it was
     // counted; process 1 serves its own health and metrics only.
-    let streams: BTreeSet<String> =
-        expected_live(&records.iter().map(|r| &r[..]).collect::<Vec<_>>(), 30_000)
-            .1
-            .into_keys()
-            .collect();
+    let streams: BTreeSet<String> = expected_live(
+        &topic.records.iter().map(|r| &r[..]).collect::<Vec<_>>(),
+        30_000,
+    )
+    .1
+    .into_keys()
+    .collect();
     wait_for(
         &mut zero,
         LIMIT,
@@ -254,23 +285,16 @@ fn two_processes_read_a_topic_like_the_reference() {
 
     // Stopped together, both exit 0.
     stop_together(vec![zero, one]);
-    let files = billing_files(&out0);
-    assert_reference(&files, &want);
-    assert_ledger_matches(&out0, &files);
+    let files = billing_files(out0);
+    assert_reference(&files, want);
+    assert_ledger_matches(out0, &files);
     assert!(!out1.join("billing").exists());
 }
 
 #[test]
 fn a_lost_process_stops_the_other_and_a_full_restart_bills_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let records = generated_traffic(60_000, 63);
-    let want = reference(&records);
-    let cluster = loaded_mock_topic(&records, 4);
-    let brokers = cluster.bootstrap_servers();
-    let layout = Layout::new(dir.path());
-    let (out0, out1) = (dir.path().join("out0"), dir.path().join("out1"));
-    let args = topic_args(&brokers);
-    let log = |name: &str| dir.path().join(name);
+    let topic = TopicCluster::new(60_000, 63);
+    let (want, out0) = (&topic.want, &topic.out[0]);
     let formed = |log: &Path| lines(log).iter().any(|l| l.contains("cluster formed"));
 
     // Each process in turn is killed (SIGKILL) mid-run; the survivor exits 1
@@ -278,8 +302,8 @@ fn a_lost_process_stops_the_other_and_a_full_restart_bills_exactly_once() {
     // process 0, left waiting for it, exits 1 naming it.
     for (round, victim) in [(0, 1usize), (1, 0), (2, 1)] {
         let mut jobs = vec![
-            layout.start(0, &args, &out0, &log(&format!("r{round}-p0.log"))),
-            layout.start(1, &args, &out1, &log(&format!("r{round}-p1.log"))),
+            topic.start(0, &format!("r{round}-p0")),
+            topic.start(1, &format!("r{round}-p1")),
         ];
         for job in jobs.iter_mut() {
             let path = job.stderr.clone();
@@ -308,18 +332,18 @@ fn a_lost_process_stops_the_other_and_a_full_restart_bills_exactly_once() {
         );
         eprintln!(
             "round {round}: {} billing files so far",
-            billing_files(&out0).len()
+            billing_files(out0).len()
         );
     }
 
     // A full restart resumes from process 0's ledger and bills exactly once.
-    let mut zero = layout.start(0, &args, &out0, &log("final-p0.log"));
-    let one = layout.start(1, &args, &out1, &log("final-p1.log"));
-    wait_for_all_files(&mut zero, &out0, &want, LIMIT);
+    let mut zero = topic.start(0, "final-p0");
+    let one = topic.start(1, "final-p1");
+    wait_for_all_files(&mut zero, out0, want, LIMIT);
     stop_together(vec![zero, one]);
-    let files = billing_files(&out0);
-    assert_reference(&files, &want);
-    assert_ledger_matches(&out0, &files);
+    let files = billing_files(out0);
+    assert_reference(&files, want);
+    assert_ledger_matches(out0, &files);
 }
 
 #[test]

@@ -179,7 +179,7 @@ fn a_billing_output_that_refuses_writes_stalls_billing_only_then_catches_up_exac
 }
 
 #[test]
-fn sse_clients_that_never_read_neither_delay_nor_change_billing() {
+fn sse_clients_that_never_read_neither_stall_nor_change_billing() {
     let mut rig = Rig::start(60_000, 82, 4);
     let addr = rig.addr.clone();
     // 300 clients on the board stream and on one stream's events, none of
