@@ -58,6 +58,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub kafka_config: Option<PathBuf>,
 
+    /// Kafka: when retention deleted records before they were read (a resume offset
+    /// below a partition's log start), go on from the log start and record every lost
+    /// range in OUT/gaps.jsonl and the ledger, instead of refusing to start.
+    #[arg(long)]
+    pub accept_data_loss: bool,
+
     /// Output directory: billing/ files, ledger.sqlite, live.json and the side outputs.
     #[arg(long, default_value = "./out", value_name = "DIR")]
     pub out: PathBuf,

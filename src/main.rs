@@ -103,6 +103,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             topic: args.topic,
             start,
             overrides,
+            accept_data_loss: args.accept_data_loss,
         })
     } else {
         let settings = DemoSettings {
@@ -127,6 +128,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             topic: args.topic,
             start,
             overrides: Vec::new(),
+            accept_data_loss: false,
         };
         demo = Some(started);
         Input::Kafka(settings)

@@ -96,6 +96,9 @@ pub struct KafkaSettings {
     /// librdkafka properties given as `-X key=value`, applied last, so they
     /// override ours (SASL, TLS, timeouts, `group.id`, ...).
     pub overrides: Vec<(String, String)>,
+    /// Resume below a partition's log start (records deleted unread) from
+    /// the log start, recording the lost range, instead of refusing.
+    pub accept_data_loss: bool,
 }
 
 /// Consumer group used for committed offsets unless `-X group.id=...`
