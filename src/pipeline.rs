@@ -26,15 +26,20 @@ use livepipe_dataflow::resume::{ship_checkpoints, Checkpoint, CheckpointOutbox, 
 use livepipe_dataflow::route::split_paths;
 use livepipe_dataflow::time::Time;
 use livepipe_sinks::billing::{BillingSink, BillingStats, SinkThread};
+use livepipe_sinks::binding::{self, BindError, Binding, BoundInput};
+use livepipe_sinks::gaps::{self, Gap};
+use livepipe_sinks::ledger::Position;
+use livepipe_sinks::out_lock::{LockError, OutDirLock, LOCK_FILE};
 use livepipe_sinks::http::{self, HttpState};
 use livepipe_sinks::live::LiveBoard;
 use livepipe_sinks::metrics::{EventsIn, JobMetrics, PartitionRow, RejectedByReason};
 use livepipe_sinks::side::SideOutputs;
 use livepipe_sources::file::{check_inputs, file_source, FileSourceContext};
 use livepipe_sources::kafka::{
-    discover_partitions, kafka_source, BrokerHealth, KafkaSettings, KafkaSourceContext,
-    KafkaStatus, SetupError,
+    check_resume_offsets, discover_partitions, kafka_source, partition_bounds, BrokerHealth,
+    KafkaSettings, KafkaSourceContext, KafkaStatus, SetupError,
 };
+use livepipe_sources::prefix::prefix_digest;
 use livepipe_sources::SourceContext;
 use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::vec::Input as _;
@@ -44,7 +49,6 @@ use timely::worker::Worker;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::fs;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -199,16 +203,28 @@ fn run_dataflow(
     } else {
         job.out.join(format!("process-{process}"))
     };
-    fs::create_dir_all(&side_dir).map_err(|err| {
-        UsageError(format!(
-            "--out {}: cannot create: {err}",
+    // One job per --out, locked before anything there changes; held until
+    // this function returns.
+    let mut lock = OutDirLock::acquire(&side_dir).map_err(|err| match err {
+        LockError::Held(message) => anyhow::Error::from(UsageError(message)),
+        LockError::Io(err) => UsageError(format!(
+            "--out {}: cannot create or lock: {err}",
             side_dir.display()
         ))
+        .into(),
     })?;
+    // Process 0 holds the ledger: it must belong to this job and its input.
+    let (resume, lost_records) = if first {
+        prepare_ledger(&job, &sources, &partitions)?
+    } else {
+        (BTreeMap::new(), 0)
+    };
+    lock.announce(livepipe_sources::wall_clock_ms())
+        .with_context(|| format!("writing {}", side_dir.join(LOCK_FILE).display()))?;
 
     let side = Arc::new(SideOutputs::open(&side_dir).context("opening side outputs")?);
     let ledger_positions = Arc::new(Checkpoints::default());
-    let (sink, resume, billing_stats) = if first {
+    let (sink, billing_stats) = if first {
         let sink = BillingSink::open(
             &job.out,
             job.config.clone(),
@@ -217,11 +233,10 @@ fn run_dataflow(
             ledger_positions.clone(),
         )
         .with_context(|| format!("opening the billing output in {}", job.out.display()))?;
-        let resume = resume_positions(&sink, &sources, &job.out)?;
         let stats = sink.stats();
-        (Some(sink), resume, stats)
+        (Some(sink), stats)
     } else {
-        (None, BTreeMap::new(), Arc::new(BillingStats::default()))
+        (None, Arc::new(BillingStats::default()))
     };
     // The sink commits on a thread of its own: worker 0 never waits on the
     // disk, and a billing output that refuses writes stalls billing only.
@@ -272,6 +287,7 @@ fn run_dataflow(
             let brokers = brokers.clone();
             Arc::new(move || brokers.lock().unwrap_or_else(|p| p.into_inner()).clone())
         },
+        lost_records,
     };
     let _server = match listener {
         Some(listener) => {
@@ -447,10 +463,13 @@ fn run_dataflow(
     side.flush().context("flushing side outputs")?;
     let stopped = job.stop.load(Ordering::Relaxed);
     // live.json is the final word of a finite input; a stopped or
-    // unbounded run has no final word.
-    if !stopped && first {
+    // unbounded run has no final word. A run that read nothing (a finished
+    // job run again) has no new word: the last one stands.
+    let read_nothing = records_read.load(Ordering::Relaxed) == 0;
+    let live_json = job.out.join("live.json");
+    if !stopped && first && !(read_nothing && live_json.exists()) {
         board
-            .write_json(&job.out.join("live.json"))
+            .write_json(&live_json)
             .context("writing live.json")?;
     }
 
@@ -553,39 +572,143 @@ fn job_shape(job: &Job) -> JobShape {
     shape
 }
 
-/// The positions an earlier run on this `--out` committed, checked to be of
-/// the same inputs: resuming another job's ledger would skip or misjudge
-/// records.
-fn resume_positions(
-    sink: &BillingSink,
+/// Binds `--out`'s ledger to this job's rules and input (see
+/// `livepipe_sinks::binding`) and checks the input against the ledger's
+/// resume positions: each file must still hold the bytes before its
+/// position, each Kafka partition the offset. Returns where each partition
+/// resumes and the input records lost over the ledger's life. A refusal
+/// (exit 2) changes nothing under `--out`.
+fn prepare_ledger(
+    job: &Job,
     sources: &[Arc<str>],
-    out: &std::path::Path,
-) -> anyhow::Result<BTreeMap<u32, Checkpoint>> {
-    let positions = sink
-        .resume_positions()
-        .context("reading resume positions from the ledger")?;
-    let mut resume = BTreeMap::new();
-    for (partition, position) in positions {
-        let expected = sources.get(partition as usize).map(|s| &**s);
-        if expected != Some(position.source.as_str()) {
-            return Err(UsageError(format!(
-                "--out {}: its ledger belongs to another input (partition {partition} was `{}`, \
-                 now `{}`); resume with the same inputs, or use a fresh --out",
-                out.display(),
-                position.source,
-                expected.unwrap_or("absent"),
-            ))
-            .into());
+    partitions: &[i32],
+) -> anyhow::Result<(BTreeMap<u32, Checkpoint>, u64)> {
+    let input = match &job.input {
+        Input::Files { .. } => BoundInput::Files {
+            paths: sources.iter().map(|s| s.to_string()).collect(),
+        },
+        Input::Kafka(settings) => BoundInput::Kafka {
+            topic: settings.topic.clone(),
+        },
+    };
+    let positions = binding::bind(&job.out, &Binding::new(&job.config, input)).map_err(|err| {
+        match err {
+            BindError::Mismatch(message) => anyhow::Error::from(UsageError(message)),
+            BindError::Ledger(err) => anyhow::anyhow!(
+                "reading the ledger in {}: {err}",
+                job.out.display()
+            ),
         }
-        resume.insert(partition, position.checkpoint);
-    }
+    })?;
+    let mut resume: BTreeMap<u32, Checkpoint> = positions
+        .iter()
+        .map(|(&partition, position)| (partition, position.checkpoint))
+        .collect();
+    let gaps = match &job.input {
+        Input::Files { paths, .. } => {
+            check_file_prefixes(&job.out, paths, &positions)?;
+            Vec::new()
+        }
+        Input::Kafka(settings) => resume_kafka(settings, partitions, &mut resume)?,
+    };
+    let lost = gaps::record(&job.out, &gaps)?;
     if !resume.is_empty() {
         tracing::info!(
             partitions = resume.len(),
             "resuming from the ledger's positions"
         );
     }
-    Ok(resume)
+    Ok((resume, lost))
+}
+
+/// Every file must still start with the bytes the ledger's position was
+/// taken on (its digest is in the position): a file that grew resumes,
+/// another file under the same name is another input.
+fn check_file_prefixes(
+    out: &std::path::Path,
+    paths: &[PathBuf],
+    positions: &BTreeMap<u32, Position>,
+) -> anyhow::Result<()> {
+    let mut differ = Vec::new();
+    for (&partition, position) in positions {
+        let (Some(path), checkpoint) = (paths.get(partition as usize), &position.checkpoint) else {
+            continue; // the number of files is bound: checked before
+        };
+        if checkpoint.byte == 0 {
+            continue;
+        }
+        let digest = prefix_digest(path, checkpoint.byte)
+            .map_err(|err| UsageError(format!("--input {}: cannot read: {err}", path.display())))?;
+        if digest.is_none() || digest != checkpoint.prefix_sha256 {
+            differ.push(format!(
+                "{}: its first {} bytes ({} lines) are not the ones the ledger read from `{}`{}",
+                path.display(),
+                checkpoint.byte,
+                checkpoint.offset - 1,
+                position.source,
+                if digest.is_none() { " (it is shorter)" } else { "" },
+            ));
+        }
+    }
+    if differ.is_empty() {
+        return Ok(());
+    }
+    Err(UsageError(format!(
+        "--out {} belongs to another input:\n  {}\nA file that only grew (lines appended) \
+         resumes; another file is another input: use a fresh --out for it (README: \"Changing \
+         rules, inputs and topics safely\")",
+        out.display(),
+        differ.join("\n  ")
+    ))
+    .into())
+}
+
+/// Checks the ledger's resume offsets against what the topic holds now;
+/// with `--accept-data-loss`, partitions whose records were deleted unread
+/// resume from their log start, and the lost ranges are returned.
+fn resume_kafka(
+    settings: &KafkaSettings,
+    partitions: &[i32],
+    resume: &mut BTreeMap<u32, Checkpoint>,
+) -> anyhow::Result<Vec<Gap>> {
+    if resume.is_empty() {
+        return Ok(Vec::new());
+    }
+    let in_topic = resume
+        .keys()
+        .map(|&p| p as i32)
+        .filter(|p| partitions.contains(p));
+    let bounds = partition_bounds(settings, in_topic, KAFKA_SETUP_TIMEOUT).map_err(|err| match err {
+        SetupError::Usage(message) => anyhow::Error::from(UsageError(message)),
+        SetupError::Unavailable(message) => anyhow::anyhow!(message),
+    })?;
+    let offsets = resume.iter().map(|(&p, c)| (p, c.offset)).collect();
+    let lost = check_resume_offsets(&settings.topic, &offsets, &bounds, settings.accept_data_loss)
+        .map_err(UsageError)?;
+    let now = livepipe_sources::wall_clock_ms();
+    let mut gaps = Vec::new();
+    for range in lost {
+        tracing::warn!(
+            topic = %settings.topic,
+            partition = range.partition,
+            first = range.first,
+            end = range.end,
+            "records deleted before they were read: going on from the log start \
+             (--accept-data-loss); the range is recorded in gaps.jsonl and the ledger"
+        );
+        if let Some(checkpoint) = resume.get_mut(&range.partition) {
+            checkpoint.offset = range.end;
+        }
+        gaps.push(Gap {
+            source: settings.topic.clone(),
+            partition: range.partition,
+            first_offset: range.first,
+            end_offset: range.end,
+            records: range.end - range.first,
+            detected_at_ms: now,
+        });
+    }
+    Ok(gaps)
 }
 
 /// How often a parked worker looks at the stop flag.

@@ -40,6 +40,12 @@ pub struct Checkpoint {
     pub byte: u64,
     /// Highest valid `ts` of the partition's records before `offset`.
     pub max_ts: Option<u64>,
+    /// Files: SHA-256 of the file's bytes before `byte`, its identity up to
+    /// here. A resumed run checks it, so that another file under the same
+    /// name is refused rather than read from the middle (README, "Changing
+    /// rules, inputs and topics safely").
+    /// Kafka: `None` (a topic's identity is checked through its offsets).
+    pub prefix_sha256: Option<[u8; 32]>,
 }
 
 /// Recent checkpoints of every partition, kept by the billing sink (which
@@ -186,6 +192,7 @@ mod tests {
             offset,
             byte: offset * 10,
             max_ts: Some(max_ts),
+            prefix_sha256: None,
         }
     }
 
@@ -224,8 +231,7 @@ mod tests {
         let checkpoints = Checkpoints::default();
         let start = Checkpoint {
             offset: 1,
-            byte: 0,
-            max_ts: None,
+            ..Checkpoint::default()
         };
         checkpoints.record(2, start);
         assert_eq!(checkpoints.safe(Some(0))[&2], start);

@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS positions (
     source TEXT NOT NULL,
     next_offset INTEGER NOT NULL,
     byte_offset INTEGER NOT NULL,
-    max_ts INTEGER
+    max_ts INTEGER,
+    prefix_sha256 TEXT
 );
 ";
 
@@ -88,7 +89,7 @@ pub struct FileRecord {
 }
 
 pub struct Ledger {
-    conn: Connection,
+    pub(crate) conn: Connection,
 }
 
 impl Ledger {
@@ -123,7 +124,7 @@ impl Ledger {
     pub fn positions(&self) -> rusqlite::Result<BTreeMap<u32, Position>> {
         let mut stmt = self
             .conn
-            .prepare("SELECT partition, source, next_offset, byte_offset, max_ts FROM positions")?;
+            .prepare("SELECT partition, source, next_offset, byte_offset, max_ts, prefix_sha256 FROM positions")?;
         let rows = stmt.query_map([], |row| {
             Ok((
                 row.get::<_, i64>(0)? as u32,
@@ -133,6 +134,10 @@ impl Ledger {
                         offset: row.get::<_, i64>(2)? as u64,
                         byte: row.get::<_, i64>(3)? as u64,
                         max_ts: row.get::<_, Option<i64>>(4)?.map(|ts| ts as u64),
+                        prefix_sha256: row
+                            .get::<_, Option<String>>(5)?
+                            .and_then(|text| hex::decode(text).ok())
+                            .and_then(|bytes| bytes.try_into().ok()),
                     },
                 },
             ))
@@ -247,10 +252,11 @@ impl Commit<'_> {
         let checkpoint = &position.checkpoint;
         self.tx
             .prepare_cached(
-                "INSERT INTO positions (partition, source, next_offset, byte_offset, max_ts)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
+                "INSERT INTO positions (partition, source, next_offset, byte_offset, max_ts,
+                     prefix_sha256)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (partition) DO UPDATE SET source = ?2, next_offset = ?3,
-                     byte_offset = ?4, max_ts = ?5",
+                     byte_offset = ?4, max_ts = ?5, prefix_sha256 = ?6",
             )?
             .execute(params![
                 partition as i64,
@@ -258,6 +264,7 @@ impl Commit<'_> {
                 checkpoint.offset as i64,
                 checkpoint.byte as i64,
                 checkpoint.max_ts.map(|ts| ts as i64),
+                checkpoint.prefix_sha256.map(hex::encode),
             ])?;
         Ok(())
     }

@@ -2,6 +2,8 @@
 //!
 //! * [`billing`]: finalized period files (atomic, with completion markers)
 //!   and the SQLite [`ledger`] that makes billing exactly once.
+//! * [`binding`]: what a ledger is bound to (rules, input); [`out_lock`]:
+//!   one job per output directory; [`gaps`]: input records lost unread.
 //! * [`side`]: the append-only JSON-lines side outputs (rejected, late,
 //!   expired).
 //! * [`live`]: the latest per-stream snapshots, handed from the dataflow to
@@ -10,9 +12,12 @@
 //!   served from a thread of its own; [`metrics`] renders the job's numbers.
 
 pub mod billing;
+pub mod binding;
 pub mod fsutil;
+pub mod gaps;
 pub mod http;
 pub mod ledger;
 pub mod live;
 pub mod metrics;
+pub mod out_lock;
 pub mod side;

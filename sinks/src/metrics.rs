@@ -105,6 +105,9 @@ pub struct JobMetrics {
     pub live_streams: Arc<dyn Fn() -> usize + Send + Sync>,
     /// Why the input cannot be read right now (brokers unreachable), if so.
     pub input_problem: Arc<dyn Fn() -> Option<String> + Send + Sync>,
+    /// Input records deleted before they were read, over the ledger's life
+    /// (accepted with `--accept-data-loss`; see `gaps`).
+    pub lost_records: u64,
 }
 
 impl fmt::Debug for JobMetrics {
@@ -184,6 +187,13 @@ impl Collector for JobMetrics {
         for (reason, count) in &rejected {
             ConstCounter::new(*count).encode(family.encode_family(&[("reason", reason)])?)?;
         }
+
+        counter(
+            &mut encoder,
+            "input_lost_records",
+            "Input records deleted (retention) before they were read, recorded in gaps.jsonl.",
+            self.lost_records,
+        )?;
 
         let billing = &self.billing;
         counter(

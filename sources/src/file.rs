@@ -24,6 +24,7 @@
 //! read and stamped to its end; when every file is, the frontier empties and
 //! everything finalizes.
 
+use crate::prefix::DigestingReader;
 use crate::{partition_watermark, SourceContext};
 use livepipe_dataflow::event::{Ingested, Position, RejectedRecord, RAW_KEEP_BYTES};
 use livepipe_dataflow::lines::read_record;
@@ -40,7 +41,7 @@ use timely::dataflow::{Scope, StreamVec};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufReader, Seek, SeekFrom};
+use std::io;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -99,6 +100,8 @@ struct Chunk {
     /// resumes once this chunk is stamped.
     next_line: u64,
     end_byte: u64,
+    /// SHA-256 of the file's bytes before `end_byte`.
+    prefix_sha256: [u8; 32],
 }
 
 /// The valid events of one chunk, with their line numbers.
@@ -109,6 +112,7 @@ struct ParsedChunk {
     events: Vec<(u64, livepipe_dataflow::event::Event)>,
     next_line: u64,
     end_byte: u64,
+    prefix_sha256: [u8; 32],
 }
 
 /// How far the stamper has got with one file; shared with its reader.
@@ -123,7 +127,10 @@ struct Stamped {
 struct Reader {
     path: PathBuf,
     partition: u32,
-    reader: Option<BufReader<File>>,
+    /// Open while there is more to read.
+    reader: Option<DigestingReader<File>>,
+    /// The digest the bytes before the start position must have (a resume).
+    start_digest: Option<[u8; 32]>,
     /// Lines read so far (the last line number read).
     line: u64,
     /// Byte position of the next line.
@@ -178,8 +185,7 @@ fn read_chunks<'s>(
                 .copied()
                 .unwrap_or(Checkpoint {
                     offset: 1,
-                    byte: 0,
-                    max_ts: None,
+                    ..Checkpoint::default()
                 });
             // Re-readable from the start position until a chunk is stamped.
             context.source.checkpoints.record(partition, start);
@@ -187,6 +193,7 @@ fn read_chunks<'s>(
                 path: path.clone(),
                 partition,
                 reader: None,
+                start_digest: start.prefix_sha256,
                 line: start.offset - 1,
                 byte: start.byte,
                 chunks_sent: 0,
@@ -264,9 +271,7 @@ fn read_chunk(
     records_per_chunk: usize,
 ) -> io::Result<Option<Chunk>> {
     if reader.reader.is_none() {
-        let mut file = File::open(&reader.path)?;
-        file.seek(SeekFrom::Start(reader.byte))?;
-        reader.reader = Some(BufReader::with_capacity(1 << 20, file));
+        reader.reader = Some(open_at(reader)?);
     }
     let file = reader.reader.as_mut().expect("opened above");
     let mut chunk = Chunk {
@@ -278,7 +283,6 @@ fn read_chunk(
     while chunk.ends.len() < records_per_chunk.max(1) {
         let Some((oversized, consumed)) = read_record(file, line, MAX_RECORD_BYTES)? else {
             reader.at_end = true;
-            reader.reader = None;
             break;
         };
         reader.line += 1;
@@ -289,13 +293,35 @@ fn read_chunk(
         chunk.bytes.extend_from_slice(line);
         chunk.ends.push(chunk.bytes.len() as u32);
     }
+    let digest = file.digest();
+    if reader.at_end {
+        reader.reader = None;
+    }
     if chunk.ends.is_empty() {
         return Ok(None);
     }
     chunk.next_line = reader.line + 1;
     chunk.end_byte = reader.byte;
+    chunk.prefix_sha256 = digest;
     reader.chunks_sent += 1;
     Ok(Some(chunk))
+}
+
+/// Opens the reader's file at its start position. The bytes before it are
+/// read and digested on the way (once per run, at memory speed), so that
+/// every later checkpoint carries the digest of its whole prefix; on a
+/// resume they must be the bytes the ledger's position was taken on. The
+/// job checked that before it started; a file replaced since is a fault.
+fn open_at(reader: &Reader) -> io::Result<DigestingReader<File>> {
+    let mut file = DigestingReader::new(File::open(&reader.path)?);
+    let skipped = file.skip(reader.byte)?;
+    if skipped < reader.byte || reader.start_digest.is_some_and(|d| d != file.digest()) {
+        return Err(io::Error::other(format!(
+            "its first {} bytes changed since the job started (the file was replaced)",
+            reader.byte
+        )));
+    }
+    Ok(file)
 }
 
 /// Stage 2: any worker parses a chunk; rejections go out from here.
@@ -360,6 +386,7 @@ fn parse_chunk(chunk: Chunk, names: &[Arc<str>], context: &FileSourceContext) ->
         events,
         next_line: chunk.next_line,
         end_byte: chunk.end_byte,
+        prefix_sha256: chunk.prefix_sha256,
     }
 }
 
@@ -432,6 +459,7 @@ fn stamp<'s>(
                             offset: chunk.next_line,
                             byte: chunk.end_byte,
                             max_ts: state.max_ts,
+                            prefix_sha256: Some(chunk.prefix_sha256),
                         },
                     );
                 }

@@ -199,6 +199,109 @@ pub fn discover_partitions(
     Ok(partitions)
 }
 
+/// Each partition's log start and high watermark, as the brokers report
+/// them now.
+pub fn partition_bounds(
+    settings: &KafkaSettings,
+    partitions: impl IntoIterator<Item = i32>,
+    timeout: Duration,
+) -> Result<BTreeMap<i32, (i64, i64)>, SetupError> {
+    let consumer: BaseConsumer = settings
+        .consumer_config()
+        .create()
+        .map_err(|err| SetupError::Usage(client_config_error(&err)))?;
+    partitions
+        .into_iter()
+        .map(|partition| {
+            consumer
+                .fetch_watermarks(&settings.topic, partition, timeout)
+                .map(|bounds| (partition, bounds))
+                .map_err(|err| {
+                    SetupError::Unavailable(format!(
+                        "reading the offsets of partition {partition} of `{}`: {err}",
+                        settings.topic
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// Offsets `[first, end)` of a partition that retention deleted before
+/// they were read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LostRange {
+    pub partition: u32,
+    pub first: u64,
+    pub end: u64,
+}
+
+/// Checks the ledger's resume offsets (`resume`: partition -> offset)
+/// against what the partitions hold now (`bounds`: partition -> (log
+/// start, high watermark)).
+///
+/// A resume offset past the high watermark means the records the ledger
+/// billed are not in this topic any more (deleted and re-created, or
+/// truncated): refused. One below the log start means records were deleted
+/// unread: refused unless `accept_data_loss`, and then returned as lost
+/// ranges, for the caller to record and to resume from the log start.
+/// Every problem is named in one message.
+pub fn check_resume_offsets(
+    topic: &str,
+    resume: &BTreeMap<u32, u64>,
+    bounds: &BTreeMap<i32, (i64, i64)>,
+    accept_data_loss: bool,
+) -> Result<Vec<LostRange>, String> {
+    let mut refused = Vec::new();
+    let mut lost = Vec::new();
+    for (&partition, &offset) in resume {
+        let Some(&(low, high)) = bounds.get(&(partition as i32)) else {
+            refused.push(format!(
+                "partition {partition} is in the ledger but the topic has {} partitions now: \
+                 it was deleted and re-created",
+                bounds.len()
+            ));
+            continue;
+        };
+        let (low, high) = (low.max(0) as u64, high.max(0) as u64);
+        if offset > high {
+            refused.push(format!(
+                "partition {partition}: the ledger resumes at offset {offset}, but the partition \
+                 ends at offset {high} (its high watermark): the topic was deleted and \
+                 re-created, or truncated"
+            ));
+        } else if offset < low {
+            let range = LostRange {
+                partition,
+                first: offset,
+                end: low,
+            };
+            if !accept_data_loss {
+                refused.push(format!(
+                    "partition {partition}: offsets {offset}..{} ({} records) were deleted \
+                     (retention) before this job read them; the partition now starts at {low}",
+                    low - 1,
+                    low - offset
+                ));
+            }
+            lost.push(range);
+        }
+    }
+    if refused.is_empty() {
+        return Ok(lost);
+    }
+    let loss_only = refused.len() == lost.len() && !accept_data_loss;
+    let advice = if loss_only {
+        "The lost records cannot be billed. To go on from the log start and record every lost \
+         range in OUT/gaps.jsonl and the ledger, run again with --accept-data-loss."
+    } else {
+        "This --out billed another topic's records: use a fresh --out for this topic."
+    };
+    Err(format!(
+        "topic `{topic}` does not hold what this --out's ledger read:\n  {}\n{advice}",
+        refused.join("\n  ")
+    ))
+}
+
 /// What is known about one partition, for logs and `/metrics`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PartitionStatus {
@@ -540,8 +643,8 @@ pub fn kafka_source<'s>(
                         reading.id as u32,
                         Checkpoint {
                             offset: message.offset() as u64,
-                            byte: 0,
                             max_ts: reading.max_ts,
+                            ..Checkpoint::default()
                         },
                     );
                 }
@@ -616,8 +719,8 @@ pub fn kafka_source<'s>(
                         reading.id as u32,
                         Checkpoint {
                             offset: reading.next_offset as u64,
-                            byte: 0,
                             max_ts: reading.max_ts,
+                            ..Checkpoint::default()
                         },
                     );
                 }
@@ -772,7 +875,8 @@ fn log_positions(
 
 #[cfg(test)]
 mod tests {
-    use super::{worker_watermark, ResumeCheck, ResumeSeek};
+    use super::{check_resume_offsets, worker_watermark, LostRange, ResumeCheck, ResumeSeek};
+    use std::collections::BTreeMap;
 
     #[test]
     fn a_resume_that_lands_on_its_offset_goes_on() {
@@ -811,6 +915,56 @@ mod tests {
             assert!(matches!(seek.check(1 << 41), ResumeCheck::SeekBack(_)));
         }
         assert_eq!(seek.check(1 << 41), ResumeCheck::Gap, "bounded re-reading");
+    }
+
+    fn offsets(pairs: &[(u32, u64)]) -> BTreeMap<u32, u64> {
+        pairs.iter().copied().collect()
+    }
+
+    fn bounds(pairs: &[(i32, i64, i64)]) -> BTreeMap<i32, (i64, i64)> {
+        pairs.iter().map(|&(p, low, high)| (p, (low, high))).collect()
+    }
+
+    #[test]
+    fn resume_offsets_within_the_partitions_go_on() {
+        let held = bounds(&[(0, 0, 100), (1, 50, 60)]);
+        let resume = offsets(&[(0, 100), (1, 50)]);
+        assert_eq!(check_resume_offsets("t", &resume, &held, false), Ok(vec![]));
+    }
+
+    #[test]
+    fn a_resume_offset_past_the_end_is_refused_naming_partition_and_offsets() {
+        let said = check_resume_offsets(
+            "t",
+            &offsets(&[(0, 5), (3, 5_000)]),
+            &bounds(&[(0, 0, 10), (3, 0, 1_200)]),
+            true,
+        )
+        .unwrap_err();
+        assert!(said.contains("partition 3"), "{said}");
+        assert!(said.contains("5000") && said.contains("1200"), "{said}");
+        assert!(said.contains("fresh --out"), "{said}");
+        let said =
+            check_resume_offsets("t", &offsets(&[(7, 1)]), &bounds(&[(0, 0, 10)]), false)
+                .unwrap_err();
+        assert!(said.contains("partition 7 is in the ledger"), "{said}");
+    }
+
+    #[test]
+    fn records_deleted_unread_are_refused_unless_the_loss_is_accepted() {
+        let held = bounds(&[(0, 400, 900), (1, 0, 10)]);
+        let resume = offsets(&[(0, 100), (1, 3)]);
+        let said = check_resume_offsets("t", &resume, &held, false).unwrap_err();
+        assert!(said.contains("offsets 100..399 (300 records)"), "{said}");
+        assert!(said.contains("--accept-data-loss"), "{said}");
+        assert_eq!(
+            check_resume_offsets("t", &resume, &held, true),
+            Ok(vec![LostRange {
+                partition: 0,
+                first: 100,
+                end: 400
+            }])
+        );
     }
 
     const WALL: u64 = 1_000_000;

@@ -7,6 +7,7 @@
 //! * [`kafka`]: a Kafka topic, partitions assigned statically to workers.
 //! * [`publish`]: writes generated traffic into a Kafka topic (`livepipe
 //!   gen --brokers`, and the demo's producer).
+//! * [`prefix`]: a file's identity up to a position (SHA-256 of its bytes).
 //! * [`demo`]: the embedded demo: librdkafka's in-process mock cluster fed
 //!   with live traffic.
 //! * [`generator`]: the synthetic traffic itself.
@@ -15,6 +16,7 @@ pub mod demo;
 pub mod file;
 pub mod generator;
 pub mod kafka;
+pub mod prefix;
 pub mod publish;
 
 use livepipe_dataflow::event::RejectedRecord;
