@@ -40,25 +40,27 @@ pub struct RunArgs {
     #[arg(long, value_name = "HOST:PORT[,...]")]
     pub brokers: Option<String>,
 
-    /// Kafka topic to read (the demo's topic when --brokers is not given).
-    #[arg(long, default_value = "livestream-events", value_name = "TOPIC")]
-    pub topic: String,
+    /// Kafka only: the topic to read [default: livestream-events].
+    // Options without clap defaults, here and for every Kafka-only flag, so
+    // that `source` sees whether they were given (see `Source`).
+    #[arg(long, value_name = "TOPIC")]
+    pub topic: Option<String>,
 
-    /// Where to start reading Kafka partitions.
-    #[arg(long, value_enum, default_value_t = StartFrom::Earliest, value_name = "WHERE")]
-    pub start_offsets: StartFrom,
+    /// Kafka only: where to start reading partitions [default: earliest].
+    #[arg(long, value_enum, value_name = "WHERE")]
+    pub start_offsets: Option<StartFrom>,
 
-    /// A librdkafka property for the consumer, like kcat's -X (repeatable):
+    /// Kafka only: a librdkafka property for the consumer, like kcat's -X (repeatable):
     /// -X security.protocol=SASL_SSL -X sasl.mechanism=PLAIN ...
     #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property)]
     pub kafka_property: Vec<(String, String)>,
 
-    /// A file of librdkafka properties, KEY=VALUE per line (like kcat's -F): keeps
-    /// secrets off the command line. -X properties apply after it.
+    /// Kafka only: a file of librdkafka properties, KEY=VALUE per line (like kcat's -F):
+    /// keeps secrets off the command line. -X properties apply after it.
     #[arg(long, value_name = "FILE")]
     pub kafka_config: Option<PathBuf>,
 
-    /// Kafka: when retention deleted records before they were read (a resume offset
+    /// Kafka only: when retention deleted records before they were read (a resume offset
     /// below a partition's log start), go on from the log start and record every lost
     /// range in OUT/gaps.jsonl and the ledger, instead of refusing to start.
     #[arg(long)]
@@ -103,6 +105,102 @@ pub struct RunArgs {
     pub cluster_timeout: u64,
 }
 
+/// The topic Kafka runs read unless `--topic` says otherwise, and always
+/// the embedded demo's.
+pub const DEFAULT_TOPIC: &str = "livestream-events";
+
+/// What `livepipe run` reads, decided by [`RunArgs::source`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// `--input`: these files, to their end.
+    Files(Vec<PathBuf>),
+    /// `--brokers`: a Kafka topic, until stopped; defaults applied.
+    Kafka {
+        brokers: String,
+        topic: String,
+        start: StartFrom,
+    },
+    /// No source flag and no Kafka-only flag: the embedded demo, on
+    /// [`DEFAULT_TOPIC`] from the earliest offsets.
+    Demo,
+}
+
+impl RunArgs {
+    /// The Kafka-only flags that were given, as they are spelled on the
+    /// command line. `--accept-data-loss` is a switch and `-X` a list: both
+    /// are given exactly when set or non-empty; the others are `Option`s
+    /// with no clap default for this reason.
+    pub fn kafka_only_flags(&self) -> Vec<&'static str> {
+        let given = [
+            ("-X", !self.kafka_property.is_empty()),
+            ("--kafka-config", self.kafka_config.is_some()),
+            ("--start-offsets", self.start_offsets.is_some()),
+            ("--idle-timeout-ms", self.rules.idle_timeout_ms.is_some()),
+            ("--topic", self.topic.is_some()),
+            ("--accept-data-loss", self.accept_data_loss),
+        ];
+        given
+            .into_iter()
+            .filter_map(|(flag, given)| given.then_some(flag))
+            .collect()
+    }
+
+    /// Decides what this run reads, or why these flags make no sense
+    /// together (a usage error: exit 2, before anything runs or touches
+    /// `--out`). Pure: reads no file.
+    ///
+    /// * `--input` reads files; Kafka-only flags are refused (not ignored).
+    /// * `--brokers` reads Kafka, with the Kafka-only flags' defaults applied.
+    /// * Neither: the embedded demo, but only when no Kafka-only flag is
+    ///   given either (`-X ... --start-offsets latest` alone is a mistake,
+    ///   not a request for the demo), and no cluster flag (the demo runs as
+    ///   one process).
+    ///
+    /// (`--input` with `--brokers` is refused by clap already.)
+    pub fn source(&self) -> Result<Source, String> {
+        if let Some(brokers) = &self.brokers {
+            return Ok(Source::Kafka {
+                brokers: brokers.clone(),
+                topic: self.topic.as_deref().unwrap_or(DEFAULT_TOPIC).to_string(),
+                start: self.start_offsets.unwrap_or(StartFrom::Earliest),
+            });
+        }
+        let kafka_only = self.kafka_only_flags();
+        if !kafka_only.is_empty() {
+            let flags = kafka_only
+                .iter()
+                .map(|flag| format!("`{flag}`"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let (applies, them) = match kafka_only.len() {
+                1 => ("applies", "it"),
+                _ => ("apply", "them"),
+            };
+            return Err(if self.input.is_empty() {
+                format!(
+                    "{flags} {applies} to Kafka only (--brokers); remove {them} to run the \
+                     embedded demo, or read Kafka with --brokers"
+                )
+            } else {
+                format!(
+                    "{flags} {applies} to Kafka only (--brokers), not to --input files; \
+                     remove {them}, or read Kafka with --brokers instead of --input"
+                )
+            });
+        }
+        if !self.input.is_empty() {
+            return Ok(Source::Files(self.input.clone()));
+        }
+        if self.processes.is_some() {
+            return Err("the embedded demo runs as one process: the cluster flags \
+                        (`--processes`, `--process`, `--hostfile`, `--cluster-timeout`) do not \
+                        apply to it; give the cluster --brokers and --topic, or --input files"
+                .into());
+        }
+        Ok(Source::Demo)
+    }
+}
+
 /// The business rules; defaults are SPEC's.
 #[derive(Debug, Args)]
 pub struct RuleArgs {
@@ -126,9 +224,10 @@ pub struct RuleArgs {
     #[arg(long, default_value_t = 30_000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub presence_ttl_ms: u64,
 
-    /// A caught-up Kafka partition with nothing new for this long stops holding the watermark back.
-    #[arg(long, default_value_t = 10_000, value_name = "MS")]
-    pub idle_timeout_ms: u64,
+    /// Kafka only: a caught-up partition with nothing new for this long stops holding the
+    /// watermark back [default: 10000].
+    #[arg(long, value_name = "MS")]
+    pub idle_timeout_ms: Option<u64>,
 
     /// How long billing keeps an impression's records after it is final, to tell late
     /// duplicates and progress apart in the dataflow (the ledger guards beyond that).
@@ -138,15 +237,16 @@ pub struct RuleArgs {
 
 impl RuleArgs {
     pub fn to_config(&self) -> Result<PipelineConfig, String> {
+        let defaults = PipelineConfig::default();
         let config = PipelineConfig {
             qualify_ms: self.qualify_ms,
             qualify_window_ms: self.qualify_window_ms,
             allowed_lateness_ms: self.allowed_lateness_ms,
             billing_period_ms: self.billing_period_ms,
             presence_ttl_ms: self.presence_ttl_ms,
-            idle_timeout_ms: self.idle_timeout_ms,
+            idle_timeout_ms: self.idle_timeout_ms.unwrap_or(defaults.idle_timeout_ms),
             state_retention_ms: self.state_retention_ms,
-            ..PipelineConfig::default()
+            ..defaults
         };
         config.validate()?;
         Ok(config)
@@ -175,7 +275,7 @@ pub struct GenArgs {
     /// Kafka topic to send to (created if missing).
     #[arg(
         long,
-        default_value = "livestream-events",
+        default_value = DEFAULT_TOPIC,
         value_name = "TOPIC",
         requires = "brokers"
     )]
@@ -304,4 +404,171 @@ pub fn kafka_properties(
     }
     properties.extend_from_slice(flags);
     Ok(properties)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// What `livepipe run SOURCE FLAG` must come to.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Want {
+        Files,
+        Kafka,
+        Demo,
+        Refused,
+    }
+    use Want::{Demo as D, Files as F, Kafka as K, Refused as R};
+
+    /// The three sources, as command-line flags.
+    const SOURCES: [(&str, &str); 3] = [
+        ("files", "--input a.jsonl"),
+        ("Kafka", "--brokers 127.0.0.1:9092"),
+        ("demo", ""),
+    ];
+
+    /// Every `run` flag with a valid value (split on spaces; the first word
+    /// is the flag), and what it comes to with files, Kafka and the demo.
+    const TABLE: &[(&str, [Want; 3])] = &[
+        // A second file is one more partition; files and Kafka conflict
+        // (clap); --brokers cannot be given twice.
+        ("--input b.jsonl", [F, R, F]),
+        ("--brokers h:9092", [R, R, K]),
+        // Kafka only; refused even with the default's value.
+        ("--topic t", [R, K, R]),
+        ("--topic livestream-events", [R, K, R]),
+        ("--start-offsets latest", [R, K, R]),
+        ("--start-offsets earliest", [R, K, R]),
+        ("-X client.id=x", [R, K, R]),
+        ("--kafka-config k.properties", [R, K, R]),
+        ("--accept-data-loss", [R, K, R]),
+        ("--idle-timeout-ms 1000", [R, K, R]),
+        ("--idle-timeout-ms 10000", [R, K, R]),
+        // Everywhere.
+        ("--out d", [F, K, D]),
+        ("--workers 2", [F, K, D]),
+        ("--http 127.0.0.1:0", [F, K, D]),
+        ("--qualify-ms 1000", [F, K, D]),
+        ("--qualify-window-ms 60000", [F, K, D]),
+        ("--allowed-lateness-ms 0", [F, K, D]),
+        ("--billing-period-ms 1000", [F, K, D]),
+        ("--presence-ttl-ms 1000", [F, K, D]),
+        ("--state-retention-ms 1000", [F, K, D]),
+        // A cluster (these go together): not for the demo.
+        ("--processes 2 --process 0 --hostfile h", [F, K, R]),
+        ("--process 0 --processes 2 --hostfile h", [F, K, R]),
+        ("--hostfile h --processes 2 --process 0", [F, K, R]),
+        (
+            "--cluster-timeout 5 --processes 2 --process 0 --hostfile h",
+            [F, K, R],
+        ),
+    ];
+
+    /// `livepipe run ARGS` parsed and its source decided, or the message.
+    fn decide(args: &[&str]) -> Result<Source, String> {
+        let cli = Cli::try_parse_from(["livepipe", "run"].iter().chain(args))
+            .map_err(|err| err.to_string())?;
+        match cli.command {
+            Command::Run(run) => {
+                run.rules.to_config()?;
+                run.source()
+            }
+            Command::Gen(_) => unreachable!("parsed `run`"),
+        }
+    }
+
+    #[test]
+    fn every_run_flag_is_accepted_or_refused_with_every_source() {
+        // The table has a row for every flag `run` has.
+        let command = Cli::command();
+        let run = command.find_subcommand("run").expect("run");
+        for arg in run.get_arguments() {
+            let name = match (arg.get_long(), arg.get_short()) {
+                (Some("help"), _) => continue,
+                (Some(long), _) => format!("--{long}"),
+                (None, Some(short)) => format!("-{short}"),
+                (None, None) => unreachable!("run has no positional arguments"),
+            };
+            assert!(
+                TABLE
+                    .iter()
+                    .any(|(args, _)| args.split_whitespace().next() == Some(&name)),
+                "{name} has no row in the table"
+            );
+        }
+        for (flag_args, wants) in TABLE {
+            let flag = flag_args.split_whitespace().next().unwrap();
+            for ((source, source_args), want) in SOURCES.iter().zip(wants) {
+                let args: Vec<&str> = source_args
+                    .split_whitespace()
+                    .chain(flag_args.split_whitespace())
+                    .collect();
+                let got = decide(&args);
+                match (want, &got) {
+                    (R, Err(message)) => assert!(
+                        message.contains(flag),
+                        "{source}: run {args:?}: the refusal does not name {flag}: {message}"
+                    ),
+                    (F, Ok(Source::Files(_)))
+                    | (K, Ok(Source::Kafka { .. }))
+                    | (D, Ok(Source::Demo)) => {}
+                    _ => panic!("{source}: run {args:?}: want {want:?}, got {got:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn kafka_only_refusals_say_what_to_do() {
+        let files = decide(&["--input", "f.jsonl", "--topic", "t"]).unwrap_err();
+        assert!(files.contains("remove it"), "{files}");
+        assert!(files.contains("--brokers instead of --input"), "{files}");
+        // Every Kafka-only flag given is named, not only the first.
+        let demo = decide(&["-X", "no.such.property=1", "--start-offsets", "latest"]).unwrap_err();
+        assert!(demo.contains("`-X`, `--start-offsets` apply"), "{demo}");
+        assert!(
+            demo.contains("remove them to run the embedded demo"),
+            "{demo}"
+        );
+    }
+
+    #[test]
+    fn kafka_defaults_apply_where_the_flags_are_not_given() {
+        assert_eq!(
+            decide(&["--brokers", "h:9092"]),
+            Ok(Source::Kafka {
+                brokers: "h:9092".into(),
+                topic: DEFAULT_TOPIC.into(),
+                start: StartFrom::Earliest,
+            })
+        );
+        assert_eq!(
+            decide(&[
+                "--brokers",
+                "h:9092",
+                "--topic",
+                "t",
+                "--start-offsets",
+                "latest"
+            ]),
+            Ok(Source::Kafka {
+                brokers: "h:9092".into(),
+                topic: "t".into(),
+                start: StartFrom::Latest,
+            })
+        );
+        let idle = |args: &[&str]| {
+            let cli = Cli::try_parse_from(["livepipe", "run"].iter().chain(args)).unwrap();
+            let Command::Run(run) = cli.command else {
+                unreachable!()
+            };
+            run.rules.to_config().unwrap().idle_timeout_ms
+        };
+        assert_eq!(idle(&["--brokers", "h:9092"]), 10_000);
+        assert_eq!(
+            idle(&["--brokers", "h:9092", "--idle-timeout-ms", "1000"]),
+            1_000
+        );
+    }
 }

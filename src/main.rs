@@ -4,7 +4,9 @@
 use anyhow::Context;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use livepipe::cli::{kafka_properties, Cli, Command, GenArgs, RunArgs, StartFrom};
+use livepipe::cli::{
+    kafka_properties, Cli, Command, GenArgs, RunArgs, Source, StartFrom, DEFAULT_TOPIC,
+};
 use livepipe::cluster::ClusterSpec;
 use livepipe::pipeline::{run_job, Input, Job, UsageError};
 use livepipe_sources::demo::{Demo, DemoSettings};
@@ -69,71 +71,71 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         // clap requires all three together.
         _ => None,
     };
-    if cluster.is_some() && args.input.is_empty() && args.brokers.is_none() {
-        return Err(UsageError(
-            "the embedded demo runs as one process; give a cluster --brokers and --topic, \
-             or --input files"
-                .into(),
-        )
-        .into());
-    }
+    // After the cluster flags' own checks (a bad hostfile is named as
+    // such), before anything touches --out.
+    let source = args.source().map_err(UsageError)?;
     let workers = args
         .workers
         .map(usize::from)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let stop = stop_on_signals()?;
-    let start = match args.start_offsets {
-        StartFrom::Earliest => StartOffsets::Earliest,
-        StartFrom::Latest => StartOffsets::Latest,
-    };
+    let bounded = matches!(source, Source::Files(_));
+    // A file run stopped before its end exits 1, a Kafka or demo run 0
+    // (see the end of this function).
+    exit_if_stop_hangs(stop.clone(), if bounded { 1 } else { 0 });
 
-    // The embedded demo: no source flags.
     let mut demo = None;
-    let input = if !args.input.is_empty() {
-        tracing::info!(inputs = args.input.len(), workers, out = %args.out.display(), "reading files");
-        Input::Files {
-            paths: args.input,
-            records_per_chunk: RECORDS_PER_CHUNK,
+    let input = match source {
+        Source::Files(paths) => {
+            tracing::info!(inputs = paths.len(), workers, out = %args.out.display(), "reading files");
+            Input::Files {
+                paths,
+                records_per_chunk: RECORDS_PER_CHUNK,
+            }
         }
-    } else if let Some(brokers) = args.brokers {
-        let overrides = kafka_properties(args.kafka_config.as_deref(), &args.kafka_property)
-            .map_err(UsageError)?;
-        Input::Kafka(KafkaSettings {
+        Source::Kafka {
             brokers,
-            topic: args.topic,
+            topic,
             start,
-            overrides,
-            accept_data_loss: args.accept_data_loss,
-        })
-    } else {
-        let settings = DemoSettings {
-            topic: args.topic.clone(),
-            allowed_lateness_ms: config.allowed_lateness_ms,
-            ..DemoSettings::default()
-        };
-        let partitions = settings.partitions;
-        let started = Demo::start(settings).map_err(anyhow::Error::msg)?;
-        eprintln!(
-            "livepipe demo: an in-process Kafka broker at {} with topic `{}` ({partitions} partitions), \
-             fed with live traffic\n  billing files: {}\n  ledger:        {}\n  side outputs:  {}/{{rejected,late,expired}}.jsonl\n\
-             Ctrl-C stops.",
-            started.brokers(),
-            args.topic,
-            args.out.join("billing").display(),
-            args.out.join("ledger.sqlite").display(),
-            args.out.display(),
-        );
-        let settings = KafkaSettings {
-            brokers: started.brokers().to_string(),
-            topic: args.topic,
-            start,
-            overrides: Vec::new(),
-            accept_data_loss: false,
-        };
-        demo = Some(started);
-        Input::Kafka(settings)
+        } => {
+            let overrides = kafka_properties(args.kafka_config.as_deref(), &args.kafka_property)
+                .map_err(UsageError)?;
+            Input::Kafka(KafkaSettings {
+                brokers,
+                topic,
+                start: start_offsets(start),
+                overrides,
+                accept_data_loss: args.accept_data_loss,
+            })
+        }
+        Source::Demo => {
+            let settings = DemoSettings {
+                topic: DEFAULT_TOPIC.to_string(),
+                allowed_lateness_ms: config.allowed_lateness_ms,
+                ..DemoSettings::default()
+            };
+            let partitions = settings.partitions;
+            let started = Demo::start(settings).map_err(anyhow::Error::msg)?;
+            eprintln!(
+                "livepipe demo: an in-process Kafka broker at {} with topic `{DEFAULT_TOPIC}` ({partitions} partitions), \
+                 fed with live traffic\n  billing files: {}\n  ledger:        {}\n  side outputs:  {}/{{rejected,late,expired}}.jsonl\n\
+                 Ctrl-C stops.",
+                started.brokers(),
+                args.out.join("billing").display(),
+                args.out.join("ledger.sqlite").display(),
+                args.out.display(),
+            );
+            let settings = KafkaSettings {
+                brokers: started.brokers().to_string(),
+                topic: DEFAULT_TOPIC.to_string(),
+                start: StartOffsets::Earliest,
+                overrides: Vec::new(),
+                accept_data_loss: false,
+            };
+            demo = Some(started);
+            Input::Kafka(settings)
+        }
     };
-    let bounded = matches!(input, Input::Files { .. });
     // A file replay ends on its own; it serves HTTP only when asked to.
     // Processes of a cluster on one machine must not fight over one port.
     let process = cluster.as_ref().map_or(0, |c| c.process);
@@ -171,6 +173,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn start_offsets(start: StartFrom) -> StartOffsets {
+    match start {
+        StartFrom::Earliest => StartOffsets::Earliest,
+        StartFrom::Latest => StartOffsets::Latest,
+    }
+}
+
 /// Where the dashboard is served by default: loopback only (SPEC §2), port
 /// 8080 (8080 + i for process i of a cluster).
 fn default_http(process: usize) -> std::net::SocketAddr {
@@ -190,6 +199,35 @@ fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
     }
     Ok(stop)
+}
+
+/// How long a stopping run may take before `exit_if_stop_hangs` ends it.
+const STOP_GRACE: Duration = Duration::from_millis(1500);
+
+/// The backstop of a graceful stop: once `stop` is set (SIGINT/SIGTERM),
+/// a process still alive `STOP_GRACE` later exits at once with `code`, the
+/// code the graceful stop would have had. An operator (or an orchestrator
+/// with its own kill timeout) must be able to count on a signal being
+/// obeyed within 2 s, yet a stop can be slow for reasons outside the
+/// workers' stop check: a sink thread working off a backlog of billing
+/// files, a broker call that waits for its timeout, a demo broker shutting
+/// down. Cutting that short is safe: every output is crash-safe (files are
+/// renamed into place whole, the ledger commits in transactions; the job
+/// survives kill -9 at any moment and the next run resumes exactly). The
+/// exit is `_exit`, like the second signal's: atexit handlers of C
+/// libraries must not run under threads that are still busy in them.
+fn exit_if_stop_hangs(stop: Arc<AtomicBool>, code: i32) {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(STOP_GRACE);
+        tracing::warn!(
+            "did not stop within 1.5 s of the signal; exiting, the outputs are consistent \
+             (the next run resumes)"
+        );
+        signal_hook::low_level::exit(code);
+    });
 }
 
 fn gen(args: GenArgs) -> anyhow::Result<()> {

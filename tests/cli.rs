@@ -345,6 +345,75 @@ fn usage_errors_exit_2_with_a_message() {
 }
 
 #[test]
+fn kafka_only_flags_without_kafka_exit_2_before_touching_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    std::fs::write(
+        &input,
+        "{\"type\":\"join\",\"event_id\":\"e1\",\"ts\":1000,\"stream_id\":\"s\",\"viewer_id\":\"v\"}\n",
+    )
+    .unwrap();
+    let input = input.to_str().unwrap();
+    let out = |name: &str| dir.path().join(name);
+    let (demo, files, default_topic) = (out("demo"), out("files"), out("default-topic"));
+    let cases: Vec<(Vec<&str>, &Path, &[&str])> = vec![
+        // Not the demo with the flags dropped: a mistake, named.
+        (
+            vec![
+                "run",
+                "-X",
+                "no.such.property=1",
+                "--start-offsets",
+                "latest",
+                "--out",
+                demo.to_str().unwrap(),
+            ],
+            &demo,
+            &["-X", "--start-offsets", "--brokers"],
+        ),
+        (
+            vec![
+                "run",
+                "--input",
+                input,
+                "--topic",
+                "t",
+                "--out",
+                files.to_str().unwrap(),
+            ],
+            &files,
+            &["--topic", "remove it"],
+        ),
+        // Given is given, even with the default's value.
+        (
+            vec![
+                "run",
+                "--input",
+                input,
+                "--topic",
+                "livestream-events",
+                "--out",
+                default_topic.to_str().unwrap(),
+            ],
+            &default_topic,
+            &["--topic"],
+        ),
+    ];
+    for (args, out, mentions) in cases {
+        let output = livepipe(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        for mention in mentions {
+            assert!(
+                stderr.contains(mention),
+                "{args:?} should mention {mention}: {stderr}"
+            );
+        }
+        assert!(!out.exists(), "{args:?} created {}", out.display());
+    }
+}
+
+#[test]
 fn several_files_give_the_same_bytes_for_any_worker_count() {
     let dir = tempfile::tempdir().unwrap();
     let whole = dir.path().join("whole.jsonl");
