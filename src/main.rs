@@ -133,7 +133,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 accept_data_loss: false,
             };
             demo = Some(started);
-            Input::Kafka(settings)
+            Input::Demo(settings)
         }
     };
     // A file replay ends on its own; it serves HTTP only when asked to.

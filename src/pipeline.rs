@@ -74,6 +74,10 @@ pub enum Input {
     },
     /// A Kafka topic, read until the job is stopped.
     Kafka(KafkaSettings),
+    /// The embedded demo's topic: read like Kafka, but its broker starts
+    /// empty on every run, so its output cannot be resumed; an earlier
+    /// demo's output in `--out` is replaced (never another job's).
+    Demo(KafkaSettings),
 }
 
 /// One run of the pipeline.
@@ -159,7 +163,7 @@ pub fn run_job(job: Job) -> anyhow::Result<RunSummary> {
                 .map(|path| Arc::from(path.display().to_string()))
                 .collect()
         }
-        Input::Kafka(settings) => {
+        Input::Kafka(settings) | Input::Demo(settings) => {
             let partitions = match discover_partitions(settings, KAFKA_SETUP_TIMEOUT) {
                 Ok(partitions) => partitions,
                 Err(SetupError::Usage(message)) => return Err(UsageError(message).into()),
@@ -401,7 +405,7 @@ fn run_dataflow(
                             records_per_chunk: *records_per_chunk,
                         },
                     ),
-                    Input::Kafka(settings) => kafka_source(
+                    Input::Kafka(settings) | Input::Demo(settings) => kafka_source(
                         scope,
                         KafkaSourceContext {
                             source: context.clone(),
@@ -547,7 +551,7 @@ fn job_shape(job: &Job) -> JobShape {
             let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
             set("--input", paths.join(" "));
         }
-        Input::Kafka(settings) => {
+        Input::Kafka(settings) | Input::Demo(settings) => {
             set("--topic", settings.topic.clone());
             set(
                 "--start-offsets",
@@ -590,6 +594,10 @@ fn prepare_ledger(
         Input::Kafka(settings) => BoundInput::Kafka {
             topic: settings.topic.clone(),
         },
+        Input::Demo(_) => {
+            replace_earlier_demo(&job.out)?;
+            BoundInput::Demo
+        }
     };
     let positions = binding::bind(&job.out, &Binding::new(&job.config, input)).map_err(|err| {
         match err {
@@ -610,6 +618,7 @@ fn prepare_ledger(
             Vec::new()
         }
         Input::Kafka(settings) => resume_kafka(settings, partitions, &mut resume)?,
+        Input::Demo(_) => Vec::new(),
     };
     let lost = gaps::record(&job.out, &gaps)?;
     if !resume.is_empty() {
@@ -619,6 +628,45 @@ fn prepare_ledger(
         );
     }
     Ok((resume, lost))
+}
+
+/// Removes an earlier demo's output from `out`, so that the demo can run
+/// again on the same `--out`: its broker starts empty on every run, so
+/// nothing of the earlier run could be resumed. Only a ledger bound to the
+/// demo qualifies; anything else is left for `binding::bind` to refuse.
+fn replace_earlier_demo(out: &std::path::Path) -> anyhow::Result<()> {
+    let bound = binding::bound_input(out)
+        .with_context(|| format!("reading the ledger in {}", out.display()))?;
+    if bound != Some(BoundInput::Demo) {
+        return Ok(());
+    }
+    tracing::info!(
+        out = %out.display(),
+        "replacing the earlier demo's output (the embedded broker starts empty on every run)"
+    );
+    let billing = out.join("billing");
+    if billing.exists() {
+        std::fs::remove_dir_all(&billing)
+            .with_context(|| format!("removing {}", billing.display()))?;
+    }
+    for name in [
+        "ledger.sqlite",
+        "ledger.sqlite-wal",
+        "ledger.sqlite-shm",
+        "rejected.jsonl",
+        "late.jsonl",
+        "expired.jsonl",
+        "gaps.jsonl",
+        "live.json",
+    ] {
+        match std::fs::remove_file(out.join(name)) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                return Err(err).with_context(|| format!("removing {}", out.join(name).display()))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Every file must still start with the bytes the ledger's position was

@@ -79,3 +79,56 @@ fn the_demo_starts_produces_and_writes_billing_files_with_no_flags() {
     assert!(first["partition"].as_u64().unwrap() < 4);
     assert!(first["offset"].is_u64());
 }
+
+#[test]
+fn the_demo_runs_again_on_its_own_output_but_never_replaces_another_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let demo = |log: &str| {
+        Job::start(
+            &[
+                "run",
+                "--out",
+                out.to_str().unwrap(),
+                "--http",
+                "127.0.0.1:0",
+            ],
+            &dir.path().join(log),
+        )
+    };
+    let has_ledger = || out.join("ledger.sqlite").exists();
+    for log in ["first.log", "second.log"] {
+        let mut job = demo(log);
+        wait_for(&mut job, Duration::from_secs(120), "the demo's ledger", has_ledger);
+        // Up and serving: the earlier output (if any) was replaced.
+        wait_for(&mut job, Duration::from_secs(120), "the dashboard", || {
+            http_addr(&dir.path().join(log)).is_some()
+        });
+        job.stop();
+    }
+    assert!(
+        std::fs::read_to_string(dir.path().join("second.log"))
+            .unwrap()
+            .contains("replacing the earlier demo's output"),
+        "the second run said what it did"
+    );
+
+    // An --out that holds a file job's ledger is never the demo's to replace.
+    let file_out = dir.path().join("files");
+    let input = dir.path().join("x.jsonl");
+    std::fs::write(&input, b"").unwrap();
+    let livepipe = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out_arg = file_out.to_str().unwrap();
+    let done = livepipe(&["run", "--input", input.to_str().unwrap(), "--out", out_arg]);
+    assert_eq!(done.status.code(), Some(0));
+    let refused = livepipe(&["run", "--out", out_arg, "--http", "127.0.0.1:0"]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{said}");
+    assert!(said.contains("the embedded demo now"), "{said}");
+    assert!(file_out.join("ledger.sqlite").exists(), "left as it was");
+}

@@ -45,6 +45,8 @@ pub enum BoundInput {
     /// kept to name them in messages: a file's identity is its content.
     Files { paths: Vec<String> },
     Kafka { topic: String },
+    /// The embedded demo's topic, which starts empty on every run.
+    Demo,
 }
 
 impl Binding {
@@ -117,6 +119,7 @@ fn describe(input: &BoundInput) -> String {
     match input {
         BoundInput::Files { paths } => format!("--input {}", paths.join(" ")),
         BoundInput::Kafka { topic } => format!("Kafka topic `{topic}`"),
+        BoundInput::Demo => "the embedded demo".into(),
     }
 }
 
@@ -182,6 +185,18 @@ pub fn bind(out: &Path, binding: &Binding) -> Result<BTreeMap<u32, Position>, Bi
     }
     tx.commit()?;
     Ok(BTreeMap::new())
+}
+
+/// The input `out`'s ledger is bound to, if there is a ledger with a
+/// binding; changes nothing.
+pub fn bound_input(out: &Path) -> Result<Option<BoundInput>, BindError> {
+    let path = out.join(LEDGER_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let conn = Connection::open(&path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    Ok(read(&conn)?.map(|binding| binding.input))
 }
 
 /// The binding a ledger recorded, if it recorded one.
