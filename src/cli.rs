@@ -52,7 +52,7 @@ pub struct RunArgs {
 
     /// Kafka only: a librdkafka property for the consumer, like kcat's -X (repeatable):
     /// -X security.protocol=SASL_SSL -X sasl.mechanism=PLAIN ...
-    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property)]
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = PropertyParser)]
     pub kafka_property: Vec<(String, String)>,
 
     /// Kafka only: a file of librdkafka properties, KEY=VALUE per line (like kcat's -F):
@@ -287,7 +287,7 @@ pub struct GenArgs {
     pub partitions: i32,
 
     /// A librdkafka property for the producer, like kcat's -X (repeatable).
-    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = parse_property, requires = "brokers")]
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = PropertyParser, requires = "brokers")]
     pub kafka_property: Vec<(String, String)>,
 
     /// A file of librdkafka properties, KEY=VALUE per line; -X applies after it.
@@ -346,15 +346,32 @@ pub struct GenArgs {
     pub allowed_lateness_ms: u64,
 }
 
-/// `KEY=VALUE` of a `-X` librdkafka property.
-fn parse_property(text: &str) -> Result<(String, String), String> {
-    match text.split_once('=') {
-        Some((key, value)) if !key.trim().is_empty() => {
-            Ok((key.trim().to_string(), value.to_string()))
+/// `KEY=VALUE` of a `-X` librdkafka property. A malformed one is refused
+/// without echoing it (clap's own value errors quote the value): `-X
+/// sasl.password:secret`, a typo for `=`, holds a secret.
+#[derive(Clone, Copy, Debug)]
+struct PropertyParser;
+
+impl clap::builder::TypedValueParser for PropertyParser {
+    type Value = (String, String);
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Self::Value, clap::Error> {
+        match value.to_str().and_then(|text| text.split_once('=')) {
+            Some((key, value)) if !key.trim().is_empty() => {
+                Ok((key.trim().to_string(), value.to_string()))
+            }
+            _ => Err(clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                "-X takes KEY=VALUE, a librdkafka property like -X security.protocol=SSL; one \
+                 -X argument has no `=` or no key (not shown here: it may hold a secret)\n",
+            )
+            .with_cmd(cmd)),
         }
-        _ => Err(format!(
-            "`{text}` is not KEY=VALUE; give a librdkafka property like -X security.protocol=SSL"
-        )),
     }
 }
 
@@ -410,6 +427,25 @@ pub fn kafka_properties(
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn a_malformed_kafka_property_is_refused_without_echoing_it() {
+        for command in ["run", "gen"] {
+            let err = Cli::try_parse_from([
+                "livepipe",
+                command,
+                "--brokers",
+                "b:9092",
+                "-X",
+                "sasl.password:hunter2",
+            ])
+            .unwrap_err();
+            let said = err.to_string();
+            assert_eq!(err.exit_code(), 2);
+            assert!(said.contains("KEY=VALUE"), "{said}");
+            assert!(!said.contains("hunter2"), "echoed a secret: {said}");
+        }
+    }
 
     /// What `livepipe run SOURCE FLAG` must come to.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
