@@ -28,11 +28,11 @@ use livepipe_dataflow::time::Time;
 use livepipe_sinks::billing::{BillingSink, BillingStats, SinkThread};
 use livepipe_sinks::binding::{self, BindError, Binding, BoundInput};
 use livepipe_sinks::gaps::{self, Gap};
-use livepipe_sinks::ledger::Position;
-use livepipe_sinks::out_lock::{LockError, OutDirLock, LOCK_FILE};
 use livepipe_sinks::http::{self, HttpState};
+use livepipe_sinks::ledger::Position;
 use livepipe_sinks::live::LiveBoard;
 use livepipe_sinks::metrics::{EventsIn, JobMetrics, PartitionRow, RejectedByReason};
+use livepipe_sinks::out_lock::{LockError, OutDirLock, LOCK_FILE};
 use livepipe_sinks::side::SideOutputs;
 use livepipe_sources::file::{check_inputs, file_source, FileSourceContext};
 use livepipe_sources::kafka::{
@@ -472,9 +472,7 @@ fn run_dataflow(
     let read_nothing = records_read.load(Ordering::Relaxed) == 0;
     let live_json = job.out.join("live.json");
     if !stopped && first && !(read_nothing && live_json.exists()) {
-        board
-            .write_json(&live_json)
-            .context("writing live.json")?;
+        board.write_json(&live_json).context("writing live.json")?;
     }
 
     let summary = RunSummary {
@@ -599,15 +597,13 @@ fn prepare_ledger(
             BoundInput::Demo
         }
     };
-    let positions = binding::bind(&job.out, &Binding::new(&job.config, input)).map_err(|err| {
-        match err {
+    let positions =
+        binding::bind(&job.out, &Binding::new(&job.config, input)).map_err(|err| match err {
             BindError::Mismatch(message) => anyhow::Error::from(UsageError(message)),
-            BindError::Ledger(err) => anyhow::anyhow!(
-                "reading the ledger in {}: {err}",
-                job.out.display()
-            ),
-        }
-    })?;
+            BindError::Ledger(err) => {
+                anyhow::anyhow!("reading the ledger in {}: {err}", job.out.display())
+            }
+        })?;
     let mut resume: BTreeMap<u32, Checkpoint> = positions
         .iter()
         .map(|(&partition, position)| (partition, position.checkpoint))
@@ -694,7 +690,11 @@ fn check_file_prefixes(
                 checkpoint.byte,
                 checkpoint.offset - 1,
                 position.source,
-                if digest.is_none() { " (it is shorter)" } else { "" },
+                if digest.is_none() {
+                    " (it is shorter)"
+                } else {
+                    ""
+                },
             ));
         }
     }
@@ -726,13 +726,19 @@ fn resume_kafka(
         .keys()
         .map(|&p| p as i32)
         .filter(|p| partitions.contains(p));
-    let bounds = partition_bounds(settings, in_topic, KAFKA_SETUP_TIMEOUT).map_err(|err| match err {
-        SetupError::Usage(message) => anyhow::Error::from(UsageError(message)),
-        SetupError::Unavailable(message) => anyhow::anyhow!(message),
-    })?;
+    let bounds =
+        partition_bounds(settings, in_topic, KAFKA_SETUP_TIMEOUT).map_err(|err| match err {
+            SetupError::Usage(message) => anyhow::Error::from(UsageError(message)),
+            SetupError::Unavailable(message) => anyhow::anyhow!(message),
+        })?;
     let offsets = resume.iter().map(|(&p, c)| (p, c.offset)).collect();
-    let lost = check_resume_offsets(&settings.topic, &offsets, &bounds, settings.accept_data_loss)
-        .map_err(UsageError)?;
+    let lost = check_resume_offsets(
+        &settings.topic,
+        &offsets,
+        &bounds,
+        settings.accept_data_loss,
+    )
+    .map_err(UsageError)?;
     let now = livepipe_sources::wall_clock_ms();
     let mut gaps = Vec::new();
     for range in lost {

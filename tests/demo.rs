@@ -99,7 +99,12 @@ fn the_demo_runs_again_on_its_own_output_but_never_replaces_another_jobs() {
     let has_ledger = || out.join("ledger.sqlite").exists();
     for log in ["first.log", "second.log"] {
         let mut job = demo(log);
-        wait_for(&mut job, Duration::from_secs(120), "the demo's ledger", has_ledger);
+        wait_for(
+            &mut job,
+            Duration::from_secs(120),
+            "the demo's ledger",
+            has_ledger,
+        );
         // Up and serving: the earlier output (if any) was replaced.
         wait_for(&mut job, Duration::from_secs(120), "the dashboard", || {
             http_addr(&dir.path().join(log)).is_some()

@@ -161,7 +161,10 @@ fn another_file_under_the_same_name_is_refused_and_an_appended_one_resumes() {
     let message = said(&refused);
     assert!(message.contains("belongs to another input"), "{message}");
     assert!(message.contains("x.jsonl"), "names the file: {message}");
-    assert!(message.contains("fresh --out"), "says what to do: {message}");
+    assert!(
+        message.contains("fresh --out"),
+        "says what to do: {message}"
+    );
     assert_eq!(state(&out), before, "nothing under --out changed");
 
     // A shorter file is not the same file either.

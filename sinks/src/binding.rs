@@ -43,8 +43,12 @@ pub struct Binding {
 pub enum BoundInput {
     /// Files, one partition each, in command-line order. The paths are
     /// kept to name them in messages: a file's identity is its content.
-    Files { paths: Vec<String> },
-    Kafka { topic: String },
+    Files {
+        paths: Vec<String>,
+    },
+    Kafka {
+        topic: String,
+    },
     /// The embedded demo's topic, which starts empty on every run.
     Demo,
 }
@@ -239,7 +243,9 @@ fn holds_anything(conn: &Connection) -> rusqlite::Result<bool> {
     for table in ["finalized", "positions", "files"] {
         if has_table(conn, table)? {
             let rows: i64 =
-                conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |row| row.get(0))?;
+                conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |row| {
+                    row.get(0)
+                })?;
             if rows > 0 {
                 return Ok(true);
             }
