@@ -471,6 +471,10 @@ fn several_files_give_the_same_bytes_for_any_worker_count() {
 fn extreme_timestamps_are_handled_without_fault() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("edges.jsonl");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
     let imp = |eid: &str, ts: u64| {
         format!(
             r#"{{"type":"impression","event_id":"{eid}","ts":{ts},"stream_id":"s","viewer_id":"v","impression_id":"i-{eid}","ad_id":"a","campaign_id":"c","advertiser_id":"d","price_micros":1000000000000}}"#
@@ -481,8 +485,13 @@ fn extreme_timestamps_are_handled_without_fault() {
         r#"{"type":"ad_progress","event_id":"p","ts":1700000001000,"stream_id":"s","viewer_id":"v","impression_id":"i-first","watched_ms":86400000}"#.to_string(),
         // Far in the past once the watermark has moved: its window is closed.
         imp("ancient", 1),
-        // The largest valid ts: the watermark jumps to the end of time.
-        r#"{"type":"heartbeat","event_id":"h","ts":9007199254740991,"stream_id":"s","viewer_id":"v"}"#.to_string(),
+        // The largest valid ts: far ahead of the wall clock, rejected
+        // (event time is never in the future), it moves nothing.
+        r#"{"type":"heartbeat","event_id":"h-end","ts":9007199254740991,"stream_id":"s","viewer_id":"v"}"#.to_string(),
+        // Today: the watermark jumps from 2023 to the wall clock.
+        format!(
+            r#"{{"type":"heartbeat","event_id":"h","ts":{now},"stream_id":"s","viewer_id":"v"}}"#
+        ),
         imp("after", 1_700_000_002_000),
     ];
     std::fs::write(&input, lines.join("\n")).unwrap();
@@ -505,6 +514,16 @@ fn extreme_timestamps_are_handled_without_fault() {
         .collect();
     assert!(late.contains(&("ancient".into(), "window_closed".into())));
     assert!(late.contains(&("after".into(), "window_closed".into())));
+    let rejected: Vec<(u64, String)> = json_lines(&out.join("rejected.jsonl"))
+        .iter()
+        .map(|v| {
+            (
+                v["offset"].as_u64().unwrap(),
+                v["reason"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(rejected, [(4, "ts_ahead_of_clock".to_string())]);
     let csv = std::fs::read_to_string(out.join("billing/billable-1699999980000-1700000040000.csv"))
         .unwrap();
     assert!(
@@ -513,6 +532,6 @@ fn extreme_timestamps_are_handled_without_fault() {
     );
     let live: Vec<Value> =
         serde_json::from_slice(&std::fs::read(out.join("live.json")).unwrap()).unwrap();
-    assert_eq!(live[0]["as_of"], 9007199254740991u64);
+    assert_eq!(live[0]["as_of"], now);
     assert_eq!(live[0]["viewers"], 1);
 }

@@ -25,10 +25,10 @@
 //! everything finalizes.
 
 use crate::prefix::DigestingReader;
-use crate::{partition_watermark, SourceContext};
+use crate::{partition_watermark, wall_clock_ms, SourceContext};
 use livepipe_dataflow::event::{Ingested, Position, RejectedRecord, RAW_KEEP_BYTES};
 use livepipe_dataflow::lines::read_record;
-use livepipe_dataflow::parse::{parse_event, Rejection, MAX_RECORD_BYTES};
+use livepipe_dataflow::parse::{check_clock, parse_event, Rejection, MAX_RECORD_BYTES};
 use livepipe_dataflow::resume::Checkpoint;
 use livepipe_dataflow::time::{coarse, Time};
 use serde::{Deserialize, Serialize};
@@ -351,6 +351,10 @@ fn parse_chunks<'s>(
 }
 
 fn parse_chunk(chunk: Chunk, names: &[Arc<str>], context: &FileSourceContext) -> ParsedChunk {
+    // Event time is never in the future, whatever the source: a `ts` more
+    // than 10 minutes ahead of the wall clock (read once per chunk) is
+    // rejected, so it cannot drag the file's watermark forward.
+    let wall_ms = wall_clock_ms();
     let mut events = Vec::with_capacity(chunk.ends.len());
     let mut start = 0usize;
     let mut oversized = chunk.oversized.iter().peekable();
@@ -361,7 +365,7 @@ fn parse_chunk(chunk: Chunk, names: &[Arc<str>], context: &FileSourceContext) ->
         let parsed = if oversized.next_if_eq(&&(i as u32)).is_some() {
             Err(Rejection::TooLarge)
         } else {
-            parse_event(record)
+            parse_event(record).and_then(|event| check_clock(event.ts, wall_ms).map(|_| event))
         };
         match parsed {
             Ok(event) => events.push((offset, event)),

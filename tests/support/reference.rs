@@ -9,6 +9,7 @@ use livepipe_dataflow::event::{Event, EventKind};
 use livepipe_dataflow::parse::parse_event;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Rules {
@@ -57,6 +58,10 @@ fn impression_id(event: &Event) -> Option<&str> {
 
 /// Billing of one input file (one partition), per SPEC §3.
 pub fn expected(lines: &[&[u8]], rules: Rules) -> Expected {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
     let mut max_ts: Option<u64> = None;
     let mut pending: HashMap<String, Pending> = HashMap::new();
     // Progress seen for ids with no impression yet.
@@ -87,9 +92,14 @@ pub fn expected(lines: &[&[u8]], rules: Rules) -> Expected {
     };
 
     for (index, line) in lines.iter().enumerate() {
-        let Ok(event) = parse_event(line) else {
-            rejected_lines.insert(index as u64 + 1);
-            continue;
+        // Event time is never in the future: more than 10 minutes ahead of
+        // the wall clock is rejected (`ts_ahead_of_clock`), from any source.
+        let event = match parse_event(line) {
+            Ok(event) if event.ts <= now_ms + 10 * 60 * 1000 => event,
+            _ => {
+                rejected_lines.insert(index as u64 + 1);
+                continue;
+            }
         };
         let watermark = max_ts.map_or(0, |m| m.saturating_sub(rules.lateness));
         if let Some(id) = impression_id(&event).map(str::to_string) {
@@ -212,7 +222,15 @@ fn quote(field: &str) -> String {
 /// The last live snapshot of every stream once a file has been read
 /// (SPEC §2), as (viewers, chat_per_min) at `now` = the highest `ts`.
 pub fn expected_live(lines: &[&[u8]], presence_ttl: u64) -> (u64, BTreeMap<String, (u64, u64)>) {
-    let events: Vec<Event> = lines.iter().filter_map(|l| parse_event(l).ok()).collect();
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let events: Vec<Event> = lines
+        .iter()
+        .filter_map(|l| parse_event(l).ok())
+        .filter(|e| e.ts <= now_ms + 10 * 60 * 1000)
+        .collect();
     let now = events.iter().map(|e| e.ts).max().unwrap_or(0);
     // Per (stream, viewer): latest presence, latest leave.
     let mut viewers: BTreeMap<(&str, &str), (u64, u64)> = BTreeMap::new();
