@@ -12,10 +12,18 @@
 //!
 //! The CSV is written atomically first, then the marker; a reader that finds
 //! the marker can trust the CSV (row count, total price and SHA-256 of the
-//! exact bytes are in the marker). Periods run from the first to the last
-//! that held a finalized impression; a period in between with nothing billed
-//! gets a header-only file, so "nothing to bill" is distinguishable from "not
-//! final yet".
+//! exact bytes are in the marker).
+//!
+//! Coverage: from the first period that held a finalized impression to the
+//! latest final one, every period is covered by exactly one file, so "nothing
+//! to bill" is distinguishable from "not final yet". A period with billed
+//! rows has a file of its own; a maximal run of consecutive periods with
+//! none has one header-only file spanning the run (its name and marker give
+//! the run's start and end). A run is written once the period after it is
+//! final, together with that period's file; at the end of a finite input the
+//! run up to the last period that held a finalized impression is written
+//! too. So an hour without billing, or a jump of three years, costs one file,
+//! and the work of a commit is proportional to the files it writes.
 
 use livepipe_dataflow::billing::{BillingEvent, LateRecord};
 use livepipe_dataflow::config::PipelineConfig;
@@ -110,10 +118,11 @@ pub struct BillingSink {
 /// Which periods hold finalized impressions, and where writing stands.
 #[derive(Clone, Copy, Debug, Default)]
 struct PeriodsSeen {
-    /// The next period to write. Before the first file it is the least
-    /// period finalized so far and may still move back: outcomes of a later
-    /// period can reach the sink before those of an earlier one. Once a
-    /// period is final nothing earlier can come, so writing fixes it.
+    /// The first period no file covers yet (the end of the last file).
+    /// Before the first file it is the least period finalized so far and
+    /// may still move back: outcomes of a later period can reach the sink
+    /// before those of an earlier one. Once a period is final nothing
+    /// earlier can come, so writing fixes it.
     next: Option<u64>,
     files_started: bool,
     /// The greatest period holding a finalized impression.
@@ -163,7 +172,7 @@ impl BillingSink {
             }
         }
         let ledger = Ledger::open(&out_dir.join(LEDGER_FILE))?;
-        let next_file = ledger.next_unwritten_period(config.billing_period_ms)?;
+        let next_file = ledger.next_unwritten_period()?;
         let finalized = ledger.period_range()?;
         let periods_seen = PeriodsSeen {
             next: next_file.or(finalized.map(|(first, _)| first)),
@@ -240,9 +249,16 @@ impl BillingSink {
         for outcome in &self.buffered {
             let period = self.periods.config.period_start(outcome.impression.ts);
             duplicates += u64::from(outcome.duplicates);
-            if !commit.finalize(outcome, period)? {
-                // Already final (state retired long ago, or a replay): the
-                // first answer stands.
+            // Every period below `seen.next` is final and its file (or its
+            // run's) is written; an outcome for one (a finished file run
+            // resumed on an appended file) comes too late for the files, so
+            // it stays out of the ledger too, which bills only what files
+            // show. Periods before the first file count the same: coverage
+            // starts at the first file.
+            let covered = seen.files_started && seen.next.is_some_and(|next| period < next);
+            if covered || !commit.finalize(outcome, period)? {
+                // Already final (state retired long ago, or a replay), or
+                // its period is: the first answer stands.
                 already_final.push(LateRecord {
                     reason: livepipe_dataflow::billing::LateReason::AlreadyFinal,
                     kind: "impression".into(),
@@ -261,22 +277,42 @@ impl BillingSink {
             }
         }
         tracing::debug!(?frontier, periods = ?seen, "billing commit");
+        // One turn per billable period: the run of periods without billed
+        // rows before it (one header-only file, if the run is not empty),
+        // then its own file. The ledger finds the next billable period in
+        // one index seek, so a commit's work follows the files it writes,
+        // not the number of periods it passes.
+        let period_ms = self.periods.config.billing_period_ms;
         let mut files = 0;
-        while let Some(period) = seen.next {
-            if !self.periods.is_final(period, frontier) {
-                break;
-            }
+        while let (Some(next), Some(last)) = (seen.next, seen.last) {
             // Files stop at the last period that held a finalized
             // impression: the same files for the same input, however far
             // the watermark runs (a quiet topic follows the wall clock).
-            if seen.last.is_none_or(|last| period > last) {
+            if next > last || !self.periods.is_final(next, frontier) {
                 break;
             }
-            if commit.file_for(period)?.is_none() {
-                self.periods.write(&commit, period)?;
+            let billable = commit
+                .next_billed_period(next)?
+                .filter(|&period| self.periods.is_final(period, frontier));
+            let run_end = match billable {
+                Some(period) => period,
+                // The end of the input: the run goes to the last period.
+                None if frontier.is_none() => last + period_ms,
+                // The run may go on: it is written with the period after it.
+                None => break,
+            };
+            if next < run_end {
+                self.periods.write(&commit, next, run_end, &[])?;
                 files += 1;
             }
-            seen.next = Some(period + self.periods.config.billing_period_ms);
+            seen.next = Some(run_end);
+            if let Some(period) = billable {
+                let rows = commit.billed_rows(period)?;
+                self.periods
+                    .write(&commit, period, period + period_ms, &rows)?;
+                files += 1;
+                seen.next = Some(period + period_ms);
+            }
             seen.files_started = true;
         }
         if files > 0 {
@@ -346,16 +382,22 @@ impl PeriodWriter {
         frontier.is_none_or(|f| f > coarse(last_deadline, self.config.time_granularity_ms))
     }
 
-    fn write(&self, commit: &Commit<'_>, period: u64) -> Result<(), SinkError> {
-        let end = period + self.config.billing_period_ms;
-        let rows = commit.billed_rows(period)?;
-        let (csv, total_price_micros) = render_csv(&rows)?;
-        let name = format!("billable-{period}-{end}.csv");
+    /// Writes the file covering `[start, end)`: one period and its billed
+    /// rows, or a run of periods without any (no rows).
+    fn write(
+        &self,
+        commit: &Commit<'_>,
+        start: u64,
+        end: u64,
+        rows: &[BilledRow],
+    ) -> Result<(), SinkError> {
+        let (csv, total_price_micros) = render_csv(rows)?;
+        let name = format!("billable-{start}-{end}.csv");
         let sha256 = hex::encode(Sha256::digest(&csv));
         write_atomic(&self.billing_dir.join(&name), &csv)?;
         let marker = Marker {
             file: name.clone(),
-            period_start_ms: period,
+            period_start_ms: start,
             period_end_ms: end,
             rows: rows.len() as u64,
             total_price_micros,
@@ -369,7 +411,7 @@ impl PeriodWriter {
         )?;
         commit.record_file(&FileRecord {
             name,
-            period_start: period,
+            period_start: start,
             period_end: end,
             rows: rows.len() as u64,
             total_price_micros,

@@ -35,6 +35,9 @@ CREATE TABLE IF NOT EXISTS finalized (
     price_micros INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS finalized_by_period ON finalized (period_start, billed);
+-- The next period with billed rows at or after a period, in one seek
+-- however many expired-only periods lie between.
+CREATE INDEX IF NOT EXISTS finalized_billed_periods ON finalized (billed, period_start);
 CREATE TABLE IF NOT EXISTS files (
     name TEXT PRIMARY KEY,
     period_start INTEGER NOT NULL UNIQUE,
@@ -110,16 +113,17 @@ impl Ledger {
         })
     }
 
-    /// The period after the last written file, if any file was written.
-    pub fn next_unwritten_period(&self, period_ms: u64) -> rusqlite::Result<Option<u64>> {
+    /// The period after the last written file (the end of what the files
+    /// cover), if any file was written. A file covers one period or a run
+    /// of periods, and files cover their range without gaps.
+    pub fn next_unwritten_period(&self) -> rusqlite::Result<Option<u64>> {
         self.conn
-            .query_row("SELECT MAX(period_start) FROM files", [], |row| {
+            .query_row("SELECT MAX(period_end) FROM files", [], |row| {
                 row.get::<_, Option<i64>>(0)
             })
-            .map(|last| last.map(|start| start as u64 + period_ms))
+            .map(|end| end.map(|end| end as u64))
     }
 
-    /// Least and greatest period holding a finalized impression.
     /// The committed resume position of every partition.
     pub fn positions(&self) -> rusqlite::Result<BTreeMap<u32, Position>> {
         let mut stmt = self
@@ -145,6 +149,7 @@ impl Ledger {
         rows.collect()
     }
 
+    /// Least and greatest period holding a finalized impression.
     pub fn period_range(&self) -> rusqlite::Result<Option<(u64, u64)>> {
         // Two queries: SQLite answers a lone MIN or MAX from the index, but
         // scans the whole table for both in one SELECT.
@@ -218,15 +223,30 @@ impl Commit<'_> {
         rows.collect()
     }
 
-    /// Is there already a file for this period?
+    /// The file covering the period starting at `period_start`, if one was
+    /// written: its own, or the header-only file of the run it lies in.
     pub fn file_for(&self, period_start: u64) -> rusqlite::Result<Option<String>> {
+        // Files do not overlap: the one starting last at or before the
+        // period is the only candidate (one seek on the unique index).
         self.tx
             .query_row(
-                "SELECT name FROM files WHERE period_start = ?1",
+                "SELECT name FROM (SELECT name, period_end FROM files WHERE period_start <= ?1
+                     ORDER BY period_start DESC LIMIT 1)
+                 WHERE period_end > ?1",
                 [period_start as i64],
                 |row| row.get(0),
             )
             .optional()
+    }
+
+    /// The least period at or after `period_start` with billed rows.
+    pub fn next_billed_period(&self, period_start: u64) -> rusqlite::Result<Option<u64>> {
+        self.tx
+            .prepare_cached(
+                "SELECT MIN(period_start) FROM finalized WHERE billed = 1 AND period_start >= ?1",
+            )?
+            .query_row([period_start as i64], |row| row.get::<_, Option<i64>>(0))
+            .map(|period| period.map(|p| p as u64))
     }
 
     pub fn record_file(&self, file: &FileRecord) -> rusqlite::Result<()> {

@@ -3,7 +3,8 @@
 use livepipe_dataflow::billing::{AdDetails, BillingEvent, ImpressionFact, Outcome};
 use livepipe_dataflow::config::PipelineConfig;
 use livepipe_dataflow::event::Position;
-use livepipe_sinks::billing::BillingSink;
+use livepipe_sinks::billing::{BillingSink, Marker};
+use livepipe_sinks::ledger::{Ledger, LEDGER_FILE};
 use livepipe_sinks::side::SideOutputs;
 
 use std::path::Path;
@@ -11,6 +12,7 @@ use std::sync::Arc;
 
 const PERIOD: u64 = 1_000;
 const WINDOW: u64 = 500;
+const HEADER: &str = "impression_id,ad_id,campaign_id,advertiser_id,stream_id,viewer_id,impression_ts,qualified_ts,price_micros\n";
 
 fn config() -> PipelineConfig {
     PipelineConfig {
@@ -73,27 +75,23 @@ fn later_periods_arriving_first_do_not_hide_earlier_ones() {
     sink.accept(outcome("a", 1_100, None)).unwrap();
     sink.advance(Some(1_200)).unwrap();
     sink.advance(None).unwrap();
+    // Periods 1000 (expired only) and 2000 (nothing) bill nothing: one
+    // header-only file covers the run.
     assert_eq!(
         files(dir.path()),
         [
-            "billable-1000-2000.csv",
-            "billable-1000-2000.csv.done",
-            "billable-2000-3000.csv",
-            "billable-2000-3000.csv.done",
+            "billable-1000-3000.csv",
+            "billable-1000-3000.csv.done",
             "billable-3000-4000.csv",
             "billable-3000-4000.csv.done",
         ]
     );
     let billing = dir.path().join("billing");
-    let header = "impression_id,ad_id,campaign_id,advertiser_id,stream_id,viewer_id,impression_ts,qualified_ts,price_micros\n";
     assert_eq!(
-        std::fs::read_to_string(billing.join("billable-1000-2000.csv")).unwrap(),
-        header
+        std::fs::read_to_string(billing.join("billable-1000-3000.csv")).unwrap(),
+        HEADER
     );
-    assert_eq!(
-        std::fs::read_to_string(billing.join("billable-2000-3000.csv")).unwrap(),
-        header
-    );
+    let header = HEADER;
     assert_eq!(
         std::fs::read_to_string(billing.join("billable-3000-4000.csv")).unwrap(),
         format!("{header}b,ad,\"c,1\",adv,s,v,3100,3200,7\n")
@@ -111,7 +109,7 @@ fn a_period_is_written_only_once_its_last_deadline_has_passed() {
     sink.advance(Some(2_500)).unwrap();
     assert_eq!(files(dir.path()).len(), 2);
     // Quiet periods after the last impression get no file (yet): a later
-    // impression would fill the gap with header-only files.
+    // impression would cover the gap with a header-only file.
     sink.advance(Some(3_500)).unwrap();
     assert_eq!(files(dir.path()).len(), 2);
 }
@@ -142,4 +140,137 @@ fn an_id_is_final_once_whatever_comes_later() {
     let after = std::fs::read(dir.path().join("billing/billable-1000-2000.csv")).unwrap();
     assert_eq!(before, after);
     assert_eq!(files(dir.path()).len(), 2);
+}
+
+fn marker(out: &Path, csv: &str) -> Marker {
+    serde_json::from_slice(&std::fs::read(out.join(format!("billing/{csv}.done"))).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn a_run_without_billed_rows_is_one_file_written_with_the_period_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sink = open(dir.path());
+    sink.accept(outcome("a", 1_100, Some(1_200))).unwrap();
+    sink.accept(outcome("b", 3_100, None)).unwrap();
+    sink.advance(Some(1_000)).unwrap();
+    // Three years of periods later (an impression far ahead of the others).
+    let far = 1_000 + 3 * 365 * 24 * 3_600_000;
+    sink.accept(outcome("c", far + 50, Some(far + 60))).unwrap();
+    // [2000, 4000) is final, but the run it belongs to may go on: no file.
+    sink.advance(Some(4_600)).unwrap();
+    assert_eq!(files(dir.path()).len(), 2, "{:?}", files(dir.path()));
+    let started = std::time::Instant::now();
+    sink.advance(Some(far + PERIOD + WINDOW)).unwrap();
+    assert!(
+        started.elapsed().as_secs() < 2,
+        "one file per run, not per period"
+    );
+    let run = format!("billable-2000-{far}.csv");
+    let last = format!("billable-{far}-{}.csv", far + PERIOD);
+    let mut want = vec![
+        "billable-1000-2000.csv".to_string(),
+        "billable-1000-2000.csv.done".to_string(),
+        run.clone(),
+        format!("{run}.done"),
+        last.clone(),
+        format!("{last}.done"),
+    ];
+    want.sort();
+    assert_eq!(files(dir.path()), want);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("billing").join(&run)).unwrap(),
+        HEADER
+    );
+    let run_marker = marker(dir.path(), &run);
+    assert_eq!(
+        (run_marker.period_start_ms, run_marker.period_end_ms),
+        (2_000, far)
+    );
+    assert_eq!((run_marker.rows, run_marker.total_price_micros), (0, 0));
+    // The ledger records each file with its range.
+    let mut ledger = Ledger::open(&dir.path().join(LEDGER_FILE)).unwrap();
+    assert_eq!(ledger.next_unwritten_period().unwrap(), Some(far + PERIOD));
+    let commit = ledger.begin().unwrap();
+    assert_eq!(commit.file_for(3_000).unwrap(), Some(run.clone()));
+    assert_eq!(commit.file_for(far - PERIOD).unwrap(), Some(run));
+    assert_eq!(commit.file_for(far).unwrap(), Some(last));
+    assert_eq!(commit.file_for(far + PERIOD).unwrap(), None);
+    assert_eq!(commit.file_for(0).unwrap(), None);
+}
+
+#[test]
+fn the_tail_run_is_written_at_the_end_of_the_input_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sink = open(dir.path());
+    sink.accept(outcome("a", 1_100, Some(1_200))).unwrap();
+    sink.accept(outcome("b", 3_100, None)).unwrap();
+    sink.advance(Some(10_000)).unwrap();
+    assert_eq!(
+        files(dir.path()),
+        ["billable-1000-2000.csv", "billable-1000-2000.csv.done"]
+    );
+    sink.advance(None).unwrap();
+    assert_eq!(
+        files(dir.path()),
+        [
+            "billable-1000-2000.csv",
+            "billable-1000-2000.csv.done",
+            "billable-2000-4000.csv",
+            "billable-2000-4000.csv.done",
+        ]
+    );
+}
+
+#[test]
+fn an_outcome_for_a_period_already_covered_is_late_and_stays_out_of_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sink = open(dir.path());
+    sink.accept(outcome("a", 1_100, Some(1_200))).unwrap();
+    sink.accept(outcome("b", 4_100, Some(4_200))).unwrap();
+    sink.advance(None).unwrap();
+    let before: Vec<Vec<u8>> = files(dir.path())
+        .iter()
+        .map(|f| std::fs::read(dir.path().join("billing").join(f)).unwrap())
+        .collect();
+    assert_eq!(files(dir.path()).len(), 6);
+
+    // A finished run resumed on an appended file: new outcomes in a period
+    // with a file of its own, in a run's period, and before the first file.
+    let mut again = open(dir.path());
+    again.accept(outcome("c", 1_500, Some(1_600))).unwrap();
+    again.accept(outcome("d", 2_500, Some(2_600))).unwrap();
+    again.accept(outcome("e", 500, Some(600))).unwrap();
+    again.accept(outcome("f", 5_100, Some(5_200))).unwrap();
+    again.advance(None).unwrap();
+    let late = std::fs::read_to_string(dir.path().join("late.jsonl")).unwrap();
+    for id in ["c", "d", "e"] {
+        assert!(
+            late.lines()
+                .any(|l| l.contains(&format!("\"impression_id\":\"{id}\""))
+                    && l.contains("already_final")),
+            "{id} is late: {late}"
+        );
+    }
+    assert!(!late.contains("\"impression_id\":\"f\""));
+    let names = files(dir.path());
+    let after: Vec<Vec<u8>> = names[..6]
+        .iter()
+        .map(|f| std::fs::read(dir.path().join("billing").join(f)).unwrap())
+        .collect();
+    assert_eq!(before, after, "no file changes");
+    assert_eq!(
+        &names[6..],
+        ["billable-5000-6000.csv", "billable-5000-6000.csv.done"]
+    );
+    // The ledger bills what the files show: a, b and f.
+    let conn = rusqlite::Connection::open(dir.path().join(LEDGER_FILE)).unwrap();
+    let billed: Vec<String> = conn
+        .prepare("SELECT impression_id FROM finalized ORDER BY impression_id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(billed, ["a", "b", "f"]);
 }

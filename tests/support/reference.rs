@@ -39,6 +39,11 @@ struct Pending {
 pub struct Expected {
     /// File name -> exact bytes.
     pub files: BTreeMap<String, Vec<u8>>,
+    /// The header-only file (one of `files`) of the run after the last
+    /// billable period, if there is one: only the end of a finite input
+    /// writes it (a live topic has no end, and a later billable period would
+    /// extend the run).
+    pub open_run: Option<String>,
     /// Ids that expired.
     pub expired: BTreeSet<String>,
     /// Line numbers (1-based) of rejected lines.
@@ -168,14 +173,23 @@ pub fn expected(lines: &[&[u8]], rules: Rules) -> Expected {
             }
         }
     }
+    // Coverage: from the first period holding a finalized impression to
+    // the last, a file per period with billed rows, and one header-only file
+    // for each gap between them (each maximal run of periods without any).
+    let header = "impression_id,ad_id,campaign_id,advertiser_id,stream_id,viewer_id,impression_ts,qualified_ts,price_micros\n";
     let mut files = BTreeMap::new();
+    let mut open_run = None;
     if let (Some(&first), Some(&last)) = (periods.keys().next(), periods.keys().last()) {
-        let mut period = first;
-        while period <= last {
-            let mut csv = String::from(
-                "impression_id,ad_id,campaign_id,advertiser_id,stream_id,viewer_id,impression_ts,qualified_ts,price_micros\n",
-            );
-            let mut rows = periods.get(&period).cloned().unwrap_or_default();
+        let mut covered_to = first;
+        for (&period, rows) in periods.iter().filter(|(_, rows)| !rows.is_empty()) {
+            if covered_to < period {
+                files.insert(
+                    format!("billable-{covered_to}-{period}.csv"),
+                    header.as_bytes().to_vec(),
+                );
+            }
+            let mut csv = String::from(header);
+            let mut rows = rows.clone();
             rows.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
             for (id, event, qualified) in rows {
                 let EventKind::Impression(imp) = &event.kind else {
@@ -200,11 +214,18 @@ pub fn expected(lines: &[&[u8]], rules: Rules) -> Expected {
                 format!("billable-{period}-{}.csv", period + rules.period),
                 csv.into_bytes(),
             );
-            period += rules.period;
+            covered_to = period + rules.period;
+        }
+        let end = last + rules.period;
+        if covered_to < end {
+            let name = format!("billable-{covered_to}-{end}.csv");
+            files.insert(name.clone(), header.as_bytes().to_vec());
+            open_run = Some(name);
         }
     }
     Expected {
         files,
+        open_run,
         expired,
         rejected_lines,
         late,
