@@ -121,6 +121,20 @@ struct Stamped {
     /// Chunks stamped so far (the next one to stamp has this `seq`).
     chunks: u64,
     max_ts: Option<u64>,
+    /// The file's watermark so far. It never goes back, even if the wall
+    /// clock that bounds it does (see [`partition_watermark`]): the reader
+    /// holds its capability here, and the stamper emits at or after it.
+    watermark: u64,
+}
+
+impl Stamped {
+    /// Moves the watermark to what `max_ts` and the wall clock allow.
+    fn advance(&mut self, lateness: u64, wall_ms: u64) -> u64 {
+        self.watermark = self
+            .watermark
+            .max(partition_watermark(self.max_ts, lateness, wall_ms));
+        self.watermark
+    }
 }
 
 /// One file being read by its owner.
@@ -152,9 +166,13 @@ pub fn file_source<'s>(
         .collect();
     let stamped: Rc<RefCell<Vec<Stamped>>> = Rc::new(RefCell::new(
         (0..paths.len() as u32)
-            .map(|partition| Stamped {
-                chunks: 0,
-                max_ts: context.source.resume.get(&partition).and_then(|c| c.max_ts),
+            .map(|partition| {
+                let mut stamped = Stamped {
+                    max_ts: context.source.resume.get(&partition).and_then(|c| c.max_ts),
+                    ..Stamped::default()
+                };
+                stamped.advance(context.source.allowed_lateness_ms, wall_clock_ms());
+                stamped
             })
             .collect(),
     ));
@@ -210,7 +228,6 @@ fn read_chunks<'s>(
             let Some(cap) = capability.as_mut() else {
                 return;
             };
-            let lateness = context.source.allowed_lateness_ms;
             let granularity = context.source.time_granularity_ms;
             let started = Instant::now();
             for reader in readers.iter_mut().filter(|r| !r.at_end) {
@@ -240,12 +257,7 @@ fn read_chunks<'s>(
             let least = readers
                 .iter()
                 .filter(|r| !r.at_end || stamped[r.partition as usize].chunks < r.chunks_sent)
-                .map(|r| {
-                    coarse(
-                        partition_watermark(stamped[r.partition as usize].max_ts, lateness),
-                        granularity,
-                    )
-                })
+                .map(|r| coarse(stamped[r.partition as usize].watermark, granularity))
                 .min();
             match least {
                 Some(time) => {
@@ -429,11 +441,11 @@ fn stamp<'s>(
                     let Some(&key) = next else { break };
                     let (cap, chunk) = waiting.remove(&key).expect("found above");
                     let state = &mut stamped[chunk.partition as usize];
+                    let wall_ms = wall_clock_ms();
                     let mut batch: Vec<Ingested> = Vec::new();
-                    let mut batch_time =
-                        coarse(partition_watermark(state.max_ts, lateness), granularity);
+                    let mut batch_time = coarse(state.watermark, granularity);
                     for (offset, event) in chunk.events {
-                        let wm = partition_watermark(state.max_ts, lateness);
+                        let wm = state.advance(lateness, wall_ms);
                         let time = coarse(wm, granularity);
                         if time != batch_time && !batch.is_empty() {
                             output

@@ -671,7 +671,8 @@ pub fn kafka_source<'s>(
                     .and_then(|event| check_clock(event.ts, wall_ms).map(|_| event));
                 match parsed {
                     Ok(event) => {
-                        let watermark = partition_watermark(reading.max_ts, lateness).max(promised);
+                        let watermark =
+                            partition_watermark(reading.max_ts, lateness, wall_ms).max(promised);
                         let time = coarse(watermark, granularity);
                         if time != batch_time && !batch.is_empty() {
                             output
@@ -707,7 +708,7 @@ pub fn kafka_source<'s>(
             let holding = readings.values().map(|r| {
                 (
                     r.is_idle(idle_timeout),
-                    partition_watermark(r.max_ts, lateness),
+                    partition_watermark(r.max_ts, lateness, wall_ms),
                 )
             });
             promised = worker_watermark(promised, holding, wall_clock_ms(), lateness);
@@ -847,7 +848,7 @@ fn publish_status(
         entry.next_offset = reading.next_offset;
         entry.records = reading.records;
         entry.idle = reading.is_idle(idle_timeout);
-        entry.watermark = partition_watermark(reading.max_ts, lateness);
+        entry.watermark = partition_watermark(reading.max_ts, lateness, wall_clock_ms());
     }
 }
 
@@ -922,7 +923,10 @@ mod tests {
     }
 
     fn bounds(pairs: &[(i32, i64, i64)]) -> BTreeMap<i32, (i64, i64)> {
-        pairs.iter().map(|&(p, low, high)| (p, (low, high))).collect()
+        pairs
+            .iter()
+            .map(|&(p, low, high)| (p, (low, high)))
+            .collect()
     }
 
     #[test]
@@ -944,9 +948,8 @@ mod tests {
         assert!(said.contains("partition 3"), "{said}");
         assert!(said.contains("5000") && said.contains("1200"), "{said}");
         assert!(said.contains("fresh --out"), "{said}");
-        let said =
-            check_resume_offsets("t", &offsets(&[(7, 1)]), &bounds(&[(0, 0, 10)]), false)
-                .unwrap_err();
+        let said = check_resume_offsets("t", &offsets(&[(7, 1)]), &bounds(&[(0, 0, 10)]), false)
+            .unwrap_err();
         assert!(said.contains("partition 7 is in the ledger"), "{said}");
     }
 
@@ -993,11 +996,14 @@ mod tests {
     }
 
     #[test]
-    fn event_time_ahead_of_the_wall_clock_is_kept() {
-        let partitions = [(true, WALL + 60_000)];
+    fn a_record_ahead_of_the_wall_clock_cannot_push_the_watermark() {
+        // Nine minutes ahead: within what the parser accepts as data.
+        let ahead = Some(WALL + 540_000);
+        assert_eq!(crate::partition_watermark(ahead, 5, WALL), WALL - 5);
         assert_eq!(
-            worker_watermark(WALL + 60_000, partitions.into_iter(), WALL, 5),
-            WALL + 60_000
+            crate::partition_watermark(Some(WALL - 100), 5, WALL),
+            WALL - 105
         );
+        assert_eq!(crate::partition_watermark(None, 5, WALL), 0);
     }
 }

@@ -52,8 +52,13 @@ pub struct SourceContext {
 
 /// A partition's watermark: its highest valid `ts` so far minus the allowed
 /// lateness; 0 (nothing is late) before its first valid record.
-pub fn partition_watermark(max_ts: Option<u64>, lateness: u64) -> u64 {
-    max_ts.map_or(0, |ts| ts.saturating_sub(lateness))
+///
+/// Never ahead of the wall clock (`wall_ms`) minus the lateness either: a
+/// record stamped minutes ahead by a broken or hostile clock (up to the 10
+/// minutes the parser lets through) counts as data, but cannot drag the
+/// partition's watermark forward and make honest records late.
+pub fn partition_watermark(max_ts: Option<u64>, lateness: u64, wall_ms: u64) -> u64 {
+    max_ts.map_or(0, |ts| ts.min(wall_ms).saturating_sub(lateness))
 }
 
 /// Wall-clock ms since the Unix epoch.
