@@ -27,6 +27,7 @@ use livepipe_dataflow::route::split_paths;
 use livepipe_dataflow::time::Time;
 use livepipe_sinks::billing::{BillingSink, BillingStats, SinkThread};
 use livepipe_sinks::binding::{self, BindError, Binding, BoundInput};
+use livepipe_sinks::fsutil::refuse_link;
 use livepipe_sinks::gaps::{self, Gap};
 use livepipe_sinks::http::{self, HttpState};
 use livepipe_sinks::ledger::Position;
@@ -207,6 +208,15 @@ fn run_dataflow(
     } else {
         job.out.join(format!("process-{process}"))
     };
+    // Outputs go only into real directories: through a planted link they
+    // would land, and temp files be cleaned up, somewhere else.
+    let own_dir = if first {
+        job.out.join("billing")
+    } else {
+        side_dir.clone()
+    };
+    refuse_link(&own_dir)
+        .map_err(|err| UsageError(format!("--out {}: {err}", job.out.display())))?;
     // One job per --out, locked before anything there changes; held until
     // this function returns.
     let mut lock = OutDirLock::acquire(&side_dir).map_err(|err| match err {

@@ -1,12 +1,28 @@
-//! Durable, atomic file replacement: a reader sees the old file, or the new
-//! one whole, never a part; after a crash, at worst a stray temp file.
+//! Files under `--out`: durable, atomic, private, and never through a link.
+//!
+//! * Atomic replacement: a reader sees the old file, or the new one whole,
+//!   never a part; after a crash, at worst a stray temp file.
+//! * Private: billing files, markers, the ledger and the side outputs hold
+//!   viewer ids and prices, so they are created `0640` and directories
+//!   `0750` (group-readable for a billing reader's group, nothing for
+//!   others), whatever the umask allows beyond that.
+//! * No links followed: whoever can write into `--out` could otherwise plant
+//!   `OUT/.tmp-live.json -> /some/victim` and have the job overwrite the
+//!   victim. Temp files are created exclusively (`O_CREAT | O_EXCL`, which
+//!   never follows a final link), appended files are opened with
+//!   `O_NOFOLLOW`, and output directories that are links are refused.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 /// Prefix of temp files, so leftovers from a crash are easy to recognise.
 pub const TEMP_PREFIX: &str = ".tmp-";
+/// Mode of every file the job creates under `--out`.
+pub const FILE_MODE: u32 = 0o640;
+/// Mode of every directory the job creates under `--out`.
+pub const DIR_MODE: u32 = 0o750;
 
 /// Writes `bytes` to `path` atomically: temp file in the same directory,
 /// fsync, rename over `path`. The caller fsyncs the directory (see
@@ -17,10 +33,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
     let temp = dir.join(format!("{TEMP_PREFIX}{}", name.to_string_lossy()));
+    // A leftover (a crash mid-write) or a planted file or link: removing
+    // a link removes the link, never what it points to.
+    match fs::remove_file(&temp) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
     let mut file = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&temp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
@@ -28,7 +51,89 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     fs::rename(&temp, path)
 }
 
+/// Opens `path` for appending, creating it `0640`; a link there is an
+/// error (`ELOOP`), not followed.
+pub fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(FILE_MODE)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Creates `dir` (and missing parents) `0750` if needed, and refuses it if
+/// it is a symbolic link: output written through a link lands elsewhere,
+/// and the start-up cleanup of temp files would run in another directory.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    refuse_link(dir)?;
+    DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)?;
+    refuse_link(dir)
+}
+
+/// An error if `path` is a symbolic link.
+pub fn refuse_link(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is a symbolic link; livepipe writes its outputs only into real \
+                 directories (give the link's target instead)",
+                path.display()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Makes the renames in `dir` durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    #[test]
+    fn a_planted_temp_link_is_replaced_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let out = dir.path().join("out");
+        create_private_dir(&out).unwrap();
+        symlink(&victim, out.join(".tmp-live.json")).unwrap();
+        write_atomic(&out.join("live.json"), b"[]").unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(fs::read(out.join("live.json")).unwrap(), b"[]");
+        let mode = fs::metadata(out.join("live.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777 & !FILE_MODE, 0, "at most 0640: {mode:o}");
+    }
+
+    #[test]
+    fn appending_through_a_link_fails_and_directories_that_are_links_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        symlink(&victim, dir.path().join("rejected.jsonl")).unwrap();
+        assert!(open_append(&dir.path().join("rejected.jsonl")).is_err());
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+
+        let elsewhere = dir.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        symlink(&elsewhere, dir.path().join("billing")).unwrap();
+        let refused = create_private_dir(&dir.path().join("billing")).unwrap_err();
+        assert!(refused.to_string().contains("symbolic link"), "{refused}");
+        let fresh = dir.path().join("fresh/billing");
+        create_private_dir(&fresh).unwrap();
+        let mode = fs::metadata(&fresh).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777 & !DIR_MODE, 0, "at most 0750: {mode:o}");
+    }
 }

@@ -10,10 +10,10 @@
 use rusqlite::params;
 use serde::Serialize;
 
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
 
+use crate::fsutil::open_append;
 use crate::ledger::{Ledger, LEDGER_FILE};
 
 pub const GAPS_FILE: &str = "gaps.jsonl";
@@ -74,7 +74,7 @@ pub fn record(out: &Path, gaps: &[Gap]) -> Result<u64, GapError> {
     // (side outputs are at-least-once), it never loses one.
     if !new.is_empty() {
         let path = out.join(GAPS_FILE);
-        let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut file = open_append(&path)?;
         let mut lines = Vec::new();
         for gap in new {
             serde_json::to_writer(&mut lines, gap).map_err(std::io::Error::from)?;

@@ -14,6 +14,7 @@ use livepipe_dataflow::resume::Checkpoint;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -97,6 +98,12 @@ pub struct Ledger {
 
 impl Ledger {
     pub fn open(path: &Path) -> rusqlite::Result<Self> {
+        create_private_file(path).map_err(|err| {
+            rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some(format!("{}: {err}", path.display())),
+            )
+        })?;
         let conn = Connection::open(path)?;
         // busy_timeout first: WAL needs a lock when another reader has it open.
         conn.busy_timeout(Duration::from_secs(10))?;
@@ -160,6 +167,23 @@ impl Ledger {
         let min = bound("SELECT MIN(period_start) FROM finalized")?;
         let max = bound("SELECT MAX(period_start) FROM finalized")?;
         Ok(min.zip(max).map(|(a, b)| (a as u64, b as u64)))
+    }
+}
+
+/// Creates the ledger file empty (a valid new database) and private before
+/// SQLite opens it: SQLite would create it world-readable, and gives its
+/// WAL and shared-memory files the database file's mode. A link in its
+/// place is refused, never followed.
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    crate::fsutil::refuse_link(path)?;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(crate::fsutil::FILE_MODE)
+        .open(path)
+    {
+        Err(err) if err.kind() != std::io::ErrorKind::AlreadyExists => Err(err),
+        _ => Ok(()),
     }
 }
 

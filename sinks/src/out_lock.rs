@@ -15,8 +15,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use std::fs::{self, File, OpenOptions, TryLockError};
+use crate::fsutil::{DIR_MODE, FILE_MODE};
+
+use std::fs::{self, DirBuilder, File, OpenOptions, TryLockError};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 pub const LOCK_FILE: &str = ".lock";
@@ -49,13 +52,18 @@ impl OutDirLock {
     /// the lock file changes until [`OutDirLock::announce`], so a job that
     /// is refused later (another input, other rules) leaves it as it was.
     pub fn acquire(dir: &Path) -> Result<OutDirLock, LockError> {
-        fs::create_dir_all(dir)?;
+        DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(dir)?;
         let path = dir.join(LOCK_FILE);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)?;
         match file.try_lock() {
             Ok(()) => Ok(OutDirLock { file }),

@@ -9,7 +9,9 @@ use livepipe_dataflow::billing::{LateRecord, Outcome};
 use livepipe_dataflow::event::RejectedRecord;
 use serde::Serialize;
 
-use std::fs::{File, OpenOptions};
+use crate::fsutil::open_append;
+
+use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 use std::sync::Mutex;
@@ -50,10 +52,7 @@ struct ExpiredLine<'a> {
 }
 
 fn append(path: &Path) -> io::Result<Mutex<BufWriter<File>>> {
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
+    let file = open_append(path)
         .map_err(|err| io::Error::new(err.kind(), format!("{}: {err}", path.display())))?;
     Ok(Mutex::new(BufWriter::new(file)))
 }
