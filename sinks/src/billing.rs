@@ -113,6 +113,9 @@ pub struct BillingSink {
     /// Where the sources can resume; the safe ones are committed with the
     /// outcomes.
     checkpoints: Arc<Checkpoints>,
+    /// Set when the job stops: a commit in progress is abandoned (see
+    /// [`SinkThread`]).
+    stop: Arc<AtomicBool>,
 }
 
 /// Which periods hold finalized impressions, and where writing stands.
@@ -151,6 +154,9 @@ pub enum SinkError {
     Ledger(#[from] rusqlite::Error),
     #[error("billing output: {0}")]
     Io(#[from] std::io::Error),
+    /// The job is stopping: the commit in progress was abandoned.
+    #[error("billing stopped before committing")]
+    Stopped,
 }
 
 impl BillingSink {
@@ -192,6 +198,7 @@ impl BillingSink {
             periods_seen,
             stats,
             checkpoints,
+            stop: Arc::default(),
         })
     }
 
@@ -246,7 +253,11 @@ impl BillingSink {
         let mut already_final = Vec::new();
         let mut expired = Vec::new();
         let (mut billed, mut duplicates) = (0u64, 0u64);
-        for outcome in &self.buffered {
+        for (n, outcome) in self.buffered.iter().enumerate() {
+            if n % 4096 == 4095 && self.stop.load(Ordering::Relaxed) {
+                // Dropping `commit` rolls the transaction back.
+                return Err(SinkError::Stopped);
+            }
             let period = self.periods.config.period_start(outcome.impression.ts);
             duplicates += u64::from(outcome.duplicates);
             // Every period below `seen.next` is final and its file (or its
@@ -290,6 +301,17 @@ impl BillingSink {
             // the watermark runs (a quiet topic follows the wall clock).
             if next > last || !self.periods.is_final(next, frontier) {
                 break;
+            }
+            if self.stop.load(Ordering::Relaxed) {
+                // Abandon: dropping `commit` rolls the transaction back, so
+                // none of this attempt counts. Files it already renamed into
+                // place are not in the ledger; the next run on the same input
+                // writes them again, over themselves, with the same bytes
+                // (they are rendered from final outcomes, a function of the
+                // input, and a run ends where the next billable period
+                // starts), so that is safe, and a reader who saw one was not
+                // misled.
+                return Err(SinkError::Stopped);
             }
             let billable = commit
                 .next_billed_period(next)?
@@ -475,6 +497,12 @@ pub struct SinkInput {
 /// the same commit again, with backoff, until it succeeds or the job stops.
 /// Nothing changes outside a transaction that failed, so catching up bills
 /// exactly once. While stalled, final outcomes queue in memory.
+///
+/// Once `stop` is set the thread ends after at most the transaction in
+/// progress, without draining what is queued: it looks at `stop` between
+/// messages, and a commit abandons (rolls back) when it sees it between two
+/// period files or every few thousand outcomes. Nothing uncommitted counts;
+/// a restart resumes from the committed positions.
 pub struct SinkThread {
     thread: std::thread::JoinHandle<()>,
 }
@@ -484,9 +512,10 @@ const MAX_RETRY_PAUSE: Duration = Duration::from_secs(10);
 
 impl SinkThread {
     /// Starts the thread. It ends when the [`SinkInput`] is dropped and
-    /// everything sent is committed, or, while stalled, once `stop` is set.
+    /// everything sent is committed, or soon after `stop` is set.
     pub fn spawn(mut sink: BillingSink, stop: Arc<AtomicBool>) -> (SinkInput, SinkThread) {
         let (sender, receiver) = mpsc::channel::<SinkMessage>();
+        sink.stop = stop.clone();
         let thread = std::thread::Builder::new()
             .name("billing-sink".into())
             .spawn(move || {
@@ -498,6 +527,9 @@ impl SinkThread {
                     let mut messages = vec![first];
                     messages.extend(receiver.try_iter());
                     for message in messages {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
                         match message {
                             SinkMessage::Events(events) => {
                                 for event in events {
@@ -520,7 +552,9 @@ impl SinkThread {
                         }
                     }
                     if let Some(frontier) = frontier {
-                        if !sink.retry(&stop, |sink| sink.advance(frontier)) {
+                        if stop.load(Ordering::Relaxed)
+                            || !sink.retry(&stop, |sink| sink.advance(frontier))
+                        {
                             return;
                         }
                     }
@@ -531,7 +565,7 @@ impl SinkThread {
     }
 
     /// Waits for the thread to commit what it was sent (or to give up on a
-    /// stop while stalled).
+    /// stop).
     pub fn join(self) {
         let _ = self.thread.join();
     }
@@ -539,7 +573,7 @@ impl SinkThread {
 
 impl BillingSink {
     /// Runs `attempt` until it succeeds, reporting the stall meanwhile.
-    /// False if the job was stopped first.
+    /// False if the job was stopped first (or `attempt` gave up on it).
     fn retry(
         &mut self,
         stop: &AtomicBool,
@@ -561,6 +595,7 @@ impl BillingSink {
                     }
                     return true;
                 }
+                Err(SinkError::Stopped) => return false,
                 Err(err) => {
                     let cause = err.to_string();
                     let mut stall = self.stats.stall.lock().unwrap_or_else(|p| p.into_inner());
@@ -647,4 +682,87 @@ pub fn attach<'s>(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use livepipe_dataflow::billing::{AdDetails, ImpressionFact, Outcome};
+    use livepipe_dataflow::event::Position as EventPosition;
+
+    fn billed(id: usize, ts: u64) -> BillingEvent {
+        BillingEvent::Final(Outcome {
+            impression_id: format!("i{id}").into(),
+            impression: ImpressionFact {
+                ts,
+                event_id: format!("e{id}").into(),
+                watermark: 0,
+                position: EventPosition {
+                    partition: 0,
+                    offset: id as u64,
+                },
+                ad: AdDetails {
+                    ad_id: "ad".into(),
+                    campaign_id: "c".into(),
+                    advertiser_id: "adv".into(),
+                    stream_id: "s".into(),
+                    viewer_id: "v".into(),
+                    price_micros: 7,
+                }
+                .into(),
+            },
+            qualified_ts: Some(ts + 1),
+            duplicates: 0,
+        })
+    }
+
+    fn open(out: &Path) -> BillingSink {
+        let config = PipelineConfig {
+            billing_period_ms: 1_000,
+            qualify_window_ms: 500,
+            time_granularity_ms: 100,
+            ..PipelineConfig::default()
+        };
+        let side = Arc::new(SideOutputs::open(out).unwrap());
+        BillingSink::open(out, config, vec![Arc::from("f")], side, Arc::default()).unwrap()
+    }
+
+    #[test]
+    fn a_stop_abandons_the_commit_in_progress_and_nothing_of_it_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = open(dir.path());
+        for id in 0..10_000 {
+            sink.accept(billed(id, 1_000 + (id % 5) as u64 * 1_000))
+                .unwrap();
+        }
+        sink.stop.store(true, Ordering::Relaxed);
+        assert!(matches!(sink.advance(None), Err(SinkError::Stopped)));
+        drop(sink);
+        let ledger = Ledger::open(&dir.path().join(LEDGER_FILE)).unwrap();
+        assert_eq!(ledger.period_range().unwrap(), None, "no outcome committed");
+        assert_eq!(ledger.next_unwritten_period().unwrap(), None);
+
+        // The next run commits it all.
+        let mut sink = open(dir.path());
+        for id in 0..10_000 {
+            sink.accept(billed(id, 1_000 + (id % 5) as u64 * 1_000))
+                .unwrap();
+        }
+        sink.advance(None).unwrap();
+        assert_eq!(sink.stats().billed.load(Ordering::Relaxed), 10_000);
+        assert_eq!(sink.stats().files.load(Ordering::Relaxed), 5);
+    }
+
+    #[test]
+    fn a_stop_is_seen_between_period_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = open(dir.path());
+        for id in 0..100 {
+            sink.accept(billed(id, 1_000 + id as u64 * 1_000)).unwrap();
+        }
+        sink.stop.store(true, Ordering::Relaxed);
+        assert!(matches!(sink.advance(None), Err(SinkError::Stopped)));
+        assert_eq!(fs::read_dir(dir.path().join("billing")).unwrap().count(), 0);
+        assert_eq!(sink.stats().files.load(Ordering::Relaxed), 0);
+    }
 }
