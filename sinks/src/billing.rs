@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::fsutil::{sync_dir, write_atomic, TEMP_PREFIX};
+use crate::fsutil::{create_private_dir, sync_dir, write_atomic, TEMP_PREFIX};
 use crate::ledger::{BilledRow, Commit, FileRecord, Ledger, Position, LEDGER_FILE};
 use crate::side::SideOutputs;
 
@@ -170,7 +170,7 @@ impl BillingSink {
         checkpoints: Arc<Checkpoints>,
     ) -> Result<Self, SinkError> {
         let billing_dir = out_dir.join("billing");
-        fs::create_dir_all(&billing_dir)?;
+        create_private_dir(&billing_dir)?;
         for entry in fs::read_dir(&billing_dir)? {
             let entry = entry?;
             if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
@@ -356,6 +356,18 @@ impl BillingSink {
             };
             commit.set_position(partition, &position)?;
         }
+        // Side lines go out, and every rejected line so far is flushed,
+        // before the commit: a crash right after it then loses none (the
+        // lines of a commit that fails or is abandoned are written again
+        // by the retry or the next run; side outputs may repeat a line).
+        for outcome in &expired {
+            self.side.expired(outcome)?;
+        }
+        for late in &already_final {
+            self.side
+                .late(source_name(&self.sources, late.position.partition), late)?;
+        }
+        self.side.flush()?;
         commit.commit()?;
 
         self.checkpoints.mark_committed(&safe);
@@ -371,20 +383,7 @@ impl BillingSink {
             .duplicates
             .fetch_add(duplicates + again, Ordering::Relaxed);
         stats.late.fetch_add(again, Ordering::Relaxed);
-        // Side outputs are written once the ledger holds the outcomes; if
-        // writing them fails, the outcomes are not committed again.
-        let side_lines = (|| {
-            for outcome in expired {
-                self.side.expired(outcome)?;
-            }
-            for late in &already_final {
-                self.side
-                    .late(source_name(&self.sources, late.position.partition), late)?;
-            }
-            self.side.flush()
-        })();
         self.buffered.clear();
-        side_lines?;
         Ok(())
     }
 }
