@@ -103,6 +103,12 @@ pub struct RunArgs {
         requires = "processes"
     )]
     pub cluster_timeout: u64,
+
+    /// File holding the secret every process of the cluster shares (at least 16 bytes,
+    /// surrounding whitespace ignored): a process must prove it holds it to join. Required
+    /// for a cluster; make one with `head -c 32 /dev/urandom | base64 > FILE`.
+    #[arg(long, value_name = "FILE", requires = "processes")]
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 /// The topic Kafka runs read unless `--topic` says otherwise, and always
@@ -193,8 +199,9 @@ impl RunArgs {
         }
         if self.processes.is_some() {
             return Err("the embedded demo runs as one process: the cluster flags \
-                        (`--processes`, `--process`, `--hostfile`, `--cluster-timeout`) do not \
-                        apply to it; give the cluster --brokers and --topic, or --input files"
+                        (`--processes`, `--process`, `--hostfile`, `--cluster-timeout`, \
+                        `--cluster-secret-file`) do not apply to it; give the cluster --brokers \
+                        and --topic, or --input files"
                 .into());
         }
         Ok(Source::Demo)
@@ -497,6 +504,10 @@ mod tests {
         ("--hostfile h --processes 2 --process 0", [F, K, R]),
         (
             "--cluster-timeout 5 --processes 2 --process 0 --hostfile h",
+            [F, K, R],
+        ),
+        (
+            "--cluster-secret-file s --processes 2 --process 0 --hostfile h",
             [F, K, R],
         ),
     ];

@@ -65,6 +65,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 process,
                 hostfile,
                 Duration::from_secs(args.cluster_timeout),
+                args.cluster_secret_file.as_deref(),
             )
             .map_err(UsageError)?,
         ),

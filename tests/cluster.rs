@@ -4,7 +4,12 @@
 //! reference. Then the failure behaviour: a killed process takes the other
 //! down with a message naming it, a process stopped alone does too, and a
 //! full restart resumes exactly once from process 0's ledger. Also the
-//! start-up mistakes: a missing peer, a peer of another job.
+//! start-up mistakes: a missing peer, a peer of another job, a missing or
+//! short secret. And the cluster port under attack: clients without the
+//! secret (garbage, a hello with the right settings, a wrong proof, a byte
+//! at a time) and a real process with the wrong secret neither stop
+//! process 0, learn the job's settings, nor join, and the real process 1
+//! still joins; the secret is never logged.
 
 mod support;
 
@@ -17,8 +22,11 @@ use support::outputs::{
 use support::reference::expected_live;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Only a guard against hanging; nothing here measures speed.
@@ -35,9 +43,14 @@ fn free_ports(count: usize) -> Vec<u16> {
         .collect()
 }
 
-/// A two-process cluster's hostfile and HTTP ports.
+/// A two-process cluster's hostfile, secret and HTTP ports.
 struct Layout {
     hostfile: PathBuf,
+    /// The `--cluster-secret-file`, and what it holds.
+    secret_file: PathBuf,
+    secret: String,
+    /// Process 0's cluster port.
+    cluster: u16,
     http: Vec<u16>,
 }
 
@@ -53,14 +66,33 @@ impl Layout {
             ),
         )
         .unwrap();
+        let secret = format!("cluster-test-secret-{}-{}", ports[0], ports[1]);
+        let secret_file = dir.join("cluster-secret");
+        // A trailing newline, as `base64 > FILE` leaves: it is trimmed.
+        std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
         Layout {
             hostfile,
+            secret_file,
+            secret,
+            cluster: ports[0],
             http: ports[2..].to_vec(),
         }
     }
 
     /// `livepipe run ARGS` as process `process` of 2, one worker.
     fn start(&self, process: usize, args: &[&str], out: &Path, log: &Path) -> Job {
+        self.start_with_secret(process, args, out, log, &self.secret_file)
+    }
+
+    /// [`Layout::start`] with another `--cluster-secret-file`.
+    fn start_with_secret(
+        &self,
+        process: usize,
+        args: &[&str],
+        out: &Path,
+        log: &Path,
+        secret_file: &Path,
+    ) -> Job {
         let process_flag = process.to_string();
         let http = format!("127.0.0.1:{}", self.http[process]);
         let mut all: Vec<&str> = vec!["run"];
@@ -74,6 +106,8 @@ impl Layout {
             &process_flag,
             "--hostfile",
             self.hostfile.to_str().unwrap(),
+            "--cluster-secret-file",
+            secret_file.to_str().unwrap(),
             "--http",
             &http,
             "--out",
@@ -366,6 +400,8 @@ fn a_process_whose_peer_never_comes_gives_up_naming_it() {
             "1",
             "--hostfile",
             layout.hostfile.to_str().unwrap(),
+            "--cluster-secret-file",
+            layout.secret_file.to_str().unwrap(),
             "--cluster-timeout",
             "2",
             "--out",
@@ -420,18 +456,51 @@ fn cluster_flags_are_checked_before_anything_starts() {
     let hosts = dir.path().join("hosts");
     std::fs::write(&hosts, "127.0.0.1:7400\n127.0.0.1:7401\n").unwrap();
     let hosts = hosts.to_str().unwrap();
-    let cases: [(&[&str], &str); 4] = [
-        (&["--processes", "3", "--process", "0"], "lists 2 processes"),
-        (&["--processes", "2", "--process", "2"], "out of range"),
-        (&["--processes", "2"], "--process"),
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let secret = secret.to_str().unwrap();
+    let short = dir.path().join("short-secret");
+    std::fs::write(&short, "hunter2-hunter\n").unwrap();
+    let short = short.to_str().unwrap();
+    let with_secret = ["--cluster-secret-file", secret];
+    let cases: [(&[&str], &[&str], &str); 7] = [
+        (
+            &["--processes", "3", "--process", "0"],
+            &with_secret,
+            "lists 2 processes",
+        ),
+        (
+            &["--processes", "2", "--process", "2"],
+            &with_secret,
+            "out of range",
+        ),
+        (&["--processes", "2"], &with_secret, "--process"),
         (
             &["--processes", "2", "--process", "0"],
+            &with_secret,
             "demo runs as one process",
         ),
+        // A cluster needs a secret, and says how to make one.
+        (
+            &["--processes", "2", "--process", "0"],
+            &[],
+            "head -c 32 /dev/urandom | base64",
+        ),
+        (
+            &["--processes", "2", "--process", "0"],
+            &["--cluster-secret-file", short],
+            "fewer than 16",
+        ),
+        (
+            &["--processes", "2", "--process", "0"],
+            &["--cluster-secret-file", "/nonexistent/secret"],
+            "--cluster-secret-file /nonexistent/secret: cannot read",
+        ),
     ];
-    for (flags, hint) in cases {
+    for (flags, secret_flags, hint) in cases {
         let mut args = vec!["run", "--out", dir.path().to_str().unwrap()];
         args.extend_from_slice(flags);
+        args.extend_from_slice(secret_flags);
         if flags.len() > 2 {
             args.extend_from_slice(&["--hostfile", hosts]);
         }
@@ -442,5 +511,226 @@ fn cluster_flags_are_checked_before_anything_starts() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(hint), "{args:?}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "echoed a secret: {stderr}");
+    }
+}
+
+/// What a client got from process 0's cluster port after sending `bytes`:
+/// everything until process 0 closed the connection.
+fn poke(port: u16, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // Only a guard against hanging: process 0 closes within seconds.
+    stream.set_read_timeout(Some(LIMIT)).unwrap();
+    let _ = stream.write_all(bytes);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until EOF, or a reset (it closes with our bytes unread).
+    while let Ok(read @ 1..) = stream.read(&mut buf) {
+        got.extend_from_slice(&buf[..read]);
+    }
+    got
+}
+
+/// Whether `got` holds anything of the job's settings (its hello).
+fn holds_settings(got: &[u8], input: &str) -> bool {
+    let text = String::from_utf8_lossy(got);
+    text.contains("--qualify") || text.contains(input) || text.contains("shape")
+}
+
+/// A client that connects to `port` and sends a plausible hello header
+/// one byte at a time, reconnecting whenever it is cut off, until stopped.
+/// Returns what it received from the port, all connections together.
+fn trickle(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut got = Vec::new();
+        // An old-style hello announcing 1000 bytes, then the body, slowly.
+        let mut bytes = b"livepipe\0\0\x03\xe8".to_vec();
+        bytes.extend(std::iter::repeat_n(b'{', 1000));
+        while !stop.load(Ordering::Relaxed) {
+            let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+                std::thread::sleep(Duration::from_millis(300));
+                continue;
+            };
+            stream
+                .set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            for byte in &bytes {
+                if stop.load(Ordering::Relaxed) || stream.write_all(&[*byte]).is_err() {
+                    break;
+                }
+                let mut buf = [0u8; 256];
+                match stream.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(read) => got.extend_from_slice(&buf[..read]),
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+            }
+        }
+        got
+    })
+}
+
+/// The handshake's opening (`lpcauth1`, a nonce, the claimed and the
+/// dialed process) followed by a made-up proof.
+fn opening_with_a_guessed_proof(claimed: u32, dialed: u32) -> Vec<u8> {
+    let mut bytes = b"lpcauth1".to_vec();
+    bytes.extend_from_slice(&[7u8; 32]);
+    bytes.extend_from_slice(&claimed.to_be_bytes());
+    bytes.extend_from_slice(&dialed.to_be_bytes());
+    bytes.extend_from_slice(&[0u8; 32]);
+    bytes
+}
+
+#[test]
+fn clients_without_the_secret_neither_stop_process_0_learn_the_job_nor_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = generated_traffic(30_000, 66);
+    let input = dir.path().join("events.jsonl");
+    write_records(&input, &records);
+    let want = reference(&records);
+    let input = input.to_str().unwrap();
+    let layout = Layout::new(dir.path());
+    let (out0, out1) = (dir.path().join("out0"), dir.path().join("out1"));
+    let mut zero = layout.start(0, &["--input", input], &out0, &dir.path().join("p0.log"));
+    let log0 = zero.stderr.clone();
+    wait_for(&mut zero, LIMIT, "process 0 to listen", || {
+        lines(&log0)
+            .iter()
+            .any(|l| l.contains("forming the cluster"))
+    });
+
+    // One client trickles bytes all along, reconnecting when cut off.
+    let stop_trickling = Arc::new(AtomicBool::new(false));
+    let trickler = trickle(layout.cluster, stop_trickling.clone());
+
+    // A hello with this job's very settings, claiming to be process 1: the
+    // way in before cluster secrets.
+    let hello = serde_json::json!({
+        "livepipe": env!("CARGO_PKG_VERSION"),
+        "process": 1,
+        "processes": 2,
+        "shape": {"--workers": "1", "--input": input, "--qualify-ms": "2000"},
+    })
+    .to_string();
+    let mut old_hello = b"livepipe".to_vec();
+    old_hello.extend_from_slice(&(hello.len() as u32).to_be_bytes());
+    old_hello.extend_from_slice(hello.as_bytes());
+    let garbage: Vec<u8> = (0..80u8).map(|i| i.wrapping_mul(37)).collect();
+    let attempts: [(&str, Vec<u8>); 5] = [
+        ("garbage", garbage),
+        ("a hello with the right settings", old_hello),
+        ("a guessed proof", opening_with_a_guessed_proof(1, 0)),
+        ("claiming process 0", opening_with_a_guessed_proof(0, 0)),
+        ("claiming process 7", opening_with_a_guessed_proof(7, 0)),
+    ];
+    for (what, bytes) in &attempts {
+        let got = poke(layout.cluster, bytes);
+        assert!(
+            !holds_settings(&got, input),
+            "{what}: learnt the settings: {}",
+            String::from_utf8_lossy(&got)
+        );
+        // At most a status byte and process 0's nonce, then a refusal.
+        assert!(got.len() <= 34, "{what}: got {} bytes", got.len());
+        zero.assert_running();
+    }
+    let said = lines(&log0).join("\n");
+    assert!(!said.contains("cluster formed"), "{said}");
+    for reason in [
+        "it is not a livepipe process",
+        "without proving the cluster secret",
+        "did not prove that it holds the cluster secret",
+        "which does not connect to this one",
+    ] {
+        assert!(
+            said.contains("ignoring a connection that is not a peer of this cluster")
+                && said.contains(reason),
+            "{reason}:\n{said}"
+        );
+    }
+
+    // The real process 1 joins while the trickling goes on, and the job
+    // bills as the reference does.
+    let one = layout.start(1, &["--input", input], &out1, &dir.path().join("p1.log"));
+    let log1 = one.stderr.clone();
+    let status0 = zero.wait(LIMIT);
+    let status1 = one.wait(LIMIT);
+    stop_trickling.store(true, Ordering::Relaxed);
+    let trickled = trickler.join().unwrap();
+    let (said0, said1) = (lines(&log0).join("\n"), lines(&log1).join("\n"));
+    assert!(status0.success(), "process 0: {status0}\n{said0}");
+    assert!(status1.success(), "process 1: {status1}\n{said1}");
+    assert!(
+        !holds_settings(&trickled, input),
+        "the trickler learnt the settings"
+    );
+    let files = billing_files(&out0);
+    assert_reference(&files, &want);
+    assert_ledger_matches(&out0, &files);
+    for said in [&said0, &said1] {
+        assert!(!said.contains(&layout.secret), "logged the secret:\n{said}");
+    }
+}
+
+#[test]
+fn a_peer_with_the_wrong_secret_is_refused_and_logged_while_process_0_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = generated_traffic(20_000, 67);
+    let input = dir.path().join("events.jsonl");
+    write_records(&input, &records);
+    let want = reference(&records);
+    let input = input.to_str().unwrap();
+    let layout = Layout::new(dir.path());
+    let (out0, out1) = (dir.path().join("out0"), dir.path().join("out1"));
+    let mut zero = layout.start(0, &["--input", input], &out0, &dir.path().join("p0.log"));
+    let log0 = zero.stderr.clone();
+    wait_for(&mut zero, LIMIT, "process 0 to listen", || {
+        lines(&log0)
+            .iter()
+            .any(|l| l.contains("forming the cluster"))
+    });
+
+    // Process 1 with another secret: refused at every attempt until it
+    // gives up (exit 1, saying why); process 0 logs each refusal and waits.
+    let wrong = "a-different-secret-of-this-test";
+    let wrong_file = dir.path().join("wrong-secret");
+    std::fs::write(&wrong_file, wrong).unwrap();
+    let impostor = layout.start_with_secret(
+        1,
+        &["--input", input, "--cluster-timeout", "3"],
+        &out1,
+        &dir.path().join("wrong-p1.log"),
+        &wrong_file,
+    );
+    let wrong_log = impostor.stderr.clone();
+    let status = impostor.wait(LIMIT);
+    let said_wrong = lines(&wrong_log).join("\n");
+    assert_eq!(status.code(), Some(1), "{said_wrong}");
+    assert!(
+        said_wrong.contains("refused this process's proof of the cluster secret"),
+        "{said_wrong}"
+    );
+    wait_for(&mut zero, LIMIT, "process 0 to log the refusal", || {
+        lines(&log0)
+            .iter()
+            .any(|l| l.contains("did not prove that it holds the cluster secret"))
+    });
+    zero.assert_running();
+
+    // The real process 1 joins.
+    let one = layout.start(1, &["--input", input], &out1, &dir.path().join("p1.log"));
+    let log1 = one.stderr.clone();
+    let status0 = zero.wait(LIMIT);
+    let status1 = one.wait(LIMIT);
+    let (said0, said1) = (lines(&log0).join("\n"), lines(&log1).join("\n"));
+    assert!(status0.success(), "process 0: {status0}\n{said0}");
+    assert!(status1.success(), "process 1: {status1}\n{said1}");
+    let files = billing_files(&out0);
+    assert_reference(&files, &want);
+    assert_ledger_matches(&out0, &files);
+    for said in [&said0, &said1, &said_wrong] {
+        assert!(!said.contains(&layout.secret), "logged the secret:\n{said}");
+        assert!(!said.contains(wrong), "logged the wrong secret:\n{said}");
     }
 }
