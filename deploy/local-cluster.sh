@@ -14,6 +14,8 @@
 #   HTTP_PORT  process i serves HTTP on 127.0.0.1:HTTP_PORT+i [8080]
 #   OUT        the --out every process shares [./out-cluster]
 #   LIVEPIPE   the binary [target/release/livepipe]
+#   SECRET_FILE  the --cluster-secret-file every process gets [a new random
+#              secret in a temporary directory, removed when the script ends]
 # The arguments are passed to every process: the source (--brokers/--topic
 # or --input), -X properties, the billing rules. --out, --workers, --http
 # and the cluster flags are set here.
@@ -31,6 +33,7 @@ BASE_PORT=${BASE_PORT:-7400}
 HTTP_PORT=${HTTP_PORT:-8080}
 OUT=${OUT:-./out-cluster}
 LIVEPIPE=${LIVEPIPE:-target/release/livepipe}
+SECRET_FILE=${SECRET_FILE:-}
 
 die() {
     echo "local-cluster: $*" >&2
@@ -43,6 +46,7 @@ done
 ((BASE_PORT + N <= 65536)) || die "BASE_PORT + N is past port 65535"
 ((HTTP_PORT + N <= 65536)) || die "HTTP_PORT + N is past port 65535"
 [[ -x $LIVEPIPE ]] || die "no executable at LIVEPIPE=$LIVEPIPE (cargo build --release, or set LIVEPIPE)"
+[[ -z $SECRET_FILE || -r $SECRET_FILE ]] || die "cannot read SECRET_FILE=$SECRET_FILE"
 
 has_source=0
 for arg in "$@"; do
@@ -52,6 +56,8 @@ for arg in "$@"; do
     --http | --http=*) die "HTTP ports are HTTP_PORT+i; set HTTP_PORT instead of passing --http" ;;
     --processes | --processes=* | --process | --process=* | --hostfile | --hostfile=*)
         die "$arg is set by this script (use N=...)" ;;
+    --cluster-secret-file | --cluster-secret-file=*)
+        die "set SECRET_FILE=FILE instead of passing --cluster-secret-file" ;;
     --brokers | --brokers=* | --input | --input=*) has_source=1 ;;
     esac
 done
@@ -66,6 +72,19 @@ hostfile=$OUT/hosts
         echo "127.0.0.1:$((BASE_PORT + i))"
     done
 } >"$hostfile"
+
+# The secret every process must prove it holds to join: a fresh one per
+# run unless SECRET_FILE names one, readable by this user only, and never
+# in $OUT (which may be shared or copied).
+if [[ -z $SECRET_FILE ]]; then
+    secret_dir=$(mktemp -d)
+    trap 'rm -rf "$secret_dir"' EXIT
+    SECRET_FILE=$secret_dir/cluster-secret
+    (
+        umask 077
+        head -c 32 /dev/urandom | base64 >"$SECRET_FILE"
+    )
+fi
 
 pids=()
 stopping=0
@@ -88,6 +107,7 @@ for ((i = 0; i < N; i++)); do
     # (a second signal would end them at once). NO_COLOR: plain log files.
     NO_COLOR=1 setsid "$LIVEPIPE" run \
         --processes "$N" --process "$i" --hostfile "$hostfile" \
+        --cluster-secret-file "$SECRET_FILE" \
         --workers "$WORKERS" --out "$OUT" --http "127.0.0.1:$((HTTP_PORT + i))" \
         "$@" >"$OUT/process-$i.log" 2>&1 &
     pids+=("$!")
