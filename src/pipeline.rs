@@ -733,11 +733,12 @@ fn resume_kafka(
         return Ok(Vec::new());
     }
     let in_topic = resume
-        .keys()
-        .map(|&p| p as i32)
-        .filter(|p| partitions.contains(p));
+        .iter()
+        .map(|(&p, c)| (p as i32, c.offset))
+        .filter(|(p, _)| partitions.contains(p))
+        .collect();
     let bounds =
-        partition_bounds(settings, in_topic, KAFKA_SETUP_TIMEOUT).map_err(|err| match err {
+        partition_bounds(settings, &in_topic, KAFKA_SETUP_TIMEOUT).map_err(|err| match err {
             SetupError::Usage(message) => anyhow::Error::from(UsageError(message)),
             SetupError::Unavailable(message) => anyhow::anyhow!(message),
         })?;

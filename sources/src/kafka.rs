@@ -199,31 +199,119 @@ pub fn discover_partitions(
     Ok(partitions)
 }
 
-/// Each partition's log start and high watermark, as the brokers report
-/// them now.
+/// Each resumed partition's log start and end, as the brokers hold them
+/// now: `resume` maps partition -> the ledger's resume offset.
+///
+/// The end is the broker's high watermark, except where that is below the
+/// resume offset: some Kafka-protocol brokers under-report it (tansu 0.6
+/// answered 1 for a partition holding 6,290 records), so before the job
+/// calls the topic truncated, a fetch must confirm that the record before
+/// the resume offset is really gone (see [`holds_record`]).
 pub fn partition_bounds(
     settings: &KafkaSettings,
-    partitions: impl IntoIterator<Item = i32>,
+    resume: &BTreeMap<i32, u64>,
     timeout: Duration,
 ) -> Result<BTreeMap<i32, (i64, i64)>, SetupError> {
     let consumer: BaseConsumer = settings
         .consumer_config()
         .create()
         .map_err(|err| SetupError::Usage(client_config_error(&err)))?;
-    partitions
-        .into_iter()
-        .map(|partition| {
-            consumer
-                .fetch_watermarks(&settings.topic, partition, timeout)
-                .map(|bounds| (partition, bounds))
-                .map_err(|err| {
-                    SetupError::Unavailable(format!(
-                        "reading the offsets of partition {partition} of `{}`: {err}",
-                        settings.topic
-                    ))
-                })
-        })
-        .collect()
+    let mut bounds = BTreeMap::new();
+    for (&partition, &offset) in resume {
+        let (low, high) = consumer
+            .fetch_watermarks(&settings.topic, partition, timeout)
+            .map_err(|err| {
+                SetupError::Unavailable(format!(
+                    "reading the offsets of partition {partition} of `{}`: {err}",
+                    settings.topic
+                ))
+            })?;
+        let offset = offset as i64;
+        let end = if offset > high && holds_record(settings, partition, low, offset - 1)? {
+            tracing::debug!(
+                partition,
+                high,
+                offset,
+                "the broker's high watermark is below records it holds; trusting the records"
+            );
+            offset
+        } else {
+            high
+        };
+        bounds.insert(partition, (low, end));
+    }
+    Ok(bounds)
+}
+
+/// How far before the wanted record [`holds_record`] starts reading first.
+const PROBE_BACK: i64 = 4096;
+/// How long each of [`holds_record`]'s attempts may wait for the record.
+const PROBE_WAIT: [Duration; 2] = [Duration::from_secs(3), Duration::from_secs(10)];
+
+/// Whether `partition` still holds a record at `offset` or later, found by
+/// fetching rather than by trusting the reported high watermark: first a
+/// little before it, then (a broker may answer a fetch from the middle of
+/// a batch with nothing, see [`ResumeSeek`]) from the log start `low`. An
+/// out-of-range answer, or no such record within the wait, is a no.
+fn holds_record(
+    settings: &KafkaSettings,
+    partition: i32,
+    low: i64,
+    offset: i64,
+) -> Result<bool, SetupError> {
+    let near = (offset - PROBE_BACK).max(low).max(0);
+    let starts = if near > low {
+        vec![near, low]
+    } else {
+        vec![near]
+    };
+    for (start, wait) in starts.into_iter().zip(PROBE_WAIT) {
+        if let Some(found) = probe(settings, partition, start, offset, wait)? {
+            return Ok(found);
+        }
+    }
+    Ok(false)
+}
+
+/// Reads `partition` from `start` until a record at `offset` or later
+/// (`Some(true)`), an out-of-range answer (`Some(false)`), or `wait` is
+/// over (`None`).
+fn probe(
+    settings: &KafkaSettings,
+    partition: i32,
+    start: i64,
+    offset: i64,
+    wait: Duration,
+) -> Result<Option<bool>, SetupError> {
+    let unavailable =
+        |err: KafkaError| SetupError::Unavailable(format!("probing partition {partition}: {err}"));
+    let consumer: BaseConsumer = settings
+        .consumer_config()
+        .set("auto.offset.reset", "error")
+        .set("statistics.interval.ms", "0")
+        .create()
+        .map_err(|err| SetupError::Usage(client_config_error(&err)))?;
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(&settings.topic, partition, Offset::Offset(start))
+        .map_err(unavailable)?;
+    consumer.assign(&assignment).map_err(unavailable)?;
+    let started = Instant::now();
+    while started.elapsed() < wait {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) if message.offset() >= offset => return Ok(Some(true)),
+            Some(Err(err))
+                if matches!(
+                    err.rdkafka_error_code(),
+                    Some(RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset)
+                ) =>
+            {
+                return Ok(Some(false))
+            }
+            _ => {}
+        }
+    }
+    Ok(None)
 }
 
 /// Offsets `[first, end)` of a partition that retention deleted before
