@@ -10,6 +10,7 @@ mod common;
 
 use criterion::{criterion_group, Criterion, Throughput};
 use livepipe_dataflow::billing::billing;
+use livepipe_dataflow::route::RouteKey;
 use livepipe_dataflow::config::PipelineConfig;
 use livepipe_dataflow::event::{EventKind, Ingested, Position};
 use livepipe_dataflow::live::live;
@@ -98,7 +99,7 @@ fn build_path(
         let (input, stream) = scope.new_input::<Ingested>();
         let (clock, ticks) = scope.new_input::<u64>();
         let probe = if billing_path {
-            billing(stream, &config, probes.clone()).probe().0
+            billing(stream, &config, RouteKey::new([1, 2]), probes.clone()).probe().0
         } else {
             live(stream, ticks, &config, probes.clone()).probe().0
         };

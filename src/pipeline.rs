@@ -23,7 +23,7 @@ use livepipe_dataflow::event::RejectedRecord;
 use livepipe_dataflow::live::live;
 use livepipe_dataflow::probe::Probes;
 use livepipe_dataflow::resume::{ship_checkpoints, Checkpoint, CheckpointOutbox, Checkpoints};
-use livepipe_dataflow::route::split_paths;
+use livepipe_dataflow::route::{split_paths, RouteKey};
 use livepipe_dataflow::time::Time;
 use livepipe_sinks::billing::{BillingSink, BillingStats, SinkThread};
 use livepipe_sinks::binding::{self, BindError, Binding, BoundInput};
@@ -352,12 +352,12 @@ fn run_dataflow(
 
     // Connect before anything starts: a cluster that cannot form leaves
     // nothing behind but the side outputs' empty files.
-    let (builders, network, health) = match &job.cluster {
+    let (builders, network, health, routing) = match &job.cluster {
         None => {
             let (builders, network) = timely::CommunicationConfig::Process(job.workers)
                 .try_build()
                 .map_err(|err| anyhow::anyhow!("starting timely workers: {err}"))?;
-            (builders, network, None)
+            (builders, network, None, cluster::RoutingKey::random())
         }
         Some(spec) => {
             let formed = cluster::form(spec, job.workers, &job_shape(&job), job.stop.clone())
@@ -365,9 +365,15 @@ fn run_dataflow(
                     cluster::ClusterError::Usage(message) => UsageError(message).into(),
                     cluster::ClusterError::Unreachable(message) => anyhow::anyhow!(message),
                 })?;
-            (formed.builders, formed.guard, Some(formed.health))
+            (
+                formed.builders,
+                formed.guard,
+                Some(formed.health),
+                formed.routing_key,
+            )
         }
     };
+    let route = RouteKey::new(routing.words());
 
     let done = Arc::new(AtomicBool::new(false));
     let reporter = job
@@ -435,7 +441,7 @@ fn run_dataflow(
                 let snapshots = live(paths.live, paths.clock, &config, probes.clone());
                 livepipe_sinks::live::attach(snapshots, (index == 0).then(|| job_board.clone()));
 
-                let outcomes = billing(paths.billing, &config, probes.clone());
+                let outcomes = billing(paths.billing, &config, route, probes.clone());
                 let checkpoints = ship_checkpoints(scope, outbox);
                 let sink = if index == 0 {
                     sink_input.lock().unwrap_or_else(|p| p.into_inner()).take()

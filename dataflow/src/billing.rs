@@ -45,6 +45,7 @@ use std::sync::Arc;
 use crate::config::PipelineConfig;
 use crate::event::{EventKind, Ingested, Position};
 use crate::probe::Probes;
+use crate::route::RouteKey;
 use crate::time::{after, coarse, Time};
 
 /// Shared, immutable text. Facts are cloned at every merge of an
@@ -63,12 +64,11 @@ pub struct ImpressionKey {
 }
 
 impl ImpressionKey {
-    pub fn new(id: String) -> Self {
-        // DefaultHasher::new() has fixed keys: the same in every process.
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        std::hash::Hash::hash(id.as_str(), &mut hasher);
+    /// `route` is the job's key, the same in every process: the hash
+    /// decides the worker that holds the id.
+    pub fn new(id: String, route: &RouteKey) -> Self {
         ImpressionKey {
-            hash: std::hash::Hasher::finish(&hasher),
+            hash: route.hash(&id),
             id: id.into(),
         }
     }
@@ -219,9 +219,10 @@ enum Verdict {
 pub fn billing<'s>(
     ingested: StreamVec<'s, Time, Ingested>,
     config: &PipelineConfig,
+    route: RouteKey,
     probes: Arc<Probes>,
 ) -> StreamVec<'s, Time, BillingEvent> {
-    let (facts, window_closed) = admit(ingested, config, probes.clone());
+    let (facts, window_closed) = admit(ingested, config, route, probes.clone());
     let verdicts = decide(facts, config);
     finalize(verdicts, config, probes).concat(window_closed.map(BillingEvent::Late))
 }
@@ -233,6 +234,7 @@ pub fn billing<'s>(
 fn admit<'s>(
     ingested: StreamVec<'s, Time, Ingested>,
     config: &PipelineConfig,
+    route: RouteKey,
     probes: Arc<Probes>,
 ) -> (
     StreamVec<'s, Time, (ImpressionKey, Fact)>,
@@ -274,7 +276,7 @@ fn admit<'s>(
                         // Pending until it is part of a final outcome (or
                         // late because its id already was): see finalize.
                         probes.pending_impressions.fetch_add(1, Ordering::Relaxed);
-                        Ok(Some((ImpressionKey::new(imp.impression_id), fact)))
+                        Ok(Some((ImpressionKey::new(imp.impression_id, &route), fact)))
                     }
                 }
                 EventKind::AdProgress(progress) if progress.watched_ms >= qualify_ms => {
@@ -284,7 +286,7 @@ fn admit<'s>(
                         watermark,
                         position,
                     });
-                    Ok(Some((ImpressionKey::new(progress.impression_id), fact)))
+                    Ok(Some((ImpressionKey::new(progress.impression_id, &route), fact)))
                 }
                 _ => Ok(None),
             }

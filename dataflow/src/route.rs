@@ -17,6 +17,42 @@ use timely::dataflow::StreamVec;
 use crate::event::{EventKind, Ingested};
 use crate::time::Time;
 
+use std::hash::{Hash, Hasher};
+
+/// The job's key for hashing producers' ids (stream ids, impression ids)
+/// to workers and arrangement keys.
+///
+/// Producers choose those ids. With a fixed hash they could choose ids
+/// that all land on one worker, or collide in an arrangement, and slow the
+/// job for everyone. A random key per job takes that choice away: SipHash
+/// 1-3, keyed, as std's `HashMap` does against the same attack. Every
+/// process of a cluster must route alike, so process 0 draws the key and
+/// the cluster handshake hands it to the others. It changes at every
+/// start, so nothing that outlives a run may depend on a hash (files and
+/// the ledger sort by the ids themselves).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct RouteKey([u64; 2]);
+
+impl RouteKey {
+    pub fn new(words: [u64; 2]) -> Self {
+        RouteKey(words)
+    }
+
+    /// The keyed hash of `id`.
+    pub fn hash(&self, id: &str) -> u64 {
+        let mut hasher = siphasher::sip::SipHasher13::new_with_keys(self.0[0], self.0[1]);
+        id.hash(&mut hasher);
+        hasher.finish()
+    }
+}
+
+impl std::fmt::Debug for RouteKey {
+    // Knowing the key is knowing how to collide: never print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouteKey(<hidden>)")
+    }
+}
+
 /// The streams the two paths start from.
 pub struct Paths<'s> {
     /// Joins, heartbeats, leaves and chat.
