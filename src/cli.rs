@@ -79,6 +79,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR")]
     pub http: Option<SocketAddr>,
 
+    /// Serve HTTP only to requests whose Host is one of these names (port stripped), against
+    /// DNS rebinding; others get 421. An IP address as Host, and /healthz, are always served.
+    #[arg(long, value_name = "HOST[,HOST...]", value_delimiter = ',', value_parser = allowed_host)]
+    pub http_allowed_hosts: Vec<String>,
+
     #[command(flatten)]
     pub rules: RuleArgs,
 
@@ -382,6 +387,29 @@ impl clap::builder::TypedValueParser for PropertyParser {
     }
 }
 
+/// One `--http-allowed-hosts` name, lowercase: a DNS name or an address,
+/// without scheme or port (`Host` is compared with its port stripped).
+fn allowed_host(text: &str) -> Result<String, String> {
+    let host = text.trim().trim_end_matches('.').to_ascii_lowercase();
+    let name = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    let address = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .is_ok();
+    if name || address {
+        Ok(host)
+    } else {
+        Err(format!(
+            "`{text}` is not a host name; give names without scheme or port, like \
+             dash.example.com,localhost (internationalized names in their xn-- form)"
+        ))
+    }
+}
+
 fn parse_rate(text: &str) -> Result<f64, String> {
     let rate: f64 = text
         .parse()
@@ -492,6 +520,7 @@ mod tests {
         ("--out d", [F, K, D]),
         ("--workers 2", [F, K, D]),
         ("--http 127.0.0.1:0", [F, K, D]),
+        ("--http-allowed-hosts localhost,dash.example.com", [F, K, D]),
         ("--qualify-ms 1000", [F, K, D]),
         ("--qualify-window-ms 60000", [F, K, D]),
         ("--allowed-lateness-ms 0", [F, K, D]),

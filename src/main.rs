@@ -153,6 +153,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         progress: bounded && std::io::stderr().is_terminal(),
         live_log: !bounded,
         http,
+        http_allowed_hosts: args.http_allowed_hosts.clone(),
         stop,
         cluster,
     });

@@ -94,6 +94,9 @@ pub struct Job {
     pub live_log: bool,
     /// Serve the dashboard, API and metrics here.
     pub http: Option<SocketAddr>,
+    /// `--http-allowed-hosts`: the only names HTTP requests may give as
+    /// `Host` (empty: any).
+    pub http_allowed_hosts: Vec<String>,
     /// Set (by a signal handler) to stop: every worker stops stepping and
     /// drops the dataflow between two steps. What was final is committed
     /// already; nothing that is not final gets finalized.
@@ -141,6 +144,7 @@ pub fn run_files(run: FileRun) -> anyhow::Result<RunSummary> {
         progress: run.progress,
         live_log: false,
         http: None,
+        http_allowed_hosts: Vec::new(),
         stop: Arc::new(AtomicBool::new(false)),
         cluster: None,
     })
@@ -311,6 +315,7 @@ fn run_dataflow(
                     board: board.clone(),
                     metrics,
                     dashboard: first,
+                    allowed_hosts: job.http_allowed_hosts.clone(),
                 },
             )
             .context("starting the HTTP server")?;

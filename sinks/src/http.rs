@@ -1,7 +1,7 @@
 //! The live sink's HTTP side: dashboard, JSON API, Server-Sent Events,
 //! `/metrics` and `/healthz` (SPEC §2).
 //!
-//! warp runs on a thread of its own with its own tokio runtime, so the
+//! The server runs on a thread of its own with its own tokio runtime, so the
 //! dataflow's workers never run (or wait on) HTTP work. The only thing the
 //! two share is the [`LiveBoard`]'s watch channel: workers replace the
 //! board without waiting, handlers read the newest one or are woken when
@@ -17,26 +17,74 @@
 //! | `GET /api/board/events` | SSE, one `board` event (all snapshots) per tick |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /healthz` | 200 while both paths run, 503 with the reason otherwise |
+//!
+//! `HEAD` is served wherever `GET` is; `{stream_id}` is one percent-encoded
+//! path segment (`%2F` for `/`, UTF-8 bytes for the rest).
+//!
+//! # Facing a hostile client
+//!
+//! The port may be reachable from a network (the Kubernetes deployment
+//! binds `0.0.0.0`), so the connections are driven here, with hyper, not by
+//! warp's own server loop, which has neither of the first two bounds:
+//!
+//! * at most [`MAX_CONNECTIONS`] connections at once (half the open-file
+//!   limit when that is lower, so that a flood never takes the descriptors
+//!   billing needs); a connection beyond the cap is closed at once;
+//! * a request head must arrive complete within [`HEADER_READ_TIMEOUT`],
+//!   and an idle keep-alive connection is closed after as long (a request
+//!   in flight, like an SSE stream, is not idle); heads are at most
+//!   [`MAX_HEAD_BYTES`] (431 beyond, hyper's answer);
+//! * every response says `X-Content-Type-Options: nosniff`, the page comes
+//!   with a `Content-Security-Policy` that lets only its own inline script
+//!   and style run (by hash) and talk only to its own origin, and forbids
+//!   framing; the rest is `Cache-Control: no-store`;
+//! * with `--http-allowed-hosts`, a request naming another host gets 421
+//!   (DNS rebinding: a hostile page whose name resolves to this address
+//!   sends its own name as `Host`).
 
+use base64::prelude::{Engine, BASE64_STANDARD};
 use futures_util::{Stream, StreamExt};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use livepipe_dataflow::live::Snapshot;
+use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch, Semaphore};
+use warp::filters::path::FullPath;
+use warp::http::header::{self, HeaderValue};
+use warp::http::uri::Authority;
 use warp::http::StatusCode;
 use warp::sse::Event;
 use warp::{Filter, Rejection, Reply};
 
 use std::convert::Infallible;
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use crate::live::{Board, LiveBoard};
 use crate::metrics::JobMetrics;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
+/// The page's `Content-Security-Policy`, with the hashes of its inline
+/// script and style (computed from the page, so that they cannot drift).
+static DASHBOARD_CSP: LazyLock<HeaderValue> = LazyLock::new(|| {
+    HeaderValue::from_str(&page_csp(DASHBOARD)).expect("the CSP is a valid header value")
+});
+
+/// At most this many connections at once (see [`max_connections`]).
+pub const MAX_CONNECTIONS: usize = 4096;
+/// A request head must be complete this long after the connection opened
+/// or went idle; an idle keep-alive connection is closed after as long.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest request head read (hyper answers 431 beyond), so that
+/// [`MAX_CONNECTIONS`] slow heads hold at most 256 MiB.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// How long accepting pauses after an error (out of file descriptors).
+const ACCEPT_PAUSE: Duration = Duration::from_secs(1);
 
 /// At most this many SSE connections at once; more get a 503, so that a
 /// flood of idle clients cannot exhaust the process's sockets.
@@ -57,6 +105,11 @@ pub struct HttpState {
     /// Serve the dashboard and the live API. In a cluster only process 0
     /// has the live board; the others serve `/healthz` and `/metrics`.
     pub dashboard: bool,
+    /// `--http-allowed-hosts`: when not empty, a request whose `Host` (port
+    /// stripped) is none of these names gets 421. An IP address as `Host`
+    /// is always served (DNS rebinding needs a name), and so is
+    /// `/healthz` (probes name the pod's address).
+    pub allowed_hosts: Vec<String>,
 }
 
 /// A running server; stopped on drop.
@@ -102,11 +155,98 @@ pub fn serve(listener: TcpListener, state: HttpState) -> io::Result<HttpServer> 
         let _entered = runtime.enter();
         tokio::net::TcpListener::from_std(listener)?
     };
-    runtime.spawn(warp::serve(routes(state)).incoming(listener).run());
+    let max = max_connections();
+    tracing::info!(
+        max_connections = max,
+        "HTTP: at most {max} open connections; request heads within {} s",
+        HEADER_READ_TIMEOUT.as_secs()
+    );
+    runtime.spawn(accept(listener, routes(state), max));
     Ok(HttpServer {
         addr,
         runtime: Some(runtime),
     })
+}
+
+/// [`MAX_CONNECTIONS`], or half the process's open-file limit if that is
+/// lower: the other half stays for billing's files, the ledger and the
+/// brokers, which a flood of connections must not starve.
+fn max_connections() -> usize {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit only writes the struct it is given.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+            let half = usize::try_from(limit.rlim_cur / 2).unwrap_or(usize::MAX);
+            return MAX_CONNECTIONS.min(half).max(1);
+        }
+    }
+    MAX_CONNECTIONS
+}
+
+/// Accepts connections and serves each with hyper's HTTP/1 (warp's filter
+/// as the service), at most `max` at once: one beyond is closed at once,
+/// before a byte is read, so that the cap costs nothing to hit.
+async fn accept<F>(listener: tokio::net::TcpListener, routes: F, max: usize)
+where
+    F: Filter<Extract = (warp::reply::Response,), Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    F::Future: Send,
+{
+    let permits = Arc::new(Semaphore::new(max));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES);
+    // Warn once per episode of refusals, not once per refused connection.
+    let mut refusing = false;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            // A connection gone before it was accepted: that one only.
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::ConnectionAborted
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                continue;
+            }
+            Err(err) => {
+                // Out of file descriptors or memory: retrying at once
+                // would spin.
+                tracing::warn!(%err, "HTTP: accepting a connection failed");
+                tokio::time::sleep(ACCEPT_PAUSE).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            if !refusing {
+                tracing::warn!("HTTP: {max} connections open; closing new ones until some end");
+                refusing = true;
+            }
+            drop(stream);
+            continue;
+        };
+        refusing = false;
+        let service = TowerToHyperService::new(warp::service(routes.clone()));
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(err) = connection.await {
+                // Timeouts, resets and malformed heads: the client's problem.
+                tracing::debug!(%err, "HTTP connection ended");
+            }
+        });
+    }
 }
 
 #[derive(Deserialize)]
@@ -124,6 +264,109 @@ struct ErrorBody<'a> {
 fn json_error(status: StatusCode, error: &str, stream_id: Option<&str>) -> warp::reply::Response {
     warp::reply::with_status(warp::reply::json(&ErrorBody { error, stream_id }), status)
         .into_response()
+}
+
+/// A `{stream_id}` path segment, percent-decoded; `None` if the bytes are
+/// not UTF-8 (see [`not_utf8`]).
+fn stream_id(segment: &str) -> Option<String> {
+    percent_decode_str(segment)
+        .decode_utf8()
+        .ok()
+        .map(|id| id.into_owned())
+}
+
+fn not_utf8() -> warp::reply::Response {
+    json_error(
+        StatusCode::BAD_REQUEST,
+        "the stream id is not UTF-8 once percent-decoded",
+        None,
+    )
+}
+
+/// A request to a host not in `--http-allowed-hosts`.
+#[derive(Debug)]
+struct HostNotAllowed;
+
+impl warp::reject::Reject for HostNotAllowed {}
+
+/// A host as compared: lowercase, without a trailing dot or IPv6 brackets.
+fn normal_host(host: &str) -> String {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(ip) => ip.to_string(),
+        None => host,
+    }
+}
+
+/// Whether a request naming `host` (no port) is served: an IP address
+/// always (a rebinding page is reached by name, and sends that name), a
+/// name only if listed.
+fn host_allowed(allowed: &[String], host: &str) -> bool {
+    let host = normal_host(host);
+    host.parse::<IpAddr>().is_ok() || allowed.contains(&host)
+}
+
+/// Passes requests whose host is allowed (and `/healthz`, for probes);
+/// rejects the others with [`HostNotAllowed`]. Everything passes when
+/// `allowed` is empty.
+fn host_check(allowed: &[String]) -> warp::filters::BoxedFilter<()> {
+    if allowed.is_empty() {
+        return warp::any().boxed();
+    }
+    let allowed: Arc<[String]> = allowed.iter().map(|h| normal_host(h)).collect();
+    warp::path::full()
+        .and(warp::host::optional())
+        .and_then(move |path: FullPath, host: Option<Authority>| {
+            let served = path.as_str() == "/healthz"
+                || host.is_some_and(|host| host_allowed(&allowed, host.host()));
+            async move {
+                if served {
+                    Ok(())
+                } else {
+                    Err(warp::reject::custom(HostNotAllowed))
+                }
+            }
+        })
+        .untuple_one()
+        .boxed()
+}
+
+/// The page's CSP: nothing but its one inline script and one inline style
+/// (by SHA-256), requests to its own origin only (the API and SSE), no
+/// framing, no `<base>`, no forms.
+fn page_csp(page: &str) -> String {
+    let hash = |tag: &str| {
+        let open = format!("<{tag}>");
+        let start = page.find(&open).expect("the page has the element") + open.len();
+        let end = start + page[start..].find(&format!("</{tag}>")).expect("closed");
+        // Browsers hash the parsed text, whose line ends are LF.
+        let text = page[start..end].replace("\r\n", "\n").replace('\r', "\n");
+        format!(
+            "'sha256-{}'",
+            BASE64_STANDARD.encode(Sha256::digest(text.as_bytes()))
+        )
+    };
+    format!(
+        "default-src 'none'; script-src {}; style-src {}; connect-src 'self'; \
+         base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        hash("script"),
+        hash("style")
+    )
+}
+
+/// Headers on every response: no MIME sniffing (a JSON error that echoes
+/// a stream id is never taken for HTML), and nothing cached but what a
+/// route says otherwise (the page).
+fn with_common_headers(mut response: warp::reply::Response) -> warp::reply::Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    response
 }
 
 /// The board's snapshots, most viewers first (ties by `stream_id`).
@@ -145,7 +388,15 @@ fn routes(
         warp::any().map(move || state.clone())
     };
 
-    let dashboard = warp::path::end().map(|| warp::reply::html(DASHBOARD).into_response());
+    let dashboard = warp::path::end().map(|| {
+        let mut response = warp::reply::html(DASHBOARD).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_SECURITY_POLICY, DASHBOARD_CSP.clone());
+        headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+        // Compiled into the binary: fetched again after an upgrade.
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        response
+    });
 
     let list = warp::path!("api" / "live")
         .and(warp::query::<LiveQuery>())
@@ -163,16 +414,22 @@ fn routes(
 
     let one = warp::path!("api" / "live" / String)
         .and(with_state.clone())
-        .map(
-            |stream_id: String, state: HttpState| match state.board.latest().get(&stream_id) {
+        .map(|segment: String, state: HttpState| {
+            let Some(stream_id) = stream_id(&segment) else {
+                return not_utf8();
+            };
+            match state.board.latest().get(&stream_id) {
                 Some(snapshot) => warp::reply::json(snapshot).into_response(),
                 None => json_error(StatusCode::NOT_FOUND, "unknown stream", Some(&stream_id)),
-            },
-        );
+            }
+        });
 
     let stream_events = warp::path!("api" / "live" / String / "events")
         .and(with_state.clone())
-        .map(|stream_id: String, state: HttpState| {
+        .map(|segment: String, state: HttpState| {
+            let Some(stream_id) = stream_id(&segment) else {
+                return not_utf8();
+            };
             if !state.board.latest().contains_key(&stream_id) {
                 return json_error(StatusCode::NOT_FOUND, "unknown stream", Some(&stream_id));
             }
@@ -195,6 +452,7 @@ fn routes(
     let health = warp::path!("healthz")
         .and(with_state)
         .map(|state: HttpState| health(&state));
+    let hosts = host_check(&state.allowed_hosts);
 
     let own = metrics.or(health).unify();
     let served = if state.dashboard {
@@ -220,19 +478,39 @@ fn routes(
         });
         own.or(elsewhere).unify().boxed()
     };
+    // hyper sends a HEAD response's headers and drops its body (an SSE
+    // stream's too, which ends its task at its first event).
     warp::get()
+        .or(warp::head())
+        .unify()
+        .and(hosts)
         .and(served)
         .recover(|rejection: Rejection| async move {
             let response = if rejection.is_not_found() {
                 json_error(StatusCode::NOT_FOUND, "no such route", None)
             } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
-                json_error(StatusCode::METHOD_NOT_ALLOWED, "only GET is served", None)
+                let mut response = json_error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "only GET and HEAD are served",
+                    None,
+                );
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+                response
+            } else if rejection.find::<HostNotAllowed>().is_some() {
+                json_error(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "this host is not served here (--http-allowed-hosts)",
+                    None,
+                )
             } else {
                 json_error(StatusCode::BAD_REQUEST, "bad request", None)
             };
             Ok::<_, Infallible>(response)
         })
         .unify()
+        .map(with_common_headers)
 }
 
 #[derive(Serialize)]
@@ -383,4 +661,60 @@ fn board_stream(mut board: watch::Receiver<Board>) -> impl Stream<Item = Event> 
             .ok()?;
         Some((event, board))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_runs_nothing_inline_but_its_hashed_script_and_style() {
+        // The CSP allows exactly one script and one style element, by
+        // hash: anything else inline would be blocked in the browser.
+        for tag in ["<script", "<style"] {
+            assert_eq!(DASHBOARD.matches(tag).count(), 1, "one {tag} element");
+        }
+        assert!(DASHBOARD.contains("<script>") && DASHBOARD.contains("<style>"));
+        let lower = DASHBOARD.to_ascii_lowercase();
+        for banned in [
+            " style=",
+            " onclick=",
+            " onload=",
+            " onerror=",
+            "javascript:",
+        ] {
+            assert!(!lower.contains(banned), "{banned} in the page");
+        }
+        let csp = page_csp(DASHBOARD);
+        assert_eq!(csp.matches("'sha256-").count(), 2, "{csp}");
+        assert!(!csp.contains("unsafe"), "{csp}");
+        assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+        // CRLF line ends hash like LF ones (the browser normalizes them).
+        assert_eq!(
+            page_csp("<style>a\n</style><script>b\n</script>"),
+            page_csp("<style>a\r\n</style><script>b\r\n</script>")
+        );
+    }
+
+    #[test]
+    fn stream_ids_are_percent_decoded() {
+        assert_eq!(stream_id("room%201%2F%C3%A9").unwrap(), "room 1/é");
+        assert_eq!(stream_id("a+b").unwrap(), "a+b");
+        assert_eq!(stream_id("plain").unwrap(), "plain");
+        assert_eq!(stream_id("%FF"), None);
+    }
+
+    #[test]
+    fn hosts_are_matched_without_case_trailing_dot_or_brackets() {
+        let allowed = vec!["dash.example.com".to_string(), "localhost".to_string()];
+        assert!(host_allowed(&allowed, "Dash.Example.COM."));
+        assert!(host_allowed(&allowed, "localhost"));
+        assert!(!host_allowed(&allowed, "evil.example"));
+        assert!(!host_allowed(&allowed, "dash.example.com.evil.example"));
+        // An address is never a rebinding page's Host.
+        assert!(host_allowed(&allowed, "10.1.2.3"));
+        assert!(host_allowed(&allowed, "[::1]"));
+        assert!(host_allowed(&[], "127.0.0.1"));
+        assert!(!host_allowed(&[], "localhost"));
+    }
 }
