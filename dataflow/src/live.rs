@@ -2,16 +2,61 @@
 //!
 //! Creators want numbers that are fresh, not numbers that are final, so this
 //! path never waits for the event-time frontier. Events are exchanged by
-//! `stream_id` to an operator that keeps per-stream state in hash maps and,
-//! on a wall-clock tick, emits a [`Snapshot`] of every stream it owns from
-//! whatever has arrived so far. It keeps a capability at its input frontier
-//! only so that it may emit at all; the snapshots it sends are consumed on
-//! arrival, not at frontier progress, so a stalled frontier (billing waiting
-//! for a slow partition) never delays a tick.
+//! `stream_id` to an operator that keeps per-stream state ([`LiveStreams`])
+//! and, on a wall-clock tick, emits a [`Snapshot`] of every *active* stream
+//! it owns from whatever has arrived so far. It keeps a capability at its
+//! input frontier only so that it may emit at all; the updates it sends are
+//! consumed on arrival, not at frontier progress, so a stalled frontier
+//! (billing waiting for a slow partition) never delays a tick.
 //!
 //! `now` is the highest event time the pipeline has seen (every worker's
 //! highest, broadcast as the clock stream of [`crate::route`]), so
 //! replaying an old file behaves like live, in one process or many.
+//!
+//! # Retirement and the bound
+//!
+//! Stream ids come from producers, and a platform that runs for weeks sees
+//! every broadcast ever started, so per-stream state must not live forever:
+//!
+//! * A stream is *quiet* from `quiet_at` on: the presence TTL after its
+//!   latest join, heartbeat, leave or chat, or a minute after its latest
+//!   chat if that is later. From then on its counts are 0 and stay 0 until
+//!   it sends again (a leave counts too: a late presence older than it must
+//!   still meet it). An active stream (new, or `now < quiet_at` at the last
+//!   tick) gets a snapshot every tick; the tick that finds it quiet emits
+//!   its `0, 0` snapshot, frees its viewer and chat maps and stops
+//!   snapshotting it. A quiet stream costs no tick any work.
+//! * Once quiet for longer than the TTL (`now > quiet_at + ttl`) it is
+//!   *retired*: its state is dropped and a [`LiveUpdate::Retired`] tells the
+//!   board to drop it too (after a last `0, 0` snapshot if no tick saw it
+//!   quiet; nothing at all for a stream no tick ever showed). Every held
+//!   stream has one entry on an expiry queue, buckets of
+//!   [`EXPIRY_BUCKET_MS`] keyed by `quiet_at + ttl` as it was when queued;
+//!   an entry that comes up for a stream that sent since is queued again
+//!   at its new deadline. So retirement is O(1) amortised per stream and
+//!   per TTL it stays active, never a scan, and it runs whenever the clock
+//!   moves, not only at ticks (a replayed file moves the clock minutes a
+//!   second). A signal for a retired stream starts it afresh, which counts
+//!   exactly what the old state would have: everything the old state held
+//!   is older than `now - 2 ttl` (chat `now - 60 s - ttl`) and can no
+//!   longer count nor cancel a newer signal.
+//! * At most [`MAX_LIVE_STREAMS`] streams are held over all workers (each
+//!   worker its share). At the bound a new stream first evicts a quiet
+//!   stream (the one that went quiet first, give or take a bucket): its
+//!   counts are 0 and its grace period is all it loses. With no quiet
+//!   stream to evict, the new stream's signals are dropped and it is
+//!   counted, once while the bound holds, in [`LiveUpdate::Dropped`]
+//!   (`livepipe_live_streams_dropped_total`). Streams with viewers or chat
+//!   are never evicted: a flood of made-up ids cannot push real streams off
+//!   the dashboard nor make their numbers wrong, only keep new streams out
+//!   until the flood goes quiet. (Evicting the least active stream instead
+//!   would let the flood churn real small streams out, each coming back
+//!   with counts missing, and needs an ordered index on every update.)
+//!
+//! So a tick costs O(active streams + streams retired), never O(streams
+//! ever seen), and the end of a finite input emits one last snapshot of
+//! every stream still held (not retired), at the final `now`, deciding
+//! retirement exactly.
 
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
@@ -22,8 +67,9 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -35,6 +81,22 @@ use crate::time::Time;
 
 /// Chat rate is counted over this much event time.
 pub const CHAT_WINDOW_MS: u64 = 60_000;
+
+/// Streams held by the live path at once, over all workers (each worker
+/// holds at most `MAX_LIVE_STREAMS / workers`), and so on the board.
+///
+/// Measured with a counting allocator: a held stream with one viewer costs
+/// about 550 bytes in the dataflow (330 once quiet) and 190 on the board,
+/// so the bound caps the live state near 75 MB plus the viewers beyond the
+/// first of each stream. 100,000 streams live at once is far above what
+/// one dashboard process serves; past it new streams wait (see the module
+/// doc) and are counted, the streams already shown keep their numbers.
+pub const MAX_LIVE_STREAMS: usize = 100_000;
+
+/// Width of an expiry-queue bucket, in event-time ms. A bucket is retired
+/// once all of it is past, so a stream retires at most this much event
+/// time late mid-run (never at the end of an input, which is exact).
+pub const EXPIRY_BUCKET_MS: u64 = 1_000;
 
 /// One stream's numbers at one tick.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -50,6 +112,20 @@ pub struct Snapshot {
     pub emitted_at: u64,
 }
 
+/// What the live path tells the board. One stream's updates all come from
+/// the worker that owns it, in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LiveUpdate {
+    /// A stream's latest numbers.
+    Snapshot(Snapshot),
+    /// The stream retired (quiet for longer than the TTL, or evicted while
+    /// quiet at the bound) after a last `0, 0` snapshot: forget it.
+    Retired(String),
+    /// This many streams were refused at [`MAX_LIVE_STREAMS`] since the
+    /// worker's last report.
+    Dropped(u64),
+}
+
 /// The part of an event the live path needs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Signal {
@@ -59,10 +135,13 @@ struct Signal {
     kind: SignalKind,
 }
 
+/// What a live event says about its viewer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-enum SignalKind {
+pub enum SignalKind {
+    /// `join` or `heartbeat`.
     Presence,
     Leave,
+    /// A chat message: presence, and one more for the chat rate.
     Chat,
 }
 
@@ -83,8 +162,11 @@ impl Viewer {
 #[derive(Default)]
 struct StreamState {
     viewers: HashMap<String, Viewer>,
-    /// Chat count per event-time ms, pruned to the last minute.
-    chats: BTreeMap<u64, u64>,
+    /// Chat count per event-time ms, sorted by ms, pruned to the last
+    /// minute. A deque rather than a map: chat arrives nearly in order (an
+    /// insert lands near the back), and a stream with one chat costs 16
+    /// bytes here, not a map node.
+    chats: VecDeque<(u64, u64)>,
 }
 
 impl StreamState {
@@ -95,9 +177,23 @@ impl StreamState {
             SignalKind::Presence | SignalKind::Chat => {
                 viewer.presence = viewer.presence.max(ts);
                 if kind == SignalKind::Chat {
-                    *self.chats.entry(ts).or_default() += 1;
+                    self.chat(ts);
                 }
             }
+        }
+    }
+
+    fn chat(&mut self, ts: u64) {
+        match self.chats.back_mut() {
+            Some((last, n)) if *last == ts => *n += 1,
+            Some((last, _)) if *last > ts => {
+                let at = self.chats.partition_point(|&(t, _)| t < ts);
+                match self.chats.get_mut(at) {
+                    Some((t, n)) if *t == ts => *n += 1,
+                    _ => self.chats.insert(at, (ts, 1)),
+                }
+            }
+            _ => self.chats.push_back((ts, 1)),
         }
     }
 
@@ -111,9 +207,367 @@ impl StreamState {
         let viewers = self.viewers.values().filter(|v| v.present(horizon)).count() as u64;
         let chat_floor = now.saturating_sub(CHAT_WINDOW_MS);
         // Keep (chat_floor, now]; anything at or below the floor is gone for good.
-        self.chats = self.chats.split_off(&(chat_floor + 1));
-        let chat_per_min = self.chats.range(..=now).map(|(_, n)| n).sum();
+        let gone = self.chats.partition_point(|&(t, _)| t <= chat_floor);
+        self.chats.drain(..gone);
+        let counted = self.chats.partition_point(|&(t, _)| t <= now);
+        let chat_per_min = self.chats.range(..counted).map(|(_, n)| n).sum();
         (viewers, chat_per_min)
+    }
+}
+
+/// One held stream.
+struct Held {
+    /// The map's key, shared (one allocation per stream). The active list
+    /// and the expiry queue hold clones; an entry whose pointer is not the
+    /// held stream's is left over from a retired stream of the same id.
+    id: Rc<str>,
+    state: StreamState,
+    /// From this event time on the counts are 0 until a new signal (see
+    /// the module doc); retired once `now > quiet_at + ttl`.
+    quiet_at: u64,
+    /// In the active list: snapshotted at every tick.
+    active: bool,
+    /// A snapshot of it has been emitted: the board shows it.
+    shown: bool,
+}
+
+/// A stream that left at the bound, to be reported at the next flush.
+struct Evicted {
+    id: Rc<str>,
+    /// Its last snapshot was not `0, 0`: send one first, at this `now`.
+    zero_at: Option<u64>,
+}
+
+/// The live state of the streams one worker owns: counts, retirement and
+/// the bound (see the module doc). The operator feeds it signals and
+/// clock readings, calls [`LiveStreams::advance`] whenever the clock moves,
+/// [`LiveStreams::tick`] every tick and [`LiveStreams::finish`] at the end.
+pub struct LiveStreams {
+    ttl: u64,
+    max_streams: usize,
+    streams: HashMap<Rc<str>, Held>,
+    /// Streams snapshotted every tick (new, or not quiet at the last tick).
+    active: Vec<Rc<str>>,
+    /// Every held stream once, by `(quiet_at + ttl) / EXPIRY_BUCKET_MS`
+    /// as it was when queued; a stream whose `quiet_at` moved on since is
+    /// queued again when its entry comes up.
+    expiry: BTreeMap<u64, Vec<Rc<str>>>,
+    /// Hashes of streams refused at the bound while it holds, so that one
+    /// refused stream is counted once, not once per record (bounded too).
+    refused: HashSet<u64>,
+    /// Refused since the last report.
+    dropped: u64,
+    /// Evicted at the bound, to be reported before anything else.
+    evicted: Vec<Evicted>,
+    /// Entries of `active` left by streams retired since (compacted once
+    /// they are half of it).
+    stale_active: usize,
+}
+
+impl LiveStreams {
+    /// State for streams with presence TTL `ttl`, holding at most
+    /// `max_streams` (at least 1).
+    pub fn new(ttl: u64, max_streams: usize) -> Self {
+        LiveStreams {
+            ttl,
+            max_streams: max_streams.max(1),
+            streams: HashMap::new(),
+            active: Vec::new(),
+            expiry: BTreeMap::new(),
+            refused: HashSet::new(),
+            dropped: 0,
+            evicted: Vec::new(),
+            stale_active: 0,
+        }
+    }
+
+    /// Streams held (active or quiet, not retired).
+    pub fn len(&self) -> usize {
+        self.streams.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+
+    /// Entries on the active list (streams snapshotted at the next tick,
+    /// and leftovers of streams retired since the last one).
+    pub fn active_len(&self) -> usize {
+        self.active.len()
+    }
+
+    /// Entries on the expiry queue: one per held stream.
+    pub fn queued_len(&self) -> usize {
+        self.expiry.values().map(Vec::len).sum()
+    }
+
+    /// Applies one live signal, `now` being the event clock. A stream it
+    /// makes new past the bound evicts a quiet stream or is refused (and
+    /// counted).
+    pub fn apply(
+        &mut self,
+        stream_id: String,
+        viewer_id: String,
+        ts: u64,
+        kind: SignalKind,
+        now: u64,
+    ) {
+        let until = match kind {
+            SignalKind::Chat => ts.saturating_add(self.ttl.max(CHAT_WINDOW_MS)),
+            SignalKind::Presence | SignalKind::Leave => ts.saturating_add(self.ttl),
+        };
+        let held = match self.streams.get_mut(stream_id.as_str()) {
+            Some(held) => held,
+            None => {
+                if !self.admit(&stream_id, now) {
+                    return;
+                }
+                let id: Rc<str> = Rc::from(stream_id);
+                let held = self.streams.entry(id.clone()).or_insert(Held {
+                    id,
+                    state: StreamState::default(),
+                    quiet_at: until,
+                    active: false,
+                    shown: false,
+                });
+                Self::enqueue(&mut self.expiry, held, self.ttl);
+                held
+            }
+        };
+        held.state.apply(viewer_id, ts, kind);
+        held.quiet_at = held.quiet_at.max(until);
+        if !held.active {
+            held.active = true;
+            self.active.push(held.id.clone());
+        }
+    }
+
+    /// Whether a new stream may be held: below the bound, or once a quiet
+    /// stream is evicted to make room. Counts the refused.
+    fn admit(&mut self, stream_id: &str, now: u64) -> bool {
+        if self.streams.len() < self.max_streams || self.evict_one(now) {
+            if !self.refused.is_empty() {
+                self.refused.remove(&stream_hash(stream_id));
+            }
+            return true;
+        }
+        let hash = stream_hash(stream_id);
+        if !self.refused.contains(&hash) {
+            if self.refused.len() >= MAX_LIVE_STREAMS {
+                // Bounded too (about 16 bytes a hash): a stream refused
+                // again after this many others is counted again.
+                self.refused.clear();
+            }
+            self.refused.insert(hash);
+            self.dropped += 1;
+        }
+        false
+    }
+
+    /// Evicts the quiet stream (`quiet_at <= now`) that went quiet first,
+    /// if there is one. Only entries queued within a TTL of `now` can be
+    /// quiet; those found not quiet are queued again at their later
+    /// deadline, past that range, so each is looked at once per move.
+    fn evict_one(&mut self, now: u64) -> bool {
+        let ttl = self.ttl;
+        let horizon = now.saturating_add(ttl) / EXPIRY_BUCKET_MS;
+        let mut requeue = Vec::new();
+        let mut found = None;
+        while let Some(mut bucket) = self.expiry.first_entry() {
+            if *bucket.key() > horizon {
+                break;
+            }
+            let Some(id) = bucket.get_mut().pop() else {
+                bucket.remove();
+                continue;
+            };
+            let held = &self.streams[&id];
+            if held.quiet_at <= now {
+                found = Some(id);
+                break;
+            }
+            requeue.push(id);
+        }
+        for id in requeue {
+            let held = self.streams.get_mut(&id).expect("queued streams are held");
+            Self::enqueue(&mut self.expiry, held, ttl);
+        }
+        let Some(id) = found else {
+            return false;
+        };
+        let held = self.streams.remove(&id).expect("queued streams are held");
+        self.stale_active += usize::from(held.active);
+        if held.shown {
+            // Its row says 0, 0 unless no tick saw it quiet yet.
+            let zero_at = held.active.then_some(now);
+            self.evicted.push(Evicted { id, zero_at });
+        }
+        true
+    }
+
+    fn enqueue(expiry: &mut BTreeMap<u64, Vec<Rc<str>>>, held: &Held, ttl: u64) {
+        let deadline = held.quiet_at.saturating_add(ttl);
+        expiry
+            .entry(deadline / EXPIRY_BUCKET_MS)
+            .or_default()
+            .push(held.id.clone());
+    }
+
+    /// Retires the streams quiet for longer than the TTL at `now`, whose
+    /// queue buckets are wholly past, and reports evictions: what the clock
+    /// moving does between ticks too (a replayed file moves it minutes a
+    /// second). O(retired + streams queued again), nothing when no bucket
+    /// is due.
+    pub fn advance(&mut self, now: u64, emitted_at: u64, mut out: impl FnMut(LiveUpdate)) {
+        self.flush_evicted(emitted_at, &mut out);
+        let ttl = self.ttl;
+        while let Some(bucket) = self.expiry.first_entry() {
+            if (bucket.key() + 1).saturating_mul(EXPIRY_BUCKET_MS) > now {
+                break;
+            }
+            for id in bucket.remove() {
+                let held = self.streams.get_mut(&id).expect("queued streams are held");
+                if held.quiet_at.saturating_add(ttl) >= now {
+                    // It sent since it was queued.
+                    Self::enqueue(&mut self.expiry, held, ttl);
+                    continue;
+                }
+                let held = self.streams.remove(&id).expect("held");
+                self.stale_active += usize::from(held.active);
+                Self::retired(held, now, emitted_at, &mut out);
+            }
+        }
+        if self.stale_active > 1_024 && self.stale_active * 2 > self.active.len() {
+            // Amortised O(1) a retirement; keeps retired ids from living on
+            // in the list until the next tick.
+            let streams = &self.streams;
+            self.active
+                .retain(|id| streams.get(id).is_some_and(|h| Rc::ptr_eq(&h.id, id)));
+            self.stale_active = 0;
+        }
+        if self.streams.len() < self.max_streams && !self.refused.is_empty() {
+            // Room again: a stream refused before is counted anew if
+            // refused again.
+            self.refused.clear();
+        }
+    }
+
+    /// Whether [`LiveStreams::advance`] at `now` has anything to do.
+    pub fn due(&self, now: u64) -> bool {
+        !self.evicted.is_empty()
+            || self
+                .expiry
+                .first_key_value()
+                .is_some_and(|(key, _)| (key + 1).saturating_mul(EXPIRY_BUCKET_MS) <= now)
+    }
+
+    /// Tells the board a stream is gone: a last `0, 0` snapshot unless its
+    /// row already says so, then the retirement; nothing for a stream it
+    /// never showed.
+    fn retired(held: Held, now: u64, emitted_at: u64, out: &mut impl FnMut(LiveUpdate)) {
+        if !held.shown {
+            return;
+        }
+        if held.active {
+            out(LiveUpdate::Snapshot(Snapshot {
+                stream_id: held.id.to_string(),
+                viewers: 0,
+                chat_per_min: 0,
+                as_of: now,
+                emitted_at,
+            }));
+        }
+        out(LiveUpdate::Retired(held.id.to_string()));
+    }
+
+    /// One tick at event time `now`: retirements due (see
+    /// [`LiveStreams::advance`]), a snapshot of every active stream (the
+    /// ones found quiet leave the active list and free their maps), and
+    /// the count of streams refused since the last tick.
+    /// O(active + retired), whatever else is held.
+    pub fn tick(&mut self, now: u64, emitted_at: u64, mut out: impl FnMut(LiveUpdate)) {
+        self.advance(now, emitted_at, &mut out);
+        let LiveStreams {
+            ttl,
+            streams,
+            active,
+            ..
+        } = self;
+        let ttl = *ttl;
+        active.retain(|id| {
+            let Some(held) = streams.get_mut(id).filter(|h| Rc::ptr_eq(&h.id, id)) else {
+                // Retired since the last tick (and maybe started afresh,
+                // with an entry of its own).
+                return false;
+            };
+            let (viewers, chat_per_min) = held.state.snapshot(now, ttl);
+            held.shown = true;
+            out(LiveUpdate::Snapshot(Snapshot {
+                stream_id: id.to_string(),
+                viewers,
+                chat_per_min,
+                as_of: now,
+                emitted_at,
+            }));
+            if now < held.quiet_at {
+                return true;
+            }
+            debug_assert_eq!((viewers, chat_per_min), (0, 0), "quiet means 0, 0");
+            // Nothing left can count: free the maps, keep the stream.
+            held.state = StreamState::default();
+            held.active = false;
+            false
+        });
+        self.stale_active = 0;
+        if self.dropped > 0 {
+            out(LiveUpdate::Dropped(self.dropped));
+            self.dropped = 0;
+        }
+    }
+
+    /// The end of the input: every held stream either retires (quiet for
+    /// longer than the TTL at `now`, exactly) or gets a last snapshot at
+    /// `now`. Leaves nothing held.
+    pub fn finish(&mut self, now: u64, emitted_at: u64, mut out: impl FnMut(LiveUpdate)) {
+        self.flush_evicted(emitted_at, &mut out);
+        self.active.clear();
+        self.stale_active = 0;
+        self.expiry.clear();
+        let ttl = self.ttl;
+        for (id, mut held) in self.streams.drain() {
+            if held.quiet_at.saturating_add(ttl) < now {
+                Self::retired(held, now, emitted_at, &mut out);
+            } else {
+                let (viewers, chat_per_min) = held.state.snapshot(now, ttl);
+                out(LiveUpdate::Snapshot(Snapshot {
+                    stream_id: id.to_string(),
+                    viewers,
+                    chat_per_min,
+                    as_of: now,
+                    emitted_at,
+                }));
+            }
+        }
+        if self.dropped > 0 {
+            out(LiveUpdate::Dropped(self.dropped));
+            self.dropped = 0;
+        }
+    }
+
+    /// Reports the streams evicted at the bound since the last call.
+    fn flush_evicted(&mut self, emitted_at: u64, out: &mut impl FnMut(LiveUpdate)) {
+        for Evicted { id, zero_at } in self.evicted.drain(..) {
+            if let Some(as_of) = zero_at {
+                out(LiveUpdate::Snapshot(Snapshot {
+                    stream_id: id.to_string(),
+                    viewers: 0,
+                    chat_per_min: 0,
+                    as_of,
+                    emitted_at,
+                }));
+            }
+            out(LiveUpdate::Retired(id.to_string()));
+        }
     }
 }
 
@@ -133,17 +587,20 @@ fn stream_hash(stream_id: &str) -> u64 {
 
 /// Builds the live sub-graph over the live events and the event clock (the
 /// highest `ts` seen anywhere, as [`crate::route::split_paths`] gives it).
-/// The returned stream carries one snapshot per stream per tick, and a last
-/// one when the input ends.
+/// The returned stream carries, per tick, a snapshot of every active stream
+/// and the retirements (see the module doc); when the input ends, a last
+/// snapshot of every stream still held.
 pub fn live<'s>(
     ingested: StreamVec<'s, Time, Ingested>,
     clock: StreamVec<'s, Time, u64>,
     config: &PipelineConfig,
     probes: Arc<Probes>,
-) -> StreamVec<'s, Time, Snapshot> {
+) -> StreamVec<'s, Time, LiveUpdate> {
     let ttl = config.presence_ttl_ms;
     let tick = Duration::from_millis(config.tick_ms);
     let scope = ingested.scope();
+    // Streams are spread by hash: each worker holds its share of the bound.
+    let max_streams = (MAX_LIVE_STREAMS / scope.peers()).max(1);
     ingested
         .flat_map(|record: Ingested| {
             let kind = match record.event.kind {
@@ -167,7 +624,7 @@ pub fn live<'s>(
             move |capability, info| {
                 let activator = scope.activator_for(info.address);
                 let mut capability: Option<Capability<Time>> = Some(capability);
-                let mut streams: HashMap<String, StreamState> = HashMap::new();
+                let mut streams = LiveStreams::new(ttl, max_streams);
                 let mut now: u64 = 0;
                 let mut next_tick = Instant::now() + tick;
                 activator.activate_after(tick);
@@ -180,11 +637,13 @@ pub fn live<'s>(
                     input.for_each_stamp(|_, batches| {
                         for batch in batches {
                             for signal in batch.drain(..) {
-                                // The id moves into the map: no copy per event.
-                                streams.entry(signal.stream_id).or_default().apply(
+                                // The id moves into the state: no copy per event.
+                                streams.apply(
+                                    signal.stream_id,
                                     signal.viewer_id,
                                     signal.ts,
                                     signal.kind,
+                                    now,
                                 );
                             }
                         }
@@ -197,15 +656,10 @@ pub fn live<'s>(
                     if finished || now_instant >= next_tick {
                         let emitted_at = wall_clock_ms();
                         let mut session = output.session(&*cap);
-                        for (stream_id, state) in streams.iter_mut() {
-                            let (viewers, chat_per_min) = state.snapshot(now, ttl);
-                            session.give(Snapshot {
-                                stream_id: stream_id.clone(),
-                                viewers,
-                                chat_per_min,
-                                as_of: now,
-                                emitted_at,
-                            });
+                        if finished {
+                            streams.finish(now, emitted_at, |update| session.give(update));
+                        } else {
+                            streams.tick(now, emitted_at, |update| session.give(update));
                         }
                         // Ticks are on a fixed grid; a slow worker skips to the next slot.
                         let micros = now_instant.elapsed().as_micros() as u64;
@@ -221,6 +675,11 @@ pub fn live<'s>(
                         if !finished {
                             activator.activate_after(next_tick - now_instant);
                         }
+                    } else if streams.due(now) {
+                        // Between ticks too: a replay moves the clock minutes
+                        // a second, and what retires makes room for what comes.
+                        let mut session = output.session(&*cap);
+                        streams.advance(now, wall_clock_ms(), |update| session.give(update));
                     }
                     if finished {
                         probes.inputs_ended.store(true, Ordering::Relaxed);
@@ -263,6 +722,24 @@ mod tests {
     }
 
     #[test]
+    fn chats_out_of_order_count_once_each_in_their_minute() {
+        let mut state = StreamState::default();
+        for ts in [
+            70_000, 10_000, 70_000, 40_000, 10_000, 90_000, 5_000, 130_000,
+        ] {
+            state.apply("v".into(), ts, SignalKind::Chat);
+        }
+        let ms: Vec<u64> = state.chats.iter().map(|&(t, _)| t).collect();
+        assert_eq!(ms, [5_000, 10_000, 40_000, 70_000, 90_000, 130_000]);
+        // (10_000, 70_000]: 40_000 and 70_000 twice; 130_000 is ahead of now.
+        assert_eq!(state.snapshot(70_000, 30_000).1, 3);
+        assert_eq!(state.chats.len(), 4);
+        assert_eq!(state.snapshot(130_000, 30_000).1, 2);
+        assert_eq!(state.snapshot(190_000, 30_000).1, 0);
+        assert!(state.chats.is_empty());
+    }
+
+    #[test]
     fn late_presence_after_leave_does_not_resurrect() {
         let mut state = StreamState::default();
         state.apply("a".into(), 2_000, SignalKind::Presence);
@@ -271,5 +748,292 @@ mod tests {
         assert_eq!(state.snapshot(3_000, 30_000).0, 0);
         state.apply("a".into(), 4_000, SignalKind::Presence);
         assert_eq!(state.snapshot(4_000, 30_000).0, 1);
+    }
+
+    /// A base event time, so that `now - ttl` never saturates at 0.
+    const B: u64 = 1_000_000_000;
+    const TTL: u64 = 30_000;
+
+    /// Runs one tick at `B + now` and returns what it emitted.
+    fn tick(streams: &mut LiveStreams, now: u64) -> Vec<LiveUpdate> {
+        let mut out = Vec::new();
+        streams.tick(B + now, 0, |u| out.push(u));
+        out
+    }
+
+    /// Applies a signal at `B + ts`, the clock being there too.
+    fn signal(streams: &mut LiveStreams, stream: &str, viewer: &str, ts: u64, kind: SignalKind) {
+        streams.apply(stream.into(), viewer.into(), B + ts, kind, B + ts);
+    }
+
+    fn snapshots(updates: &[LiveUpdate]) -> Vec<(String, u64, u64)> {
+        updates
+            .iter()
+            .filter_map(|u| match u {
+                LiveUpdate::Snapshot(s) => Some((s.stream_id.clone(), s.viewers, s.chat_per_min)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn retired(updates: &[LiveUpdate]) -> Vec<String> {
+        updates
+            .iter()
+            .filter_map(|u| match u {
+                LiveUpdate::Retired(id) => Some(id.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn dropped(updates: &[LiveUpdate]) -> u64 {
+        updates
+            .iter()
+            .map(|u| match u {
+                LiveUpdate::Dropped(n) => *n,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    #[test]
+    fn a_quiet_stream_shows_zero_then_retires_after_the_ttl() {
+        let mut streams = LiveStreams::new(TTL, 100);
+        signal(&mut streams, "s", "v", 10_000, SignalKind::Presence);
+        assert_eq!(snapshots(&tick(&mut streams, 10_000)), [("s".into(), 1, 0)]);
+        // Quiet from 40_000 (ts + ttl): the tick that sees it says 0, 0 and
+        // stops snapshotting it.
+        assert_eq!(snapshots(&tick(&mut streams, 40_000)), [("s".into(), 0, 0)]);
+        assert_eq!((streams.active_len(), streams.queued_len()), (0, 1));
+        assert!(tick(&mut streams, 55_000).is_empty());
+        // Quiet for exactly the TTL: still held; for longer: retired (by
+        // the tick that finds its queue bucket past).
+        assert!(tick(&mut streams, 70_000).is_empty());
+        assert_eq!(retired(&tick(&mut streams, 71_000)), ["s"]);
+        assert!(streams.is_empty());
+        assert_eq!(streams.queued_len(), 0);
+    }
+
+    #[test]
+    fn chat_keeps_a_stream_for_its_minute_and_a_leave_for_the_ttl() {
+        let mut streams = LiveStreams::new(TTL, 100);
+        signal(&mut streams, "chat", "v", 0, SignalKind::Chat);
+        signal(&mut streams, "left", "w", 0, SignalKind::Presence);
+        signal(&mut streams, "left", "w", 20_000, SignalKind::Leave);
+        tick(&mut streams, 20_000);
+        // The chat counts until 60_000; the leave at 20_000 keeps "left"
+        // active (at 0 viewers) until 50_000.
+        let mut shown = snapshots(&tick(&mut streams, 50_000));
+        shown.sort();
+        assert_eq!(shown, [("chat".into(), 0, 1), ("left".into(), 0, 0)]);
+        assert_eq!(streams.active_len(), 1);
+        let updates = tick(&mut streams, 81_000);
+        assert_eq!(retired(&updates), ["left"]);
+        assert_eq!(snapshots(&updates), [("chat".into(), 0, 0)]);
+        assert_eq!(retired(&tick(&mut streams, 91_000)), ["chat"]);
+    }
+
+    #[test]
+    fn a_signal_before_retirement_keeps_the_stream() {
+        let mut streams = LiveStreams::new(TTL, 100);
+        signal(&mut streams, "s", "v", 0, SignalKind::Presence);
+        tick(&mut streams, 30_000);
+        signal(&mut streams, "s", "v", 50_000, SignalKind::Presence);
+        let updates = tick(&mut streams, 61_000);
+        assert_eq!(snapshots(&updates), [("s".into(), 1, 0)]);
+        assert!(retired(&updates).is_empty());
+        // Its queue entry moved on; it retires from its new quiet point.
+        assert_eq!(streams.queued_len(), 1);
+        tick(&mut streams, 80_000);
+        assert!(retired(&tick(&mut streams, 110_000)).is_empty());
+        assert_eq!(retired(&tick(&mut streams, 111_000)), ["s"]);
+    }
+
+    #[test]
+    fn a_retired_stream_started_afresh_counts_like_the_old_state_would() {
+        let mut streams = LiveStreams::new(TTL, 100);
+        signal(&mut streams, "s", "a", 0, SignalKind::Presence);
+        signal(&mut streams, "s", "a", 5_000, SignalKind::Leave);
+        tick(&mut streams, 35_000);
+        assert_eq!(retired(&tick(&mut streams, 70_000)), ["s"]);
+        // A late presence older than the forgotten leave cannot count any
+        // more; a new viewer does.
+        signal(&mut streams, "s", "a", 1_000, SignalKind::Presence);
+        signal(&mut streams, "s", "b", 69_000, SignalKind::Presence);
+        assert_eq!(snapshots(&tick(&mut streams, 70_000)), [("s".into(), 1, 0)]);
+    }
+
+    #[test]
+    fn the_clock_retires_streams_between_ticks() {
+        let mut streams = LiveStreams::new(TTL, 1_000_000);
+        signal(&mut streams, "shown", "v", 0, SignalKind::Presence);
+        tick(&mut streams, 0);
+        // A replay: thousands of streams come and go between two ticks.
+        for i in 0..5_000u64 {
+            signal(
+                &mut streams,
+                &format!("s-{i}"),
+                "v",
+                1_000 + i * 100,
+                SignalKind::Presence,
+            );
+        }
+        let now = B + 1_000 + 5_000 * 100;
+        assert!(streams.due(now));
+        let mut out = Vec::new();
+        streams.advance(now, 0, |u| out.push(u));
+        // Only what the board showed is retired on it, with a last 0, 0
+        // since no tick saw it quiet; the rest goes silently.
+        assert_eq!(snapshots(&out), [("shown".into(), 0, 0)]);
+        assert_eq!(retired(&out), ["shown"]);
+        // Held: the streams of the last 2 TTL (and a bucket).
+        assert!((600..=611).contains(&streams.len()), "{}", streams.len());
+        // The retired ids do not linger in the active list.
+        assert_eq!(streams.active_len(), streams.len());
+    }
+
+    #[test]
+    fn many_distinct_streams_stay_bounded_and_all_retire() {
+        let mut streams = LiveStreams::new(TTL, 1_000_000);
+        let (mut retired_seen, mut most_held, mut most_per_tick) = (0, 0, 0);
+        let mut last: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut take = |updates: Vec<LiveUpdate>| {
+            let mut snapshots = 0;
+            for update in updates {
+                match update {
+                    LiveUpdate::Snapshot(s) => {
+                        snapshots += 1;
+                        last.insert(s.stream_id, (s.viewers, s.chat_per_min));
+                    }
+                    LiveUpdate::Retired(id) => {
+                        retired_seen += 1;
+                        assert_eq!(last.remove(&id), Some((0, 0)), "{id} left at 0, 0");
+                    }
+                    LiveUpdate::Dropped(_) => panic!("below the bound"),
+                }
+            }
+            most_per_tick = most_per_tick.max(snapshots);
+        };
+        // 100,000 streams, one join each, 100 a second of event time, a
+        // tick every second: a stream is snapshotted for the TTL after its
+        // join (31 ticks), held for another TTL, then retired.
+        for second in 0..1_000u64 {
+            for i in 0..100 {
+                let id = second * 100 + i;
+                let (stream, viewer) = (format!("s-{id}"), format!("v-{id}"));
+                signal(
+                    &mut streams,
+                    &stream,
+                    &viewer,
+                    second * 1_000,
+                    SignalKind::Presence,
+                );
+            }
+            take(tick(&mut streams, second * 1_000));
+            most_held = most_held.max(streams.len());
+            assert!(streams.active_len() <= 3_000, "{}", streams.active_len());
+        }
+        for now in [1_100_000, 1_200_000] {
+            take(tick(&mut streams, now));
+        }
+        assert!(most_held <= 6_200, "held {most_held}");
+        // A tick snapshots the active streams, not every stream held, let
+        // alone every stream seen.
+        assert_eq!(most_per_tick, 3_100);
+        assert_eq!(retired_seen, 100_000);
+        assert!(streams.is_empty() && last.is_empty());
+        assert_eq!(streams.queued_len(), 0);
+    }
+
+    #[test]
+    fn past_the_bound_new_streams_are_refused_and_counted_once() {
+        let mut streams = LiveStreams::new(TTL, 100);
+        for round in 0..3 {
+            for i in 0..1_000 {
+                let (stream, viewer) = (format!("s-{i}"), format!("v-{round}"));
+                signal(&mut streams, &stream, &viewer, round, SignalKind::Presence);
+            }
+        }
+        assert_eq!(streams.len(), 100);
+        let updates = tick(&mut streams, 10);
+        assert_eq!(snapshots(&updates).len(), 100);
+        assert_eq!(dropped(&updates), 900, "each refused stream once");
+        // The streams held count all their viewers.
+        assert!(snapshots(&updates).iter().all(|s| s.1 == 3));
+        assert_eq!(dropped(&tick(&mut streams, 20)), 0);
+    }
+
+    #[test]
+    fn at_the_bound_a_quiet_stream_makes_room_before_any_is_refused() {
+        let mut streams = LiveStreams::new(TTL, 10);
+        for i in 0..10 {
+            signal(
+                &mut streams,
+                &format!("old-{i}"),
+                "v",
+                0,
+                SignalKind::Presence,
+            );
+        }
+        tick(&mut streams, 0);
+        // Five go quiet at 30_000; five stay active.
+        for i in 5..10 {
+            signal(
+                &mut streams,
+                &format!("old-{i}"),
+                "v",
+                40_000,
+                SignalKind::Presence,
+            );
+        }
+        tick(&mut streams, 40_000);
+        for i in 0..8 {
+            signal(
+                &mut streams,
+                &format!("new-{i}"),
+                "v",
+                40_000,
+                SignalKind::Presence,
+            );
+        }
+        assert_eq!(streams.len(), 10);
+        let updates = tick(&mut streams, 40_000);
+        let mut evicted = retired(&updates);
+        evicted.sort();
+        assert_eq!(evicted, ["old-0", "old-1", "old-2", "old-3", "old-4"]);
+        // The evictions come before the snapshots of the streams admitted.
+        assert!(matches!(updates[0], LiveUpdate::Retired(_)));
+        assert_eq!(dropped(&updates), 3);
+        let mut shown: Vec<String> = snapshots(&updates).into_iter().map(|s| s.0).collect();
+        shown.sort();
+        let want: Vec<String> = (5..10)
+            .map(|i| format!("old-{i}"))
+            .chain((0..5).map(|i| format!("new-{i}")))
+            .collect();
+        let mut want = want;
+        want.sort();
+        assert_eq!(shown, want);
+    }
+
+    #[test]
+    fn the_end_retires_exactly_and_snapshots_the_rest_at_now() {
+        let mut streams = LiveStreams::new(TTL, 100);
+        signal(&mut streams, "gone", "v", 0, SignalKind::Presence);
+        signal(&mut streams, "edge", "v", 40_000, SignalKind::Leave);
+        signal(&mut streams, "here", "v", 90_000, SignalKind::Presence);
+        tick(&mut streams, 50_000);
+        let mut out = Vec::new();
+        streams.finish(B + 100_000, 0, |u| out.push(u));
+        // "gone": quiet at 30_000, retired past 60_000. "edge": quiet at
+        // 70_000, and 100_000 is not more than the TTL past that.
+        assert_eq!(retired(&out), ["gone"]);
+        let mut shown = snapshots(&out);
+        shown.sort();
+        assert_eq!(shown, [("edge".into(), 0, 0), ("here".into(), 1, 0)]);
+        assert!(out.iter().all(|u| match u {
+            LiveUpdate::Snapshot(s) => s.as_of == B + 100_000,
+            _ => true,
+        }));
+        assert!(streams.is_empty());
     }
 }

@@ -240,8 +240,14 @@ fn quote(field: &str) -> String {
     }
 }
 
-/// The last live snapshot of every stream once a file has been read
-/// (SPEC §2), as (viewers, chat_per_min) at `now` = the highest `ts`.
+/// The last live snapshot of every stream not retired once a file has been
+/// read (SPEC §2), as (viewers, chat_per_min) at `now` = the highest `ts`.
+///
+/// Retired: a stream with no viewer and no chat for longer than the TTL. A
+/// viewer counts for a TTL after its presence, a chat for a minute, and a
+/// leave matters for a TTL (a later-arriving presence older than it must
+/// meet it); so a stream stays while one of its live events has
+/// `ts + 2 ttl >= now` or one of its chats has `ts + 60 s + ttl >= now`.
 pub fn expected_live(lines: &[&[u8]], presence_ttl: u64) -> (u64, BTreeMap<String, (u64, u64)>) {
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -256,6 +262,7 @@ pub fn expected_live(lines: &[&[u8]], presence_ttl: u64) -> (u64, BTreeMap<Strin
     // Per (stream, viewer): latest presence, latest leave.
     let mut viewers: BTreeMap<(&str, &str), (u64, u64)> = BTreeMap::new();
     let mut streams: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut kept: BTreeSet<&str> = BTreeSet::new();
     for event in &events {
         let presence = matches!(
             event.kind,
@@ -277,11 +284,16 @@ pub fn expected_live(lines: &[&[u8]], presence_ttl: u64) -> (u64, BTreeMap<Strin
         if matches!(event.kind, EventKind::Chat) && event.ts + 60_000 > now {
             streams.get_mut(&event.stream_id).unwrap().1 += 1;
         }
+        let chat = matches!(event.kind, EventKind::Chat);
+        if event.ts + 2 * presence_ttl >= now || (chat && event.ts + 60_000 + presence_ttl >= now) {
+            kept.insert(event.stream_id.as_str());
+        }
     }
     for ((stream, _), (presence, leave)) in viewers {
         if presence + presence_ttl > now && leave < presence {
             streams.get_mut(stream).unwrap().0 += 1;
         }
     }
+    streams.retain(|stream, _| kept.contains(stream.as_str()));
     (now, streams)
 }
