@@ -299,8 +299,9 @@ fn run_dataflow(
         sse_clients: Arc::default(),
         live_streams: {
             let board = board.clone();
-            Arc::new(move || board.latest().len())
+            Arc::new(move || board.len())
         },
+        live_streams_dropped: board.streams_dropped_counter(),
         input_problem: {
             let brokers = brokers.clone();
             Arc::new(move || brokers.lock().unwrap_or_else(|p| p.into_inner()).clone())

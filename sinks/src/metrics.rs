@@ -103,6 +103,8 @@ pub struct JobMetrics {
     pub sse_clients: Arc<AtomicUsize>,
     /// Streams on the live board.
     pub live_streams: Arc<dyn Fn() -> usize + Send + Sync>,
+    /// Streams refused at the live path's bound (`LiveBoard::streams_dropped`).
+    pub live_streams_dropped: Arc<AtomicU64>,
     /// Why the input cannot be read right now (brokers unreachable), if so.
     pub input_problem: Arc<dyn Fn() -> Option<String> + Send + Sync>,
     /// Input records deleted before they were read, over the ledger's life
@@ -326,6 +328,12 @@ impl Collector for JobMetrics {
             "live_streams",
             "Streams on the live board.",
             (self.live_streams)() as i64,
+        )?;
+        counter(
+            &mut encoder,
+            "live_streams_dropped",
+            "Streams refused at the live path's bound (MAX_LIVE_STREAMS held at once).",
+            load(&self.live_streams_dropped),
         )?;
         gauge(
             &mut encoder,
