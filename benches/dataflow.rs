@@ -10,12 +10,12 @@ mod common;
 
 use criterion::{criterion_group, Criterion, Throughput};
 use livepipe_dataflow::billing::billing;
-use livepipe_dataflow::route::RouteKey;
 use livepipe_dataflow::config::PipelineConfig;
 use livepipe_dataflow::event::{EventKind, Ingested, Position};
 use livepipe_dataflow::live::live;
 use livepipe_dataflow::parse::parse_event;
 use livepipe_dataflow::probe::Probes;
+use livepipe_dataflow::route::RouteKey;
 use livepipe_dataflow::time::{coarse, Time};
 use livepipe_sources::generator::{GenConfig, Generator};
 use timely::dataflow::operators::vec::input::Handle as InputHandle;
@@ -99,9 +99,19 @@ fn build_path(
         let (input, stream) = scope.new_input::<Ingested>();
         let (clock, ticks) = scope.new_input::<u64>();
         let probe = if billing_path {
-            billing(stream, &config, RouteKey::new([1, 2]), probes.clone()).probe().0
+            billing(stream, &config, RouteKey::new([1, 2]), probes.clone())
+                .probe()
+                .0
         } else {
-            live(stream, ticks, &config, probes.clone()).probe().0
+            live(
+                stream,
+                ticks,
+                &config,
+                RouteKey::new([1, 2]),
+                probes.clone(),
+            )
+            .probe()
+            .0
         };
         (input, clock, probe)
     })

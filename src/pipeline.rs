@@ -444,7 +444,7 @@ fn run_dataflow(
                 let local = index % workers;
                 let paths = split_paths(ingested, move |kind| counts.worker(local).count(kind));
 
-                let snapshots = live(paths.live, paths.clock, &config, probes.clone());
+                let snapshots = live(paths.live, paths.clock, &config, route, probes.clone());
                 livepipe_sinks::live::attach(snapshots, (index == 0).then(|| job_board.clone()));
 
                 let outcomes = billing(paths.billing, &config, route, probes.clone());

@@ -286,7 +286,10 @@ fn admit<'s>(
                         watermark,
                         position,
                     });
-                    Ok(Some((ImpressionKey::new(progress.impression_id, &route), fact)))
+                    Ok(Some((
+                        ImpressionKey::new(progress.impression_id, &route),
+                        fact,
+                    )))
                 }
                 _ => Ok(None),
             }

@@ -77,6 +77,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::config::PipelineConfig;
 use crate::event::{EventKind, Ingested};
 use crate::probe::Probes;
+use crate::route::RouteKey;
 use crate::time::Time;
 
 /// Chat rate is counted over this much event time.
@@ -578,8 +579,9 @@ fn wall_clock_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A stream id's hash for the worker's own set of refused ids (routing
+/// uses the job's keyed hash, [`RouteKey`]).
 fn stream_hash(stream_id: &str) -> u64 {
-    // DefaultHasher::new() has fixed keys: the same route in every process.
     let mut hasher = DefaultHasher::new();
     stream_id.hash(&mut hasher);
     hasher.finish()
@@ -590,10 +592,13 @@ fn stream_hash(stream_id: &str) -> u64 {
 /// The returned stream carries, per tick, a snapshot of every active stream
 /// and the retirements (see the module doc); when the input ends, a last
 /// snapshot of every stream still held.
+/// `route` is the job's key, the same in every process: the keyed hash of
+/// a stream id decides the worker that counts it.
 pub fn live<'s>(
     ingested: StreamVec<'s, Time, Ingested>,
     clock: StreamVec<'s, Time, u64>,
     config: &PipelineConfig,
+    route: RouteKey,
     probes: Arc<Probes>,
 ) -> StreamVec<'s, Time, LiveUpdate> {
     let ttl = config.presence_ttl_ms;
@@ -618,7 +623,7 @@ pub fn live<'s>(
         })
         .binary_frontier(
             clock,
-            Exchange::new(|signal: &Signal| stream_hash(&signal.stream_id)),
+            Exchange::new(move |signal: &Signal| route.hash(&signal.stream_id)),
             Pipeline,
             "LiveCounts",
             move |capability, info| {
