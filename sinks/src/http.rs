@@ -369,15 +369,28 @@ fn with_common_headers(mut response: warp::reply::Response) -> warp::reply::Resp
     response
 }
 
-/// The board's snapshots, most viewers first (ties by `stream_id`).
-fn ranked(board: &Board) -> Vec<&Snapshot> {
-    let mut snapshots: Vec<&Snapshot> = board.values().collect();
-    snapshots.sort_by(|a, b| {
-        b.viewers
-            .cmp(&a.viewers)
-            .then_with(|| a.stream_id.cmp(&b.stream_id))
-    });
-    snapshots
+/// Streams in one `board` event, and in `/api/live` without `?limit`: the
+/// top of the board. All of a board of 100,000 streams, serialized every
+/// tick for every client on the one HTTP thread, would be megabytes each
+/// and hold up `/healthz`; the page shows the top 20 and gets the totals
+/// in a `totals` event.
+pub const TOP_STREAMS: usize = 500;
+
+/// The board's size and total viewers, for the page's headline numbers.
+#[derive(Serialize)]
+struct Totals {
+    streams: usize,
+    viewers: u64,
+}
+
+impl Totals {
+    /// One pass over the board: additions, no serialization.
+    fn of(board: &Board) -> Self {
+        Totals {
+            streams: board.len(),
+            viewers: board.values().map(|s| s.viewers).sum(),
+        }
+    }
 }
 
 fn routes(
@@ -402,9 +415,7 @@ fn routes(
         .and(warp::query::<LiveQuery>())
         .and(with_state.clone())
         .map(|query: LiveQuery, state: HttpState| {
-            let board = state.board.latest();
-            let mut snapshots = ranked(&board);
-            snapshots.truncate(query.limit.unwrap_or(usize::MAX));
+            let snapshots = state.board.top(query.limit.unwrap_or(TOP_STREAMS));
             warp::reply::json(&snapshots).into_response()
         });
 
@@ -647,7 +658,8 @@ fn stream_snapshots(
     )
 }
 
-/// One `board` event (every stream, most viewers first) per tick.
+/// Per tick, a `totals` event (streams on the board, total viewers) and a
+/// `board` event (the top [`TOP_STREAMS`], most viewers first).
 fn board_stream(mut board: watch::Receiver<Board>) -> impl Stream<Item = Event> + Send + 'static {
     board.mark_changed();
     futures_util::stream::unfold(board, |mut board| async move {
@@ -655,12 +667,17 @@ fn board_stream(mut board: watch::Receiver<Board>) -> impl Stream<Item = Event> 
         // Let the other workers' parts of the same tick land.
         tokio::time::sleep(BOARD_SETTLE).await;
         let latest = board.borrow_and_update().clone();
-        let event = Event::default()
-            .event("board")
-            .json_data(ranked(&latest))
-            .ok()?;
-        Some((event, board))
+        let top: Vec<&Snapshot> = latest.top(TOP_STREAMS).collect();
+        let events = vec![
+            Event::default()
+                .event("totals")
+                .json_data(Totals::of(&latest))
+                .ok()?,
+            Event::default().event("board").json_data(top).ok()?,
+        ];
+        Some((futures_util::stream::iter(events), board))
     })
+    .flatten()
 }
 
 #[cfg(test)]
