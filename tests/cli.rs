@@ -6,19 +6,11 @@ mod support;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use support::job::livepipe;
 use support::reference::{expected, expected_live, Rules};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn livepipe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_livepipe"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("livepipe runs")
-}
 
 /// Runs livepipe and fails the test, with its stderr, unless it exits 0.
 fn run_ok(args: &[&str]) {

@@ -5,19 +5,13 @@
 mod support;
 
 use livepipe_sources::generator::{GenConfig, Generator};
+use support::job::{livepipe, write_jsonl};
 use support::outputs::{assert_ledger_matches, assert_reference, billing_files, reference};
 
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{SystemTime, UNIX_EPOCH};
-
-fn livepipe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_livepipe"))
-        .args(args)
-        .output()
-        .expect("livepipe runs")
-}
 
 fn run_file(file: &Path, out: &Path) -> Output {
     livepipe(&[
@@ -29,15 +23,6 @@ fn run_file(file: &Path, out: &Path) -> Output {
         "--workers",
         "2",
     ])
-}
-
-fn write_jsonl(path: &Path, records: &[Vec<u8>]) {
-    let mut bytes = Vec::new();
-    for record in records {
-        bytes.extend_from_slice(record);
-        bytes.push(b'\n');
-    }
-    std::fs::write(path, bytes).unwrap();
 }
 
 fn now_ms() -> u64 {

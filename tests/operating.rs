@@ -13,24 +13,17 @@ mod support;
 
 use livepipe_sources::generator::{GenConfig, Generator};
 use rdkafka::mocking::MockCluster;
-use support::job::{http_get, topic_job, wait_for, Job};
+use support::job::{http_get, livepipe, topic_job, wait_for, write_jsonl, Job};
 use support::kafka::{generated_traffic, loaded_mock_topic, publish_all};
 use support::outputs::{assert_ledger_matches, billing_files, reference, wait_for_all_files};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 /// Only keeps a broken build from hanging CI; nothing here measures speed.
 const LIMIT: Duration = Duration::from_secs(120);
-
-fn livepipe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_livepipe"))
-        .args(args)
-        .output()
-        .expect("livepipe runs")
-}
 
 fn said(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
@@ -131,15 +124,6 @@ fn traffic(events: u64, seed: u64, start_ts: u64) -> Vec<Vec<u8>> {
         ..GenConfig::default()
     })
     .collect()
-}
-
-fn write_jsonl(path: &Path, records: &[Vec<u8>]) {
-    let mut bytes = Vec::new();
-    for record in records {
-        bytes.extend_from_slice(record);
-        bytes.push(b'\n');
-    }
-    std::fs::write(path, bytes).unwrap();
 }
 
 const START: u64 = 1_700_000_000_000;

@@ -2,7 +2,7 @@
 //! signal, and killed if a test fails halfway.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A running `livepipe`; killed on drop unless stopped.
@@ -189,4 +189,23 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
         Err(ureq::Error::StatusCode(code)) => (code, String::new()),
         Err(err) => panic!("GET {path}: {err}"),
     }
+}
+
+/// `livepipe ARGS` run to its end (warnings only in its log).
+pub fn livepipe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_livepipe"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("livepipe runs")
+}
+
+/// Writes `records` as a JSON-lines file.
+pub fn write_jsonl(path: &Path, records: &[Vec<u8>]) {
+    let mut bytes = Vec::new();
+    for record in records {
+        bytes.extend_from_slice(record);
+        bytes.push(b'\n');
+    }
+    std::fs::write(path, bytes).unwrap();
 }
