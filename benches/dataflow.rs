@@ -83,7 +83,7 @@ fn is_billing(record: &Ingested) -> bool {
     )
 }
 
-/// The live or the billing sub-graph with SPEC's rules, fed by hand: the
+/// The live or the billing sub-graph with the default rules, fed by hand: the
 /// records, the event clock (live only), and a probe at the end.
 fn build_path(
     worker: &mut timely::worker::Worker,

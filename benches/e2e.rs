@@ -13,7 +13,7 @@
 //!    window -> the period's `.done` marker), with 10 s periods and a 10 s
 //!    window so that several periods finalize in the phase.
 //! 3. **Soak.** `livepipe gen --brokers` at 2,000 records/s into the mock
-//!    cluster and `livepipe run` with SPEC's defaults (plus
+//!    cluster and `livepipe run` with the default rules (plus
 //!    `LIVEPIPE_SOAK_ARGS`, e.g. `--state-retention-ms 60000`) for
 //!    `LIVEPIPE_SOAK_MINUTES` (default 30; 0 skips): RSS, pending
 //!    impressions and present viewers every minute.
@@ -213,7 +213,7 @@ fn soak() {
     println!("\n## Soak\n");
     println!(
         "`livepipe gen --brokers` at 2,000 records/s into the mock cluster, `livepipe run` with \
-         SPEC's defaults (5 min window, 10 min state retention) {}, 2 workers, {minutes} min; \
+         the default rules (5 min window, 10 min state retention) {}, 2 workers, {minutes} min; \
          sampled every minute\n",
         if extra.is_empty() {
             String::new()

@@ -1,5 +1,6 @@
-//! The command line (SPEC §4). Flags are checked here so that a mistake is a
-//! usage error (exit 2) with a message naming the flag, before anything runs.
+//! The command line (docs/contract.md, Command line). Flags are checked
+//! here so that a mistake is a usage error (exit 2) with a message naming
+//! the flag, before anything runs.
 
 use clap::{Args, Parser, Subcommand};
 use livepipe_dataflow::config::PipelineConfig;
@@ -213,7 +214,7 @@ impl RunArgs {
     }
 }
 
-/// The business rules; defaults are SPEC's.
+/// The business rules, with the contract's defaults.
 #[derive(Debug, Args)]
 pub struct RuleArgs {
     /// An ad_progress qualifies with watched_ms at least this.

@@ -182,7 +182,7 @@ fn start_offsets(start: StartFrom) -> StartOffsets {
     }
 }
 
-/// Where the dashboard is served by default: loopback only (SPEC §2), port
+/// Where the dashboard is served by default: loopback only (docs/contract.md, Live path), port
 /// 8080 (8080 + i for process i of a cluster).
 fn default_http(process: usize) -> std::net::SocketAddr {
     let port = u16::try_from(8080 + process).unwrap_or(0);

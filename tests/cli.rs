@@ -78,7 +78,7 @@ fn generated_file_bills_exactly_and_identically_for_1_and_2_workers() {
     if lines.last() == Some(&&b""[..]) {
         lines.pop();
     }
-    let want = expected(&lines, Rules::SPEC);
+    let want = expected(&lines, Rules::DEFAULTS);
     let csvs: BTreeMap<String, Vec<u8>> = billing[0]
         .iter()
         .filter(|(name, _)| name.ends_with(".csv"))

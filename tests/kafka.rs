@@ -150,7 +150,7 @@ fn topic_bills_like_the_file(brokers: &str, topic: &str, events: u64, seed: u64)
     }
     std::fs::write(&input, &bytes).unwrap();
     let lines: Vec<&[u8]> = records.iter().map(|r| &r[..]).collect();
-    let want = expected(&lines, Rules::SPEC);
+    let want = expected(&lines, Rules::DEFAULTS);
     assert!(want.files.len() > 1);
 
     publish_all(brokers, topic, &records);
@@ -446,7 +446,7 @@ fn gen_to_kafka_sends_what_gen_writes_to_a_file() {
     let bytes = std::fs::read(&input).unwrap();
     let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
     lines.pop();
-    let want = expected(&lines, Rules::SPEC);
+    let want = expected(&lines, Rules::DEFAULTS);
     let got = run_on_topic(&brokers, "made", "2", &want, dir.path());
     for (name, bytes) in &want.files {
         assert!(got[name] == *bytes, "{name} differs from the reference");

@@ -73,7 +73,7 @@ fn run_and_check(dir: &Path, lines: &[Vec<u8>]) -> Expected {
     let took = started.elapsed();
 
     let raw: Vec<&[u8]> = lines.iter().map(Vec::as_slice).collect();
-    let want = expected(&raw, Rules::SPEC);
+    let want = expected(&raw, Rules::DEFAULTS);
     let files = billing_files(&out);
     let csvs = files.keys().filter(|n| n.ends_with(".csv")).count();
     assert_eq!(csvs, want.files.len(), "as many files as the reference");

@@ -1,4 +1,5 @@
-//! The knobs of the two paths, with the defaults SPEC.md fixes.
+//! The knobs of the two paths, with the defaults the contract fixes
+//! (docs/contract.md, Command line).
 
 use serde::{Deserialize, Serialize};
 

@@ -103,7 +103,7 @@ pub const EXPIRY_BUCKET_MS: u64 = 1_000;
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Snapshot {
     pub stream_id: String,
-    /// Distinct viewers present (see SPEC §2).
+    /// Distinct viewers present (see docs/contract.md, Live path).
     pub viewers: u64,
     /// `chat` events with `ts` in `(as_of - 60 s, as_of]`.
     pub chat_per_min: u64,

@@ -2,8 +2,9 @@
 //! one [`Rejection`] that explains why not.
 //!
 //! A record is one JSON object (a Kafka message value, or one line of a
-//! `.jsonl` file without its `\n`). The contract is SPEC §1; this module is
-//! its only implementation, so everything downstream may trust an [`Event`].
+//! `.jsonl` file without its `\n`). The contract is docs/contract.md,
+//! Events in; this module is its only implementation, so everything
+//! downstream may trust an [`Event`].
 //!
 //! # Why it is written this way
 //!
@@ -181,9 +182,10 @@ pub enum Rejection {
     TooLong(Field),
     /// A used string field is the empty string.
     Empty(Field),
-    /// Read from Kafka with a `ts` more than [`MAX_AHEAD_OF_CLOCK_MS`]
-    /// ahead of the wall clock: a broken player clock must not drag the
-    /// watermark forward (SPEC §1). Files are history and never get this.
+    /// Read (from Kafka or a file) with a `ts` more than
+    /// [`MAX_AHEAD_OF_CLOCK_MS`] ahead of the wall clock: a broken player
+    /// clock must not drag the watermark forward (docs/contract.md, Events
+    /// in).
     AheadOfClock,
 }
 
@@ -1276,7 +1278,8 @@ mod tests {
 
     #[test]
     fn field_check_order() {
-        // Every field wrong at once: the first in SPEC order is reported.
+        // Every field wrong at once: the first in the contract's field order
+        // is reported.
         let all_bad = r#"{"watched_ms":-1,"price_micros":"x","advertiser_id":"","campaign_id":1,"ad_id":null,"impression_id":"","viewer_id":"","stream_id":"","ts":0,"event_id":"","type":"impression"}"#;
         assert_eq!(code(all_bad), "empty:event_id");
         let mut rec = all_bad.replace(r#""event_id":"""#, r#""event_id":"e""#);

@@ -1,5 +1,5 @@
 //! The live sink's HTTP side: dashboard, JSON API, Server-Sent Events,
-//! `/metrics` and `/healthz` (SPEC §2).
+//! `/metrics` and `/healthz` (docs/contract.md, Live path).
 //!
 //! The server runs on a thread of its own with its own tokio runtime, so the
 //! dataflow's workers never run (or wait on) HTTP work. The only thing the
@@ -11,10 +11,10 @@
 //! | route | |
 //! |---|---|
 //! | `GET /` | the dashboard (one self-contained page) |
-//! | `GET /api/live?limit=N` | latest snapshots, most viewers first |
+//! | `GET /api/live?limit=N` | latest snapshots, most viewers first (500 without `limit`) |
 //! | `GET /api/live/{stream_id}` | one stream's latest snapshot, or a JSON 404 |
 //! | `GET /api/live/{stream_id}/events` | SSE, one `snapshot` event per tick |
-//! | `GET /api/board/events` | SSE, one `board` event (all snapshots) per tick |
+//! | `GET /api/board/events` | SSE, per tick a `totals` event, then a `board` event (the top 500) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /healthz` | 200 while both paths run, 503 with the reason otherwise |
 //!

@@ -7,7 +7,7 @@
 //! a partition's records are always read, parsed and stamped in offset
 //! order by one worker, which is what makes its watermark well defined.
 //!
-//! # Watermarks (SPEC §3)
+//! # Watermarks (docs/contract.md, Billing rules)
 //!
 //! A partition's watermark is its highest valid `ts` so far minus the
 //! allowed lateness. A partition is **idle** once it is caught up (the

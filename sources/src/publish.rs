@@ -2,7 +2,7 @@
 //! load generator's Kafka mode (`livepipe gen --brokers`) and the embedded
 //! demo's traffic.
 //!
-//! Messages are keyed by `stream_id` (SPEC §1: producers' choice, so all of
+//! Messages are keyed by `stream_id` (docs/contract.md, Events in: producers' choice, so all of
 //! a stream's events share a partition); records that are not valid events
 //! (the planted malformed ones) go without a key. The producer is
 //! idempotent, so librdkafka's own retries neither duplicate nor reorder

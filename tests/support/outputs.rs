@@ -8,10 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
-/// The independent reference's answer for `records` under SPEC's rules.
+/// The independent reference's answer for `records` under the default rules.
 pub fn reference(records: &[Vec<u8>]) -> Expected {
     let lines: Vec<&[u8]> = records.iter().map(|r| &r[..]).collect();
-    expected(&lines, Rules::SPEC)
+    expected(&lines, Rules::DEFAULTS)
 }
 
 /// Waits until `out` holds a marker for every file the reference expects

@@ -1,9 +1,9 @@
-//! An independent reference for SPEC §3, written to be obviously right
-//! rather than fast: it replays one partition record by record, exactly as
-//! the contract words it (watermark before each record, pending until the
-//! watermark passes `ts + window`, late once final), with plain maps. It
-//! shares nothing with the dataflow but the event parser, whose strictness
-//! is tested on its own.
+//! An independent reference for docs/contract.md, Billing rules, written to
+//! be obviously right rather than fast: it replays one partition record by
+//! record, exactly as the contract words it (watermark before each record,
+//! pending until the watermark passes `ts + window`, late once final), with
+//! plain maps. It shares nothing with the dataflow but the event parser,
+//! whose strictness is tested on its own.
 
 use livepipe_dataflow::event::{Event, EventKind};
 use livepipe_dataflow::parse::parse_event;
@@ -20,8 +20,8 @@ pub struct Rules {
 }
 
 impl Rules {
-    /// SPEC's defaults, which `livepipe run` uses without rule flags.
-    pub const SPEC: Rules = Rules {
+    /// The contract's defaults, which `livepipe run` uses without rule flags.
+    pub const DEFAULTS: Rules = Rules {
         qualify_ms: 2_000,
         window: 300_000,
         lateness: 5_000,
@@ -61,7 +61,8 @@ fn impression_id(event: &Event) -> Option<&str> {
     }
 }
 
-/// Billing of one input file (one partition), per SPEC §3.
+/// Billing of one input file (one partition), per docs/contract.md,
+/// Billing rules.
 pub fn expected(lines: &[&[u8]], rules: Rules) -> Expected {
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -241,7 +242,8 @@ fn quote(field: &str) -> String {
 }
 
 /// The last live snapshot of every stream not retired once a file has been
-/// read (SPEC §2), as (viewers, chat_per_min) at `now` = the highest `ts`.
+/// read (docs/contract.md, Live path), as (viewers, chat_per_min) at `now`
+/// = the highest `ts`.
 ///
 /// Retired: a stream with no viewer and no chat for longer than the TTL. A
 /// viewer counts for a TTL after its presence, a chat for a minute, and a
