@@ -207,55 +207,15 @@ fn run_dataflow(
         })?),
         None => None,
     };
-    let side_dir = if first {
-        job.out.clone()
-    } else {
-        job.out.join(format!("process-{process}"))
-    };
-    // Outputs go only into real directories: through a planted link they
-    // would land, and temp files be cleaned up, somewhere else.
-    let own_dir = if first {
-        job.out.join("billing")
-    } else {
-        side_dir.clone()
-    };
-    refuse_link(&own_dir)
-        .map_err(|err| UsageError(format!("--out {}: {err}", job.out.display())))?;
-    // One job per --out, locked before anything there changes; held until
-    // this function returns.
-    let mut lock = OutDirLock::acquire(&side_dir).map_err(|err| match err {
-        LockError::Held(message) => anyhow::Error::from(UsageError(message)),
-        LockError::Io(err) => UsageError(format!(
-            "--out {}: cannot create or lock: {err}",
-            side_dir.display()
-        ))
-        .into(),
-    })?;
-    // Process 0 holds the ledger: it must belong to this job and its input.
-    let (resume, lost_records) = if first {
-        prepare_ledger(&job, &sources, &partitions)?
-    } else {
-        (BTreeMap::new(), 0)
-    };
-    lock.announce(livepipe_sources::wall_clock_ms())
-        .with_context(|| format!("writing {}", side_dir.join(LOCK_FILE).display()))?;
-
-    let side = Arc::new(SideOutputs::open(&side_dir).context("opening side outputs")?);
-    let ledger_positions = Arc::new(Checkpoints::default());
-    let (sink, billing_stats) = if first {
-        let sink = BillingSink::open(
-            &job.out,
-            job.config.clone(),
-            sources.clone(),
-            side.clone(),
-            ledger_positions.clone(),
-        )
-        .with_context(|| format!("opening the billing output in {}", job.out.display()))?;
-        let stats = sink.stats();
-        (Some(sink), stats)
-    } else {
-        (None, Arc::new(BillingStats::default()))
-    };
+    let Outputs {
+        lock: _lock,
+        side,
+        sink,
+        billing_stats,
+        resume,
+        lost_records,
+        ledger_positions,
+    } = open_outputs(&job, process, &sources, &partitions)?;
     // The sink commits on a thread of its own: worker 0 never waits on the
     // disk, and a billing output that refuses writes stalls billing only.
     let (sink_input, sink_thread) = match sink {
@@ -594,6 +554,93 @@ fn job_shape(job: &Job) -> JobShape {
         rules.time_granularity_ms.to_string(),
     );
     shape
+}
+
+/// This process's outputs, open: `--out` locked for the run, the ledger
+/// checked against this job (process 0), the side outputs and the billing
+/// sink.
+struct Outputs {
+    /// Held until the run ends.
+    lock: OutDirLock,
+    side: Arc<SideOutputs>,
+    sink: Option<BillingSink>,
+    billing_stats: Arc<BillingStats>,
+    /// Where each partition resumes: process 0's ledger (empty elsewhere).
+    resume: BTreeMap<u32, Checkpoint>,
+    /// Input records lost over the ledger's life (`gaps`).
+    lost_records: u64,
+    /// The positions the sink commits, for sources that report them.
+    ledger_positions: Arc<Checkpoints>,
+}
+
+/// Opens this process's outputs in the order that keeps a refused job
+/// from changing anything: links refused, `--out` locked, the ledger
+/// checked against the job, and only then anything written.
+fn open_outputs(
+    job: &Job,
+    process: usize,
+    sources: &[Arc<str>],
+    partitions: &[i32],
+) -> anyhow::Result<Outputs> {
+    let first = process == 0;
+    let side_dir = if first {
+        job.out.clone()
+    } else {
+        job.out.join(format!("process-{process}"))
+    };
+    // Outputs go only into real directories: through a planted link they
+    // would land, and temp files be cleaned up, somewhere else.
+    let own_dir = if first {
+        job.out.join("billing")
+    } else {
+        side_dir.clone()
+    };
+    refuse_link(&own_dir)
+        .map_err(|err| UsageError(format!("--out {}: {err}", job.out.display())))?;
+    // One job per --out, locked before anything there changes; held for
+    // the whole run (see `Outputs`).
+    let mut lock = OutDirLock::acquire(&side_dir).map_err(|err| match err {
+        LockError::Held(message) => anyhow::Error::from(UsageError(message)),
+        LockError::Io(err) => UsageError(format!(
+            "--out {}: cannot create or lock: {err}",
+            side_dir.display()
+        ))
+        .into(),
+    })?;
+    // Process 0 holds the ledger: it must belong to this job and its input.
+    let (resume, lost_records) = if first {
+        prepare_ledger(job, sources, partitions)?
+    } else {
+        (BTreeMap::new(), 0)
+    };
+    lock.announce(livepipe_sources::wall_clock_ms())
+        .with_context(|| format!("writing {}", side_dir.join(LOCK_FILE).display()))?;
+
+    let side = Arc::new(SideOutputs::open(&side_dir).context("opening side outputs")?);
+    let ledger_positions = Arc::new(Checkpoints::default());
+    let (sink, billing_stats) = if first {
+        let sink = BillingSink::open(
+            &job.out,
+            job.config.clone(),
+            sources.to_vec(),
+            side.clone(),
+            ledger_positions.clone(),
+        )
+        .with_context(|| format!("opening the billing output in {}", job.out.display()))?;
+        let stats = sink.stats();
+        (Some(sink), stats)
+    } else {
+        (None, Arc::new(BillingStats::default()))
+    };
+    Ok(Outputs {
+        lock,
+        side,
+        sink,
+        billing_stats,
+        resume,
+        lost_records,
+        ledger_positions,
+    })
 }
 
 /// Binds `--out`'s ledger to this job's rules and input (see
