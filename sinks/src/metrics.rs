@@ -162,8 +162,24 @@ fn partition_gauge(
 
 impl Collector for JobMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        // The order is the exposition's order: keep it.
+        self.encode_events(&mut encoder)?;
+        self.encode_billing_counts(&mut encoder)?;
+        self.encode_health(&mut encoder)?;
+        self.encode_watermark(&mut encoder)?;
+        self.encode_partitions(&mut encoder)?;
+        self.encode_live(&mut encoder)
+    }
+}
 
+fn load(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+impl JobMetrics {
+    /// Records in: valid events by type, rejections by reason, and input
+    /// lost before it was read.
+    fn encode_events(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         let totals = self.events_in.totals();
         let mut family = encoder.encode_descriptor(
             "events_in",
@@ -191,117 +207,136 @@ impl Collector for JobMetrics {
         }
 
         counter(
-            &mut encoder,
+            encoder,
             "input_lost_records",
             "Input records deleted (retention) before they were read, recorded in gaps.jsonl.",
             self.lost_records,
-        )?;
+        )
+    }
 
+    /// Billing's outcome counters and the impressions not final yet.
+    fn encode_billing_counts(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         let billing = &self.billing;
         counter(
-            &mut encoder,
+            encoder,
             "duplicates",
             "Impression records dropped as duplicates of a canonical one.",
             load(&billing.duplicates),
         )?;
         counter(
-            &mut encoder,
+            encoder,
             "late",
             "Records written to late.jsonl.",
             load(&billing.late),
         )?;
         counter(
-            &mut encoder,
+            encoder,
             "billed",
             "Impressions billed (final, qualified).",
             load(&billing.billed),
         )?;
         counter(
-            &mut encoder,
+            encoder,
             "expired",
             "Impressions final without a qualifying watch.",
             load(&billing.expired),
         )?;
         counter(
-            &mut encoder,
+            encoder,
             "billing_files",
             "Billing period files written.",
             load(&billing.files),
         )?;
         gauge(
-            &mut encoder,
+            encoder,
             "pending_impressions",
             "Impressions seen but not final yet.",
             self.probes
                 .pending_impressions
                 .load(Ordering::Relaxed)
                 .max(0),
-        )?;
+        )
+    }
+
+    /// Health: the input unreachable, billing's output stalled and for how long.
+    fn encode_health(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         gauge(
-            &mut encoder,
+            encoder,
             "input_unreachable",
             "1 while the input cannot be read (no Kafka broker up); the job waits and reconnects.",
             i64::from((self.input_problem)().is_some()),
         )?;
-        let stall = billing.stall();
+        let stall = self.billing.stall();
         gauge(
-            &mut encoder,
+            encoder,
             "billing_stalled",
             "1 while the billing output refuses writes (billing retries; /healthz says why).",
             i64::from(stall.is_some()),
         )?;
         gauge(
-            &mut encoder,
+            encoder,
             "billing_stalled_seconds",
             "How long billing has been stalled (0 when it is not).",
             stall.map_or(0, |s| {
                 (wall_clock_ms().saturating_sub(s.since_ms) / 1000) as i64
             }),
+        )
+    }
+
+    /// Billing's event-time watermark and its lag, once there is one.
+    fn encode_watermark(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
+        let Some(watermark) = self.billing.watermark() else {
+            return Ok(());
+        };
+        gauge(
+            encoder,
+            "watermark_ms",
+            "Billing's event-time watermark (ms since the epoch): every impression with \
+             ts + window below it is final.",
+            watermark as i64,
         )?;
-        if let Some(watermark) = billing.watermark() {
-            gauge(
-                &mut encoder,
-                "watermark_ms",
-                "Billing's event-time watermark (ms since the epoch): every impression with \
-                 ts + window below it is final.",
-                watermark as i64,
-            )?;
-            gauge(
-                &mut encoder,
-                "watermark_lag_ms",
-                "Wall clock minus the watermark.",
-                wall_clock_ms() as i64 - watermark as i64,
-            )?;
-        }
+        gauge(
+            encoder,
+            "watermark_lag_ms",
+            "Wall clock minus the watermark.",
+            wall_clock_ms() as i64 - watermark as i64,
+        )
+    }
 
+    /// Per-partition positions of the source (none for files).
+    fn encode_partitions(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         let partitions = (self.partitions)();
-        if !partitions.is_empty() {
-            partition_gauge(
-                &mut encoder,
-                "partition_offset",
-                "Next offset to read, per source partition.",
-                &partitions,
-                |row| row.offset,
-            )?;
-            partition_gauge(
-                &mut encoder,
-                "partition_lag",
-                "Records behind the broker's high watermark, per partition (-1 unknown).",
-                &partitions,
-                |row| row.lag,
-            )?;
-            partition_gauge(
-                &mut encoder,
-                "partition_idle",
-                "1 when the partition is idle and not holding the watermark back.",
-                &partitions,
-                |row| row.idle as i64,
-            )?;
+        if partitions.is_empty() {
+            return Ok(());
         }
+        partition_gauge(
+            encoder,
+            "partition_offset",
+            "Next offset to read, per source partition.",
+            &partitions,
+            |row| row.offset,
+        )?;
+        partition_gauge(
+            encoder,
+            "partition_lag",
+            "Records behind the broker's high watermark, per partition (-1 unknown).",
+            &partitions,
+            |row| row.lag,
+        )?;
+        partition_gauge(
+            encoder,
+            "partition_idle",
+            "1 when the partition is idle and not holding the watermark back.",
+            &partitions,
+            |row| row.idle as i64,
+        )
+    }
 
+    /// The live path: tick counts and times, streams, SSE connections.
+    fn encode_live(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         let probes = &self.probes;
         counter(
-            &mut encoder,
+            encoder,
             "live_ticks",
             "Live ticks computed (per worker, summed).",
             load(&probes.ticks),
@@ -324,24 +359,23 @@ impl Collector for JobMetrics {
             )?,
         )?;
         gauge(
-            &mut encoder,
+            encoder,
             "live_streams",
             "Streams on the live board.",
             (self.live_streams)() as i64,
         )?;
         counter(
-            &mut encoder,
+            encoder,
             "live_streams_dropped",
             "Streams refused at the live path's bound (MAX_LIVE_STREAMS held at once).",
             load(&self.live_streams_dropped),
         )?;
         gauge(
-            &mut encoder,
+            encoder,
             "sse_clients",
             "Open Server-Sent Events connections.",
             self.sse_clients.load(Ordering::Relaxed) as i64,
-        )?;
-        Ok(())
+        )
     }
 }
 
@@ -349,4 +383,198 @@ fn wall_clock_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::billing::Stall;
+    use std::sync::atomic::AtomicI64;
+
+    /// A `JobMetrics` with small known values in every field. The stall's
+    /// `since_ms` is in the future so that its age is 0 whatever the clock.
+    fn known() -> JobMetrics {
+        let events_in = EventsIn::new(2);
+        events_in.worker(0).count(&EventKind::Join);
+        events_in.worker(1).count(&EventKind::Join);
+        events_in.worker(1).count(&EventKind::Chat);
+        events_in.worker(0).count(&EventKind::Heartbeat);
+        events_in.worker(0).count(&EventKind::Heartbeat);
+        events_in.worker(1).count(&EventKind::Heartbeat);
+        let rejected =
+            BTreeMap::from([("bad_json".to_string(), 3), ("unknown_type".to_string(), 1)]);
+        let billing = BillingStats {
+            billed: AtomicU64::new(7),
+            expired: AtomicU64::new(2),
+            late: AtomicU64::new(1),
+            duplicates: AtomicU64::new(4),
+            files: AtomicU64::new(5),
+            frontier_ms: AtomicU64::new(1_000),
+            stall: Mutex::new(Some(Stall {
+                cause: "disk full".to_string(),
+                since_ms: u64::MAX,
+            })),
+        };
+        let probes = Probes {
+            pending_impressions: AtomicI64::new(6),
+            ticks: AtomicU64::new(8),
+            tick_micros: AtomicU64::new(1_500_000),
+            tick_micros_max: AtomicU64::new(250_000),
+            ..Probes::default()
+        };
+        JobMetrics {
+            events_in: Arc::new(events_in),
+            rejected: Arc::new(Mutex::new(rejected)),
+            billing: Arc::new(billing),
+            probes: Arc::new(probes),
+            partitions: Arc::new(|| {
+                vec![
+                    PartitionRow {
+                        partition: 0,
+                        offset: 42,
+                        lag: 3,
+                        idle: false,
+                    },
+                    PartitionRow {
+                        partition: 1,
+                        offset: -1,
+                        lag: -1,
+                        idle: true,
+                    },
+                ]
+            }),
+            sse_clients: Arc::new(AtomicUsize::new(2)),
+            live_streams: Arc::new(|| 9),
+            live_streams_dropped: Arc::new(AtomicU64::new(1)),
+            input_problem: Arc::new(|| Some("no broker".to_string())),
+            lost_records: 11,
+        }
+    }
+
+    /// The rendering with the one clock-dependent value (the watermark's
+    /// lag behind the wall clock) checked and replaced by `LAG`.
+    fn render_masked(metrics: &JobMetrics) -> String {
+        let text = metrics.render().unwrap();
+        let mut out = String::new();
+        for line in text.lines() {
+            match line.strip_prefix("livepipe_watermark_lag_ms ") {
+                Some(value) => {
+                    let lag: i64 = value.parse().unwrap();
+                    assert!(lag > 0, "{line}");
+                    out.push_str("livepipe_watermark_lag_ms LAG");
+                }
+                None => out.push_str(line),
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    #[test]
+    fn renders_known_values() {
+        let expected = r##"# HELP livepipe_events_in Valid events read, by type.
+# TYPE livepipe_events_in counter
+livepipe_events_in_total{type="join"} 2
+livepipe_events_in_total{type="leave"} 0
+livepipe_events_in_total{type="heartbeat"} 3
+livepipe_events_in_total{type="chat"} 1
+livepipe_events_in_total{type="impression"} 0
+livepipe_events_in_total{type="ad_progress"} 0
+# HELP livepipe_rejected Records sent to rejected.jsonl, by reason.
+# TYPE livepipe_rejected counter
+livepipe_rejected_total{reason="bad_json"} 3
+livepipe_rejected_total{reason="unknown_type"} 1
+# HELP livepipe_input_lost_records Input records deleted (retention) before they were read, recorded in gaps.jsonl.
+# TYPE livepipe_input_lost_records counter
+livepipe_input_lost_records_total 11
+# HELP livepipe_duplicates Impression records dropped as duplicates of a canonical one.
+# TYPE livepipe_duplicates counter
+livepipe_duplicates_total 4
+# HELP livepipe_late Records written to late.jsonl.
+# TYPE livepipe_late counter
+livepipe_late_total 1
+# HELP livepipe_billed Impressions billed (final, qualified).
+# TYPE livepipe_billed counter
+livepipe_billed_total 7
+# HELP livepipe_expired Impressions final without a qualifying watch.
+# TYPE livepipe_expired counter
+livepipe_expired_total 2
+# HELP livepipe_billing_files Billing period files written.
+# TYPE livepipe_billing_files counter
+livepipe_billing_files_total 5
+# HELP livepipe_pending_impressions Impressions seen but not final yet.
+# TYPE livepipe_pending_impressions gauge
+livepipe_pending_impressions 6
+# HELP livepipe_input_unreachable 1 while the input cannot be read (no Kafka broker up); the job waits and reconnects.
+# TYPE livepipe_input_unreachable gauge
+livepipe_input_unreachable 1
+# HELP livepipe_billing_stalled 1 while the billing output refuses writes (billing retries; /healthz says why).
+# TYPE livepipe_billing_stalled gauge
+livepipe_billing_stalled 1
+# HELP livepipe_billing_stalled_seconds How long billing has been stalled (0 when it is not).
+# TYPE livepipe_billing_stalled_seconds gauge
+livepipe_billing_stalled_seconds 0
+# HELP livepipe_watermark_ms Billing's event-time watermark (ms since the epoch): every impression with ts + window below it is final.
+# TYPE livepipe_watermark_ms gauge
+livepipe_watermark_ms 1000
+# HELP livepipe_watermark_lag_ms Wall clock minus the watermark.
+# TYPE livepipe_watermark_lag_ms gauge
+livepipe_watermark_lag_ms LAG
+# HELP livepipe_partition_offset Next offset to read, per source partition.
+# TYPE livepipe_partition_offset gauge
+livepipe_partition_offset{partition="0"} 42
+livepipe_partition_offset{partition="1"} -1
+# HELP livepipe_partition_lag Records behind the broker's high watermark, per partition (-1 unknown).
+# TYPE livepipe_partition_lag gauge
+livepipe_partition_lag{partition="0"} 3
+livepipe_partition_lag{partition="1"} -1
+# HELP livepipe_partition_idle 1 when the partition is idle and not holding the watermark back.
+# TYPE livepipe_partition_idle gauge
+livepipe_partition_idle{partition="0"} 0
+livepipe_partition_idle{partition="1"} 1
+# HELP livepipe_live_ticks Live ticks computed (per worker, summed).
+# TYPE livepipe_live_ticks counter
+livepipe_live_ticks_total 8
+# HELP livepipe_live_tick_seconds Time spent computing live ticks; divide by live_ticks_total for the mean.
+# TYPE livepipe_live_tick_seconds counter
+livepipe_live_tick_seconds_total 1.5
+# HELP livepipe_live_tick_max_seconds The longest live tick so far.
+# TYPE livepipe_live_tick_max_seconds gauge
+livepipe_live_tick_max_seconds 0.25
+# HELP livepipe_live_streams Streams on the live board.
+# TYPE livepipe_live_streams gauge
+livepipe_live_streams 9
+# HELP livepipe_live_streams_dropped Streams refused at the live path's bound (MAX_LIVE_STREAMS held at once).
+# TYPE livepipe_live_streams_dropped counter
+livepipe_live_streams_dropped_total 1
+# HELP livepipe_sse_clients Open Server-Sent Events connections.
+# TYPE livepipe_sse_clients gauge
+livepipe_sse_clients 2
+# EOF
+"##;
+        assert_eq!(render_masked(&known()), expected);
+    }
+
+    /// Before a watermark, with no partitions (files) and nothing stalled:
+    /// those families are left out and the health gauges read 0.
+    #[test]
+    fn leaves_out_what_is_not_there() {
+        let metrics = JobMetrics {
+            billing: Arc::new(BillingStats::default()),
+            partitions: Arc::new(Vec::new),
+            input_problem: Arc::new(|| None),
+            ..known()
+        };
+        let text = metrics.render().unwrap();
+        assert!(!text.contains("livepipe_watermark"), "{text}");
+        assert!(!text.contains("livepipe_partition"), "{text}");
+        assert!(text.contains("\nlivepipe_input_unreachable 0\n"), "{text}");
+        assert!(text.contains("\nlivepipe_billing_stalled 0\n"), "{text}");
+        assert!(
+            text.contains("\nlivepipe_billing_stalled_seconds 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("\nlivepipe_billed_total 0\n"), "{text}");
+        assert!(text.ends_with("livepipe_sse_clients 2\n# EOF\n"), "{text}");
+    }
 }
