@@ -19,13 +19,13 @@ use crate::cluster::{self, ClusterSpec, JobShape};
 use anyhow::Context;
 use livepipe_dataflow::billing::billing;
 use livepipe_dataflow::config::PipelineConfig;
-use livepipe_dataflow::event::RejectedRecord;
+use livepipe_dataflow::event::{Ingested, RejectedRecord};
 use livepipe_dataflow::live::live;
 use livepipe_dataflow::probe::Probes;
 use livepipe_dataflow::resume::{ship_checkpoints, Checkpoint, CheckpointOutbox, Checkpoints};
 use livepipe_dataflow::route::{split_paths, RouteKey};
 use livepipe_dataflow::time::Time;
-use livepipe_sinks::billing::{BillingSink, BillingStats, SinkThread};
+use livepipe_sinks::billing::{BillingSink, BillingStats, SinkInput, SinkThread};
 use livepipe_sinks::binding::{self, BindError, Binding, BoundInput};
 use livepipe_sinks::fsutil::refuse_link;
 use livepipe_sinks::gaps::{self, Gap};
@@ -42,10 +42,12 @@ use livepipe_sources::kafka::{
 };
 use livepipe_sources::prefix::prefix_digest;
 use livepipe_sources::SourceContext;
+use timely::communication::AllocatorBuilder;
 use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::vec::Input as _;
 use timely::dataflow::operators::Inspect;
 use timely::dataflow::operators::Probe;
+use timely::dataflow::{Scope, StreamVec};
 use timely::worker::Worker;
 
 use std::cell::RefCell;
@@ -191,6 +193,10 @@ pub fn run_job(job: Job) -> anyhow::Result<RunSummary> {
 
 /// Builds and runs the dataflow. `sources` names each partition (for the
 /// side outputs); `partitions` lists the Kafka partitions (empty for files).
+///
+/// The order is the contract: nothing is written before the outputs are
+/// open and checked, and nothing starts before the cluster has formed, so
+/// a refused job leaves as little behind as it can.
 fn run_dataflow(
     job: Job,
     sources: Vec<Arc<str>>,
@@ -199,14 +205,7 @@ fn run_dataflow(
     // Process 0 (or a process alone) holds the billing output and the board.
     let process = job.cluster.as_ref().map_or(0, |c| c.process);
     let first = process == 0;
-    let listener = match job.http {
-        Some(addr) => Some(http::bind(addr).map_err(|err| {
-            UsageError(format!(
-                "--http {addr}: cannot listen: {err}; pick a free port (127.0.0.1:0 picks one)"
-            ))
-        })?),
-        None => None,
-    };
+    let listener = bind_http(&job)?;
     let Outputs {
         lock: _lock,
         side,
@@ -216,33 +215,137 @@ fn run_dataflow(
         lost_records,
         ledger_positions,
     } = open_outputs(&job, process, &sources, &partitions)?;
-    // The sink commits on a thread of its own: worker 0 never waits on the
-    // disk, and a billing output that refuses writes stalls billing only.
-    let (sink_input, sink_thread) = match sink {
+    let (sink_input, sink_thread) = spawn_sink(sink, &job.stop);
+    let board = LiveBoard::default();
+    let gauges = Gauges::new(job.workers);
+    let metrics = job_metrics(&gauges, &board, &billing_stats, lost_records);
+    let _server = start_http(listener, &job, first, &board, metrics)?;
+    let context = source_context(&job, &gauges, &side, ledger_positions);
+    let comm = connect(&job)?;
+    let wiring = Wiring {
+        context,
+        resume: Arc::new(resume),
+        input: job.input.clone(),
+        config: job.config.clone(),
+        partitions,
+        gauges: gauges.clone(),
+        workers: job.workers,
+        route: RouteKey::new(comm.routing.words()),
+        board: board.clone(),
+        sink_input: Arc::new(Mutex::new(sink_input)),
+        stop: job.stop.clone(),
+    };
+    let done = Arc::new(AtomicBool::new(false));
+    let reporters = spawn_reporters(&job, first, &wiring, &billing_stats, comm.health, &done);
+
+    let started = Instant::now();
+    let guards = timely::execute::execute_from(
+        comm.builders,
+        comm.network,
+        timely::WorkerConfig::default(),
+        move |worker| {
+            let index = worker.index();
+            let resume = share_resume(worker, &wiring.resume);
+            worker.dataflow::<Time, _, _>(|scope| build_dataflow(scope, index, resume, &wiring));
+            step_until_done(worker, &wiring.stop);
+        },
+    )
+    .map_err(|err| anyhow::anyhow!("starting timely workers: {err}"))?;
+    wind_down(guards, sink_thread, &done, reporters)?;
+    finish(&job, first, &side, &board, &gauges, &billing_stats, started)
+}
+
+/// What every worker closure needs, in one handle: timely hands the same
+/// closure to every worker thread, so it must own (and share) all of it.
+#[derive(Clone)]
+struct Wiring {
+    /// The sources' context; each worker fills in its outbox and resume.
+    context: SourceContext,
+    /// Process 0's ledger, for [`share_resume`].
+    resume: Arc<BTreeMap<u32, Checkpoint>>,
+    input: Input,
+    config: PipelineConfig,
+    partitions: Vec<i32>,
+    gauges: Gauges,
+    /// Workers per process.
+    workers: usize,
+    route: RouteKey,
+    board: LiveBoard,
+    /// Taken by worker 0; the sink thread ends once it is dropped.
+    sink_input: Arc<Mutex<Option<SinkInput>>>,
+    stop: Arc<AtomicBool>,
+}
+
+/// The counters and status cells shared by sources, workers, reporters and
+/// the HTTP server: each is written in one place and read in the others.
+#[derive(Clone)]
+struct Gauges {
+    records_read: Arc<AtomicU64>,
+    rejected: Arc<AtomicU64>,
+    rejected_by_reason: RejectedByReason,
+    events_in: Arc<EventsIn>,
+    probes: Arc<Probes>,
+    kafka_status: KafkaStatus,
+    brokers: BrokerHealth,
+}
+
+impl Gauges {
+    fn new(workers: usize) -> Self {
+        Gauges {
+            records_read: Arc::new(AtomicU64::new(0)),
+            rejected: Arc::new(AtomicU64::new(0)),
+            rejected_by_reason: RejectedByReason::default(),
+            events_in: Arc::new(EventsIn::new(workers)),
+            probes: Arc::new(Probes::default()),
+            kafka_status: KafkaStatus::default(),
+            brokers: BrokerHealth::default(),
+        }
+    }
+}
+
+/// The sink commits on a thread of its own: worker 0 never waits on the
+/// disk, and a billing output that refuses writes stalls billing only.
+fn spawn_sink(
+    sink: Option<BillingSink>,
+    stop: &Arc<AtomicBool>,
+) -> (Option<SinkInput>, Option<SinkThread>) {
+    match sink {
         Some(sink) => {
-            let (input, thread) = SinkThread::spawn(sink, job.stop.clone());
+            let (input, thread) = SinkThread::spawn(sink, stop.clone());
             (Some(input), Some(thread))
         }
         None => (None, None),
-    };
-    let sink_input = Arc::new(Mutex::new(sink_input));
-    let resume = Arc::new(resume);
-    let board = LiveBoard::default();
+    }
+}
 
-    let records_read = Arc::new(AtomicU64::new(0));
-    let rejected = Arc::new(AtomicU64::new(0));
-    let rejected_by_reason = RejectedByReason::default();
-    let events_in = Arc::new(EventsIn::new(job.workers));
-    let probes = Arc::new(Probes::default());
-    let kafka_status = KafkaStatus::default();
-    let brokers = BrokerHealth::default();
-    let metrics = JobMetrics {
-        events_in: events_in.clone(),
-        rejected: rejected_by_reason.clone(),
+/// Binds `--http` before `--out` is touched: a taken port is a usage
+/// mistake, and it must not leave files behind.
+fn bind_http(job: &Job) -> anyhow::Result<Option<std::net::TcpListener>> {
+    Ok(match job.http {
+        Some(addr) => Some(http::bind(addr).map_err(|err| {
+            UsageError(format!(
+                "--http {addr}: cannot listen: {err}; pick a free port (127.0.0.1:0 picks one)"
+            ))
+        })?),
+        None => None,
+    })
+}
+
+/// The metrics read through views of the shared cells, so that serving
+/// them never waits on a worker.
+fn job_metrics(
+    gauges: &Gauges,
+    board: &LiveBoard,
+    billing_stats: &Arc<BillingStats>,
+    lost_records: u64,
+) -> JobMetrics {
+    JobMetrics {
+        events_in: gauges.events_in.clone(),
+        rejected: gauges.rejected_by_reason.clone(),
         billing: billing_stats.clone(),
-        probes: probes.clone(),
+        probes: gauges.probes.clone(),
         partitions: {
-            let status = kafka_status.clone();
+            let status = gauges.kafka_status.clone();
             Arc::new(move || {
                 let status = status.lock().unwrap_or_else(|p| p.into_inner());
                 status
@@ -263,39 +366,59 @@ fn run_dataflow(
         },
         live_streams_dropped: board.streams_dropped_counter(),
         input_problem: {
-            let brokers = brokers.clone();
+            let brokers = gauges.brokers.clone();
             Arc::new(move || brokers.lock().unwrap_or_else(|p| p.into_inner()).clone())
         },
         lost_records,
+    }
+}
+
+/// Serves on the bound listener; only process 0 has a dashboard to serve,
+/// the others answer health checks and metrics.
+fn start_http(
+    listener: Option<std::net::TcpListener>,
+    job: &Job,
+    first: bool,
+    board: &LiveBoard,
+    metrics: JobMetrics,
+) -> anyhow::Result<Option<http::HttpServer>> {
+    let Some(listener) = listener else {
+        return Ok(None);
     };
-    let _server = match listener {
-        Some(listener) => {
-            let server = http::serve(
-                listener,
-                HttpState {
-                    board: board.clone(),
-                    metrics,
-                    dashboard: first,
-                    allowed_hosts: job.http_allowed_hosts.clone(),
-                },
-            )
-            .context("starting the HTTP server")?;
-            if first {
-                tracing::info!(addr = %server.addr(), "serving the dashboard at http://{}/", server.addr());
-            } else {
-                tracing::info!(addr = %server.addr(), "serving /healthz and /metrics (the dashboard is process 0's)");
-            }
-            Some(server)
-        }
-        None => None,
-    };
-    let context = SourceContext {
+    let server = http::serve(
+        listener,
+        HttpState {
+            board: board.clone(),
+            metrics,
+            dashboard: first,
+            allowed_hosts: job.http_allowed_hosts.clone(),
+        },
+    )
+    .context("starting the HTTP server")?;
+    if first {
+        tracing::info!(addr = %server.addr(), "serving the dashboard at http://{}/", server.addr());
+    } else {
+        tracing::info!(addr = %server.addr(), "serving /healthz and /metrics (the dashboard is process 0's)");
+    }
+    Ok(Some(server))
+}
+
+/// A rejected record is counted and written here, in the process whose
+/// worker rejected it; a record that cannot be written stops the job.
+fn source_context(
+    job: &Job,
+    gauges: &Gauges,
+    side: &Arc<SideOutputs>,
+    ledger_positions: Arc<Checkpoints>,
+) -> SourceContext {
+    SourceContext {
         allowed_lateness_ms: job.config.allowed_lateness_ms,
         time_granularity_ms: job.config.time_granularity_ms,
-        records_read: records_read.clone(),
+        records_read: gauges.records_read.clone(),
         on_reject: {
             let side = side.clone();
-            let rejected = rejected.clone();
+            let rejected = gauges.rejected.clone();
+            let rejected_by_reason = gauges.rejected_by_reason.clone();
             Arc::new(move |record: RejectedRecord| {
                 rejected.fetch_add(1, Ordering::Relaxed);
                 *rejected_by_reason
@@ -309,46 +432,75 @@ fn run_dataflow(
             })
         },
         on_fatal: Arc::new(|cause| fail(cause)),
-        // Each worker gets its own outbox below.
+        // Each worker gets its own outbox in `build_dataflow`.
         checkpoints: Arc::default(),
         committed: ledger_positions,
-        // Each worker gets what process 0 read from its ledger below.
+        // Each worker gets what process 0 read from its ledger there too.
         resume: Arc::default(),
-    };
+    }
+}
 
-    // Connect before anything starts: a cluster that cannot form leaves
-    // nothing behind but the side outputs' empty files.
-    let (builders, network, health, routing) = match &job.cluster {
+/// timely's communication, alone or across the cluster.
+struct Communication {
+    builders: Vec<AllocatorBuilder>,
+    network: Box<dyn std::any::Any + Send>,
+    /// The peers' health, watched while the job runs (cluster only).
+    health: Option<Arc<cluster::PeerHealth>>,
+    routing: cluster::RoutingKey,
+}
+
+/// Connects before anything starts: a cluster that cannot form leaves
+/// nothing behind but the side outputs' empty files.
+fn connect(job: &Job) -> anyhow::Result<Communication> {
+    Ok(match &job.cluster {
         None => {
             let (builders, network) = timely::CommunicationConfig::Process(job.workers)
                 .try_build()
                 .map_err(|err| anyhow::anyhow!("starting timely workers: {err}"))?;
-            (builders, network, None, cluster::RoutingKey::random())
+            Communication {
+                builders,
+                network,
+                health: None,
+                routing: cluster::RoutingKey::random(),
+            }
         }
         Some(spec) => {
-            let formed = cluster::form(spec, job.workers, &job_shape(&job), job.stop.clone())
+            let formed = cluster::form(spec, job.workers, &job_shape(job), job.stop.clone())
                 .map_err(|err| match err {
                     cluster::ClusterError::Usage(message) => UsageError(message).into(),
                     cluster::ClusterError::Unreachable(message) => anyhow::anyhow!(message),
                 })?;
-            (
-                formed.builders,
-                formed.guard,
-                Some(formed.health),
-                formed.routing_key,
-            )
+            Communication {
+                builders: formed.builders,
+                network: formed.guard,
+                health: Some(formed.health),
+                routing: formed.routing_key,
+            }
         }
-    };
-    let route = RouteKey::new(routing.words());
+    })
+}
 
-    let done = Arc::new(AtomicBool::new(false));
-    let reporter = job
-        .progress
-        .then(|| spawn_progress(records_read.clone(), billing_stats.clone(), done.clone()));
+/// The threads that watch the run from outside (progress, live log, peer
+/// watch); each ends once `done` is set.
+fn spawn_reporters(
+    job: &Job,
+    first: bool,
+    wiring: &Wiring,
+    billing_stats: &Arc<BillingStats>,
+    health: Option<Arc<cluster::PeerHealth>>,
+    done: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let reporter = job.progress.then(|| {
+        spawn_progress(
+            wiring.gauges.records_read.clone(),
+            billing_stats.clone(),
+            done.clone(),
+        )
+    });
     let live_logger = (job.live_log && first)
-        .then(|| spawn_live_log(board.clone(), billing_stats.clone(), done.clone()));
+        .then(|| spawn_live_log(wiring.board.clone(), billing_stats.clone(), done.clone()));
     let peer_watch = health.map(|health| {
-        let probes = probes.clone();
+        let probes = wiring.gauges.probes.clone();
         let stop = job.stop.clone();
         cluster::watch_peers(
             health,
@@ -357,81 +509,112 @@ fn run_dataflow(
             |message| fail(message),
         )
     });
+    reporter
+        .into_iter()
+        .chain(live_logger)
+        .chain(peer_watch)
+        .collect()
+}
 
-    let started = Instant::now();
-    let input = job.input.clone();
-    let config = job.config.clone();
-    let stop = job.stop.clone();
-    let workers = job.workers;
-    let job_board = board.clone();
-    let guards = timely::execute::execute_from(
-        builders,
-        network,
-        timely::WorkerConfig::default(),
-        move |worker| {
-            let index = worker.index();
-            let mut context = context.clone();
-            context.resume = Arc::new(share_resume(worker, &resume));
-            let outbox = Arc::new(CheckpointOutbox::default());
-            context.checkpoints = outbox.clone();
-            worker.dataflow::<Time, _, _>(|scope| {
-                let ingested = match &input {
-                    Input::Files {
-                        paths,
-                        records_per_chunk,
-                    } => file_source(
-                        scope,
-                        paths,
-                        FileSourceContext {
-                            source: context.clone(),
-                            records_per_chunk: *records_per_chunk,
-                        },
-                    ),
-                    Input::Kafka(settings) | Input::Demo(settings) => kafka_source(
-                        scope,
-                        KafkaSourceContext {
-                            source: context.clone(),
-                            settings: settings.clone(),
-                            partitions: partitions.clone(),
-                            idle_timeout_ms: config.idle_timeout_ms,
-                            status: kafka_status.clone(),
-                            brokers: brokers.clone(),
-                        },
-                    ),
-                };
-                // Counters are per process, one slot per local worker.
-                let counts = events_in.clone();
-                let local = index % workers;
-                let paths = split_paths(ingested, move |kind| counts.worker(local).count(kind));
+/// One worker's dataflow: the source, split at once into the live path
+/// (to the board, on worker 0) and the billing path (to the sink, on
+/// worker 0, along with the sources' checkpoints).
+fn build_dataflow(
+    scope: Scope<'_, Time>,
+    index: usize,
+    resume: BTreeMap<u32, Checkpoint>,
+    wiring: &Wiring,
+) {
+    let outbox = Arc::new(CheckpointOutbox::default());
+    let mut context = wiring.context.clone();
+    context.resume = Arc::new(resume);
+    context.checkpoints = outbox.clone();
+    let ingested = read_input(scope, context, wiring);
+    // Counters are per process, one slot per local worker.
+    let counts = wiring.gauges.events_in.clone();
+    let local = index % wiring.workers;
+    let paths = split_paths(ingested, move |kind| counts.worker(local).count(kind));
 
-                let snapshots = live(paths.live, paths.clock, &config, route, probes.clone());
-                livepipe_sinks::live::attach(snapshots, (index == 0).then(|| job_board.clone()));
+    let probes = &wiring.gauges.probes;
+    let snapshots = live(
+        paths.live,
+        paths.clock,
+        &wiring.config,
+        wiring.route,
+        probes.clone(),
+    );
+    livepipe_sinks::live::attach(snapshots, (index == 0).then(|| wiring.board.clone()));
 
-                let outcomes = billing(paths.billing, &config, route, probes.clone());
-                let checkpoints = ship_checkpoints(scope, outbox);
-                let sink = if index == 0 {
-                    sink_input.lock().unwrap_or_else(|p| p.into_inner()).take()
-                } else {
-                    None
-                };
-                livepipe_sinks::billing::attach(outcomes, checkpoints, sink);
-            });
-            // Step until the input ends (files) or we are told to stop. The
-            // timeout only bounds how late a stop is noticed.
-            while worker.has_dataflows() {
-                if stop.load(Ordering::Relaxed) {
-                    // Dropping the dataflow, unlike letting its sources end,
-                    // never empties a frontier: nothing pending is finalized.
-                    for dataflow in worker.installed_dataflows() {
-                        worker.drop_dataflow(dataflow);
-                    }
-                    break;
-                }
-                worker.step_or_park(Some(STOP_CHECK));
+    let outcomes = billing(paths.billing, &wiring.config, wiring.route, probes.clone());
+    let checkpoints = ship_checkpoints(scope, outbox);
+    let sink = if index == 0 {
+        wiring
+            .sink_input
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    } else {
+        None
+    };
+    livepipe_sinks::billing::attach(outcomes, checkpoints, sink);
+}
+
+/// The job's source, files or Kafka, as one stream of ingested records.
+fn read_input<'s>(
+    scope: Scope<'s, Time>,
+    context: SourceContext,
+    wiring: &Wiring,
+) -> StreamVec<'s, Time, Ingested> {
+    match &wiring.input {
+        Input::Files {
+            paths,
+            records_per_chunk,
+        } => file_source(
+            scope,
+            paths,
+            FileSourceContext {
+                source: context,
+                records_per_chunk: *records_per_chunk,
+            },
+        ),
+        Input::Kafka(settings) | Input::Demo(settings) => kafka_source(
+            scope,
+            KafkaSourceContext {
+                source: context,
+                settings: settings.clone(),
+                partitions: wiring.partitions.clone(),
+                idle_timeout_ms: wiring.config.idle_timeout_ms,
+                status: wiring.gauges.kafka_status.clone(),
+                brokers: wiring.gauges.brokers.clone(),
+            },
+        ),
+    }
+}
+
+/// Steps until the input ends (files) or we are told to stop. The
+/// timeout only bounds how late a stop is noticed.
+fn step_until_done(worker: &mut Worker, stop: &AtomicBool) {
+    while worker.has_dataflows() {
+        if stop.load(Ordering::Relaxed) {
+            // Dropping the dataflow, unlike letting its sources end,
+            // never empties a frontier: nothing pending is finalized.
+            for dataflow in worker.installed_dataflows() {
+                worker.drop_dataflow(dataflow);
             }
-        },
-    )
-    .map_err(|err| anyhow::anyhow!("starting timely workers: {err}"))?;
+            break;
+        }
+        worker.step_or_park(Some(STOP_CHECK));
+    }
+}
+
+/// Waits for the workers, then the sink, then the reporters; a worker's
+/// failure is reported only once everything else has ended.
+fn wind_down(
+    guards: timely::communication::WorkerGuards<()>,
+    sink_thread: Option<SinkThread>,
+    done: &AtomicBool,
+    reporters: Vec<std::thread::JoinHandle<()>>,
+) -> anyhow::Result<()> {
     let results = guards.join();
     // What the workers handed the sink is committed before the run counts
     // as finished (or abandoned on a stop while billing is stalled).
@@ -439,27 +622,40 @@ fn run_dataflow(
         thread.join();
     }
     done.store(true, Ordering::Relaxed);
-    for thread in reporter.into_iter().chain(live_logger).chain(peer_watch) {
+    for thread in reporters {
         let _ = thread.join();
     }
     for result in results {
         result.map_err(|panic| anyhow::anyhow!("a worker failed: {panic}"))?;
     }
+    Ok(())
+}
 
+/// Flushes what is left, writes the final `live.json` when there is a
+/// final word, and logs the run's totals.
+fn finish(
+    job: &Job,
+    first: bool,
+    side: &SideOutputs,
+    board: &LiveBoard,
+    gauges: &Gauges,
+    billing_stats: &BillingStats,
+    started: Instant,
+) -> anyhow::Result<RunSummary> {
     side.flush().context("flushing side outputs")?;
     let stopped = job.stop.load(Ordering::Relaxed);
     // live.json is the final word of a finite input; a stopped or
     // unbounded run has no final word. A run that read nothing (a finished
     // job run again) has no new word: the last one stands.
-    let read_nothing = records_read.load(Ordering::Relaxed) == 0;
+    let read_nothing = gauges.records_read.load(Ordering::Relaxed) == 0;
     let live_json = job.out.join("live.json");
     if !stopped && first && !(read_nothing && live_json.exists()) {
         board.write_json(&live_json).context("writing live.json")?;
     }
 
     let summary = RunSummary {
-        records: records_read.load(Ordering::Relaxed),
-        rejected: rejected.load(Ordering::Relaxed),
+        records: gauges.records_read.load(Ordering::Relaxed),
+        rejected: gauges.rejected.load(Ordering::Relaxed),
         billed: billing_stats.billed.load(Ordering::Relaxed),
         expired: billing_stats.expired.load(Ordering::Relaxed),
         late: billing_stats.late.load(Ordering::Relaxed),
