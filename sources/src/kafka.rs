@@ -51,14 +51,18 @@ use livepipe_dataflow::time::{coarse, Time};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::generic::operator::source;
+use timely::dataflow::operators::generic::OutputBuilderSession;
+use timely::dataflow::operators::Capability;
 use timely::dataflow::{Scope, StreamVec};
 
 use std::collections::BTreeMap;
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -490,7 +494,7 @@ impl ClientContext for StatsContext {
 impl ConsumerContext for StatsContext {}
 
 /// One partition as its worker reads it.
-struct Reading {
+struct PartitionState {
     id: i32,
     max_ts: Option<u64>,
     next_offset: i64,
@@ -560,9 +564,126 @@ impl ResumeSeek {
     }
 }
 
-impl Reading {
+impl PartitionState {
     fn is_idle(&self, idle_timeout: Duration) -> bool {
         self.at_end && self.last_record.elapsed() >= idle_timeout
+    }
+
+    /// The partitions a worker owns, as it starts reading them; records
+    /// the resumed ones' checkpoints.
+    fn resumed(source: &SourceContext, owned: &[i32]) -> BTreeMap<i32, PartitionState> {
+        let now = Instant::now();
+        owned
+            .iter()
+            .map(|&id| {
+                // A resumed partition's watermark starts where it was.
+                let resume = source.resume.get(&(id as u32));
+                if let Some(checkpoint) = resume {
+                    source.checkpoints.record(id as u32, *checkpoint);
+                }
+                (
+                    id,
+                    PartitionState {
+                        id,
+                        max_ts: resume.and_then(|c| c.max_ts),
+                        next_offset: resume.map_or(-1, |c| c.offset as i64),
+                        records: 0,
+                        at_end: false,
+                        last_record: now,
+                        resume: resume.map(|c| ResumeSeek::new(c.offset as i64)),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Counts the record at `offset` as read at `now`.
+    fn read(
+        &mut self,
+        offset: i64,
+        now: Instant,
+        idle_timeout: Duration,
+        topic: &str,
+        source: &SourceContext,
+    ) {
+        if self.records == 0 {
+            // Re-readable from before its first record of this run.
+            source.checkpoints.record(
+                self.id as u32,
+                Checkpoint {
+                    offset: offset as u64,
+                    max_ts: self.max_ts,
+                    ..Checkpoint::default()
+                },
+            );
+        }
+        self.next_offset = offset + 1;
+        self.records += 1;
+        if self.is_idle(idle_timeout) {
+            // Its records are now judged against a watermark that moved on
+            // without it: worth knowing when it happens.
+            tracing::warn!(
+                topic = %topic,
+                partition = self.id,
+                offset,
+                "partition woke up after being idle"
+            );
+        }
+        self.at_end = false;
+        self.last_record = now;
+    }
+
+    /// Whether the record at `offset` is to be read: not while a resumed
+    /// partition is still looking for its resume offset (see [`ResumeSeek`]),
+    /// which seeks back when the broker answered from further on.
+    fn check_resume(
+        &mut self,
+        offset: i64,
+        consumer: &BaseConsumer<StatsContext>,
+        topic: &str,
+    ) -> bool {
+        let Some(resume) = self.resume.as_mut() else {
+            return true;
+        };
+        match resume.check(offset) {
+            ResumeCheck::Below => false,
+            ResumeCheck::Found => {
+                self.resume = None;
+                true
+            }
+            ResumeCheck::SeekBack(seek_to) => {
+                tracing::debug!(
+                    topic = %topic,
+                    partition = self.id,
+                    resume_at = resume.target,
+                    got = offset,
+                    seek_to,
+                    "the broker answered a fetch from further on than asked; \
+                     seeking back and skipping what was read before"
+                );
+                // Synchronous, so that records fetched before the seek are
+                // discarded rather than mistaken for the broker's new
+                // answer. Rare: a resume, or a gap in the offsets.
+                if let Err(err) =
+                    consumer.seek(topic, self.id, Offset::Offset(seek_to), SEEK_TIMEOUT)
+                {
+                    tracing::warn!("seeking partition {}: {err}", self.id);
+                }
+                false
+            }
+            ResumeCheck::Gap => {
+                tracing::warn!(
+                    topic = %topic,
+                    partition = self.id,
+                    resume_at = resume.target,
+                    first = offset,
+                    "records between the resume offset and the first one the \
+                     broker holds are gone (retention?)"
+                );
+                self.resume = None;
+                true
+            }
+        }
     }
 }
 
@@ -597,235 +718,15 @@ pub fn kafka_source<'s>(
         let activator = scope.activator_for(info.address.clone());
         let wake = scope.worker().sync_activator_for(info.address.to_vec());
         let mut capability = Some(capability);
-        let consumer = if owned.is_empty() {
-            // Nothing to read: hold no time back.
-            capability = None;
-            context.source.checkpoints.close();
-            None
-        } else {
-            match open_consumer(&context, &owned, wake) {
-                Ok(consumer) => Some(consumer),
-                Err(cause) => {
-                    // Keep the capability: an emptied frontier would
-                    // finalize impressions that are not final.
-                    (context.source.on_fatal)(cause);
-                    None
-                }
-            }
-        };
-        let now = Instant::now();
-        let mut readings: BTreeMap<i32, Reading> = owned
-            .iter()
-            .map(|&id| {
-                // A resumed partition's watermark starts where it was.
-                let resume = context.source.resume.get(&(id as u32));
-                if let Some(checkpoint) = resume {
-                    context.source.checkpoints.record(id as u32, *checkpoint);
-                }
-                (
-                    id,
-                    Reading {
-                        id,
-                        max_ts: resume.and_then(|c| c.max_ts),
-                        next_offset: resume.map_or(-1, |c| c.offset as i64),
-                        records: 0,
-                        at_end: false,
-                        last_record: now,
-                        resume: resume.map(|c| ResumeSeek::new(c.offset as i64)),
-                    },
-                )
-            })
-            .collect();
-        let mut last_group_commit = Instant::now();
-        let topic: Arc<str> = Arc::from(context.settings.topic.as_str());
-        let lateness = context.source.allowed_lateness_ms;
-        let granularity = context.source.time_granularity_ms;
-        let idle_timeout = Duration::from_millis(context.idle_timeout_ms);
-        // The worker's watermark (exact ms); the capability sits at its
-        // coarse version.
-        let mut promised: u64 = 0;
-        let mut last_log = Instant::now();
-        let mut last_error: Option<String> = None;
+        let mut reader = KafkaReader::start(context, index, &owned, wake, &mut capability);
         move |output| {
-            let (Some(cap), Some(consumer)) = (capability.as_mut(), consumer.as_ref()) else {
+            let (Some(cap), Some(reader)) = (capability.as_mut(), reader.as_mut()) else {
                 return;
             };
-            let started = Instant::now();
-            let wall_ms = wall_clock_ms();
-            let mut taken = 0;
-            let mut exhausted = false;
-            let mut batch: Vec<Ingested> = Vec::new();
-            let mut batch_time = *cap.time();
-            while taken < POLL_BUDGET_RECORDS && started.elapsed() < POLL_BUDGET {
-                let message = match consumer.poll(Duration::ZERO) {
-                    None => {
-                        exhausted = true;
-                        break;
-                    }
-                    Some(Ok(message)) => message,
-                    Some(Err(KafkaError::PartitionEOF(id))) => {
-                        if let Some(reading) = readings.get_mut(&id) {
-                            reading.at_end = true;
-                        }
-                        continue;
-                    }
-                    Some(Err(err)) => {
-                        // Broker trouble is retried by librdkafka; say so
-                        // once per distinct error, not once per poll.
-                        let text = err.to_string();
-                        if last_error.as_deref() != Some(text.as_str()) {
-                            tracing::warn!(topic = %topic, "Kafka: {text}");
-                            last_error = Some(text);
-                        }
-                        continue;
-                    }
-                };
-                taken += 1;
-                let Some(reading) = readings.get_mut(&message.partition()) else {
-                    continue;
-                };
-                if let Some(resume) = reading.resume.as_mut() {
-                    match resume.check(message.offset()) {
-                        ResumeCheck::Below => continue,
-                        ResumeCheck::Found => reading.resume = None,
-                        ResumeCheck::SeekBack(offset) => {
-                            tracing::debug!(
-                                topic = %topic,
-                                partition = reading.id,
-                                resume_at = resume.target,
-                                got = message.offset(),
-                                seek_to = offset,
-                                "the broker answered a fetch from further on than asked; \
-                                 seeking back and skipping what was read before"
-                            );
-                            // Synchronous, so that records fetched before
-                            // the seek are discarded rather than mistaken
-                            // for the broker's new answer. Rare: a resume,
-                            // or a gap in the offsets.
-                            if let Err(err) = consumer.seek(
-                                &topic,
-                                reading.id,
-                                Offset::Offset(offset),
-                                SEEK_TIMEOUT,
-                            ) {
-                                tracing::warn!("seeking partition {}: {err}", reading.id);
-                            }
-                            continue;
-                        }
-                        ResumeCheck::Gap => {
-                            tracing::warn!(
-                                topic = %topic,
-                                partition = reading.id,
-                                resume_at = resume.target,
-                                first = message.offset(),
-                                "records between the resume offset and the first one the \
-                                 broker holds are gone (retention?)"
-                            );
-                            reading.resume = None;
-                        }
-                    }
-                }
-                if reading.records == 0 {
-                    // Re-readable from before its first record of this run.
-                    context.source.checkpoints.record(
-                        reading.id as u32,
-                        Checkpoint {
-                            offset: message.offset() as u64,
-                            max_ts: reading.max_ts,
-                            ..Checkpoint::default()
-                        },
-                    );
-                }
-                reading.next_offset = message.offset() + 1;
-                reading.records += 1;
-                if reading.is_idle(idle_timeout) {
-                    // Its records are now judged against a watermark that
-                    // moved on without it: worth knowing when it happens.
-                    tracing::warn!(
-                        topic = %topic,
-                        partition = reading.id,
-                        offset = message.offset(),
-                        "partition woke up after being idle"
-                    );
-                }
-                reading.at_end = false;
-                reading.last_record = started;
-                let position = Position {
-                    partition: message.partition() as u32,
-                    offset: message.offset() as u64,
-                };
-                let raw = message.payload().unwrap_or_default();
-                let parsed = parse_event(raw)
-                    .and_then(|event| check_clock(event.ts, wall_ms).map(|_| event));
-                match parsed {
-                    Ok(event) => {
-                        let watermark =
-                            partition_watermark(reading.max_ts, lateness, wall_ms).max(promised);
-                        let time = coarse(watermark, granularity);
-                        if time != batch_time && !batch.is_empty() {
-                            output
-                                .session(&cap.delayed(&batch_time))
-                                .give_iterator(batch.drain(..));
-                        }
-                        batch_time = time;
-                        reading.max_ts = Some(reading.max_ts.map_or(event.ts, |m| m.max(event.ts)));
-                        batch.push(Ingested {
-                            event,
-                            position,
-                            watermark,
-                        });
-                    }
-                    Err(rejection) => (context.source.on_reject)(RejectedRecord {
-                        source: topic.clone(),
-                        position,
-                        reason: rejection.code(),
-                        raw: raw[..raw.len().min(RAW_KEEP_BYTES)].to_vec(),
-                    }),
-                }
-            }
-            if !batch.is_empty() {
-                output
-                    .session(&cap.delayed(&batch_time))
-                    .give_iterator(batch.drain(..));
-            }
-            context
-                .source
-                .records_read
-                .fetch_add(taken as u64, Ordering::Relaxed);
-
-            let holding = readings.values().map(|r| {
-                (
-                    r.is_idle(idle_timeout),
-                    partition_watermark(r.max_ts, lateness, wall_ms),
-                )
-            });
-            promised = worker_watermark(promised, holding, wall_clock_ms(), lateness);
-            cap.downgrade(&coarse(promised, granularity));
-
-            if taken > 0 {
-                for reading in readings.values().filter(|r| r.next_offset >= 0) {
-                    context.source.checkpoints.record(
-                        reading.id as u32,
-                        Checkpoint {
-                            offset: reading.next_offset as u64,
-                            max_ts: reading.max_ts,
-                            ..Checkpoint::default()
-                        },
-                    );
-                }
-            }
-            // The ledger's positions are known where the billing sink runs,
-            // process 0; its worker 0 reports them all.
-            if index == 0 && last_group_commit.elapsed() >= GROUP_COMMIT_EVERY {
-                last_group_commit = Instant::now();
-                commit_group_offsets(consumer, &topic, &context.source.committed);
-            }
-            publish_status(&context.status, &readings, idle_timeout, lateness);
-            if last_log.elapsed() >= LOG_EVERY {
-                last_log = Instant::now();
-                log_positions(&topic, &context.status, &readings, promised);
-            }
-            if exhausted {
+            let polled = reader.poll(output, cap, POLL_BUDGET_RECORDS, POLL_BUDGET);
+            reader.advance(cap, &polled);
+            reader.report();
+            if polled.exhausted {
                 // librdkafka's callback wakes us when records arrive.
                 activator.activate_after(TIMER);
             } else {
@@ -833,6 +734,277 @@ pub fn kafka_source<'s>(
             }
         }
     })
+}
+
+/// The output of the source operator.
+type Output<'a> = OutputBuilderSession<'a, Time, CapacityContainerBuilder<Vec<Ingested>>>;
+
+/// One worker's reading of its partitions, across activations.
+struct KafkaReader {
+    context: KafkaSourceContext,
+    /// This worker's index.
+    index: usize,
+    /// Shared so that a polled message (which borrows the consumer) can be
+    /// handled by `&mut self` methods.
+    consumer: Rc<BaseConsumer<StatsContext>>,
+    partitions: BTreeMap<i32, PartitionState>,
+    topic: Arc<str>,
+    lateness: u64,
+    granularity: u64,
+    idle_timeout: Duration,
+    /// The worker's watermark (exact ms); the capability sits at its
+    /// coarse version.
+    promised: u64,
+    last_group_commit: Instant,
+    last_log: Instant,
+    last_error: Option<String>,
+}
+
+/// What one activation's polling did.
+struct Polled {
+    /// Messages taken from the consumer (records, whether kept or not).
+    taken: usize,
+    /// The consumer had nothing more to give.
+    exhausted: bool,
+    /// The wall clock when the activation started.
+    wall_ms: u64,
+}
+
+/// Events polled in one activation, sent one session per time.
+struct Batch<'c> {
+    cap: &'c Capability<Time>,
+    time: Time,
+    events: Vec<Ingested>,
+}
+
+impl<'c> Batch<'c> {
+    fn new(cap: &'c Capability<Time>) -> Self {
+        Batch {
+            cap,
+            time: *cap.time(),
+            events: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, output: &mut Output<'_>, time: Time, event: Ingested) {
+        if time != self.time {
+            self.flush(output);
+        }
+        self.time = time;
+        self.events.push(event);
+    }
+
+    fn flush(&mut self, output: &mut Output<'_>) {
+        if !self.events.is_empty() {
+            output
+                .session(&self.cap.delayed(&self.time))
+                .give_iterator(self.events.drain(..));
+        }
+    }
+}
+
+impl KafkaReader {
+    /// Opens the consumer for the partitions this worker owns, or says why
+    /// there is nothing to read: `None` when it owns none (then the
+    /// capability is dropped) or when the consumer cannot be opened (then
+    /// the job is failed, and the capability kept).
+    fn start(
+        context: KafkaSourceContext,
+        index: usize,
+        owned: &[i32],
+        wake: timely::scheduling::SyncActivator,
+        capability: &mut Option<Capability<Time>>,
+    ) -> Option<KafkaReader> {
+        if owned.is_empty() {
+            // Nothing to read: hold no time back.
+            *capability = None;
+            context.source.checkpoints.close();
+            return None;
+        }
+        let consumer = match open_consumer(&context, owned, wake) {
+            Ok(consumer) => Some(consumer),
+            Err(cause) => {
+                // Keep the capability: an emptied frontier would
+                // finalize impressions that are not final.
+                (context.source.on_fatal)(cause);
+                None
+            }
+        };
+        let partitions = PartitionState::resumed(&context.source, owned);
+        Some(KafkaReader {
+            index,
+            consumer: Rc::new(consumer?),
+            partitions,
+            last_group_commit: Instant::now(),
+            topic: Arc::from(context.settings.topic.as_str()),
+            lateness: context.source.allowed_lateness_ms,
+            granularity: context.source.time_granularity_ms,
+            idle_timeout: Duration::from_millis(context.idle_timeout_ms),
+            promised: 0,
+            last_log: Instant::now(),
+            last_error: None,
+            context,
+        })
+    }
+
+    /// One activation's polling: at most `budget_records` messages and
+    /// about `budget` of time, never blocking.
+    fn poll(
+        &mut self,
+        output: &mut Output<'_>,
+        cap: &Capability<Time>,
+        budget_records: usize,
+        budget: Duration,
+    ) -> Polled {
+        let consumer = Rc::clone(&self.consumer);
+        let started = Instant::now();
+        let wall_ms = wall_clock_ms();
+        let mut taken = 0;
+        let mut exhausted = false;
+        let mut batch = Batch::new(cap);
+        while taken < budget_records && started.elapsed() < budget {
+            let message = match consumer.poll(Duration::ZERO) {
+                None => {
+                    exhausted = true;
+                    break;
+                }
+                Some(Ok(message)) => message,
+                Some(Err(KafkaError::PartitionEOF(id))) => {
+                    if let Some(partition) = self.partitions.get_mut(&id) {
+                        partition.at_end = true;
+                    }
+                    continue;
+                }
+                Some(Err(err)) => {
+                    // Broker trouble is retried by librdkafka; say so
+                    // once per distinct error, not once per poll.
+                    let text = err.to_string();
+                    if self.last_error.as_deref() != Some(text.as_str()) {
+                        tracing::warn!(topic = %self.topic, "Kafka: {text}");
+                        self.last_error = Some(text);
+                    }
+                    continue;
+                }
+            };
+            taken += 1;
+            self.handle(&message, started, wall_ms, &mut batch, output);
+        }
+        batch.flush(output);
+        self.context
+            .source
+            .records_read
+            .fetch_add(taken as u64, Ordering::Relaxed);
+        Polled {
+            taken,
+            exhausted,
+            wall_ms,
+        }
+    }
+
+    /// One record: dropped if read before a resume, else parsed, checked
+    /// against the clock and stamped into `batch`, or rejected.
+    fn handle(
+        &mut self,
+        message: &BorrowedMessage<'_>,
+        started: Instant,
+        wall_ms: u64,
+        batch: &mut Batch<'_>,
+        output: &mut Output<'_>,
+    ) {
+        let Some(partition) = self.partitions.get_mut(&message.partition()) else {
+            return;
+        };
+        if !partition.check_resume(message.offset(), &self.consumer, &self.topic) {
+            return;
+        }
+        partition.read(
+            message.offset(),
+            started,
+            self.idle_timeout,
+            &self.topic,
+            &self.context.source,
+        );
+        let position = Position {
+            partition: message.partition() as u32,
+            offset: message.offset() as u64,
+        };
+        let raw = message.payload().unwrap_or_default();
+        let parsed =
+            parse_event(raw).and_then(|event| check_clock(event.ts, wall_ms).map(|_| event));
+        match parsed {
+            Ok(event) => {
+                let watermark = partition_watermark(partition.max_ts, self.lateness, wall_ms)
+                    .max(self.promised);
+                let time = coarse(watermark, self.granularity);
+                partition.max_ts = Some(partition.max_ts.map_or(event.ts, |m| m.max(event.ts)));
+                let ingested = Ingested {
+                    event,
+                    position,
+                    watermark,
+                };
+                batch.push(output, time, ingested);
+            }
+            Err(rejection) => (self.context.source.on_reject)(RejectedRecord {
+                source: self.topic.clone(),
+                position,
+                reason: rejection.code(),
+                raw: raw[..raw.len().min(RAW_KEEP_BYTES)].to_vec(),
+            }),
+        }
+    }
+
+    /// Moves the worker's watermark on (never back), downgrades the
+    /// capability to it, and records checkpoints after a poll that took
+    /// records.
+    fn advance(&mut self, cap: &mut Capability<Time>, polled: &Polled) {
+        let holding = self.partitions.values().map(|p| {
+            (
+                p.is_idle(self.idle_timeout),
+                partition_watermark(p.max_ts, self.lateness, polled.wall_ms),
+            )
+        });
+        self.promised = worker_watermark(self.promised, holding, wall_clock_ms(), self.lateness);
+        cap.downgrade(&coarse(self.promised, self.granularity));
+
+        if polled.taken > 0 {
+            for partition in self.partitions.values().filter(|p| p.next_offset >= 0) {
+                self.context.source.checkpoints.record(
+                    partition.id as u32,
+                    Checkpoint {
+                        offset: partition.next_offset as u64,
+                        max_ts: partition.max_ts,
+                        ..Checkpoint::default()
+                    },
+                );
+            }
+        }
+    }
+
+    /// Commits the group offsets now and then, publishes the partitions'
+    /// status, and logs their positions now and then.
+    fn report(&mut self) {
+        // The ledger's positions are known where the billing sink runs,
+        // process 0; its worker 0 reports them all.
+        if self.index == 0 && self.last_group_commit.elapsed() >= GROUP_COMMIT_EVERY {
+            self.last_group_commit = Instant::now();
+            commit_group_offsets(&self.consumer, &self.topic, &self.context.source.committed);
+        }
+        publish_status(
+            &self.context.status,
+            &self.partitions,
+            self.idle_timeout,
+            self.lateness,
+        );
+        if self.last_log.elapsed() >= LOG_EVERY {
+            self.last_log = Instant::now();
+            log_positions(
+                &self.topic,
+                &self.context.status,
+                &self.partitions,
+                self.promised,
+            );
+        }
+    }
 }
 
 /// The worker's next watermark: the least watermark of its partitions that
@@ -926,7 +1098,7 @@ fn commit_group_offsets(consumer: &BaseConsumer<StatsContext>, topic: &str, ledg
 
 fn publish_status(
     status: &KafkaStatus,
-    readings: &BTreeMap<i32, Reading>,
+    readings: &BTreeMap<i32, PartitionState>,
     idle_timeout: Duration,
     lateness: u64,
 ) {
@@ -943,7 +1115,7 @@ fn publish_status(
 fn log_positions(
     topic: &str,
     status: &KafkaStatus,
-    readings: &BTreeMap<i32, Reading>,
+    readings: &BTreeMap<i32, PartitionState>,
     watermark: u64,
 ) {
     let status = status.lock().unwrap_or_else(|p| p.into_inner());
