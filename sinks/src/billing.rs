@@ -250,16 +250,56 @@ impl BillingSink {
         // a failed attempt (disk full, say) can simply be tried again.
         let commit = self.ledger.begin()?;
         let mut seen = self.periods_seen;
-        let mut already_final = Vec::new();
-        let mut expired = Vec::new();
-        let (mut billed, mut duplicates) = (0u64, 0u64);
+        let recorded = self.record_outcomes(&commit, &mut seen)?;
+        tracing::debug!(?frontier, periods = ?seen, "billing commit");
+        let files = self.write_final_files(&commit, &mut seen, frontier)?;
+        let safe = self.record_positions(&commit, frontier)?;
+        // Side lines go out, and every rejected line so far is flushed,
+        // before the commit: a crash right after it then loses none (the
+        // lines of a commit that fails or is abandoned are written again
+        // by the retry or the next run; side outputs may repeat a line).
+        for outcome in &recorded.expired {
+            self.side.expired(outcome)?;
+        }
+        for late in &recorded.already_final {
+            self.side
+                .late(source_name(&self.sources, late.position.partition), late)?;
+        }
+        self.side.flush()?;
+        commit.commit()?;
+
+        self.checkpoints.mark_committed(&safe);
+        let stats = &self.stats;
+        stats.billed.fetch_add(recorded.billed, Ordering::Relaxed);
+        stats
+            .expired
+            .fetch_add(recorded.expired.len() as u64, Ordering::Relaxed);
+        stats.files.fetch_add(files, Ordering::Relaxed);
+        let again = recorded.already_final.len() as u64;
+        stats
+            .duplicates
+            .fetch_add(recorded.duplicates + again, Ordering::Relaxed);
+        stats.late.fetch_add(again, Ordering::Relaxed);
+        self.periods_seen = seen;
+        self.buffered.clear();
+        Ok(())
+    }
+
+    /// Inserts the buffered outcomes into the ledger (in `commit`), noting
+    /// in `seen` the periods they finalize.
+    fn record_outcomes<'a>(
+        &'a self,
+        commit: &Commit<'_>,
+        seen: &mut PeriodsSeen,
+    ) -> Result<Recorded<'a>, SinkError> {
+        let mut recorded = Recorded::default();
         for (n, outcome) in self.buffered.iter().enumerate() {
             if n % 4096 == 4095 && self.stop.load(Ordering::Relaxed) {
                 // Dropping `commit` rolls the transaction back.
                 return Err(SinkError::Stopped);
             }
             let period = self.periods.config.period_start(outcome.impression.ts);
-            duplicates += u64::from(outcome.duplicates);
+            recorded.duplicates += u64::from(outcome.duplicates);
             // Every period below `seen.next` is final and its file (or its
             // run's) is written; an outcome for one (a finished file run
             // resumed on an appended file) comes too late for the files, so
@@ -270,7 +310,7 @@ impl BillingSink {
             if covered || !commit.finalize(outcome, period)? {
                 // Already final (state retired long ago, or a replay), or
                 // its period is: the first answer stands.
-                already_final.push(LateRecord {
+                recorded.already_final.push(LateRecord {
                     reason: livepipe_dataflow::billing::LateReason::AlreadyFinal,
                     kind: "impression".into(),
                     event_id: outcome.impression.event_id.to_string(),
@@ -282,17 +322,28 @@ impl BillingSink {
             }
             seen.saw(period);
             if outcome.is_billed() {
-                billed += 1;
+                recorded.billed += 1;
             } else {
-                expired.push(outcome);
+                recorded.expired.push(outcome);
             }
         }
-        tracing::debug!(?frontier, periods = ?seen, "billing commit");
-        // One turn per billable period: the run of periods without billed
-        // rows before it (one header-only file, if the run is not empty),
-        // then its own file. The ledger finds the next billable period in
-        // one index seek, so a commit's work follows the files it writes,
-        // not the number of periods it passes.
+        Ok(recorded)
+    }
+
+    /// Writes the files of every period `frontier` shows final, from
+    /// `seen.next` on, and records them in `commit`. Returns how many.
+    ///
+    /// One turn per billable period: the run of periods without billed
+    /// rows before it (one header-only file, if the run is not empty),
+    /// then its own file. The ledger finds the next billable period in one
+    /// index seek, so a commit's work follows the files it writes, not the
+    /// number of periods it passes.
+    fn write_final_files(
+        &self,
+        commit: &Commit<'_>,
+        seen: &mut PeriodsSeen,
+        frontier: Option<Time>,
+    ) -> Result<u64, SinkError> {
         let period_ms = self.periods.config.billing_period_ms;
         let mut files = 0;
         while let (Some(next), Some(last)) = (seen.next, seen.last) {
@@ -324,14 +375,14 @@ impl BillingSink {
                 None => break,
             };
             if next < run_end {
-                self.periods.write(&commit, next, run_end, &[])?;
+                self.periods.write(commit, next, run_end, &[])?;
                 files += 1;
             }
             seen.next = Some(run_end);
             if let Some(period) = billable {
                 let rows = commit.billed_rows(period)?;
                 self.periods
-                    .write(&commit, period, period + period_ms, &rows)?;
+                    .write(commit, period, period + period_ms, &rows)?;
                 files += 1;
                 seen.next = Some(period + period_ms);
             }
@@ -340,8 +391,16 @@ impl BillingSink {
         if files > 0 {
             sync_dir(&self.periods.billing_dir)?;
         }
-        // Resume positions safe at this frontier: every impression that is
-        // not final has all its records after them.
+        Ok(files)
+    }
+
+    /// Records in `commit` the resume positions safe at `frontier`: every
+    /// impression that is not final has all its records after them.
+    fn record_positions(
+        &self,
+        commit: &Commit<'_>,
+        frontier: Option<Time>,
+    ) -> Result<BTreeMap<u32, Checkpoint>, SinkError> {
         let config = &self.periods.config;
         let bound = frontier.map(|f| {
             f.saturating_sub(
@@ -356,36 +415,18 @@ impl BillingSink {
             };
             commit.set_position(partition, &position)?;
         }
-        // Side lines go out, and every rejected line so far is flushed,
-        // before the commit: a crash right after it then loses none (the
-        // lines of a commit that fails or is abandoned are written again
-        // by the retry or the next run; side outputs may repeat a line).
-        for outcome in &expired {
-            self.side.expired(outcome)?;
-        }
-        for late in &already_final {
-            self.side
-                .late(source_name(&self.sources, late.position.partition), late)?;
-        }
-        self.side.flush()?;
-        commit.commit()?;
-
-        self.checkpoints.mark_committed(&safe);
-        self.periods_seen = seen;
-        let stats = &self.stats;
-        stats.billed.fetch_add(billed, Ordering::Relaxed);
-        stats
-            .expired
-            .fetch_add(expired.len() as u64, Ordering::Relaxed);
-        stats.files.fetch_add(files, Ordering::Relaxed);
-        let again = already_final.len() as u64;
-        stats
-            .duplicates
-            .fetch_add(duplicates + again, Ordering::Relaxed);
-        stats.late.fetch_add(again, Ordering::Relaxed);
-        self.buffered.clear();
-        Ok(())
+        Ok(safe)
     }
+}
+
+/// What one commit did with the buffered outcomes.
+#[derive(Default)]
+struct Recorded<'a> {
+    billed: u64,
+    duplicates: u64,
+    expired: Vec<&'a livepipe_dataflow::billing::Outcome>,
+    /// Outcomes whose id or period was already final: late.
+    already_final: Vec<LateRecord>,
 }
 
 fn source_name(sources: &[Arc<str>], partition: u32) -> &str {

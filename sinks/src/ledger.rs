@@ -113,10 +113,13 @@ impl Ledger {
         Ok(Ledger { conn })
     }
 
-    /// Starts the one transaction of a commit.
-    pub fn begin(&mut self) -> rusqlite::Result<Commit<'_>> {
+    /// Starts the one transaction of a commit. A shared borrow (rusqlite's
+    /// `unchecked_transaction`), so that the sink can read its own state
+    /// while the commit is open; the sink never nests commits, and SQLite
+    /// would refuse a nested `BEGIN` at run time anyway.
+    pub fn begin(&self) -> rusqlite::Result<Commit<'_>> {
         Ok(Commit {
-            tx: self.conn.transaction()?,
+            tx: self.conn.unchecked_transaction()?,
         })
     }
 

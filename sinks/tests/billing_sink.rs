@@ -189,7 +189,7 @@ fn a_run_without_billed_rows_is_one_file_written_with_the_period_after_it() {
     );
     assert_eq!((run_marker.rows, run_marker.total_price_micros), (0, 0));
     // The ledger records each file with its range.
-    let mut ledger = Ledger::open(&dir.path().join(LEDGER_FILE)).unwrap();
+    let ledger = Ledger::open(&dir.path().join(LEDGER_FILE)).unwrap();
     assert_eq!(ledger.next_unwritten_period().unwrap(), Some(far + PERIOD));
     let commit = ledger.begin().unwrap();
     assert_eq!(commit.file_for(3_000).unwrap(), Some(run.clone()));
