@@ -401,16 +401,7 @@ fn routes(
         warp::any().map(move || state.clone())
     };
 
-    let dashboard = warp::path::end().map(|| {
-        let mut response = warp::reply::html(DASHBOARD).into_response();
-        let headers = response.headers_mut();
-        headers.insert(header::CONTENT_SECURITY_POLICY, DASHBOARD_CSP.clone());
-        headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-        // Compiled into the binary: fetched again after an upgrade.
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        response
-    });
-
+    let dashboard = warp::path::end().map(dashboard_page);
     let list = warp::path!("api" / "live")
         .and(warp::query::<LiveQuery>())
         .and(with_state.clone())
@@ -425,40 +416,13 @@ fn routes(
 
     let one = warp::path!("api" / "live" / String)
         .and(with_state.clone())
-        .map(|segment: String, state: HttpState| {
-            let Some(stream_id) = stream_id(&segment) else {
-                return not_utf8();
-            };
-            match state.board.latest().get(&stream_id) {
-                Some(snapshot) => warp::reply::json(snapshot).into_response(),
-                None => json_error(StatusCode::NOT_FOUND, "unknown stream", Some(&stream_id)),
-            }
-        });
-
+        .map(one_stream);
     let stream_events = warp::path!("api" / "live" / String / "events")
         .and(with_state.clone())
-        .map(|segment: String, state: HttpState| {
-            let Some(stream_id) = stream_id(&segment) else {
-                return not_utf8();
-            };
-            if !state.board.latest().contains_key(&stream_id) {
-                return json_error(StatusCode::NOT_FOUND, "unknown stream", Some(&stream_id));
-            }
-            sse(&state, stream_snapshots(state.board.subscribe(), stream_id))
-        });
-
-    let metrics =
-        warp::path!("metrics")
-            .and(with_state.clone())
-            .map(|state: HttpState| match state.metrics.render() {
-                Ok(text) => warp::reply::with_header(
-                    text,
-                    "content-type",
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                )
-                .into_response(),
-                Err(_) => json_error(StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics", None),
-            });
+        .map(one_stream_events);
+    let metrics = warp::path!("metrics")
+        .and(with_state.clone())
+        .map(|state: HttpState| metrics_text(&state));
 
     let health = warp::path!("healthz")
         .and(with_state)
@@ -497,31 +461,80 @@ fn routes(
         .and(hosts)
         .and(served)
         .recover(|rejection: Rejection| async move {
-            let response = if rejection.is_not_found() {
-                json_error(StatusCode::NOT_FOUND, "no such route", None)
-            } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
-                let mut response = json_error(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "only GET and HEAD are served",
-                    None,
-                );
-                response
-                    .headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-                response
-            } else if rejection.find::<HostNotAllowed>().is_some() {
-                json_error(
-                    StatusCode::MISDIRECTED_REQUEST,
-                    "this host is not served here (--http-allowed-hosts)",
-                    None,
-                )
-            } else {
-                json_error(StatusCode::BAD_REQUEST, "bad request", None)
-            };
-            Ok::<_, Infallible>(response)
+            Ok::<_, Infallible>(rejection_response(&rejection))
         })
         .unify()
         .map(with_common_headers)
+}
+
+/// The page, under its CSP.
+fn dashboard_page() -> warp::reply::Response {
+    let mut response = warp::reply::html(DASHBOARD).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_SECURITY_POLICY, DASHBOARD_CSP.clone());
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    // Compiled into the binary: fetched again after an upgrade.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// `/api/live/{segment}`: one stream's latest snapshot.
+fn one_stream(segment: String, state: HttpState) -> warp::reply::Response {
+    let Some(stream_id) = stream_id(&segment) else {
+        return not_utf8();
+    };
+    match state.board.latest().get(&stream_id) {
+        Some(snapshot) => warp::reply::json(snapshot).into_response(),
+        None => json_error(StatusCode::NOT_FOUND, "unknown stream", Some(&stream_id)),
+    }
+}
+
+/// `/api/live/{segment}/events`: one stream's snapshots as SSE.
+fn one_stream_events(segment: String, state: HttpState) -> warp::reply::Response {
+    let Some(stream_id) = stream_id(&segment) else {
+        return not_utf8();
+    };
+    if !state.board.latest().contains_key(&stream_id) {
+        return json_error(StatusCode::NOT_FOUND, "unknown stream", Some(&stream_id));
+    }
+    sse(&state, stream_snapshots(state.board.subscribe(), stream_id))
+}
+
+fn metrics_text(state: &HttpState) -> warp::reply::Response {
+    match state.metrics.render() {
+        Ok(text) => warp::reply::with_header(
+            text,
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+        .into_response(),
+        Err(_) => json_error(StatusCode::INTERNAL_SERVER_ERROR, "encoding metrics", None),
+    }
+}
+
+/// The JSON answer to a request no route took.
+fn rejection_response(rejection: &Rejection) -> warp::reply::Response {
+    if rejection.is_not_found() {
+        json_error(StatusCode::NOT_FOUND, "no such route", None)
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        let mut response = json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET and HEAD are served",
+            None,
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        response
+    } else if rejection.find::<HostNotAllowed>().is_some() {
+        json_error(
+            StatusCode::MISDIRECTED_REQUEST,
+            "this host is not served here (--http-allowed-hosts)",
+            None,
+        )
+    } else {
+        json_error(StatusCode::BAD_REQUEST, "bad request", None)
+    }
 }
 
 #[derive(Serialize)]
