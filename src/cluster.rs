@@ -544,28 +544,7 @@ fn connect_all(
             });
         }
         if started.elapsed() >= spec.timeout {
-            let mut why: Vec<String> = missing
-                .iter()
-                .map(|&p| match last_error.get(&p) {
-                    Some(error) => format!("{}: {error}", spec.describe(p)),
-                    None => format!("{}: never connected to this one", spec.describe(p)),
-                })
-                .collect();
-            if ignored.count > 0 {
-                why.push(format!(
-                    "{} connections were ignored as not this cluster's (see the warnings \
-                     above)",
-                    ignored.count
-                ));
-            }
-            return Err(ClusterError::Unreachable(format!(
-                "gave up forming the cluster after {} s; {}. Start every process with the same \
-                 --hostfile and --cluster-secret-file (each with its own --process), check \
-                 that the ports are open between the machines, or wait longer with \
-                 --cluster-timeout",
-                spec.timeout.as_secs(),
-                why.join("; ")
-            )));
+            return Err(gave_up(spec, &missing, &last_error, ignored.count));
         }
         if last_log.elapsed() >= WAIT_LOG_EVERY {
             last_log = Instant::now();
@@ -573,30 +552,69 @@ fn connect_all(
             tracing::info!("waiting for {}", waiting.join(", "));
             ignored.summarize();
         }
-        // Wait for what the accepted connections became, then take all
-        // that is there.
-        let mut next = events.recv_timeout(RETRY_EVERY).ok();
-        while let Some(event) = next {
-            match event {
-                Event::Joined { peer, from, stream } => {
-                    // Only the process of that index can prove the secret
-                    // from that address: a second connection is the same
-                    // process trying again (its side of the first failed
-                    // late), or restarted. The newest is the live one.
-                    if sockets[peer].replace(stream).is_some() {
-                        tracing::info!(peer = %spec.describe(peer), %from, "connected again");
-                    } else {
-                        tracing::info!(peer = %spec.describe(peer), "connected");
-                    }
-                }
-                Event::Mismatch { from, why } => {
-                    return Err(ClusterError::Usage(format!("a peer at {from}: {why}")))
-                }
-                Event::Ignored { from, why } => ignored.note(from, &why),
-            }
-            next = events.try_recv().ok();
-        }
+        take_accepted(spec, &events, &mut sockets, &mut ignored)?;
     }
+}
+
+/// Waits a little for what the accepted connections became, then takes
+/// all that is there.
+fn take_accepted(
+    spec: &ClusterSpec,
+    events: &mpsc::Receiver<Event>,
+    sockets: &mut [Option<TcpStream>],
+    ignored: &mut IgnoredLog,
+) -> Result<(), ClusterError> {
+    let mut next = events.recv_timeout(RETRY_EVERY).ok();
+    while let Some(event) = next {
+        match event {
+            Event::Joined { peer, from, stream } => {
+                // Only the process of that index can prove the secret
+                // from that address: a second connection is the same
+                // process trying again (its side of the first failed
+                // late), or restarted. The newest is the live one.
+                if sockets[peer].replace(stream).is_some() {
+                    tracing::info!(peer = %spec.describe(peer), %from, "connected again");
+                } else {
+                    tracing::info!(peer = %spec.describe(peer), "connected");
+                }
+            }
+            Event::Mismatch { from, why } => {
+                return Err(ClusterError::Usage(format!("a peer at {from}: {why}")))
+            }
+            Event::Ignored { from, why } => ignored.note(from, &why),
+        }
+        next = events.try_recv().ok();
+    }
+    Ok(())
+}
+
+/// Why forming the cluster failed: each missing peer's last error.
+fn gave_up(
+    spec: &ClusterSpec,
+    missing: &[usize],
+    last_error: &BTreeMap<usize, String>,
+    ignored: usize,
+) -> ClusterError {
+    let mut why: Vec<String> = missing
+        .iter()
+        .map(|&p| match last_error.get(&p) {
+            Some(error) => format!("{}: {error}", spec.describe(p)),
+            None => format!("{}: never connected to this one", spec.describe(p)),
+        })
+        .collect();
+    if ignored > 0 {
+        why.push(format!(
+            "{ignored} connections were ignored as not this cluster's (see the warnings above)"
+        ));
+    }
+    ClusterError::Unreachable(format!(
+        "gave up forming the cluster after {} s; {}. Start every process with the same \
+         --hostfile and --cluster-secret-file (each with its own --process), check \
+         that the ports are open between the machines, or wait longer with \
+         --cluster-timeout",
+        spec.timeout.as_secs(),
+        why.join("; ")
+    ))
 }
 
 /// Sets its flag to false when dropped (however `connect_all` returns).
