@@ -968,8 +968,8 @@ fn check_file_prefixes(
     }
     Err(UsageError(format!(
         "--out {} belongs to another input:\n  {}\nA file that only grew (lines appended) \
-         resumes; another file is another input: use a fresh --out for it (README: \"Changing \
-         rules, inputs and topics safely\")",
+         resumes; another file is another input: use a fresh --out for it (docs/operations.md: \
+         \"Changing rules, inputs and topics safely\")",
         out.display(),
         differ.join("\n  ")
     ))

@@ -220,7 +220,8 @@ fn check(
     prop_assert_eq!(rejected, want.rejected_lines);
     // With state kept past finality, late records are recognised in the
     // dataflow, each once, with its reason. (Without, the ledger catches
-    // what matters for billing and the rest is dropped: see README.)
+    // what matters for billing and the rest is dropped: see
+    // docs/architecture.md, "Bounded state".)
     if retention > 0 {
         let late: Vec<(u64, String)> = json_lines(&out.join("late.jsonl"))
             .iter()

@@ -1,5 +1,5 @@
 //! Faults on one side never take the other down, and never lose or double
-//! bill anything (issue 8; README "Guarantees"):
+//! bill anything (issue 8; docs/operations.md, "Guarantees"):
 //!
 //! * the billing output refuses writes: live ticks go on, `/healthz` and
 //!   `/metrics` say billing is stalled and why, and once the output takes

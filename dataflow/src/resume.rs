@@ -42,8 +42,8 @@ pub struct Checkpoint {
     pub max_ts: Option<u64>,
     /// Files: SHA-256 of the file's bytes before `byte`, its identity up to
     /// here. A resumed run checks it, so that another file under the same
-    /// name is refused rather than read from the middle (README, "Changing
-    /// rules, inputs and topics safely").
+    /// name is refused rather than read from the middle (docs/operations.md,
+    /// "Changing rules, inputs and topics safely").
     /// Kafka: `None` (a topic's identity is checked through its offsets).
     pub prefix_sha256: Option<[u8; 32]>,
 }
