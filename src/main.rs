@@ -241,7 +241,7 @@ fn gen(args: GenArgs) -> anyhow::Result<()> {
     };
     let start_ts = args.start_ts.unwrap_or_else(|| {
         if to_kafka {
-            livepipe_sources::wall_clock_ms()
+            livepipe_dataflow::time::wall_clock_ms()
         } else {
             DEFAULT_FILE_START_TS
         }

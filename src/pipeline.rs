@@ -809,7 +809,7 @@ fn open_outputs(
     } else {
         (BTreeMap::new(), 0)
     };
-    lock.announce(livepipe_sources::wall_clock_ms())
+    lock.announce(livepipe_dataflow::time::wall_clock_ms())
         .with_context(|| format!("writing {}", side_dir.join(LOCK_FILE).display()))?;
 
     let side = Arc::new(SideOutputs::open(&side_dir).context("opening side outputs")?);
@@ -1005,7 +1005,7 @@ fn resume_kafka(
         settings.accept_data_loss,
     )
     .map_err(UsageError)?;
-    let now = livepipe_sources::wall_clock_ms();
+    let now = livepipe_dataflow::time::wall_clock_ms();
     let mut gaps = Vec::new();
     for range in lost {
         tracing::warn!(

@@ -11,12 +11,24 @@
 //! `coarse(d)`, every record with `w <= d` has been seen; records in the
 //! same coarse bucket with `w > d` are told apart by their data.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 /// Timely time of the whole graph: coarse event time in ms.
 pub type Time = u64;
 
 /// Rounds an exact event time down to the granularity of timely times.
 pub fn coarse(ms: u64, granularity_ms: u64) -> Time {
     ms - ms % granularity_ms
+}
+
+/// Wall-clock ms since the Unix epoch (0 for a clock set before it).
+///
+/// The one clock of the job: live ticks, the bound on watermarks, stall
+/// ages and lag all read it.
+pub fn wall_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The smallest timely time strictly after the bucket holding `ms`.

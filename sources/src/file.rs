@@ -25,12 +25,13 @@
 //! everything finalizes.
 
 use crate::prefix::DigestingReader;
-use crate::{partition_watermark, wall_clock_ms, SourceContext};
+use crate::stamp::{Batch, Output, PartitionClock, StampRules};
+use crate::SourceContext;
 use livepipe_dataflow::event::{Ingested, Position, RejectedRecord, RAW_KEEP_BYTES};
 use livepipe_dataflow::lines::read_record;
 use livepipe_dataflow::parse::{check_clock, parse_event, Rejection, MAX_RECORD_BYTES};
 use livepipe_dataflow::resume::Checkpoint;
-use livepipe_dataflow::time::{coarse, Time};
+use livepipe_dataflow::time::{coarse, wall_clock_ms, Time};
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::operator::source;
@@ -120,21 +121,9 @@ struct ParsedChunk {
 struct Stamped {
     /// Chunks stamped so far (the next one to stamp has this `seq`).
     chunks: u64,
-    max_ts: Option<u64>,
-    /// The file's watermark so far. It never goes back, even if the wall
-    /// clock that bounds it does (see [`partition_watermark`]): the reader
-    /// holds its capability here, and the stamper emits at or after it.
-    watermark: u64,
-}
-
-impl Stamped {
-    /// Moves the watermark to what `max_ts` and the wall clock allow.
-    fn advance(&mut self, lateness: u64, wall_ms: u64) -> u64 {
-        self.watermark = self
-            .watermark
-            .max(partition_watermark(self.max_ts, lateness, wall_ms));
-        self.watermark
-    }
+    /// The file's clock. Its watermark never goes back: the reader holds
+    /// its capability there, and the stamper emits at or after it.
+    clock: PartitionClock,
 }
 
 /// One file being read by its owner.
@@ -167,12 +156,10 @@ pub fn file_source<'s>(
     let stamped: Rc<RefCell<Vec<Stamped>>> = Rc::new(RefCell::new(
         (0..paths.len() as u32)
             .map(|partition| {
-                let mut stamped = Stamped {
-                    max_ts: context.source.resume.get(&partition).and_then(|c| c.max_ts),
-                    ..Stamped::default()
-                };
-                stamped.advance(context.source.allowed_lateness_ms, wall_clock_ms());
-                stamped
+                let max_ts = context.source.resume.get(&partition).and_then(|c| c.max_ts);
+                let mut clock = PartitionClock::resumed(max_ts);
+                clock.advance(context.source.allowed_lateness_ms, wall_clock_ms());
+                Stamped { chunks: 0, clock }
             })
             .collect(),
     ));
@@ -257,7 +244,7 @@ fn read_chunks<'s>(
             let least = readers
                 .iter()
                 .filter(|r| !r.at_end || stamped[r.partition as usize].chunks < r.chunks_sent)
-                .map(|r| coarse(stamped[r.partition as usize].watermark, granularity))
+                .map(|r| coarse(stamped[r.partition as usize].clock.watermark(), granularity))
                 .min();
             match least {
                 Some(time) => {
@@ -413,8 +400,10 @@ fn stamp<'s>(
     context: &FileSourceContext,
     stamped: Rc<RefCell<Vec<Stamped>>>,
 ) -> StreamVec<'s, Time, Ingested> {
-    let lateness = context.source.allowed_lateness_ms;
-    let granularity = context.source.time_granularity_ms;
+    let rules = StampRules {
+        allowed_lateness_ms: context.source.allowed_lateness_ms,
+        time_granularity_ms: context.source.time_granularity_ms,
+    };
     let checkpoints = context.source.checkpoints.clone();
     parsed.unary(
         Exchange::new(|chunk: &ParsedChunk| chunk.partition as u64),
@@ -441,45 +430,39 @@ fn stamp<'s>(
                     let Some(&key) = next else { break };
                     let (cap, chunk) = waiting.remove(&key).expect("found above");
                     let state = &mut stamped[chunk.partition as usize];
-                    let wall_ms = wall_clock_ms();
-                    let mut batch: Vec<Ingested> = Vec::new();
-                    let mut batch_time = coarse(state.watermark, granularity);
-                    for (offset, event) in chunk.events {
-                        let wm = state.advance(lateness, wall_ms);
-                        let time = coarse(wm, granularity);
-                        if time != batch_time && !batch.is_empty() {
-                            output
-                                .session(&cap.delayed(&batch_time))
-                                .give_iterator(batch.drain(..));
-                        }
-                        batch_time = time;
-                        state.max_ts = Some(state.max_ts.map_or(event.ts, |m| m.max(event.ts)));
-                        batch.push(Ingested {
-                            event,
-                            position: Position {
-                                partition: chunk.partition,
-                                offset,
-                            },
-                            watermark: wm,
-                        });
-                    }
-                    if !batch.is_empty() {
-                        output
-                            .session(&cap.delayed(&batch_time))
-                            .give_iterator(batch.drain(..));
-                    }
+                    let checkpoint = stamp_chunk(&mut state.clock, rules, chunk, &cap, output);
                     state.chunks += 1;
-                    checkpoints.record(
-                        chunk.partition,
-                        Checkpoint {
-                            offset: chunk.next_line,
-                            byte: chunk.end_byte,
-                            max_ts: state.max_ts,
-                            prefix_sha256: Some(chunk.prefix_sha256),
-                        },
-                    );
+                    checkpoints.record(key.0, checkpoint);
                 }
             }
         },
     )
+}
+
+/// Stamps and sends one chunk's events in order; returns the position
+/// after it.
+fn stamp_chunk(
+    clock: &mut PartitionClock,
+    rules: StampRules,
+    chunk: ParsedChunk,
+    cap: &Capability<Time>,
+    output: &mut Output<'_>,
+) -> Checkpoint {
+    let wall_ms = wall_clock_ms();
+    let mut batch = Batch::new(cap);
+    for (offset, event) in chunk.events {
+        let position = Position {
+            partition: chunk.partition,
+            offset,
+        };
+        let (time, ingested) = clock.stamp(rules, event, position, wall_ms, 0);
+        batch.push(output, time, ingested);
+    }
+    batch.flush(output);
+    Checkpoint {
+        offset: chunk.next_line,
+        byte: chunk.end_byte,
+        max_ts: clock.max_ts(),
+        prefix_sha256: Some(chunk.prefix_sha256),
+    }
 }

@@ -43,11 +43,12 @@
 //! records arrive, and a timer wakes it to notice idleness and follow the
 //! wall clock.
 
-use crate::{partition_watermark, wall_clock_ms, SourceContext};
+use crate::stamp::{Batch, Output, PartitionClock, StampRules};
+use crate::SourceContext;
 use livepipe_dataflow::event::{Ingested, Position, RejectedRecord, RAW_KEEP_BYTES};
 use livepipe_dataflow::parse::{check_clock, parse_event};
 use livepipe_dataflow::resume::{Checkpoint, Checkpoints};
-use livepipe_dataflow::time::{coarse, Time};
+use livepipe_dataflow::time::{coarse, wall_clock_ms, Time};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
@@ -55,9 +56,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::generic::operator::source;
-use timely::dataflow::operators::generic::OutputBuilderSession;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::{Scope, StreamVec};
 
@@ -496,7 +495,7 @@ impl ConsumerContext for StatsContext {}
 /// One partition as its worker reads it.
 struct PartitionState {
     id: i32,
-    max_ts: Option<u64>,
+    clock: PartitionClock,
     next_offset: i64,
     records: u64,
     /// The consumer reached the end of what the broker holds, and nothing
@@ -585,7 +584,7 @@ impl PartitionState {
                     id,
                     PartitionState {
                         id,
-                        max_ts: resume.and_then(|c| c.max_ts),
+                        clock: PartitionClock::resumed(resume.and_then(|c| c.max_ts)),
                         next_offset: resume.map_or(-1, |c| c.offset as i64),
                         records: 0,
                         at_end: false,
@@ -612,7 +611,7 @@ impl PartitionState {
                 self.id as u32,
                 Checkpoint {
                     offset: offset as u64,
-                    max_ts: self.max_ts,
+                    max_ts: self.clock.max_ts(),
                     ..Checkpoint::default()
                 },
             );
@@ -736,9 +735,6 @@ pub fn kafka_source<'s>(
     })
 }
 
-/// The output of the source operator.
-type Output<'a> = OutputBuilderSession<'a, Time, CapacityContainerBuilder<Vec<Ingested>>>;
-
 /// One worker's reading of its partitions, across activations.
 struct KafkaReader {
     context: KafkaSourceContext,
@@ -749,8 +745,7 @@ struct KafkaReader {
     consumer: Rc<BaseConsumer<StatsContext>>,
     partitions: BTreeMap<i32, PartitionState>,
     topic: Arc<str>,
-    lateness: u64,
-    granularity: u64,
+    rules: StampRules,
     idle_timeout: Duration,
     /// The worker's watermark (exact ms); the capability sits at its
     /// coarse version.
@@ -768,39 +763,6 @@ struct Polled {
     exhausted: bool,
     /// The wall clock when the activation started.
     wall_ms: u64,
-}
-
-/// Events polled in one activation, sent one session per time.
-struct Batch<'c> {
-    cap: &'c Capability<Time>,
-    time: Time,
-    events: Vec<Ingested>,
-}
-
-impl<'c> Batch<'c> {
-    fn new(cap: &'c Capability<Time>) -> Self {
-        Batch {
-            cap,
-            time: *cap.time(),
-            events: Vec::new(),
-        }
-    }
-
-    fn push(&mut self, output: &mut Output<'_>, time: Time, event: Ingested) {
-        if time != self.time {
-            self.flush(output);
-        }
-        self.time = time;
-        self.events.push(event);
-    }
-
-    fn flush(&mut self, output: &mut Output<'_>) {
-        if !self.events.is_empty() {
-            output
-                .session(&self.cap.delayed(&self.time))
-                .give_iterator(self.events.drain(..));
-        }
-    }
 }
 
 impl KafkaReader {
@@ -837,8 +799,10 @@ impl KafkaReader {
             partitions,
             last_group_commit: Instant::now(),
             topic: Arc::from(context.settings.topic.as_str()),
-            lateness: context.source.allowed_lateness_ms,
-            granularity: context.source.time_granularity_ms,
+            rules: StampRules {
+                allowed_lateness_ms: context.source.allowed_lateness_ms,
+                time_granularity_ms: context.source.time_granularity_ms,
+            },
             idle_timeout: Duration::from_millis(context.idle_timeout_ms),
             promised: 0,
             last_log: Instant::now(),
@@ -933,15 +897,10 @@ impl KafkaReader {
             parse_event(raw).and_then(|event| check_clock(event.ts, wall_ms).map(|_| event));
         match parsed {
             Ok(event) => {
-                let watermark = partition_watermark(partition.max_ts, self.lateness, wall_ms)
-                    .max(self.promised);
-                let time = coarse(watermark, self.granularity);
-                partition.max_ts = Some(partition.max_ts.map_or(event.ts, |m| m.max(event.ts)));
-                let ingested = Ingested {
-                    event,
-                    position,
-                    watermark,
-                };
+                let (time, ingested) =
+                    partition
+                        .clock
+                        .stamp(self.rules, event, position, wall_ms, self.promised);
                 batch.push(output, time, ingested);
             }
             Err(rejection) => (self.context.source.on_reject)(RejectedRecord {
@@ -960,11 +919,17 @@ impl KafkaReader {
         let holding = self.partitions.values().map(|p| {
             (
                 p.is_idle(self.idle_timeout),
-                partition_watermark(p.max_ts, self.lateness, polled.wall_ms),
+                p.clock
+                    .watermark_at(self.rules.allowed_lateness_ms, polled.wall_ms),
             )
         });
-        self.promised = worker_watermark(self.promised, holding, wall_clock_ms(), self.lateness);
-        cap.downgrade(&coarse(self.promised, self.granularity));
+        self.promised = worker_watermark(
+            self.promised,
+            holding,
+            wall_clock_ms(),
+            self.rules.allowed_lateness_ms,
+        );
+        cap.downgrade(&coarse(self.promised, self.rules.time_granularity_ms));
 
         if polled.taken > 0 {
             for partition in self.partitions.values().filter(|p| p.next_offset >= 0) {
@@ -972,7 +937,7 @@ impl KafkaReader {
                     partition.id as u32,
                     Checkpoint {
                         offset: partition.next_offset as u64,
-                        max_ts: partition.max_ts,
+                        max_ts: partition.clock.max_ts(),
                         ..Checkpoint::default()
                     },
                 );
@@ -993,7 +958,7 @@ impl KafkaReader {
             &self.context.status,
             &self.partitions,
             self.idle_timeout,
-            self.lateness,
+            self.rules.allowed_lateness_ms,
         );
         if self.last_log.elapsed() >= LOG_EVERY {
             self.last_log = Instant::now();
@@ -1108,7 +1073,7 @@ fn publish_status(
         entry.next_offset = reading.next_offset;
         entry.records = reading.records;
         entry.idle = reading.is_idle(idle_timeout);
-        entry.watermark = partition_watermark(reading.max_ts, lateness, wall_clock_ms());
+        entry.watermark = reading.clock.watermark_at(lateness, wall_clock_ms());
     }
 }
 
@@ -1253,17 +1218,5 @@ mod tests {
         // record again, from long ago.
         let partitions = [(false, 900), (false, 200)];
         assert_eq!(worker_watermark(700, partitions.into_iter(), WALL, 5), 700);
-    }
-
-    #[test]
-    fn a_record_ahead_of_the_wall_clock_cannot_push_the_watermark() {
-        // Nine minutes ahead: within what the parser accepts as data.
-        let ahead = Some(WALL + 540_000);
-        assert_eq!(crate::partition_watermark(ahead, 5, WALL), WALL - 5);
-        assert_eq!(
-            crate::partition_watermark(Some(WALL - 100), 5, WALL),
-            WALL - 105
-        );
-        assert_eq!(crate::partition_watermark(None, 5, WALL), 0);
     }
 }

@@ -8,6 +8,8 @@
 //! * [`publish`]: writes generated traffic into a Kafka topic (`livepipe
 //!   gen --brokers`, and the demo's producer).
 //! * [`prefix`]: a file's identity up to a position (SHA-256 of its bytes).
+//! * [`stamp`]: how both sources stamp events with their partition's
+//!   watermark.
 //! * [`demo`]: the embedded demo: librdkafka's in-process mock cluster fed
 //!   with live traffic.
 //! * [`generator`]: the synthetic traffic itself.
@@ -18,6 +20,7 @@ pub mod generator;
 pub mod kafka;
 pub mod prefix;
 pub mod publish;
+pub mod stamp;
 
 use livepipe_dataflow::event::RejectedRecord;
 use livepipe_dataflow::resume::{Checkpoint, CheckpointOutbox, Checkpoints};
@@ -26,7 +29,6 @@ use std::collections::BTreeMap;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// What every source reports to the rest of the job.
 #[derive(Clone)]
@@ -50,20 +52,4 @@ pub struct SourceContext {
     pub resume: Arc<BTreeMap<u32, Checkpoint>>,
 }
 
-/// A partition's watermark: its highest valid `ts` so far minus the allowed
-/// lateness; 0 (nothing is late) before its first valid record.
-///
-/// Never ahead of the wall clock (`wall_ms`) minus the lateness either: a
-/// record stamped minutes ahead by a broken or hostile clock (up to the 10
-/// minutes the parser lets through) counts as data, but cannot drag the
-/// partition's watermark forward and make honest records late.
-pub fn partition_watermark(max_ts: Option<u64>, lateness: u64, wall_ms: u64) -> u64 {
-    max_ts.map_or(0, |ts| ts.min(wall_ms).saturating_sub(lateness))
-}
-
-/// Wall-clock ms since the Unix epoch.
-pub fn wall_clock_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use livepipe_dataflow::time::wall_clock_ms;
