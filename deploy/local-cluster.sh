@@ -2,7 +2,7 @@
 # Start an N-process livepipe cluster on this machine: one hostfile on
 # loopback ports, every process with the same flags, each logging to a file
 # of its own. For trying cluster mode out; a real cluster runs one process
-# per machine (README.md, "Running as a cluster").
+# per machine (docs/operations.md, "Running as a cluster").
 #
 #   deploy/local-cluster.sh --input events.jsonl
 #   N=3 WORKERS=2 deploy/local-cluster.sh --brokers 127.0.0.1:9092 --topic livestream-events

@@ -153,7 +153,7 @@ pub fn bind(out: &Path, binding: &Binding) -> Result<BTreeMap<u32, Position>, Bi
                     return Err(BindError::Mismatch(format!(
                         "--out {} belongs to another input or other billing rules; resuming it \
                          would bill wrong:\n  {}\nRun with the ledger's values, or use a fresh \
-                         --out for this job (README: \"Changing rules, inputs and topics safely\")",
+                         --out for this job (docs/operations.md: \"Changing rules, inputs and topics safely\")",
                         out.display(),
                         differences.join("\n  ")
                     )));
