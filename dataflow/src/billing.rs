@@ -171,12 +171,28 @@ impl LateReason {
     }
 }
 
+/// What kind of record was late.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum LateKind {
+    Impression,
+    AdProgress,
+}
+
+impl LateKind {
+    /// The record's `type`, as `late.jsonl` names it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            LateKind::Impression => "impression",
+            LateKind::AdProgress => "ad_progress",
+        }
+    }
+}
+
 /// A record that arrived too late to count, for `late.jsonl`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct LateRecord {
     pub reason: LateReason,
-    /// `"impression"` or `"ad_progress"`.
-    pub kind: String,
+    pub kind: LateKind,
     pub event_id: String,
     pub impression_id: String,
     pub ts: u64,
@@ -186,16 +202,29 @@ pub struct LateRecord {
 impl LateRecord {
     fn of(fact: &Fact, impression_id: &str, reason: LateReason) -> Self {
         let (kind, event_id, position) = match fact {
-            Fact::Impression(i) => ("impression", &i.event_id, i.position),
-            Fact::Progress(p) => ("ad_progress", &p.event_id, p.position),
+            Fact::Impression(i) => (LateKind::Impression, &i.event_id, i.position),
+            Fact::Progress(p) => (LateKind::AdProgress, &p.event_id, p.position),
         };
         LateRecord {
             reason,
-            kind: kind.to_string(),
+            kind,
             event_id: event_id.to_string(),
             impression_id: impression_id.to_string(),
             ts: fact.ts(),
             position,
+        }
+    }
+
+    /// The canonical impression of an outcome whose id (or period) the
+    /// ledger already held final: the first answer stands.
+    pub fn already_final(outcome: &Outcome) -> Self {
+        LateRecord {
+            reason: LateReason::AlreadyFinal,
+            kind: LateKind::Impression,
+            event_id: outcome.impression.event_id.to_string(),
+            impression_id: outcome.impression_id.to_string(),
+            ts: outcome.impression.ts,
+            position: outcome.impression.position,
         }
     }
 }
@@ -455,7 +484,7 @@ fn finalize<'s>(
                                     .push((outcome, diff));
                             }
                             Verdict::Late(late) if diff > 0 => {
-                                if late.kind == "impression" {
+                                if late.kind == LateKind::Impression {
                                     probes.pending_impressions.fetch_sub(1, Ordering::Relaxed);
                                 }
                                 output

@@ -76,9 +76,4 @@ impl PipelineConfig {
         }
         Ok(())
     }
-
-    /// The billing period that holds event time `ts`: its start, in ms.
-    pub fn period_start(&self, ts: u64) -> u64 {
-        ts - ts % self.billing_period_ms
-    }
 }

@@ -5,6 +5,8 @@
 //!   counts on a one-second wall-clock tick, whatever the frontier says.
 //! * [`billing`]: a differential sub-graph that deduplicates impressions,
 //!   joins qualifying watches and releases only final outcomes.
+//! * [`policy`]: what the billing sink does with them: which periods are
+//!   final, which files cover them, where sources may resume.
 //!
 //! This crate does no I/O: sources and sinks live in their own crates and
 //! meet the graph through the types in [`event`] and the streams returned
@@ -16,6 +18,7 @@ pub mod event;
 pub mod lines;
 pub mod live;
 pub mod parse;
+pub mod policy;
 pub mod probe;
 pub mod resume;
 pub mod route;

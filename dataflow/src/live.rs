@@ -580,6 +580,63 @@ fn stream_hash(stream_id: &str) -> u64 {
     hasher.finish()
 }
 
+impl Signal {
+    /// What the live path needs of an ingested record; `None` for the
+    /// records only billing reads.
+    fn of(record: Ingested) -> Option<Signal> {
+        let kind = match record.event.kind {
+            EventKind::Join | EventKind::Heartbeat => SignalKind::Presence,
+            EventKind::Chat => SignalKind::Chat,
+            EventKind::Leave => SignalKind::Leave,
+            EventKind::Impression(_) | EventKind::AdProgress(_) => return None,
+        };
+        Some(Signal {
+            stream_id: record.event.stream_id,
+            viewer_id: record.event.viewer_id,
+            ts: record.event.ts,
+            kind,
+        })
+    }
+}
+
+/// The live path's wall-clock tick: when the next one is due, and what
+/// each one cost (in the probes).
+struct Ticker {
+    tick: Duration,
+    next_tick: Instant,
+    probes: Arc<Probes>,
+}
+
+impl Ticker {
+    fn new(tick: Duration, probes: Arc<Probes>) -> Self {
+        Ticker {
+            tick,
+            next_tick: Instant::now() + tick,
+            probes,
+        }
+    }
+
+    fn is_due(&self, now: Instant) -> bool {
+        now >= self.next_tick
+    }
+
+    /// Records a tick that started at `started` and was stamped
+    /// `emitted_at`; returns how long until the next one. Ticks are on a
+    /// fixed grid: a slow worker skips to the next slot.
+    fn ticked(&mut self, started: Instant, emitted_at: u64) -> Duration {
+        let micros = started.elapsed().as_micros() as u64;
+        let probes = &self.probes;
+        probes.ticks.fetch_add(1, Ordering::Relaxed);
+        probes.tick_micros.fetch_add(micros, Ordering::Relaxed);
+        probes.tick_micros_max.fetch_max(micros, Ordering::Relaxed);
+        probes.last_tick_ms.fetch_max(emitted_at, Ordering::Relaxed);
+        while self.next_tick <= started {
+            self.next_tick += self.tick;
+        }
+        self.next_tick - started
+    }
+}
+
 /// Builds the live sub-graph over the live events and the event clock (the
 /// highest `ts` seen anywhere, as [`crate::route::split_paths`] gives it).
 /// The returned stream carries, per tick, a snapshot of every active stream
@@ -599,105 +656,77 @@ pub fn live<'s>(
     let scope = ingested.scope();
     // Streams are spread by hash: each worker holds its share of the bound.
     let max_streams = (MAX_LIVE_STREAMS / scope.peers()).max(1);
-    ingested
-        .flat_map(|record: Ingested| {
-            let kind = match record.event.kind {
-                EventKind::Join | EventKind::Heartbeat => SignalKind::Presence,
-                EventKind::Chat => SignalKind::Chat,
-                EventKind::Leave => SignalKind::Leave,
-                EventKind::Impression(_) | EventKind::AdProgress(_) => return None,
-            };
-            Some(Signal {
-                stream_id: record.event.stream_id,
-                viewer_id: record.event.viewer_id,
-                ts: record.event.ts,
-                kind,
-            })
-        })
-        .binary_frontier(
-            clock,
-            Exchange::new(move |signal: &Signal| route.hash(&signal.stream_id)),
-            Pipeline,
-            "LiveCounts",
-            move |capability, info| {
-                let activator = scope.activator_for(info.address);
-                let mut capability: Option<Capability<Time>> = Some(capability);
-                let mut streams = LiveStreams::new(ttl, max_streams);
-                let mut now: u64 = 0;
-                let mut next_tick = Instant::now() + tick;
-                activator.activate_after(tick);
-                move |(input, frontier), (clock, clock_frontier), output| {
-                    clock.for_each_stamp(|_, batches| {
-                        for batch in batches {
-                            now = batch.drain(..).fold(now, u64::max);
-                        }
-                    });
-                    input.for_each_stamp(|_, batches| {
-                        for batch in batches {
-                            for signal in batch.drain(..) {
-                                // The id moves into the state: no copy per event.
-                                streams.apply(
-                                    signal.stream_id,
-                                    signal.viewer_id,
-                                    signal.ts,
-                                    signal.kind,
-                                    now,
-                                );
-                            }
-                        }
-                    });
-                    let Some(cap) = capability.as_mut() else {
-                        return;
-                    };
-                    let finished = frontier.is_empty() && clock_frontier.is_empty();
-                    let now_instant = Instant::now();
-                    if finished || now_instant >= next_tick {
-                        let emitted_at = wall_clock_ms();
-                        let mut session = output.session(&*cap);
-                        if finished {
-                            streams.finish(now, emitted_at, |update| session.give(update));
-                        } else {
-                            streams.tick(now, emitted_at, |update| session.give(update));
-                        }
-                        // Ticks are on a fixed grid; a slow worker skips to the next slot.
-                        let micros = now_instant.elapsed().as_micros() as u64;
-                        probes.ticks.fetch_add(1, Ordering::Relaxed);
-                        probes.tick_micros.fetch_add(micros, Ordering::Relaxed);
-                        probes.tick_micros_max.fetch_max(micros, Ordering::Relaxed);
-                        probes.last_tick_ms.fetch_max(emitted_at, Ordering::Relaxed);
-                        while next_tick <= now_instant {
-                            next_tick += tick;
-                        }
-                        // One timer per tick: data activations in between must
-                        // not pile up timers that all fire at the same moment.
-                        if !finished {
-                            activator.activate_after(next_tick - now_instant);
-                        }
-                    } else if streams.due(now) {
-                        // Between ticks too: a replay moves the clock minutes
-                        // a second, and what retires makes room for what comes.
-                        let mut session = output.session(&*cap);
-                        streams.advance(now, wall_clock_ms(), |update| session.give(update));
+    ingested.flat_map(Signal::of).binary_frontier(
+        clock,
+        Exchange::new(move |signal: &Signal| route.hash(&signal.stream_id)),
+        Pipeline,
+        "LiveCounts",
+        move |capability, info| {
+            let activator = scope.activator_for(info.address);
+            let mut capability: Option<Capability<Time>> = Some(capability);
+            let mut streams = LiveStreams::new(ttl, max_streams);
+            let mut now: u64 = 0;
+            let mut ticker = Ticker::new(tick, probes);
+            activator.activate_after(tick);
+            move |(input, frontier), (clock, clock_frontier), output| {
+                clock.for_each_stamp(|_, batches| {
+                    for batch in batches {
+                        now = batch.drain(..).fold(now, u64::max);
                     }
+                });
+                input.for_each_stamp(|_, batches| {
+                    for signal in batches.flat_map(|batch| batch.drain(..)) {
+                        // The id moves into the state: no copy per event.
+                        let Signal {
+                            stream_id,
+                            viewer_id,
+                            ts,
+                            kind,
+                        } = signal;
+                        streams.apply(stream_id, viewer_id, ts, kind, now);
+                    }
+                });
+                let Some(cap) = capability.as_mut() else {
+                    return;
+                };
+                let finished = frontier.is_empty() && clock_frontier.is_empty();
+                let started = Instant::now();
+                if finished || ticker.is_due(started) {
+                    let emitted_at = wall_clock_ms();
+                    let mut session = output.session(&*cap);
                     if finished {
-                        probes.inputs_ended.store(true, Ordering::Relaxed);
-                        capability = None;
-                        return;
+                        streams.finish(now, emitted_at, |update| session.give(update));
+                    } else {
+                        streams.tick(now, emitted_at, |update| session.give(update));
                     }
-                    let least = frontier
-                        .frontier()
-                        .iter()
-                        .chain(clock_frontier.frontier().iter())
-                        .min()
-                        .copied();
-                    if let Some(time) = least {
-                        if time > *cap.time() {
-                            cap.downgrade(&time);
-                        }
+                    let until_next = ticker.ticked(started, emitted_at);
+                    // One timer per tick: data activations in between must
+                    // not pile up timers that all fire at the same moment.
+                    if !finished {
+                        activator.activate_after(until_next);
+                    }
+                } else if streams.due(now) {
+                    // Between ticks too: a replay moves the clock minutes
+                    // a second, and what retires makes room for what comes.
+                    let mut session = output.session(&*cap);
+                    streams.advance(now, wall_clock_ms(), |update| session.give(update));
+                }
+                if finished {
+                    ticker.probes.inputs_ended.store(true, Ordering::Relaxed);
+                    capability = None;
+                    return;
+                }
+                // Hold time at the least either input may still bring.
+                let inputs = frontier.frontier();
+                let clocks = clock_frontier.frontier();
+                if let Some(&time) = inputs.iter().chain(clocks.iter()).min() {
+                    if time > *cap.time() {
+                        cap.downgrade(&time);
                     }
                 }
-            },
-        )
+            }
+        },
+    )
 }
 
 #[cfg(test)]

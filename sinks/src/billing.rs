@@ -25,10 +25,11 @@
 //! too. So an hour without billing, or a jump of three years, costs one file,
 //! and the work of a commit is proportional to the files it writes.
 
-use livepipe_dataflow::billing::{BillingEvent, LateRecord};
+use livepipe_dataflow::billing::{BillingEvent, LateRecord, Outcome};
 use livepipe_dataflow::config::PipelineConfig;
+use livepipe_dataflow::policy::{BillingPolicy, Coverage};
 use livepipe_dataflow::resume::{Checkpoint, Checkpoints};
-use livepipe_dataflow::time::{coarse, wall_clock_ms, Time};
+use livepipe_dataflow::time::{wall_clock_ms, Time};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use timely::dataflow::channels::pact::Exchange;
@@ -107,8 +108,8 @@ pub struct BillingSink {
     side: Arc<SideOutputs>,
     /// Source name per partition, for `late.jsonl`.
     sources: Vec<Arc<str>>,
-    buffered: Vec<livepipe_dataflow::billing::Outcome>,
-    periods_seen: PeriodsSeen,
+    buffered: Vec<Outcome>,
+    coverage: Coverage,
     stats: Arc<BillingStats>,
     /// Where the sources can resume; the safe ones are committed with the
     /// outcomes.
@@ -118,34 +119,11 @@ pub struct BillingSink {
     stop: Arc<AtomicBool>,
 }
 
-/// Which periods hold finalized impressions, and where writing stands.
-#[derive(Clone, Copy, Debug, Default)]
-struct PeriodsSeen {
-    /// The first period no file covers yet (the end of the last file).
-    /// Before the first file it is the least period finalized so far and
-    /// may still move back: outcomes of a later period can reach the sink
-    /// before those of an earlier one. Once a period is final nothing
-    /// earlier can come, so writing fixes it.
-    next: Option<u64>,
-    files_started: bool,
-    /// The greatest period holding a finalized impression.
-    last: Option<u64>,
-}
-
-impl PeriodsSeen {
-    fn saw(&mut self, period: u64) {
-        if !self.files_started {
-            self.next = Some(self.next.map_or(period, |next| next.min(period)));
-        }
-        self.last = Some(self.last.map_or(period, |last| last.max(period)));
-    }
-}
-
 /// Renders and writes period files; the part of the sink that needs the
 /// period rules but not the ledger connection itself.
 struct PeriodWriter {
     billing_dir: PathBuf,
-    config: PipelineConfig,
+    policy: BillingPolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,24 +156,18 @@ impl BillingSink {
             }
         }
         let ledger = Ledger::open(&out_dir.join(LEDGER_FILE))?;
-        let next_file = ledger.next_unwritten_period()?;
-        let finalized = ledger.period_range()?;
-        let periods_seen = PeriodsSeen {
-            next: next_file.or(finalized.map(|(first, _)| first)),
-            files_started: next_file.is_some(),
-            last: finalized.map(|(_, last)| last),
-        };
+        let coverage = Coverage::resumed(ledger.next_unwritten_period()?, ledger.period_range()?);
         let stats = Arc::<BillingStats>::default();
         Ok(BillingSink {
             ledger,
             periods: PeriodWriter {
                 billing_dir,
-                config,
+                policy: BillingPolicy::new(&config),
             },
             side,
             sources,
             buffered: Vec::new(),
-            periods_seen,
+            coverage,
             stats,
             checkpoints,
             stop: Arc::default(),
@@ -213,10 +185,10 @@ impl BillingSink {
 
     /// Takes one event from the billing path. Late records are written at
     /// once; outcomes wait for [`BillingSink::advance`].
-    pub fn accept(&mut self, event: BillingEvent) -> Result<(), SinkError> {
+    pub fn accept(&mut self, event: &BillingEvent) -> Result<(), SinkError> {
         match event {
-            BillingEvent::Final(outcome) => self.buffered.push(outcome),
-            BillingEvent::Late(late) => self.record_late(&late)?,
+            BillingEvent::Final(outcome) => self.buffered.push(outcome.clone()),
+            BillingEvent::Late(late) => self.record_late(late)?,
         }
         Ok(())
     }
@@ -238,10 +210,7 @@ impl BillingSink {
             .store(frontier.unwrap_or(u64::MAX), Ordering::Relaxed);
         // Most frontier moves finalize nothing: skip the transaction (and its
         // fsync) unless there are outcomes to record or a period to write.
-        let period_due = self
-            .periods_seen
-            .next
-            .is_some_and(|period| self.periods.is_final(period, frontier));
+        let period_due = self.coverage.due(&self.periods.policy, frontier).is_some();
         if self.buffered.is_empty() && !period_due {
             self.side.flush()?;
             return Ok(());
@@ -249,10 +218,10 @@ impl BillingSink {
         // Nothing changes outside the transaction until it has committed:
         // a failed attempt (disk full, say) can simply be tried again.
         let commit = self.ledger.begin()?;
-        let mut seen = self.periods_seen;
-        let recorded = self.record_outcomes(&commit, &mut seen)?;
-        tracing::debug!(?frontier, periods = ?seen, "billing commit");
-        let files = self.write_final_files(&commit, &mut seen, frontier)?;
+        let mut coverage = self.coverage;
+        let recorded = self.record_outcomes(&commit, &mut coverage)?;
+        tracing::debug!(?frontier, ?coverage, "billing commit");
+        let files = self.write_final_files(&commit, &mut coverage, frontier)?;
         let safe = self.record_positions(&commit, frontier)?;
         // Side lines go out, and every rejected line so far is flushed,
         // before the commit: a crash right after it then loses none (the
@@ -280,17 +249,17 @@ impl BillingSink {
             .duplicates
             .fetch_add(recorded.duplicates + again, Ordering::Relaxed);
         stats.late.fetch_add(again, Ordering::Relaxed);
-        self.periods_seen = seen;
+        self.coverage = coverage;
         self.buffered.clear();
         Ok(())
     }
 
     /// Inserts the buffered outcomes into the ledger (in `commit`), noting
-    /// in `seen` the periods they finalize.
+    /// in `coverage` the periods they finalize.
     fn record_outcomes<'a>(
         &'a self,
         commit: &Commit<'_>,
-        seen: &mut PeriodsSeen,
+        coverage: &mut Coverage,
     ) -> Result<Recorded<'a>, SinkError> {
         let mut recorded = Recorded::default();
         for (n, outcome) in self.buffered.iter().enumerate() {
@@ -298,29 +267,17 @@ impl BillingSink {
                 // Dropping `commit` rolls the transaction back.
                 return Err(SinkError::Stopped);
             }
-            let period = self.periods.config.period_start(outcome.impression.ts);
+            let period = self.periods.policy.period_start(outcome.impression.ts);
             recorded.duplicates += u64::from(outcome.duplicates);
-            // Every period below `seen.next` is final and its file (or its
-            // run's) is written; an outcome for one (a finished file run
-            // resumed on an appended file) comes too late for the files, so
-            // it stays out of the ledger too, which bills only what files
-            // show. Periods before the first file count the same: coverage
-            // starts at the first file.
-            let covered = seen.files_started && seen.next.is_some_and(|next| period < next);
-            if covered || !commit.finalize(outcome, period)? {
+            if coverage.covers(period) || !commit.finalize(outcome, period)? {
                 // Already final (state retired long ago, or a replay), or
                 // its period is: the first answer stands.
-                recorded.already_final.push(LateRecord {
-                    reason: livepipe_dataflow::billing::LateReason::AlreadyFinal,
-                    kind: "impression".into(),
-                    event_id: outcome.impression.event_id.to_string(),
-                    impression_id: outcome.impression_id.to_string(),
-                    ts: outcome.impression.ts,
-                    position: outcome.impression.position,
-                });
+                recorded
+                    .already_final
+                    .push(LateRecord::already_final(outcome));
                 continue;
             }
-            seen.saw(period);
+            coverage.saw(period);
             if outcome.is_billed() {
                 recorded.billed += 1;
             } else {
@@ -330,29 +287,18 @@ impl BillingSink {
         Ok(recorded)
     }
 
-    /// Writes the files of every period `frontier` shows final, from
-    /// `seen.next` on, and records them in `commit`. Returns how many.
-    ///
-    /// One turn per billable period: the run of periods without billed
-    /// rows before it (one header-only file, if the run is not empty),
-    /// then its own file. The ledger finds the next billable period in one
-    /// index seek, so a commit's work follows the files it writes, not the
-    /// number of periods it passes.
+    /// Writes the files [`Coverage`] says are due at `frontier` and records
+    /// them in `commit`. Returns how many. The ledger finds each next
+    /// billable period in one index seek, so a commit's work follows the
+    /// files it writes, not the number of periods it passes.
     fn write_final_files(
         &self,
         commit: &Commit<'_>,
-        seen: &mut PeriodsSeen,
+        coverage: &mut Coverage,
         frontier: Option<Time>,
     ) -> Result<u64, SinkError> {
-        let period_ms = self.periods.config.billing_period_ms;
         let mut files = 0;
-        while let (Some(next), Some(last)) = (seen.next, seen.last) {
-            // Files stop at the last period that held a finalized
-            // impression: the same files for the same input, however far
-            // the watermark runs (a quiet topic follows the wall clock).
-            if next > last || !self.periods.is_final(next, frontier) {
-                break;
-            }
+        while let Some(due) = coverage.due(&self.periods.policy, frontier) {
             if self.stop.load(Ordering::Relaxed) {
                 // Abandon: dropping `commit` rolls the transaction back, so
                 // none of this attempt counts. Files it already renamed into
@@ -364,29 +310,20 @@ impl BillingSink {
                 // misled.
                 return Err(SinkError::Stopped);
             }
-            let billable = commit
-                .next_billed_period(next)?
-                .filter(|&period| self.periods.is_final(period, frontier));
-            let run_end = match billable {
-                Some(period) => period,
-                // The end of the input: the run goes to the last period.
-                None if frontier.is_none() => last + period_ms,
-                // The run may go on: it is written with the period after it.
-                None => break,
+            let next_billed = commit.next_billed_period(due)?;
+            let Some(next) = coverage.take_files(&self.periods.policy, next_billed, frontier)
+            else {
+                break;
             };
-            if next < run_end {
-                self.periods.write(commit, next, run_end, &[])?;
+            if let Some((start, end)) = next.empty_run {
+                self.periods.write(commit, start, end, &[])?;
                 files += 1;
             }
-            seen.next = Some(run_end);
-            if let Some(period) = billable {
-                let rows = commit.billed_rows(period)?;
-                self.periods
-                    .write(commit, period, period + period_ms, &rows)?;
+            if let Some((start, end)) = next.billed {
+                let rows = commit.billed_rows(start)?;
+                self.periods.write(commit, start, end, &rows)?;
                 files += 1;
-                seen.next = Some(period + period_ms);
             }
-            seen.files_started = true;
         }
         if files > 0 {
             sync_dir(&self.periods.billing_dir)?;
@@ -394,19 +331,13 @@ impl BillingSink {
         Ok(files)
     }
 
-    /// Records in `commit` the resume positions safe at `frontier`: every
-    /// impression that is not final has all its records after them.
+    /// Records in `commit` the resume positions safe at `frontier`.
     fn record_positions(
         &self,
         commit: &Commit<'_>,
         frontier: Option<Time>,
     ) -> Result<BTreeMap<u32, Checkpoint>, SinkError> {
-        let config = &self.periods.config;
-        let bound = frontier.map(|f| {
-            f.saturating_sub(
-                config.qualify_window_ms + config.allowed_lateness_ms + config.time_granularity_ms,
-            )
-        });
+        let bound = self.periods.policy.resume_bound(frontier);
         let safe = self.checkpoints.safe(bound);
         for (&partition, checkpoint) in &safe {
             let position = Position {
@@ -424,7 +355,7 @@ impl BillingSink {
 struct Recorded<'a> {
     billed: u64,
     duplicates: u64,
-    expired: Vec<&'a livepipe_dataflow::billing::Outcome>,
+    expired: Vec<&'a Outcome>,
     /// Outcomes whose id or period was already final: late.
     already_final: Vec<LateRecord>,
 }
@@ -436,14 +367,6 @@ fn source_name(sources: &[Arc<str>], partition: u32) -> &str {
 }
 
 impl PeriodWriter {
-    /// A period is final once every impression in it is: the frontier has
-    /// passed the deadline of its last millisecond.
-    fn is_final(&self, period: u64, frontier: Option<Time>) -> bool {
-        let last_deadline =
-            period + self.config.billing_period_ms - 1 + self.config.qualify_window_ms;
-        frontier.is_none_or(|f| f > coarse(last_deadline, self.config.time_granularity_ms))
-    }
-
     /// Writes the file covering `[start, end)`: one period and its billed
     /// rows, or a run of periods without any (no rows).
     fn write(
@@ -570,14 +493,9 @@ impl SinkThread {
                         }
                         match message {
                             SinkMessage::Events(events) => {
-                                for event in events {
-                                    match event {
-                                        BillingEvent::Final(outcome) => sink.buffered.push(outcome),
-                                        BillingEvent::Late(late) => {
-                                            if !sink.retry(&stop, |sink| sink.record_late(&late)) {
-                                                return;
-                                            }
-                                        }
+                                for event in &events {
+                                    if !sink.retry(&stop, |sink| sink.accept(event)) {
+                                        return;
                                     }
                                 }
                             }
@@ -764,7 +682,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut sink = open(dir.path());
         for id in 0..10_000 {
-            sink.accept(billed(id, 1_000 + (id % 5) as u64 * 1_000))
+            sink.accept(&billed(id, 1_000 + (id % 5) as u64 * 1_000))
                 .unwrap();
         }
         sink.stop.store(true, Ordering::Relaxed);
@@ -777,7 +695,7 @@ mod tests {
         // The next run commits it all.
         let mut sink = open(dir.path());
         for id in 0..10_000 {
-            sink.accept(billed(id, 1_000 + (id % 5) as u64 * 1_000))
+            sink.accept(&billed(id, 1_000 + (id % 5) as u64 * 1_000))
                 .unwrap();
         }
         sink.advance(None).unwrap();
@@ -790,7 +708,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut sink = open(dir.path());
         for id in 0..100 {
-            sink.accept(billed(id, 1_000 + id as u64 * 1_000)).unwrap();
+            sink.accept(&billed(id, 1_000 + id as u64 * 1_000)).unwrap();
         }
         sink.stop.store(true, Ordering::Relaxed);
         assert!(matches!(sink.advance(None), Err(SinkError::Stopped)));

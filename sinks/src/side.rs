@@ -99,7 +99,7 @@ impl SideOutputs {
                 partition: late.position.partition,
                 offset: late.position.offset,
                 reason: late.reason.code(),
-                kind: &late.kind,
+                kind: late.kind.code(),
                 event_id: &late.event_id,
                 impression_id: &late.impression_id,
                 ts: late.ts,

@@ -68,11 +68,11 @@ fn later_periods_arriving_first_do_not_hide_earlier_ones() {
     let dir = tempfile::tempdir().unwrap();
     let mut sink = open(dir.path());
     // Period 3000 is final (its deadline passed) and reaches the sink first...
-    sink.accept(outcome("b", 3_100, Some(3_200))).unwrap();
+    sink.accept(&outcome("b", 3_100, Some(3_200))).unwrap();
     sink.advance(Some(1_000)).unwrap();
     assert!(files(dir.path()).is_empty(), "period 1000 is not final yet");
     // ...then period 1000's outcome; nothing new when the frontier moves on.
-    sink.accept(outcome("a", 1_100, None)).unwrap();
+    sink.accept(&outcome("a", 1_100, None)).unwrap();
     sink.advance(Some(1_200)).unwrap();
     sink.advance(None).unwrap();
     // Periods 1000 (expired only) and 2000 (nothing) bill nothing: one
@@ -102,7 +102,7 @@ fn later_periods_arriving_first_do_not_hide_earlier_ones() {
 fn a_period_is_written_only_once_its_last_deadline_has_passed() {
     let dir = tempfile::tempdir().unwrap();
     let mut sink = open(dir.path());
-    sink.accept(outcome("a", 1_000, Some(1_001))).unwrap();
+    sink.accept(&outcome("a", 1_000, Some(1_001))).unwrap();
     // The last impression of [1000, 2000) has its deadline at 1999 + 500.
     sink.advance(Some(2_400)).unwrap();
     assert!(files(dir.path()).is_empty());
@@ -118,9 +118,9 @@ fn a_period_is_written_only_once_its_last_deadline_has_passed() {
 fn an_id_is_final_once_whatever_comes_later() {
     let dir = tempfile::tempdir().unwrap();
     let mut sink = open(dir.path());
-    sink.accept(outcome("a", 1_100, Some(1_200))).unwrap();
+    sink.accept(&outcome("a", 1_100, Some(1_200))).unwrap();
     sink.advance(Some(1_000)).unwrap();
-    sink.accept(outcome("a", 1_900, None)).unwrap();
+    sink.accept(&outcome("a", 1_900, None)).unwrap();
     sink.advance(None).unwrap();
     let csv = std::fs::read_to_string(dir.path().join("billing/billable-1000-2000.csv")).unwrap();
     assert_eq!(csv.lines().count(), 2);
@@ -135,7 +135,7 @@ fn an_id_is_final_once_whatever_comes_later() {
     // Reopened on the same directory, nothing is written again.
     let before = std::fs::read(dir.path().join("billing/billable-1000-2000.csv")).unwrap();
     let mut again = open(dir.path());
-    again.accept(outcome("a", 1_100, Some(1_150))).unwrap();
+    again.accept(&outcome("a", 1_100, Some(1_150))).unwrap();
     again.advance(None).unwrap();
     let after = std::fs::read(dir.path().join("billing/billable-1000-2000.csv")).unwrap();
     assert_eq!(before, after);
@@ -151,12 +151,13 @@ fn marker(out: &Path, csv: &str) -> Marker {
 fn a_run_without_billed_rows_is_one_file_written_with_the_period_after_it() {
     let dir = tempfile::tempdir().unwrap();
     let mut sink = open(dir.path());
-    sink.accept(outcome("a", 1_100, Some(1_200))).unwrap();
-    sink.accept(outcome("b", 3_100, None)).unwrap();
+    sink.accept(&outcome("a", 1_100, Some(1_200))).unwrap();
+    sink.accept(&outcome("b", 3_100, None)).unwrap();
     sink.advance(Some(1_000)).unwrap();
     // Three years of periods later (an impression far ahead of the others).
     let far = 1_000 + 3 * 365 * 24 * 3_600_000;
-    sink.accept(outcome("c", far + 50, Some(far + 60))).unwrap();
+    sink.accept(&outcome("c", far + 50, Some(far + 60)))
+        .unwrap();
     // [2000, 4000) is final, but the run it belongs to may go on: no file.
     sink.advance(Some(4_600)).unwrap();
     assert_eq!(files(dir.path()).len(), 2, "{:?}", files(dir.path()));
@@ -203,8 +204,8 @@ fn a_run_without_billed_rows_is_one_file_written_with_the_period_after_it() {
 fn the_tail_run_is_written_at_the_end_of_the_input_only() {
     let dir = tempfile::tempdir().unwrap();
     let mut sink = open(dir.path());
-    sink.accept(outcome("a", 1_100, Some(1_200))).unwrap();
-    sink.accept(outcome("b", 3_100, None)).unwrap();
+    sink.accept(&outcome("a", 1_100, Some(1_200))).unwrap();
+    sink.accept(&outcome("b", 3_100, None)).unwrap();
     sink.advance(Some(10_000)).unwrap();
     assert_eq!(
         files(dir.path()),
@@ -226,8 +227,8 @@ fn the_tail_run_is_written_at_the_end_of_the_input_only() {
 fn an_outcome_for_a_period_already_covered_is_late_and_stays_out_of_the_ledger() {
     let dir = tempfile::tempdir().unwrap();
     let mut sink = open(dir.path());
-    sink.accept(outcome("a", 1_100, Some(1_200))).unwrap();
-    sink.accept(outcome("b", 4_100, Some(4_200))).unwrap();
+    sink.accept(&outcome("a", 1_100, Some(1_200))).unwrap();
+    sink.accept(&outcome("b", 4_100, Some(4_200))).unwrap();
     sink.advance(None).unwrap();
     let before: Vec<Vec<u8>> = files(dir.path())
         .iter()
@@ -238,10 +239,10 @@ fn an_outcome_for_a_period_already_covered_is_late_and_stays_out_of_the_ledger()
     // A finished run resumed on an appended file: new outcomes in a period
     // with a file of its own, in a run's period, and before the first file.
     let mut again = open(dir.path());
-    again.accept(outcome("c", 1_500, Some(1_600))).unwrap();
-    again.accept(outcome("d", 2_500, Some(2_600))).unwrap();
-    again.accept(outcome("e", 500, Some(600))).unwrap();
-    again.accept(outcome("f", 5_100, Some(5_200))).unwrap();
+    again.accept(&outcome("c", 1_500, Some(1_600))).unwrap();
+    again.accept(&outcome("d", 2_500, Some(2_600))).unwrap();
+    again.accept(&outcome("e", 500, Some(600))).unwrap();
+    again.accept(&outcome("f", 5_100, Some(5_200))).unwrap();
     again.advance(None).unwrap();
     let late = std::fs::read_to_string(dir.path().join("late.jsonl")).unwrap();
     for id in ["c", "d", "e"] {
