@@ -9,6 +9,7 @@ use livepipe::cli::{
 };
 use livepipe::cluster::ClusterSpec;
 use livepipe::pipeline::{run_job, Input, Job, UsageError};
+use livepipe_dataflow::config::PipelineConfig;
 use livepipe_sources::demo::{Demo, DemoSettings};
 use livepipe_sources::file::RECORDS_PER_CHUNK;
 use livepipe_sources::generator::{write_jsonl, GenConfig, Generator};
@@ -58,20 +59,7 @@ fn main() -> ExitCode {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = args.rules.to_config().map_err(UsageError)?;
-    let cluster = match (args.processes, args.process, &args.hostfile) {
-        (Some(processes), Some(process), Some(hostfile)) => Some(
-            ClusterSpec::load(
-                processes,
-                process,
-                hostfile,
-                Duration::from_secs(args.cluster_timeout),
-                args.cluster_secret_file.as_deref(),
-            )
-            .map_err(UsageError)?,
-        ),
-        // clap requires all three together.
-        _ => None,
-    };
+    let cluster = cluster_spec(&args)?;
     // After the cluster flags' own checks (a bad hostfile is named as
     // such), before anything touches --out.
     let source = args.source().map_err(UsageError)?;
@@ -85,58 +73,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // (see the end of this function).
     exit_if_stop_hangs(stop.clone(), if bounded { 1 } else { 0 });
 
-    let mut demo = None;
-    let input = match source {
-        Source::Files(paths) => {
-            tracing::info!(inputs = paths.len(), workers, out = %args.out.display(), "reading files");
-            Input::Files {
-                paths,
-                records_per_chunk: RECORDS_PER_CHUNK,
-            }
-        }
-        Source::Kafka {
-            brokers,
-            topic,
-            start,
-        } => {
-            let overrides = kafka_properties(args.kafka_config.as_deref(), &args.kafka_property)
-                .map_err(UsageError)?;
-            Input::Kafka(KafkaSettings {
-                brokers,
-                topic,
-                start: start_offsets(start),
-                overrides,
-                accept_data_loss: args.accept_data_loss,
-            })
-        }
-        Source::Demo => {
-            let settings = DemoSettings {
-                topic: DEFAULT_TOPIC.to_string(),
-                allowed_lateness_ms: config.allowed_lateness_ms,
-                ..DemoSettings::default()
-            };
-            let partitions = settings.partitions;
-            let started = Demo::start(settings).map_err(anyhow::Error::msg)?;
-            eprintln!(
-                "livepipe demo: an in-process Kafka broker at {} with topic `{DEFAULT_TOPIC}` ({partitions} partitions), \
-                 fed with live traffic\n  billing files: {}\n  ledger:        {}\n  side outputs:  {}/{{rejected,late,expired}}.jsonl\n\
-                 Ctrl-C stops.",
-                started.brokers(),
-                args.out.join("billing").display(),
-                args.out.join("ledger.sqlite").display(),
-                args.out.display(),
-            );
-            let settings = KafkaSettings {
-                brokers: started.brokers().to_string(),
-                topic: DEFAULT_TOPIC.to_string(),
-                start: StartOffsets::Earliest,
-                overrides: Vec::new(),
-                accept_data_loss: false,
-            };
-            demo = Some(started);
-            Input::Demo(settings)
-        }
-    };
+    if let Source::Files(paths) = &source {
+        tracing::info!(inputs = paths.len(), workers, out = %args.out.display(), "reading files");
+    }
+    let (input, demo) = open_input(source, &args, &config)?;
     // A file replay ends on its own; it serves HTTP only when asked to.
     // Processes of a cluster on one machine must not fight over one port.
     let process = cluster.as_ref().map_or(0, |c| c.process);
@@ -173,6 +113,85 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         "outputs written"
     );
     Ok(())
+}
+
+/// The cluster this process belongs to, if the cluster flags say so.
+fn cluster_spec(args: &RunArgs) -> Result<Option<ClusterSpec>, UsageError> {
+    match (args.processes, args.process, &args.hostfile) {
+        (Some(processes), Some(process), Some(hostfile)) => ClusterSpec::load(
+            processes,
+            process,
+            hostfile,
+            Duration::from_secs(args.cluster_timeout),
+            args.cluster_secret_file.as_deref(),
+        )
+        .map(Some)
+        .map_err(UsageError),
+        // clap requires all three together.
+        _ => Ok(None),
+    }
+}
+
+/// The job's input, and the demo's broker when the input is the demo.
+fn open_input(
+    source: Source,
+    args: &RunArgs,
+    config: &PipelineConfig,
+) -> anyhow::Result<(Input, Option<Demo>)> {
+    let input = match source {
+        Source::Files(paths) => Input::Files {
+            paths,
+            records_per_chunk: RECORDS_PER_CHUNK,
+        },
+        Source::Kafka {
+            brokers,
+            topic,
+            start,
+        } => {
+            let overrides = kafka_properties(args.kafka_config.as_deref(), &args.kafka_property)
+                .map_err(UsageError)?;
+            Input::Kafka(KafkaSettings {
+                brokers,
+                topic,
+                start: start_offsets(start),
+                overrides,
+                accept_data_loss: args.accept_data_loss,
+            })
+        }
+        Source::Demo => {
+            let (started, settings) = start_demo(args, config)?;
+            return Ok((Input::Demo(settings), Some(started)));
+        }
+    };
+    Ok((input, None))
+}
+
+/// Starts the demo's in-process broker and producer, and says where to look.
+fn start_demo(args: &RunArgs, config: &PipelineConfig) -> anyhow::Result<(Demo, KafkaSettings)> {
+    let settings = DemoSettings {
+        topic: DEFAULT_TOPIC.to_string(),
+        allowed_lateness_ms: config.allowed_lateness_ms,
+        ..DemoSettings::default()
+    };
+    let partitions = settings.partitions;
+    let started = Demo::start(settings).map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "livepipe demo: an in-process Kafka broker at {} with topic `{DEFAULT_TOPIC}` ({partitions} partitions), \
+         fed with live traffic\n  billing files: {}\n  ledger:        {}\n  side outputs:  {}/{{rejected,late,expired}}.jsonl\n\
+         Ctrl-C stops.",
+        started.brokers(),
+        args.out.join("billing").display(),
+        args.out.join("ledger.sqlite").display(),
+        args.out.display(),
+    );
+    let settings = KafkaSettings {
+        brokers: started.brokers().to_string(),
+        topic: DEFAULT_TOPIC.to_string(),
+        start: StartOffsets::Earliest,
+        overrides: Vec::new(),
+        accept_data_loss: false,
+    };
+    Ok((started, settings))
 }
 
 fn start_offsets(start: StartFrom) -> StartOffsets {

@@ -735,20 +735,13 @@ fn job_shape(job: &Job) -> JobShape {
             );
         }
     }
-    let rules = &job.config;
-    set("--qualify-ms", rules.qualify_ms.to_string());
-    set("--qualify-window-ms", rules.qualify_window_ms.to_string());
-    set(
-        "--allowed-lateness-ms",
-        rules.allowed_lateness_ms.to_string(),
-    );
-    set("--billing-period-ms", rules.billing_period_ms.to_string());
-    set("--presence-ttl-ms", rules.presence_ttl_ms.to_string());
-    set("--idle-timeout-ms", rules.idle_timeout_ms.to_string());
-    set(
-        "time granularity (ms)",
-        rules.time_granularity_ms.to_string(),
-    );
+    // Every rule, from the config itself: a rule added later cannot be
+    // left out. Named as their flags (granularity and tick are not flags
+    // today; only another build could differ in them).
+    let rules = serde_json::to_value(&job.config).expect("the config serializes");
+    for (field, value) in rules.as_object().into_iter().flatten() {
+        set(&format!("--{}", field.replace('_', "-")), value.to_string());
+    }
     shape
 }
 
