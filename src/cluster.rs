@@ -271,6 +271,41 @@ struct Transcript {
     listener: u32,
 }
 
+impl Transcript {
+    /// The dialer's opening: magic, its nonce, its index, the index dialed.
+    fn opening(&self) -> Vec<u8> {
+        let mut opening = Vec::with_capacity(OPENING_BYTES);
+        opening.extend_from_slice(AUTH_MAGIC);
+        opening.extend_from_slice(&self.dialer_nonce);
+        opening.extend_from_slice(&self.dialer.to_be_bytes());
+        opening.extend_from_slice(&self.listener.to_be_bytes());
+        opening
+    }
+
+    /// The listener's reading of an opening, with a fresh nonce of its own.
+    fn from_opening(opening: &[u8; OPENING_BYTES]) -> Result<Self, Handshake> {
+        if &opening[..8] == MAGIC {
+            return Err(Handshake::Failed(
+                "it opened with a livepipe hello without proving the cluster secret (a \
+                 livepipe from before cluster secrets? run the same build everywhere)"
+                    .into(),
+            ));
+        }
+        if &opening[..8] != AUTH_MAGIC {
+            return Err(Handshake::Failed(
+                "it is not a livepipe process (it sent something else)".into(),
+            ));
+        }
+        let word = |at: usize| u32::from_be_bytes(opening[at..at + 4].try_into().expect("4 bytes"));
+        Ok(Transcript {
+            dialer_nonce: opening[8..40].try_into().expect("32 bytes"),
+            listener_nonce: rand::random(),
+            dialer: word(40),
+            listener: word(44),
+        })
+    }
+}
+
 /// A random key drawn once per job, the same in every process of a cluster
 /// (process 0 draws it and hands it to each peer during the handshake; a
 /// process alone draws its own with [`RoutingKey::random`]). It is for
@@ -489,9 +524,11 @@ fn connect_all(
         .map_err(|err| ClusterError::Unreachable(format!("listening on {own}: {err}")))?;
 
     let processes = spec.processes();
-    let mut sockets: Vec<Option<TcpStream>> = (0..processes).map(|_| None).collect();
-    let mut job_key = (spec.process == 0).then_some(routing_key);
-    let mut last_error: BTreeMap<usize, String> = BTreeMap::new();
+    let mut forming = Forming {
+        sockets: (0..processes).map(|_| None).collect(),
+        job_key: (spec.process == 0).then_some(routing_key),
+        last_error: BTreeMap::new(),
+    };
     let mut ignored = IgnoredLog::default();
     let mut last_log = started;
     tracing::info!(
@@ -501,16 +538,58 @@ fn connect_all(
         spec.timeout.as_secs()
     );
     loop {
-        for (peer, socket) in sockets.iter_mut().enumerate().take(spec.process) {
-            if socket.is_some() {
+        forming.dial_lower(spec, &local, own_ip)?;
+        let missing = forming.missing(spec);
+        if missing.is_empty() {
+            let routing_key = forming.job_key.ok_or_else(|| {
+                ClusterError::Unreachable("process 0 sent no routing key".to_string())
+            })?;
+            return Ok(Connected {
+                sockets: forming.sockets,
+                routing_key,
+            });
+        }
+        if started.elapsed() >= spec.timeout {
+            return Err(gave_up(spec, &missing, &forming.last_error, ignored.count));
+        }
+        if last_log.elapsed() >= WAIT_LOG_EVERY {
+            last_log = Instant::now();
+            let waiting: Vec<String> = missing.iter().map(|&p| spec.describe(p)).collect();
+            tracing::info!("waiting for {}", waiting.join(", "));
+            ignored.summarize();
+        }
+        take_accepted(spec, &events, &mut forming.sockets, &mut ignored)?;
+    }
+}
+
+/// The connections made so far while forming the cluster.
+struct Forming {
+    /// One per process (this process's own stays `None`).
+    sockets: Vec<Option<TcpStream>>,
+    /// The job's routing key, once process 0 handed it over.
+    job_key: Option<RoutingKey>,
+    /// Each unreachable peer's last error, for the give-up message.
+    last_error: BTreeMap<usize, String>,
+}
+
+impl Forming {
+    /// Dials every lower-numbered process not connected yet, once.
+    fn dial_lower(
+        &mut self,
+        spec: &ClusterSpec,
+        local: &Local,
+        own_ip: Option<IpAddr>,
+    ) -> Result<(), ClusterError> {
+        for peer in 0..spec.process {
+            if self.sockets[peer].is_some() {
                 continue;
             }
-            match dial(&local, peer, own_ip) {
+            match dial(local, peer, own_ip) {
                 Ok((stream, key)) => {
                     tracing::info!(peer = %spec.describe(peer), "connected");
-                    *socket = Some(stream);
+                    self.sockets[peer] = Some(stream);
                     if peer == 0 {
-                        job_key = key;
+                        self.job_key = key;
                     }
                 }
                 Err(Handshake::Mismatch(why)) => {
@@ -521,38 +600,24 @@ fn connect_all(
                 }
                 Err(Handshake::Refused(why)) => {
                     // Said once per cause, not at every retry.
-                    if last_error.get(&peer) != Some(&why) {
+                    if self.last_error.get(&peer) != Some(&why) {
                         tracing::warn!("{}: {why}", spec.describe(peer));
                     }
-                    last_error.insert(peer, why);
+                    self.last_error.insert(peer, why);
                 }
                 Err(Handshake::Failed(why)) => {
-                    last_error.insert(peer, why);
+                    self.last_error.insert(peer, why);
                 }
             }
         }
-        let missing: Vec<usize> = (0..processes)
-            .filter(|&p| p != spec.process && sockets[p].is_none())
-            .collect();
-        if missing.is_empty() {
-            let routing_key = job_key.ok_or_else(|| {
-                ClusterError::Unreachable("process 0 sent no routing key".to_string())
-            })?;
-            return Ok(Connected {
-                sockets,
-                routing_key,
-            });
-        }
-        if started.elapsed() >= spec.timeout {
-            return Err(gave_up(spec, &missing, &last_error, ignored.count));
-        }
-        if last_log.elapsed() >= WAIT_LOG_EVERY {
-            last_log = Instant::now();
-            let waiting: Vec<String> = missing.iter().map(|&p| spec.describe(p)).collect();
-            tracing::info!("waiting for {}", waiting.join(", "));
-            ignored.summarize();
-        }
-        take_accepted(spec, &events, &mut sockets, &mut ignored)?;
+        Ok(())
+    }
+
+    /// The peers not connected yet.
+    fn missing(&self, spec: &ClusterSpec) -> Vec<usize> {
+        (0..spec.processes())
+            .filter(|&p| p != spec.process && self.sockets[p].is_none())
+            .collect()
     }
 }
 
@@ -865,14 +930,45 @@ fn introduce(
         dialer: local.process as u32,
         listener: peer as u32,
     };
-    let mut opening = Vec::with_capacity(OPENING_BYTES);
-    opening.extend_from_slice(AUTH_MAGIC);
-    opening.extend_from_slice(&transcript.dialer_nonce);
-    opening.extend_from_slice(&transcript.dialer.to_be_bytes());
-    opening.extend_from_slice(&transcript.listener.to_be_bytes());
-    write_by(stream, &opening, deadline).map_err(handshake_error)?;
+    write_by(stream, &transcript.opening(), deadline).map_err(handshake_error)?;
 
-    let refused = |status: u8| match status {
+    let status = read_status(stream, deadline)?;
+    if status != GO_ON {
+        return Err(refusal(status, local, peer));
+    }
+    read_by(stream, &mut transcript.listener_nonce, deadline).map_err(handshake_error)?;
+    let proof = local
+        .secret
+        .mac(b"dialer", &transcript, &[])
+        .finalize()
+        .into_bytes();
+    write_by(stream, &proof, deadline).map_err(handshake_error)?;
+
+    let status = read_status(stream, deadline)?;
+    if status != GO_ON {
+        return Err(refusal(status, local, peer));
+    }
+    let mut theirs = [0u8; 32 + 16];
+    let length = if peer == 0 { 48 } else { 32 };
+    read_by(stream, &mut theirs[..length], deadline).map_err(handshake_error)?;
+    let key = listener_proof(local, &transcript, &theirs[..length], peer)?;
+
+    send_hello(stream, &local.hello, deadline).map_err(handshake_error)?;
+    let hello = read_hello(stream, deadline).map_err(handshake_error)?;
+    check(&local.hello, &hello)?;
+    if hello.process != peer {
+        return Err(Handshake::Mismatch(format!(
+            "it says it is process {}; give every process the same --hostfile",
+            hello.process
+        )));
+    }
+    finish(stream).map_err(handshake_error)?;
+    Ok(key)
+}
+
+/// Why the listener refused this process, from its status byte.
+fn refusal(status: u8, local: &Local, peer: usize) -> Handshake {
+    match status {
         REFUSED_CLAIM => Handshake::Refused(format!(
             "it refused this process: it is not process {peer}, or does not expect process \
              {} to connect to it; give every process the same --hostfile",
@@ -890,30 +986,21 @@ fn introduce(
                 .into(),
         ),
         _ => Handshake::Failed("handshake: not a livepipe process of this version".into()),
-    };
-    let status = read_status(stream, deadline)?;
-    if status != GO_ON {
-        return Err(refused(status));
     }
-    read_by(stream, &mut transcript.listener_nonce, deadline).map_err(handshake_error)?;
-    let proof = local
-        .secret
-        .mac(b"dialer", &transcript, &[])
-        .finalize()
-        .into_bytes();
-    write_by(stream, &proof, deadline).map_err(handshake_error)?;
+}
 
-    let status = read_status(stream, deadline)?;
-    if status != GO_ON {
-        return Err(refused(status));
-    }
-    let mut theirs = [0u8; 32 + 16];
-    let length = if peer == 0 { 48 } else { 32 };
-    read_by(stream, &mut theirs[..length], deadline).map_err(handshake_error)?;
-    let (tag, masked) = theirs[..length].split_at(32);
+/// Checks the listener's proof of the secret (`theirs`: its tag, then,
+/// from process 0, the masked routing key) and unmasks the key.
+fn listener_proof(
+    local: &Local,
+    transcript: &Transcript,
+    theirs: &[u8],
+    peer: usize,
+) -> Result<Option<RoutingKey>, Handshake> {
+    let (tag, masked) = theirs.split_at(32);
     local
         .secret
-        .mac(b"listener", &transcript, masked)
+        .mac(b"listener", transcript, masked)
         .verify_slice(tag)
         .map_err(|_| {
             Handshake::Refused(
@@ -923,22 +1010,10 @@ fn introduce(
                     .into(),
             )
         })?;
-    let key = (peer == 0).then(|| {
+    Ok((peer == 0).then(|| {
         let masked = RoutingKey(masked.try_into().expect("16 bytes"));
-        RoutingKey(local.secret.mask(&transcript, &masked))
-    });
-
-    send_hello(stream, &local.hello, deadline).map_err(handshake_error)?;
-    let hello = read_hello(stream, deadline).map_err(handshake_error)?;
-    check(&local.hello, &hello)?;
-    if hello.process != peer {
-        return Err(Handshake::Mismatch(format!(
-            "it says it is process {}; give every process the same --hostfile",
-            hello.process
-        )));
-    }
-    finish(stream).map_err(handshake_error)?;
-    Ok(key)
+        RoutingKey(local.secret.mask(transcript, &masked))
+    }))
 }
 
 /// Answers a connection this process accepted: what it became.
@@ -961,56 +1036,17 @@ fn greet(stream: &mut TcpStream, from: SocketAddr, local: &Local) -> Result<usiz
     prepare(stream).map_err(handshake_error)?;
     let mut opening = [0u8; OPENING_BYTES];
     read_by(stream, &mut opening, deadline).map_err(handshake_error)?;
-    if &opening[..8] == MAGIC {
-        return Err(Handshake::Failed(
-            "it opened with a livepipe hello without proving the cluster secret (a livepipe \
-             from before cluster secrets? run the same build everywhere)"
-                .into(),
-        ));
-    }
-    if &opening[..8] != AUTH_MAGIC {
-        return Err(Handshake::Failed(
-            "it is not a livepipe process (it sent something else)".into(),
-        ));
-    }
-    let word = |at: usize| u32::from_be_bytes(opening[at..at + 4].try_into().expect("4 bytes"));
-    let transcript = Transcript {
-        dialer_nonce: opening[8..40].try_into().expect("32 bytes"),
-        listener_nonce: rand::random(),
-        dialer: word(40),
-        listener: word(44),
-    };
+    let transcript = Transcript::from_opening(&opening)?;
     let claimed = transcript.dialer as usize;
     let refuse = |stream: &mut TcpStream, status: u8, why: String| {
         // Best effort: the dialer's log can then say why.
         let _ = write_by(stream, &[status], deadline);
         Err(Handshake::Refused(why))
     };
-    if transcript.listener as usize != local.process {
-        return refuse(
-            stream,
-            REFUSED_CLAIM,
-            format!(
-                "it meant to reach process {}, but this is process {} (another hostfile?)",
-                transcript.listener, local.process
-            ),
-        );
-    }
-    if claimed <= local.process || claimed >= local.addresses.len() {
-        return refuse(
-            stream,
-            REFUSED_CLAIM,
-            format!("it claims to be process {claimed}, which does not connect to this one"),
-        );
+    if let Err((status, why)) = check_claim(local, &transcript, from) {
+        return refuse(stream, status, why);
     }
     let who = describe(&local.addresses, claimed);
-    if let Err(why) = from_hostfile_address(&local.addresses[claimed], from.ip()) {
-        return refuse(
-            stream,
-            REFUSED_ADDRESS,
-            format!("it claims to be {who}, but {why}"),
-        );
-    }
     let mut reply = [GO_ON; 33];
     reply[1..].copy_from_slice(&transcript.listener_nonce);
     write_by(stream, &reply, deadline).map_err(handshake_error)?;
@@ -1034,20 +1070,7 @@ fn greet(stream: &mut TcpStream, from: SocketAddr, local: &Local) -> Result<usiz
     }
 
     // Authenticated: prove the secret in turn, with the job's routing key.
-    let masked = if local.process == 0 {
-        local.secret.mask(&transcript, &local.routing_key).to_vec()
-    } else {
-        Vec::new()
-    };
-    let tag = local
-        .secret
-        .mac(b"listener", &transcript, &masked)
-        .finalize()
-        .into_bytes();
-    let mut reply = vec![GO_ON];
-    reply.extend_from_slice(&tag);
-    reply.extend_from_slice(&masked);
-    write_by(stream, &reply, deadline).map_err(handshake_error)?;
+    write_by(stream, &listener_reply(local, &transcript), deadline).map_err(handshake_error)?;
 
     let hello = read_hello(stream, deadline).map_err(handshake_error)?;
     // Answer before judging, so the other side can say what is wrong too.
@@ -1060,6 +1083,55 @@ fn greet(stream: &mut TcpStream, from: SocketAddr, local: &Local) -> Result<usiz
         )));
     }
     Ok(claimed)
+}
+
+/// Whether the dialer may be who it claims: it meant this process, it is
+/// a higher-numbered one, and it connects from its hostfile line. The
+/// refusal's status byte and reason otherwise.
+fn check_claim(
+    local: &Local,
+    transcript: &Transcript,
+    from: SocketAddr,
+) -> Result<(), (u8, String)> {
+    let claimed = transcript.dialer as usize;
+    if transcript.listener as usize != local.process {
+        return Err((
+            REFUSED_CLAIM,
+            format!(
+                "it meant to reach process {}, but this is process {} (another hostfile?)",
+                transcript.listener, local.process
+            ),
+        ));
+    }
+    if claimed <= local.process || claimed >= local.addresses.len() {
+        return Err((
+            REFUSED_CLAIM,
+            format!("it claims to be process {claimed}, which does not connect to this one"),
+        ));
+    }
+    from_hostfile_address(&local.addresses[claimed], from.ip()).map_err(|why| {
+        let who = describe(&local.addresses, claimed);
+        (REFUSED_ADDRESS, format!("it claims to be {who}, but {why}"))
+    })
+}
+
+/// The listener's proof of the secret, with the job's routing key masked
+/// in from process 0.
+fn listener_reply(local: &Local, transcript: &Transcript) -> Vec<u8> {
+    let masked = if local.process == 0 {
+        local.secret.mask(transcript, &local.routing_key).to_vec()
+    } else {
+        Vec::new()
+    };
+    let tag = local
+        .secret
+        .mac(b"listener", transcript, &masked)
+        .finalize()
+        .into_bytes();
+    let mut reply = vec![GO_ON];
+    reply.extend_from_slice(&tag);
+    reply.extend_from_slice(&masked);
+    reply
 }
 
 /// Whether a connection from `ip` may be the process at `address` (a
@@ -1110,25 +1182,9 @@ fn read_by(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Res
             return Err(timed_out());
         }
         stream.set_read_timeout(Some(left))?;
-        match stream.read(&mut buf[filled..]) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the connection closed",
-                ))
-            }
-            Ok(read) => filled += read,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(timed_out())
-            }
-            Err(err) => return Err(err),
-        }
+        filled += moved(stream.read(&mut buf[filled..]), || {
+            io::Error::new(io::ErrorKind::UnexpectedEof, "the connection closed")
+        })?;
     }
     Ok(())
 }
@@ -1142,22 +1198,31 @@ fn write_by(stream: &mut TcpStream, bytes: &[u8], deadline: Instant) -> io::Resu
             return Err(timed_out());
         }
         stream.set_write_timeout(Some(left))?;
-        match stream.write(&bytes[written..]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(count) => written += count,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(timed_out())
-            }
-            Err(err) => return Err(err),
-        }
+        written += moved(stream.write(&bytes[written..]), || {
+            io::ErrorKind::WriteZero.into()
+        })?;
     }
     Ok(())
+}
+
+/// What one read or write under a deadline moved: its bytes (0 when it
+/// was interrupted: try again), or why the handshake cannot go on (`none`
+/// when it moved nothing at all).
+fn moved(result: io::Result<usize>, none: impl FnOnce() -> io::Error) -> io::Result<usize> {
+    match result {
+        Ok(0) => Err(none()),
+        Ok(count) => Ok(count),
+        Err(err) if err.kind() == io::ErrorKind::Interrupted => Ok(0),
+        Err(err)
+            if matches!(
+                err.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err(timed_out())
+        }
+        Err(err) => Err(err),
+    }
 }
 
 fn read_status(stream: &mut TcpStream, deadline: Instant) -> Result<u8, Handshake> {
@@ -1486,6 +1551,17 @@ mod tests {
     }
 
     /// Process 0 of `addresses` forming, on a thread.
+    /// The real process 1 of `addresses` joining.
+    fn join_as_process_1(addresses: &[String]) -> Connected {
+        connect_all(
+            &spec(addresses, 1, SECRET),
+            &hello(1, "2"),
+            RoutingKey::random(),
+        )
+        .map_err(|e| e.to_string())
+        .unwrap()
+    }
+
     fn process_0(
         addresses: &[String],
         key: [u8; 16],
@@ -1613,13 +1689,7 @@ mod tests {
         let why = refusal(dial_until_answered(&other));
         assert!(why.contains("does not expect process 0"), "{why}");
         // The real process 1 still joins.
-        let one = connect_all(
-            &spec(&addresses, 1, SECRET),
-            &hello(1, "2"),
-            RoutingKey::random(),
-        )
-        .map_err(|e| e.to_string())
-        .unwrap();
+        let one = join_as_process_1(&addresses);
         assert_eq!(one.routing_key.0, [3; 16]);
         assert!(zero.join().unwrap().unwrap().sockets[1].is_some());
     }
@@ -1636,13 +1706,7 @@ mod tests {
         let why = refusal(dial_until_answered(&impostor(&addresses, SECRET)));
         assert!(why.contains("does not come from an address"), "{why}");
         // The real one listens on 127.0.0.2 and so dials from there.
-        let one = connect_all(
-            &spec(&addresses, 1, SECRET),
-            &hello(1, "2"),
-            RoutingKey::random(),
-        )
-        .map_err(|e| e.to_string())
-        .unwrap();
+        let one = join_as_process_1(&addresses);
         assert_eq!(one.routing_key.0, [5; 16]);
         assert!(zero.join().unwrap().unwrap().sockets[1].is_some());
     }

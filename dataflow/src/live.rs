@@ -644,6 +644,10 @@ impl Ticker {
 /// snapshot of every stream still held.
 /// `route` is the job's key, the same in every process: the keyed hash of
 /// a stream id decides the worker that counts it.
+///
+/// (A little over a screen: the operator's closure owns its state across
+/// activations, and what it does with it is in [`LiveStreams`] and
+/// [`Ticker`]; what is left here is the order of the steps.)
 pub fn live<'s>(
     ingested: StreamVec<'s, Time, Ingested>,
     clock: StreamVec<'s, Time, u64>,
@@ -789,6 +793,10 @@ mod tests {
     }
 
     /// Applies a signal at `B + ts`, the clock being there too.
+    fn presence(streams: &mut LiveStreams, stream: &str, ts: u64) {
+        signal(streams, stream, "v", ts, SignalKind::Presence);
+    }
+
     fn signal(streams: &mut LiveStreams, stream: &str, viewer: &str, ts: u64, kind: SignalKind) {
         streams.apply(stream.into(), viewer.into(), B + ts, kind, B + ts);
     }
@@ -994,34 +1002,16 @@ mod tests {
     fn at_the_bound_a_quiet_stream_makes_room_before_any_is_refused() {
         let mut streams = LiveStreams::new(TTL, 10);
         for i in 0..10 {
-            signal(
-                &mut streams,
-                &format!("old-{i}"),
-                "v",
-                0,
-                SignalKind::Presence,
-            );
+            presence(&mut streams, &format!("old-{i}"), 0);
         }
         tick(&mut streams, 0);
         // Five go quiet at 30_000; five stay active.
         for i in 5..10 {
-            signal(
-                &mut streams,
-                &format!("old-{i}"),
-                "v",
-                40_000,
-                SignalKind::Presence,
-            );
+            presence(&mut streams, &format!("old-{i}"), 40_000);
         }
         tick(&mut streams, 40_000);
         for i in 0..8 {
-            signal(
-                &mut streams,
-                &format!("new-{i}"),
-                "v",
-                40_000,
-                SignalKind::Presence,
-            );
+            presence(&mut streams, &format!("new-{i}"), 40_000);
         }
         assert_eq!(streams.len(), 10);
         let updates = tick(&mut streams, 40_000);

@@ -467,86 +467,8 @@ mod tests {
 
     #[test]
     fn renders_known_values() {
-        let expected = r##"# HELP livepipe_events_in Valid events read, by type.
-# TYPE livepipe_events_in counter
-livepipe_events_in_total{type="join"} 2
-livepipe_events_in_total{type="leave"} 0
-livepipe_events_in_total{type="heartbeat"} 3
-livepipe_events_in_total{type="chat"} 1
-livepipe_events_in_total{type="impression"} 0
-livepipe_events_in_total{type="ad_progress"} 0
-# HELP livepipe_rejected Records sent to rejected.jsonl, by reason.
-# TYPE livepipe_rejected counter
-livepipe_rejected_total{reason="bad_json"} 3
-livepipe_rejected_total{reason="unknown_type"} 1
-# HELP livepipe_input_lost_records Input records deleted (retention) before they were read, recorded in gaps.jsonl.
-# TYPE livepipe_input_lost_records counter
-livepipe_input_lost_records_total 11
-# HELP livepipe_duplicates Impression records dropped as duplicates of a canonical one.
-# TYPE livepipe_duplicates counter
-livepipe_duplicates_total 4
-# HELP livepipe_late Records written to late.jsonl.
-# TYPE livepipe_late counter
-livepipe_late_total 1
-# HELP livepipe_billed Impressions billed (final, qualified).
-# TYPE livepipe_billed counter
-livepipe_billed_total 7
-# HELP livepipe_expired Impressions final without a qualifying watch.
-# TYPE livepipe_expired counter
-livepipe_expired_total 2
-# HELP livepipe_billing_files Billing period files written.
-# TYPE livepipe_billing_files counter
-livepipe_billing_files_total 5
-# HELP livepipe_pending_impressions Impressions seen but not final yet.
-# TYPE livepipe_pending_impressions gauge
-livepipe_pending_impressions 6
-# HELP livepipe_input_unreachable 1 while the input cannot be read (no Kafka broker up); the job waits and reconnects.
-# TYPE livepipe_input_unreachable gauge
-livepipe_input_unreachable 1
-# HELP livepipe_billing_stalled 1 while the billing output refuses writes (billing retries; /healthz says why).
-# TYPE livepipe_billing_stalled gauge
-livepipe_billing_stalled 1
-# HELP livepipe_billing_stalled_seconds How long billing has been stalled (0 when it is not).
-# TYPE livepipe_billing_stalled_seconds gauge
-livepipe_billing_stalled_seconds 0
-# HELP livepipe_watermark_ms Billing's event-time watermark (ms since the epoch): every impression with ts + window below it is final.
-# TYPE livepipe_watermark_ms gauge
-livepipe_watermark_ms 1000
-# HELP livepipe_watermark_lag_ms Wall clock minus the watermark.
-# TYPE livepipe_watermark_lag_ms gauge
-livepipe_watermark_lag_ms LAG
-# HELP livepipe_partition_offset Next offset to read, per source partition.
-# TYPE livepipe_partition_offset gauge
-livepipe_partition_offset{partition="0"} 42
-livepipe_partition_offset{partition="1"} -1
-# HELP livepipe_partition_lag Records behind the broker's high watermark, per partition (-1 unknown).
-# TYPE livepipe_partition_lag gauge
-livepipe_partition_lag{partition="0"} 3
-livepipe_partition_lag{partition="1"} -1
-# HELP livepipe_partition_idle 1 when the partition is idle and not holding the watermark back.
-# TYPE livepipe_partition_idle gauge
-livepipe_partition_idle{partition="0"} 0
-livepipe_partition_idle{partition="1"} 1
-# HELP livepipe_live_ticks Live ticks computed (per worker, summed).
-# TYPE livepipe_live_ticks counter
-livepipe_live_ticks_total 8
-# HELP livepipe_live_tick_seconds Time spent computing live ticks; divide by live_ticks_total for the mean.
-# TYPE livepipe_live_tick_seconds counter
-livepipe_live_tick_seconds_total 1.5
-# HELP livepipe_live_tick_max_seconds The longest live tick so far.
-# TYPE livepipe_live_tick_max_seconds gauge
-livepipe_live_tick_max_seconds 0.25
-# HELP livepipe_live_streams Streams on the live board.
-# TYPE livepipe_live_streams gauge
-livepipe_live_streams 9
-# HELP livepipe_live_streams_dropped Streams refused at the live path's bound (MAX_LIVE_STREAMS held at once).
-# TYPE livepipe_live_streams_dropped counter
-livepipe_live_streams_dropped_total 1
-# HELP livepipe_sse_clients Open Server-Sent Events connections.
-# TYPE livepipe_sse_clients gauge
-livepipe_sse_clients 2
-# EOF
-"##;
+        // The whole exposition, byte for byte: names, help, types, order.
+        let expected = include_str!("testdata/known_metrics.txt");
         assert_eq!(render_masked(&known()), expected);
     }
 

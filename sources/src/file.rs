@@ -43,7 +43,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -181,30 +181,7 @@ fn read_chunks<'s>(
         .iter()
         .enumerate()
         .filter(|(partition, _)| partition % peers == index)
-        .map(|(partition, path)| {
-            let partition = partition as u32;
-            let start = context
-                .source
-                .resume
-                .get(&partition)
-                .copied()
-                .unwrap_or(Checkpoint {
-                    offset: 1,
-                    ..Checkpoint::default()
-                });
-            // Re-readable from the start position until a chunk is stamped.
-            context.source.checkpoints.record(partition, start);
-            Reader {
-                path: path.clone(),
-                partition,
-                reader: None,
-                start_digest: start.prefix_sha256,
-                line: start.offset - 1,
-                byte: start.byte,
-                chunks_sent: 0,
-                at_end: false,
-            }
-        })
+        .map(|(partition, path)| Reader::resumed(path, partition as u32, &context.source))
         .collect();
     let context = context.clone();
     source(scope, "ReadFiles", move |capability, info| {
@@ -260,6 +237,33 @@ fn read_chunks<'s>(
             }
         }
     })
+}
+
+impl Reader {
+    /// A file as its owner starts reading it: where an earlier run left
+    /// off, or at its first line.
+    fn resumed(path: &Path, partition: u32, source: &SourceContext) -> Self {
+        let start = source
+            .resume
+            .get(&partition)
+            .copied()
+            .unwrap_or(Checkpoint {
+                offset: 1,
+                ..Checkpoint::default()
+            });
+        // Re-readable from the start position until a chunk is stamped.
+        source.checkpoints.record(partition, start);
+        Reader {
+            path: path.to_path_buf(),
+            partition,
+            reader: None,
+            start_digest: start.prefix_sha256,
+            line: start.offset - 1,
+            byte: start.byte,
+            chunks_sent: 0,
+            at_end: false,
+        }
+    }
 }
 
 /// Reads up to a chunk of records; `None` once the file is at its end and
