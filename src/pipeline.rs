@@ -30,7 +30,7 @@ use livepipe_sinks::binding::{self, BindError, Binding, BoundInput};
 use livepipe_sinks::fsutil::refuse_link;
 use livepipe_sinks::gaps::{self, Gap};
 use livepipe_sinks::http::{self, HttpState};
-use livepipe_sinks::ledger::Position;
+use livepipe_sinks::ledger::ResumePosition;
 use livepipe_sinks::live::LiveBoard;
 use livepipe_sinks::metrics::{EventsIn, JobMetrics, PartitionRow, RejectedByReason};
 use livepipe_sinks::out_lock::{LockError, OutDirLock, LOCK_FILE};
@@ -929,7 +929,7 @@ fn replace_earlier_demo(out: &std::path::Path) -> anyhow::Result<()> {
 fn check_file_prefixes(
     out: &std::path::Path,
     paths: &[PathBuf],
-    positions: &BTreeMap<u32, Position>,
+    positions: &BTreeMap<u32, ResumePosition>,
 ) -> anyhow::Result<()> {
     let mut differ = Vec::new();
     for (&partition, position) in positions {

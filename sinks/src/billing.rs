@@ -44,7 +44,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use crate::fsutil::{create_private_dir, sync_dir, write_atomic, TEMP_PREFIX};
-use crate::ledger::{BilledRow, Commit, FileRecord, Ledger, Position, LEDGER_FILE};
+use crate::ledger::{BilledRow, Commit, FileRecord, Ledger, ResumePosition, LEDGER_FILE};
 use crate::side::SideOutputs;
 
 pub const CSV_HEADER: &str = "impression_id,ad_id,campaign_id,advertiser_id,stream_id,viewer_id,impression_ts,qualified_ts,price_micros";
@@ -175,7 +175,7 @@ impl BillingSink {
     }
 
     /// The resume positions committed by an earlier run on this `--out`.
-    pub fn resume_positions(&self) -> Result<BTreeMap<u32, Position>, SinkError> {
+    pub fn resume_positions(&self) -> Result<BTreeMap<u32, ResumePosition>, SinkError> {
         Ok(self.ledger.positions()?)
     }
 
@@ -340,7 +340,7 @@ impl BillingSink {
         let bound = self.periods.policy.resume_bound(frontier);
         let safe = self.checkpoints.safe(bound);
         for (&partition, checkpoint) in &safe {
-            let position = Position {
+            let position = ResumePosition {
                 source: source_name(&self.sources, partition).to_string(),
                 checkpoint: *checkpoint,
             };

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::ledger::{Ledger, Position, LEDGER_FILE};
+use crate::ledger::{Ledger, ResumePosition, LEDGER_FILE};
 
 const BINDING_TABLE: &str =
     "CREATE TABLE IF NOT EXISTS binding (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID";
@@ -141,7 +141,7 @@ pub enum BindError {
 /// never recorded anything) is created bound to it; an existing one must
 /// be bound to the same. Returns the ledger's resume positions, which the
 /// caller checks against the input itself. Refusing changes nothing.
-pub fn bind(out: &Path, binding: &Binding) -> Result<BTreeMap<u32, Position>, BindError> {
+pub fn bind(out: &Path, binding: &Binding) -> Result<BTreeMap<u32, ResumePosition>, BindError> {
     let path = out.join(LEDGER_FILE);
     if path.exists() {
         let conn = Connection::open(&path)?;

@@ -60,7 +60,7 @@ CREATE TABLE IF NOT EXISTS positions (
 
 /// Where a partition resumes after a restart, as committed.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Position {
+pub struct ResumePosition {
     /// The file path or topic the partition belongs to.
     pub source: String,
     pub checkpoint: Checkpoint,
@@ -135,14 +135,14 @@ impl Ledger {
     }
 
     /// The committed resume position of every partition.
-    pub fn positions(&self) -> rusqlite::Result<BTreeMap<u32, Position>> {
+    pub fn positions(&self) -> rusqlite::Result<BTreeMap<u32, ResumePosition>> {
         let mut stmt = self
             .conn
             .prepare("SELECT partition, source, next_offset, byte_offset, max_ts, prefix_sha256 FROM positions")?;
         let rows = stmt.query_map([], |row| {
             Ok((
                 row.get::<_, i64>(0)? as u32,
-                Position {
+                ResumePosition {
                     source: row.get(1)?,
                     checkpoint: Checkpoint {
                         offset: row.get::<_, i64>(2)? as u64,
@@ -295,7 +295,7 @@ impl Commit<'_> {
 
     /// Records where `partition` resumes; in the same transaction as the
     /// outcomes that made it safe.
-    pub fn set_position(&self, partition: u32, position: &Position) -> rusqlite::Result<()> {
+    pub fn set_position(&self, partition: u32, position: &ResumePosition) -> rusqlite::Result<()> {
         let checkpoint = &position.checkpoint;
         self.tx
             .prepare_cached(
