@@ -5,19 +5,14 @@
 //!
 //! * [`file`]: `.jsonl` files read to the end, each file one partition.
 //! * [`kafka`]: a Kafka topic, partitions assigned statically to workers.
-//! * [`publish`]: writes generated traffic into a Kafka topic (`livepipe
-//!   gen --brokers`, and the demo's producer).
 //! * [`prefix`]: a file's identity up to a position (SHA-256 of its bytes).
-//! * [`demo`]: the embedded demo: librdkafka's in-process mock cluster fed
-//!   with live traffic.
-//! * [`generator`]: the synthetic traffic itself.
+//!
+//! What makes and sends traffic (the generator, the Kafka publisher, the
+//! embedded demo) is not an input: it lives in the `livepipe-tools` crate.
 
-pub mod demo;
 pub mod file;
-pub mod generator;
 pub mod kafka;
 pub mod prefix;
-pub mod publish;
 
 use livepipe_dataflow::event::RejectedRecord;
 use livepipe_dataflow::resume::{Checkpoint, CheckpointOutbox, Checkpoints};

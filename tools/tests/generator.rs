@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use livepipe_sources::generator::{write_jsonl, GenConfig, GenSummary, Generator};
+use livepipe_tools::generator::{write_jsonl, GenConfig, GenSummary, Generator};
 use serde_json::{Map, Value};
 
 const WINDOW_MS: u64 = 300_000;
