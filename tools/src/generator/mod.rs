@@ -74,7 +74,7 @@
 //! Malformed lines come in many kinds: not JSON, truncated JSON, `[1]` and
 //! other non-objects, unknown `type`, missing fields, a float `ts` (`2e3`), a
 //! string `ts`, a negative `ts`, a negative or too large `price_micros`, a too
-//! large `watched_ms`, a 129-byte id, an empty id, a non-string id, duplicate
+//! large `watched_ms`, an id one byte over the parser's limit, an empty id, a non-string id, duplicate
 //! keys, a blank line, invalid UTF-8 and a lone surrogate (`\ud800`).
 //!
 //! Generation ([`Generator`], an iterator of records) is separate from
@@ -84,6 +84,7 @@ use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};
 use std::io::{self, Write};
 
+use livepipe_dataflow::parse::{MAX_STR_BYTES, PRICE_MICROS_MAX, WATCHED_MS_MAX};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::ser::{CompactFormatter, Formatter};
@@ -178,8 +179,6 @@ const AD_BREAK_MAX_MS: u64 = 360_000;
 const N_ADS: u64 = 48;
 const N_CAMPAIGNS: u64 = 16;
 const N_ADVERTISERS: u64 = 6;
-const MAX_PRICE_MICROS: u64 = 1_000_000_000_000;
-const MAX_WATCHED_MS: u64 = 86_400_000;
 
 /// Session length classes: (probability, min ms, max ms).
 const SESSIONS: [(f64, u64, u64); 3] = [
@@ -1335,11 +1334,11 @@ impl Generator {
                     Val::Raw(format!("-{p}").into_bytes()),
                 );
             }
-            Mal::PriceTooLarge => set(&mut fields, "price_micros", Val::N(MAX_PRICE_MICROS + 1)),
-            Mal::WatchedTooLarge => set(&mut fields, "watched_ms", Val::N(MAX_WATCHED_MS + 1)),
+            Mal::PriceTooLarge => set(&mut fields, "price_micros", Val::N(PRICE_MICROS_MAX + 1)),
+            Mal::WatchedTooLarge => set(&mut fields, "watched_ms", Val::N(WATCHED_MS_MAX + 1)),
             Mal::LongId => {
                 let mut id = format!("{}-", id_field.trim_end_matches("_id"));
-                while id.len() < 129 {
+                while id.len() <= MAX_STR_BYTES {
                     id.push(char::from(b'a' + self.rng.random_range(0..26u8)));
                 }
                 set(&mut fields, id_field, Val::S(id));
