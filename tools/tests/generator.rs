@@ -643,7 +643,7 @@ fn planted_cases_in_every_10k_file() {
     }
 }
 
-/// Not a correctness test: `cargo test --release -p livepipe-sources --test
+/// Not a correctness test: `cargo test --release -p livepipe-tools --test
 /// generator -- --ignored --nocapture throughput`.
 #[test]
 #[ignore]

@@ -14,13 +14,14 @@ use super::{Generator, F_IMPRESSION};
 
 /// The billing window: progress must come within this of the impression.
 pub(super) const WINDOW_MS: u64 = 300_000;
+/// The pools: ads, the campaigns they belong to, those campaigns' advertisers.
 pub(super) const N_ADS: u64 = 48;
 pub(super) const N_CAMPAIGNS: u64 = 16;
 pub(super) const N_ADVERTISERS: u64 = 6;
 
 impl Generator {
-    // ----- ads ----------------------------------------------------------
-
+    /// Shows `viewer` an ad now: the impression, its planned progress, and
+    /// whatever impression case is planted on it.
     pub(super) fn impression(&mut self, stream: u32, viewer: u64) {
         let now = self.now;
         let imp = self.next_imp;

@@ -45,8 +45,6 @@ impl Generator {
     }
 }
 
-// ----- encoding ---------------------------------------------------------
-
 /// Builds one JSON object with serde_json's compact formatter. Keys and
 /// values written with [`Obj::id`] must not need escaping (they are ASCII
 /// letters, digits, `-` and `_`).

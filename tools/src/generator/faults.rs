@@ -93,6 +93,7 @@ pub(super) enum Plant {
 }
 
 impl Generator {
+    /// The random draw of an impression case, beyond the block's plants.
     pub(super) fn random_imp_plant(&mut self) -> Option<ImpPlant> {
         let u: f64 = self.rng.random();
         if u < self.p_dup {
@@ -103,8 +104,6 @@ impl Generator {
             None
         }
     }
-
-    // ----- planted faults -------------------------------------------------
 
     /// Queues every planted case for the next block of records.
     pub(super) fn schedule_block(&mut self) {

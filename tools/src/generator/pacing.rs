@@ -149,13 +149,15 @@ impl<T> TimeQueue<T> {
 }
 
 impl Generator {
-    // ----- scheduling ---------------------------------------------------
+    // ----- creation: when, and how many -------------------------------------
 
+    /// Schedules `action` at event time `ts`.
     pub(super) fn at(&mut self, ts: u64, action: Action) {
         self.seq += 1;
         self.sched.push(ts, self.seq, action);
     }
 
+    /// Once a second: re-estimates the records each viewer produces.
     pub(super) fn tick(&mut self) {
         if self.alive > 0 {
             let observed = self.created_in_tick as f64 / self.alive as f64;
@@ -175,7 +177,7 @@ impl Generator {
         self.exp_ms(1.0 / per_ms)
     }
 
-    // ----- records ----------------------------------------------------
+    // ----- arrival: in which order ------------------------------------------
 
     /// Arrival key of a record with event time `ts`.
     pub(super) fn key(&mut self, ts: u64) -> u64 {
@@ -186,6 +188,7 @@ impl Generator {
         }
     }
 
+    /// The arrival shuffle: `U[0, allowed_lateness_ms / 2]`.
     pub(super) fn jitter(&mut self) -> u64 {
         if self.half == 0 {
             0
@@ -194,6 +197,8 @@ impl Generator {
         }
     }
 
+    /// Queues a record for arrival at `key`; every [`BLOCK`] records
+    /// created, the next block's plants are scheduled.
     pub(super) fn push_raw(&mut self, key: u64, bytes: Vec<u8>, flags: u8) {
         debug_assert!(key >= self.now);
         self.seq += 1;
