@@ -22,7 +22,7 @@
 
 mod common;
 
-use livepipe_sources::generator::{write_jsonl, GenConfig};
+use livepipe_tools::generator::{write_jsonl, GenConfig};
 
 use common::live::{percentile, FinalityWatch, Job, Prober, Traffic};
 use rdkafka::mocking::MockCluster;

@@ -10,8 +10,8 @@
 //! one, a separate broker process (4 partitions). `LIVEPIPE_BENCH_EVENTS`
 //! sets the size (default 300k).
 
-use livepipe_sources::generator::{GenConfig, Generator};
-use livepipe_sources::publish::{ensure_topic, producer_config, publish, Pace, PublishStats};
+use livepipe_tools::generator::{GenConfig, Generator};
+use livepipe_tools::publish::{ensure_topic, producer_config, publish, Pace, PublishStats};
 use rdkafka::mocking::MockCluster;
 
 use std::path::Path;

@@ -10,11 +10,11 @@ use livepipe::cli::{
 use livepipe::cluster::ClusterSpec;
 use livepipe::pipeline::{run_job, Input, Job, UsageError};
 use livepipe_dataflow::config::PipelineConfig;
-use livepipe_sources::demo::{Demo, DemoSettings};
 use livepipe_sources::file::RECORDS_PER_CHUNK;
-use livepipe_sources::generator::{write_jsonl, GenConfig, Generator};
 use livepipe_sources::kafka::{KafkaSettings, SetupError, StartOffsets};
-use livepipe_sources::publish::{ensure_topic, producer_config, publish, Pace, PublishStats};
+use livepipe_tools::demo::{Demo, DemoSettings};
+use livepipe_tools::generator::{write_jsonl, GenConfig, Generator};
+use livepipe_tools::publish::{ensure_topic, producer_config, publish, Pace, PublishStats};
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use std::fs::File;

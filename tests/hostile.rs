@@ -4,7 +4,7 @@
 
 mod support;
 
-use livepipe_sources::generator::{GenConfig, Generator};
+use livepipe_tools::generator::{GenConfig, Generator};
 use support::job::{livepipe, write_jsonl};
 use support::outputs::{assert_ledger_matches, assert_reference, billing_files, reference};
 

@@ -11,7 +11,7 @@
 
 mod support;
 
-use livepipe_sources::generator::{GenConfig, Generator};
+use livepipe_tools::generator::{GenConfig, Generator};
 use rdkafka::mocking::MockCluster;
 use support::job::{http_get, livepipe, topic_job, wait_for, write_jsonl, Job};
 use support::kafka::{generated_traffic, loaded_mock_topic, publish_all};
@@ -449,7 +449,7 @@ fn records_deleted_unread_are_refused_unless_the_loss_is_accepted_and_then_recor
 /// Sends `records` without compression, so that they fill the mock's
 /// retention quickly.
 fn publish_uncompressed(brokers: &str, records: &[Vec<u8>]) {
-    use livepipe_sources::publish::{producer_config, publish, Pace, PublishStats};
+    use livepipe_tools::publish::{producer_config, publish, Pace, PublishStats};
     let stats = std::sync::Arc::new(PublishStats::default());
     let properties = [("compression.type".to_string(), "none".to_string())];
     publish(

@@ -2,8 +2,8 @@
 //! process, generated traffic at a steady rate with `ts` = now, the release
 //! binary reading it, and the probes that measure what the users feel.
 
-use livepipe_sources::generator::{GenConfig, Generator};
-use livepipe_sources::publish::{producer_config, publish, Pace, PublishStats};
+use livepipe_tools::generator::{GenConfig, Generator};
+use livepipe_tools::publish::{producer_config, publish, Pace, PublishStats};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -75,12 +75,17 @@ use crate::event::{AdProgress, Event, EventKind, Impression};
 /// being parsed.
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
 
+// The limits below are public so that whatever writes records (the traffic
+// generator's planted malformed lines) steps over exactly these bounds.
+
 /// Longest allowed string field, in UTF-8 bytes after unescaping.
-const MAX_STR_BYTES: usize = 128;
+pub const MAX_STR_BYTES: usize = 128;
 /// `ts` must be below 2^53 (exactly representable as a double).
-const TS_MAX: u64 = (1 << 53) - 1;
-const PRICE_MICROS_MAX: u64 = 1_000_000_000_000;
-const WATCHED_MS_MAX: u64 = 86_400_000;
+pub const TS_MAX: u64 = (1 << 53) - 1;
+/// Largest allowed `price_micros` (a million currency units).
+pub const PRICE_MICROS_MAX: u64 = 1_000_000_000_000;
+/// Largest allowed `watched_ms` (a day).
+pub const WATCHED_MS_MAX: u64 = 86_400_000;
 
 /// A field of the wire format, in the order in which fields are validated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

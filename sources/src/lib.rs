@@ -5,21 +5,16 @@
 //!
 //! * [`file`]: `.jsonl` files read to the end, each file one partition.
 //! * [`kafka`]: a Kafka topic, partitions assigned statically to workers.
-//! * [`publish`]: writes generated traffic into a Kafka topic (`livepipe
-//!   gen --brokers`, and the demo's producer).
 //! * [`prefix`]: a file's identity up to a position (SHA-256 of its bytes).
 //! * [`stamp`]: how both sources stamp events with their partition's
 //!   watermark.
-//! * [`demo`]: the embedded demo: librdkafka's in-process mock cluster fed
-//!   with live traffic.
-//! * [`generator`]: the synthetic traffic itself.
+//!
+//! What makes and sends traffic (the generator, the Kafka publisher, the
+//! embedded demo) is not an input: it lives in the `livepipe-tools` crate.
 
-pub mod demo;
 pub mod file;
-pub mod generator;
 pub mod kafka;
 pub mod prefix;
-pub mod publish;
 pub mod stamp;
 
 use livepipe_dataflow::event::RejectedRecord;
@@ -51,5 +46,3 @@ pub struct SourceContext {
     /// (partitions not in it start from the beginning, or as configured).
     pub resume: Arc<BTreeMap<u32, Checkpoint>>,
 }
-
-pub use livepipe_dataflow::time::wall_clock_ms;

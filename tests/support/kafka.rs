@@ -1,8 +1,8 @@
 //! Kafka helpers shared by the tests: loading a topic, and the separate
 //! broker process (`LIVEPIPE_TEST_KAFKA`, started by `.ci/run`).
 
-use livepipe_sources::generator::{GenConfig, Generator};
-use livepipe_sources::publish::{ensure_topic, producer_config, publish, Pace, PublishStats};
+use livepipe_tools::generator::{GenConfig, Generator};
+use livepipe_tools::publish::{ensure_topic, producer_config, publish, Pace, PublishStats};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

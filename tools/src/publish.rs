@@ -9,9 +9,9 @@
 //! messages within a partition: the topic holds exactly the generated
 //! sequence, which is what lets a test compare a topic run with a file run.
 
-use crate::kafka::{client_config_error, SetupError};
-use crate::wall_clock_ms;
 use livepipe_dataflow::parse::parse_event;
+use livepipe_dataflow::time::wall_clock_ms;
+use livepipe_sources::kafka::{client_config_error, SetupError};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};

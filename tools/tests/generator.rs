@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use livepipe_sources::generator::{write_jsonl, GenConfig, GenSummary, Generator};
+use livepipe_tools::generator::{write_jsonl, GenConfig, GenSummary, Generator};
 use serde_json::{Map, Value};
 
 const WINDOW_MS: u64 = 300_000;
@@ -643,7 +643,7 @@ fn planted_cases_in_every_10k_file() {
     }
 }
 
-/// Not a correctness test: `cargo test --release -p livepipe-sources --test
+/// Not a correctness test: `cargo test --release -p livepipe-tools --test
 /// generator -- --ignored --nocapture throughput`.
 #[test]
 #[ignore]

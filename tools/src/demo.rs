@@ -18,7 +18,7 @@
 
 use crate::generator::{GenConfig, Generator};
 use crate::publish::{producer_config, publish, Pace, PublishStats};
-use crate::wall_clock_ms;
+use livepipe_dataflow::time::wall_clock_ms;
 use rdkafka::mocking::MockCluster;
 
 use std::sync::atomic::{AtomicBool, Ordering};
