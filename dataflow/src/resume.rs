@@ -107,6 +107,13 @@ impl Checkpoints {
         }
     }
 
+    /// Whether the ledger already holds every position of `safe`.
+    pub fn holds(&self, safe: &BTreeMap<u32, Checkpoint>) -> bool {
+        let committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        safe.iter()
+            .all(|(partition, checkpoint)| committed.get(partition) == Some(&checkpoint.offset))
+    }
+
     /// The resume offset last committed to the ledger, per partition.
     pub fn committed(&self) -> BTreeMap<u32, u64> {
         self.committed

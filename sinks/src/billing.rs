@@ -211,7 +211,13 @@ impl BillingSink {
         // Most frontier moves finalize nothing: skip the transaction (and its
         // fsync) unless there are outcomes to record or a period to write.
         let period_due = self.coverage.due(&self.periods.policy, frontier).is_some();
-        if self.buffered.is_empty() && !period_due {
+        // Sources move on while nothing is final (a quiet topic, periods
+        // without impressions): their positions are worth a commit too.
+        let safe = self
+            .checkpoints
+            .safe(self.periods.policy.resume_bound(frontier));
+        let positions_moved = !self.checkpoints.holds(&safe);
+        if self.buffered.is_empty() && !period_due && !positions_moved {
             self.side.flush()?;
             return Ok(());
         }
@@ -675,6 +681,26 @@ mod tests {
         };
         let side = Arc::new(SideOutputs::open(out).unwrap());
         BillingSink::open(out, config, vec![Arc::from("f")], side, Arc::default()).unwrap()
+    }
+
+    #[test]
+    fn positions_are_committed_while_nothing_becomes_final() {
+        // A quiet topic: records that bill nothing still move the sources
+        // on, and a restart must not read them again forever.
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = open(dir.path());
+        for offset in [10, 20] {
+            let checkpoint = Checkpoint {
+                offset,
+                max_ts: Some(offset * 1_000),
+                ..Checkpoint::default()
+            };
+            sink.checkpoints.record(0, checkpoint);
+            sink.advance(Some(1_000_000)).unwrap();
+            let committed = sink.resume_positions().unwrap();
+            assert_eq!(committed[&0].checkpoint, checkpoint);
+        }
+        assert_eq!(sink.stats().files.load(Ordering::Relaxed), 0);
     }
 
     #[test]
