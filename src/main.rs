@@ -58,6 +58,10 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
+    // First: a stop that comes while the job is still starting (an
+    // orchestrator stopping a cluster as it forms) is a clean stop, not a
+    // death by the default handler.
+    let stop = stop_on_signals()?;
     let config = args.rules.to_config().map_err(UsageError)?;
     let cluster = cluster_spec(&args)?;
     // After the cluster flags' own checks (a bad hostfile is named as
@@ -67,7 +71,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .workers
         .map(usize::from)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let stop = stop_on_signals()?;
     let bounded = matches!(source, Source::Files(_));
     // A file run stopped before its end exits 1, a Kafka or demo run 0
     // (see the end of this function).
