@@ -72,13 +72,13 @@ use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::config::PipelineConfig;
 use crate::event::{EventKind, Ingested};
 use crate::probe::Probes;
 use crate::route::RouteKey;
-use crate::time::Time;
+use crate::time::{wall_clock_ms, Time};
 
 /// Chat rate is counted over this much event time.
 pub const CHAT_WINDOW_MS: u64 = 60_000;
@@ -570,13 +570,6 @@ impl LiveStreams {
             out(LiveUpdate::Retired(id.to_string()));
         }
     }
-}
-
-fn wall_clock_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// A stream id's hash for the worker's own set of refused ids (routing

@@ -11,6 +11,14 @@
 //! `coarse(d)`, every record with `w <= d` has been seen; records in the
 //! same coarse bucket with `w > d` are told apart by their data.
 
+/// Wall-clock ms since the Unix epoch (0 if the clock is before it): the one
+/// reading of the wall clock the whole job uses.
+pub fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Timely time of the whole graph: coarse event time in ms.
 pub type Time = u64;
 

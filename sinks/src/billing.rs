@@ -28,7 +28,7 @@
 use livepipe_dataflow::billing::{BillingEvent, LateRecord};
 use livepipe_dataflow::config::PipelineConfig;
 use livepipe_dataflow::resume::{Checkpoint, Checkpoints};
-use livepipe_dataflow::time::{coarse, Time};
+use livepipe_dataflow::time::{coarse, wall_clock_ms, Time};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use timely::dataflow::channels::pact::Exchange;
@@ -40,7 +40,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::fsutil::{create_private_dir, sync_dir, write_atomic, TEMP_PREFIX};
 use crate::ledger::{BilledRow, Commit, FileRecord, Ledger, Position, LEDGER_FILE};
@@ -478,9 +478,7 @@ impl PeriodWriter {
             rows: rows.len() as u64,
             total_price_micros,
             sha256,
-            written_at_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            written_at_ms: wall_clock_ms(),
         })?;
         Ok(())
     }
@@ -662,12 +660,6 @@ impl BillingSink {
             pause = (pause * 2).min(MAX_RETRY_PAUSE);
         }
     }
-}
-
-fn wall_clock_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Attaches the sink to the billing stream and the sources' checkpoints:

@@ -552,9 +552,7 @@ struct Health<'a> {
 /// does not tick.
 fn health(state: &HttpState) -> warp::reply::Response {
     let last_tick = state.metrics.probes.last_tick_ms.load(Ordering::Relaxed);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = livepipe_dataflow::time::wall_clock_ms();
     let started = last_tick > 0;
     let fresh = started && now.saturating_sub(last_tick) <= TICK_STALE.as_millis() as u64;
     let (status, live) = match (started, fresh) {

@@ -8,6 +8,7 @@
 
 use livepipe_dataflow::event::EventKind;
 use livepipe_dataflow::probe::Probes;
+use livepipe_dataflow::time::wall_clock_ms;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -377,12 +378,6 @@ impl JobMetrics {
             self.sse_clients.load(Ordering::Relaxed) as i64,
         )
     }
-}
-
-fn wall_clock_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

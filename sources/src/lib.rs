@@ -26,7 +26,6 @@ use std::collections::BTreeMap;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// What every source reports to the rest of the job.
 #[derive(Clone)]
@@ -61,9 +60,4 @@ pub fn partition_watermark(max_ts: Option<u64>, lateness: u64, wall_ms: u64) -> 
     max_ts.map_or(0, |ts| ts.min(wall_ms).saturating_sub(lateness))
 }
 
-/// Wall-clock ms since the Unix epoch.
-pub fn wall_clock_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use livepipe_dataflow::time::wall_clock_ms;
