@@ -17,7 +17,7 @@ use livepipe_dataflow::parse::parse_event;
 use livepipe_dataflow::probe::Probes;
 use livepipe_dataflow::route::RouteKey;
 use livepipe_dataflow::time::{coarse, Time};
-use livepipe_sources::generator::{GenConfig, Generator};
+use testkit::tools::generator::{GenConfig, Generator};
 use timely::dataflow::operators::vec::input::Handle as InputHandle;
 use timely::dataflow::operators::vec::Input as _;
 use timely::dataflow::operators::Probe;

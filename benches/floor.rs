@@ -6,7 +6,7 @@
 mod common;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use livepipe_sources::generator::{GenConfig, Generator};
+use testkit::tools::generator::{GenConfig, Generator};
 
 fn floor(c: &mut Criterion) {
     let records: Vec<Vec<u8>> = Generator::new(&GenConfig {

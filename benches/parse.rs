@@ -6,7 +6,7 @@ mod common;
 use common::Bare;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use livepipe_dataflow::parse::parse_event;
-use livepipe_sources::generator::{GenConfig, Generator};
+use testkit::tools::generator::{GenConfig, Generator};
 
 fn records() -> Vec<Vec<u8>> {
     let config = GenConfig {

@@ -1,4 +1,4 @@
-//! Exactness of billing against the reference in `support/reference.rs`,
+//! Exactness of billing against the reference in `testkit/src/reference.rs`,
 //! over random small scenarios full of the hard cases: producer retries,
 //! duplicate ids with smaller and larger `ts`, the same id on two streams,
 //! progress before its impression, thresholds and window edges hit exactly,
@@ -6,13 +6,11 @@
 //! Each scenario runs with 1 worker and with 3 workers (and no retained
 //! state after finalization, so the ledger's guard is exercised too).
 
-mod support;
-
 use livepipe::pipeline::{run_files, FileRun};
 use livepipe_dataflow::config::PipelineConfig;
 use proptest::prelude::*;
 use serde_json::json;
-use support::reference::{expected, Rules};
+use testkit::reference::{expected, Rules};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

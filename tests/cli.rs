@@ -2,38 +2,14 @@
 //! check every output against the reference and against each other; bad
 //! flags and inputs exit 2 with a message.
 
-mod support;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use support::job::livepipe;
-use support::reference::{expected, expected_live, Rules};
+use testkit::reference::{expected, expected_live, Rules};
+use testkit::{dir_bytes, livepipe, run_ok, Livepipe};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-
-/// Runs livepipe and fails the test, with its stderr, unless it exits 0.
-fn run_ok(args: &[&str]) {
-    let out = livepipe(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn dir_bytes(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().to_string(),
-                std::fs::read(&p).unwrap(),
-            )
-        })
-        .collect()
-}
 
 fn json_lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
@@ -463,10 +439,7 @@ fn several_files_give_the_same_bytes_for_any_worker_count() {
 fn extreme_timestamps_are_handled_without_fault() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("edges.jsonl");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let now = testkit::now_ms();
     let imp = |eid: &str, ts: u64| {
         format!(
             r#"{{"type":"impression","event_id":"{eid}","ts":{ts},"stream_id":"s","viewer_id":"v","impression_id":"i-{eid}","ad_id":"a","campaign_id":"c","advertiser_id":"d","price_micros":1000000000000}}"#
@@ -526,4 +499,40 @@ fn extreme_timestamps_are_handled_without_fault() {
         serde_json::from_slice(&std::fs::read(out.join("live.json")).unwrap()).unwrap();
     assert_eq!(live[0]["as_of"], now);
     assert_eq!(live[0]["viewers"], 1);
+}
+
+#[test]
+fn addr_file_holds_the_address_the_server_listens_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    std::fs::write(&input, b"").unwrap();
+    let addr_file = dir.path().join("addr");
+    let output = Livepipe::new()
+        .log("info")
+        .args(["run", "--input", input.to_str().unwrap(), "--out"])
+        .arg(dir.path().join("out"))
+        .args(["--http", "127.0.0.1:0", "--addr-file"])
+        .arg(&addr_file)
+        .success();
+    let written = std::fs::read_to_string(&addr_file).expect("the address file");
+    let addr: std::net::SocketAddr = written
+        .strip_suffix('\n')
+        .unwrap_or_else(|| panic!("one line: {written:?}"))
+        .parse()
+        .expect("HOST:PORT");
+    assert_eq!(addr.ip().to_string(), "127.0.0.1");
+    assert_ne!(addr.port(), 0, "the port picked, not the one asked for");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        log.contains(&format!("serving the dashboard at http://{addr}/")),
+        "the log still names it: {log}"
+    );
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.ends_with(".tmp")),
+        "no temporary file left: {names:?}"
+    );
 }

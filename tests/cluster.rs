@@ -11,15 +11,14 @@
 //! process 0, learn the job's settings, nor join, and the real process 1
 //! still joins; the secret is never logged.
 
-mod support;
 
 use serde_json::Value;
-use support::job::{http_get, wait_for, Job};
-use support::kafka::{generated_traffic, loaded_mock_topic};
-use support::outputs::{
+use testkit::{http_get, run_ok, wait_for, Job, Livepipe};
+use testkit::kafka::{generated_traffic, loaded_mock_topic};
+use testkit::outputs::{
     assert_ledger_matches, assert_reference, billing_files, reference, wait_for_all_files,
 };
-use support::reference::expected_live;
+use testkit::reference::expected_live;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -149,13 +148,15 @@ fn two_processes_replay_a_file_like_the_reference_and_one_process() {
     let input = input.to_str().unwrap();
 
     let single = dir.path().join("single");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
-        .args(["run", "--input", input, "--workers", "2"])
-        .args(["--out", single.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .status()
-        .unwrap();
-    assert!(status.success());
+    run_ok(&[
+        "run",
+        "--input",
+        input,
+        "--workers",
+        "2",
+        "--out",
+        single.to_str().unwrap(),
+    ]);
 
     // Process 1 first: the order the processes start in does not matter.
     let layout = Layout::new(dir.path());
@@ -226,7 +227,7 @@ struct TopicCluster {
     _broker: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
     brokers: String,
     records: Vec<Vec<u8>>,
-    want: support::reference::Expected,
+    want: testkit::reference::Expected,
     layout: Layout,
     out: [PathBuf; 2],
 }
@@ -504,10 +505,7 @@ fn cluster_flags_are_checked_before_anything_starts() {
         if flags.len() > 2 {
             args.extend_from_slice(&["--hostfile", hosts]);
         }
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
-            .args(&args)
-            .output()
-            .unwrap();
+        let output = Livepipe::new().args(&args).output();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(hint), "{args:?}: {stderr}");

@@ -9,7 +9,6 @@
 //! the same topic on a separate broker process when `LIVEPIPE_TEST_KAFKA`
 //! names one (tansu in CI; required when `CI=true`).
 
-mod support;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -17,11 +16,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sha2::{Digest, Sha256};
-use support::job::{dir_bytes, topic_job, wait_for, Job};
-use support::kafka::{
+use testkit::{dir_bytes, topic_job, wait_for, Job};
+use testkit::kafka::{
     fresh_topic, generated_traffic, publish_all, separate_broker, separate_broker_events,
 };
-use support::outputs::{assert_ledger_matches, assert_reference, billing_files, reference};
+use testkit::outputs::{assert_ledger_matches, assert_reference, billing_files, reference};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

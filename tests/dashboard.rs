@@ -2,10 +2,9 @@
 //! the DevTools protocol; nothing is downloaded): the demo's page shows
 //! streams, and its numbers change between two reads.
 
-mod support;
 
-use support::browser::{chromium_path, Browser};
-use support::job::{http_addr, wait_for, Job};
+use testkit::browser::{chromium_path, Browser};
+use testkit::Job;
 
 use std::time::Duration;
 
@@ -33,10 +32,7 @@ fn the_dashboard_shows_live_streams_in_a_real_browser() {
         ],
         &log,
     );
-    wait_for(&mut job, Duration::from_secs(120), "the dashboard", || {
-        http_addr(&log).is_some()
-    });
-    let base = http_addr(&log).unwrap();
+    let base = job.addr();
 
     let mut browser = Browser::start_with(&chromium);
     browser.navigate(&format!("http://{base}/"));

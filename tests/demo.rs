@@ -2,9 +2,8 @@
 //! Kafka-protocol broker and traffic, and billing files appear with the
 //! default rules (the demo's traffic starts minutes in the past).
 
-mod support;
 
-use support::job::{dir_bytes, http_addr, wait_for, Job};
+use testkit::{dir_bytes, wait_for, Job, Livepipe};
 
 use std::time::{Duration, Instant};
 
@@ -25,14 +24,15 @@ fn the_demo_starts_produces_and_writes_billing_files_with_no_flags() {
         &log,
     );
     // The dashboard's API lists streams with viewers soon after start.
+    let addr = job.addr();
     let live_streams = || -> usize {
-        let Some(addr) = http_addr(&log) else {
+        let Ok(response) = testkit::http::try_get(&addr, "/api/live") else {
             return 0;
         };
-        let Ok(mut response) = ureq::get(&format!("http://{addr}/api/live")).call() else {
+        if response.status != 200 {
             return 0;
-        };
-        let body = response.body_mut().read_to_string().unwrap_or_default();
+        }
+        let body = response.body;
         let list: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
         list.iter()
             .filter(|s| s["viewers"].as_u64().unwrap_or(0) > 0)
@@ -106,9 +106,7 @@ fn the_demo_runs_again_on_its_own_output_but_never_replaces_another_jobs() {
             has_ledger,
         );
         // Up and serving: the earlier output (if any) was replaced.
-        wait_for(&mut job, Duration::from_secs(120), "the dashboard", || {
-            http_addr(&dir.path().join(log)).is_some()
-        });
+        job.addr();
         job.stop();
     }
     assert!(
@@ -122,12 +120,7 @@ fn the_demo_runs_again_on_its_own_output_but_never_replaces_another_jobs() {
     let file_out = dir.path().join("files");
     let input = dir.path().join("x.jsonl");
     std::fs::write(&input, b"").unwrap();
-    let livepipe = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let livepipe = |args: &[&str]| Livepipe::new().args(args).output();
     let out_arg = file_out.to_str().unwrap();
     let done = livepipe(&["run", "--input", input.to_str().unwrap(), "--out", out_arg]);
     assert_eq!(done.status.code(), Some(0));

@@ -13,13 +13,12 @@
 //!
 //! All on librdkafka's mock cluster in this process, over TCP.
 
-mod support;
 
 use rdkafka::mocking::MockCluster;
 use serde_json::Value;
-use support::job::{dir_bytes, http_get, topic_job, wait_for, Job};
-use support::kafka::{generated_traffic, loaded_mock_topic, publish_all};
-use support::outputs::{
+use testkit::{dir_bytes, http_get, topic_job, wait_for, Job, Livepipe};
+use testkit::kafka::{generated_traffic, loaded_mock_topic, publish_all};
+use testkit::outputs::{
     assert_ledger_matches, assert_reference, billing_files, reference, wait_for_all_files,
 };
 
@@ -44,17 +43,6 @@ fn metric(addr: &str, name: &str) -> Option<f64> {
         let (key, value) = line.split_once(' ')?;
         (key == name).then(|| value.trim().parse().ok())?
     })
-}
-
-/// The address the job serves on, once it logged it.
-fn served(job: &mut Job) -> String {
-    let log = job.stderr.clone();
-    let mut addr = None;
-    wait_for(job, LIMIT, "the HTTP server", || {
-        addr = support::job::http_addr(&log);
-        addr.is_some()
-    });
-    addr.unwrap()
 }
 
 /// Waits until the job has assigned its partitions.
@@ -99,7 +87,7 @@ fn assert_files_whole(out: &Path) {
 struct Rig {
     _dir: tempfile::TempDir,
     cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    want: support::reference::Expected,
+    want: testkit::reference::Expected,
     out: std::path::PathBuf,
     job: Job,
     addr: String,
@@ -114,7 +102,7 @@ impl Rig {
         let out = dir.path().join("out");
         let log = dir.path().join("job.log");
         let mut job = topic_job(&cluster.bootstrap_servers(), "events", "2", &out, &log);
-        let addr = served(&mut job);
+        let addr = job.addr();
         wait_until_reading(&mut job);
         Rig {
             _dir: dir,
@@ -245,12 +233,7 @@ fn operator_mistakes_exit_2_and_leave_the_output_as_it_was() {
     wait_for_all_files(&mut job, &out, &want, LIMIT);
     job.stop();
     let before = dir_bytes(&out.join("billing"));
-    let livepipe = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let livepipe = |args: &[&str]| Livepipe::new().args(args).output();
 
     // Another topic into an --out whose ledger belongs to this one.
     let other = livepipe(&[
@@ -355,21 +338,19 @@ fn kafka_secrets_never_reach_the_logs() {
     let _ = job.wait(LIMIT);
     assert!(!text.contains(secret), "a secret in the log:\n{text}");
     // A property librdkafka refuses is named without its value.
-    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
+    let refused = Livepipe::new()
         .args(["run", "--brokers", "127.0.0.1:1", "-X"])
         .arg(format!("no.such.password={secret}"))
-        .output()
-        .unwrap();
+        .output();
     let said = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(2), "{said}");
     assert!(!said.contains(secret), "{said}");
     // A properties file with a line that is not KEY=VALUE: named by line.
     std::fs::write(&config, format!("{secret}\n")).unwrap();
-    let malformed = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
+    let malformed = Livepipe::new()
         .args(["run", "--brokers", "127.0.0.1:1", "--kafka-config"])
         .arg(&config)
-        .output()
-        .unwrap();
+        .output();
     let said = String::from_utf8_lossy(&malformed.stderr);
     assert_eq!(malformed.status.code(), Some(2), "{said}");
     assert!(said.contains("line 1 is not KEY=VALUE"), "{said}");

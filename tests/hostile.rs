@@ -2,11 +2,10 @@
 //! minutes ahead of the clock changes no billed row, and links planted in
 //! `--out` overwrite nothing.
 
-mod support;
 
-use livepipe_sources::generator::{GenConfig, Generator};
-use support::job::{livepipe, write_jsonl};
-use support::outputs::{assert_ledger_matches, assert_reference, billing_files, reference};
+use testkit::tools::generator::{GenConfig, Generator};
+use testkit::{livepipe, write_jsonl};
+use testkit::outputs::{assert_ledger_matches, assert_reference, billing_files, reference};
 
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
@@ -82,7 +81,7 @@ fn one_record_minutes_ahead_of_the_clock_changes_no_billed_row() {
 fn links_planted_in_out_overwrite_nothing_and_outputs_are_private() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("x.jsonl");
-    write_jsonl(&file, &support::kafka::generated_traffic(5_000, 72));
+    write_jsonl(&file, &testkit::kafka::generated_traffic(5_000, 72));
     let victim = dir.path().join("victim");
     std::fs::write(&victim, b"precious").unwrap();
 

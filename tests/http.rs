@@ -2,13 +2,12 @@
 //! `/metrics` and `/healthz`, while billing is frozen by a partition that
 //! never advances — the creator path does not wait for the frontier.
 
-mod support;
 
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
-use support::job::{http_addr, wait_for, Job};
+use testkit::{wait_for, Job};
 
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -134,10 +133,7 @@ fn the_live_api_ticks_every_second_while_billing_is_frozen() {
         send(&producer, 0, join("s1", &format!("v{viewers}"), now_ms()));
     };
     add_viewer();
-    wait_for(&mut job, LIMIT, "the HTTP address", || {
-        http_addr(&log).is_some()
-    });
-    let base = http_addr(&log).unwrap();
+    let base = job.addr();
     wait_for(&mut job, LIMIT, "stream s1 on the board", || {
         get(&base, "/api/live/s1").0 == 200
     });

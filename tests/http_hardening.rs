@@ -8,19 +8,17 @@
 //! Nothing here measures a duration: the timeouts are waited for with a
 //! generous hang-guard, and the assertion is that the server acted.
 
-mod support;
 
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
-use support::browser::{chromium_path, Browser};
-use support::job::{http_addr, wait_for, Job};
+use testkit::browser::{chromium_path, Browser};
+use testkit::{wait_for, Job, Livepipe};
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Keeps a broken build from hanging CI; nothing waits this long when the
@@ -111,10 +109,7 @@ fn live_job(topic: &Topic, dir: &Path, extra: &[&str], streams: &[(&str, usize)]
             topic.join(stream, &format!("v{viewer}"));
         }
     }
-    wait_for(&mut job, LIMIT, "the HTTP address", || {
-        http_addr(&log).is_some()
-    });
-    let base = http_addr(&log).unwrap();
+    let base = job.addr();
     for (stream, _) in streams {
         let path = format!("/api/live/{}", encode(stream));
         wait_for(&mut job, LIMIT, &format!("{stream:?} on the board"), || {
@@ -454,60 +449,6 @@ fn stream_ids_are_percent_decoded_and_every_response_has_its_headers() {
     job.stop();
 }
 
-/// `livepipe ARGS` under `ulimit -n FILES`; killed on drop.
-struct Limited {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Limited {
-    fn start(files: u32, args: &[&str], log: &Path) -> Limited {
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(format!("ulimit -n {files} && exec \"$0\" \"$@\""))
-            .arg(env!("CARGO_BIN_EXE_livepipe"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .expect("livepipe starts");
-        Limited {
-            child: Some(child),
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_for(&mut self, what: &str, mut done: impl FnMut(&str) -> bool) {
-        let started = Instant::now();
-        while !done(&self.log()) {
-            let child = self.child.as_mut().unwrap();
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("livepipe exited early ({status}):\n{}", self.log());
-            }
-            assert!(
-                started.elapsed() < LIMIT,
-                "gave up waiting for {what}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Limited {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 #[test]
 fn connections_beyond_the_cap_are_closed_at_once() {
     let topic = Topic::new();
@@ -517,12 +458,17 @@ fn connections_beyond_the_cap_are_closed_at_once() {
     topic.join("s1", "v1");
     // 256 open files: the cap is half of that, not 4,096 connections that
     // would take the descriptors billing needs.
-    let mut job = Limited::start(256, &topic.args(&out, &[]), &log);
-    job.wait_for("the HTTP address", |log| {
-        log.contains("serving the dashboard at http://")
-    });
-    let base = http_addr(&log).unwrap();
+    let mut job = Livepipe::new()
+        .log("info")
+        .open_files(256)
+        .args(topic.args(&out, &[]))
+        .start(&log);
+    let base = job.addr();
     let text = job.log();
+    assert!(
+        text.contains(&format!("serving the dashboard at http://{base}/")),
+        "the address is logged too:\n{text}"
+    );
     let cap: usize = text
         .split("at most ")
         .nth(1)
@@ -586,23 +532,7 @@ fn connections_beyond_the_cap_are_closed_at_once() {
     }
 
     // A full server still stops at once on SIGTERM.
-    let child = job.child.as_mut().unwrap();
-    let sent = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        // A hang guard, not a measurement.
-        if started.elapsed() > HANG_GUARD {
-            panic!("no exit after SIGTERM within {HANG_GUARD:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = job.signal_within("TERM", HANG_GUARD);
     assert!(status.success(), "exit {status}:\n{}", job.log());
 }
 

@@ -5,17 +5,16 @@
 //! (`host:port`), which `.ci/run` starts. Under `CI=true` a missing broker
 //! fails that test instead of skipping it.
 
-mod support;
 
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
-use support::job::{dir_bytes, topic_job, wait_for, Job};
-use support::kafka::{
+use testkit::{dir_bytes, run_ok, topic_job, wait_for, Job, Livepipe};
+use testkit::kafka::{
     fresh_topic, generated_traffic, publish_all, separate_broker, separate_broker_events,
 };
-use support::reference::{expected, Expected, Rules};
+use testkit::reference::{expected, Expected, Rules};
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -156,13 +155,15 @@ fn topic_bills_like_the_file(brokers: &str, topic: &str, events: u64, seed: u64)
     publish_all(brokers, topic, &records);
 
     let file_out = dir.path().join("out-file");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
-        .args(["run", "--input", input.to_str().unwrap(), "--workers", "2"])
-        .args(["--out", file_out.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .status()
-        .unwrap();
-    assert!(status.success());
+    run_ok(&[
+        "run",
+        "--input",
+        input.to_str().unwrap(),
+        "--workers",
+        "2",
+        "--out",
+        file_out.to_str().unwrap(),
+    ]);
     let from_file = dir_bytes(&file_out.join("billing"));
 
     for workers in ["1", "2"] {
@@ -414,17 +415,11 @@ fn gen_to_kafka_sends_what_gen_writes_to_a_file() {
         "1700000000000",
     ];
     let gen = |target: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
+        let out = Livepipe::new()
             .arg("gen")
             .args(target)
             .args(common)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .success();
         String::from_utf8_lossy(&out.stderr).to_string()
     };
     gen(&["--output", input.to_str().unwrap()]);
@@ -459,12 +454,11 @@ fn gen_to_kafka_sends_what_gen_writes_to_a_file() {
 fn a_missing_topic_exits_2_with_a_hint() {
     let cluster = mock_cluster("events", 1);
     let out = tempfile::tempdir().unwrap();
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
+    let run = Livepipe::new()
         .args(["run", "--brokers", &cluster.bootstrap_servers()])
         .args(["--topic", "no-such-topic", "--out"])
         .arg(out.path().join("out"))
-        .output()
-        .unwrap();
+        .output();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert_eq!(run.status.code(), Some(2), "{stderr}");
     assert!(

@@ -3,34 +3,30 @@
 //! past `MAX_LIVE_STREAMS` new streams are refused and counted. Counts, not
 //! time: nothing here depends on how fast the machine is.
 
-mod support;
 
 use livepipe_dataflow::live::{LiveStreams, LiveUpdate, SignalKind, MAX_LIVE_STREAMS};
 use livepipe_sinks::live::LiveBoard;
 use serde_json::Value;
-use support::reference::expected_live;
+use testkit::reference::expected_live;
+use testkit::run_ok;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
-use std::process::Command;
 
 const T0: u64 = 1_700_000_000_000;
 const TTL: u64 = 30_000;
 
 fn run_file(input: &Path, out: &Path, workers: &str) {
-    let output = Command::new(env!("CARGO_BIN_EXE_livepipe"))
-        .args(["run", "--input", input.to_str().unwrap(), "--out"])
-        .arg(out)
-        .args(["--workers", workers])
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("livepipe runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    run_ok(&[
+        "run",
+        "--input",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--workers",
+        workers,
+    ]);
 }
 
 fn live_json(out: &Path) -> Vec<Value> {

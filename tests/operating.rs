@@ -9,13 +9,12 @@
 //! * a topic re-created, or records deleted before they were read, are
 //!   refused; `--accept-data-loss` goes on and records the lost range.
 
-mod support;
 
-use livepipe_sources::generator::{GenConfig, Generator};
+use testkit::tools::generator::{GenConfig, Generator};
 use rdkafka::mocking::MockCluster;
-use support::job::{http_get, livepipe, topic_job, wait_for, write_jsonl, Job};
-use support::kafka::{generated_traffic, loaded_mock_topic, publish_all};
-use support::outputs::{assert_ledger_matches, billing_files, reference, wait_for_all_files};
+use testkit::{http_get, livepipe, topic_job, wait_for, write_jsonl, Job};
+use testkit::kafka::{generated_traffic, loaded_mock_topic, publish_all};
+use testkit::outputs::{assert_ledger_matches, billing_files, reference, wait_for_all_files};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -423,14 +422,12 @@ fn records_deleted_unread_are_refused_unless_the_loss_is_accepted_and_then_recor
         &dir.path().join("b.log"),
     );
     let lost = (log_start - resume).to_string();
-    let log = accepted.stderr.clone();
+    let addr = accepted.addr();
     wait_for(&mut accepted, LIMIT, "the lost records on /metrics", || {
-        support::job::http_addr(&log).is_some_and(|addr| {
-            http_get(&addr, "/metrics")
-                .1
-                .lines()
-                .any(|line| line == format!("livepipe_input_lost_records_total {lost}"))
-        })
+        http_get(&addr, "/metrics")
+            .1
+            .lines()
+            .any(|line| line == format!("livepipe_input_lost_records_total {lost}"))
     });
     accepted.stop();
     let gaps = std::fs::read_to_string(out.join("gaps.jsonl")).unwrap();
@@ -449,7 +446,7 @@ fn records_deleted_unread_are_refused_unless_the_loss_is_accepted_and_then_recor
 /// Sends `records` without compression, so that they fill the mock's
 /// retention quickly.
 fn publish_uncompressed(brokers: &str, records: &[Vec<u8>]) {
-    use livepipe_sources::publish::{producer_config, publish, Pace, PublishStats};
+    use testkit::tools::publish::{producer_config, publish, Pace, PublishStats};
     let stats = std::sync::Arc::new(PublishStats::default());
     let properties = [("compression.type".to_string(), "none".to_string())];
     publish(

@@ -1,13 +1,12 @@
 //! Coverage of billing periods when traffic jumps: a run of periods with
 //! nothing billed costs one header-only file, however long it is.
 
-mod support;
 
-use support::outputs::{assert_coverage, assert_ledger_matches, assert_reference, billing_files};
-use support::reference::{expected, Expected, Rules};
+use testkit::outputs::{assert_coverage, assert_ledger_matches, assert_reference, billing_files};
+use testkit::reference::{expected, Expected, Rules};
+use testkit::run_ok;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const START: u64 = 1_700_000_000_000;
@@ -15,22 +14,9 @@ const START: u64 = 1_700_000_000_000;
 /// the wall clock (records more than 10 minutes ahead of it are rejected).
 const JUMP: u64 = 1_065 * 24 * 3_600_000;
 
-fn livepipe(args: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_livepipe"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("livepipe runs");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// `livepipe gen` into `path`, returning its lines.
 fn generate(path: &Path, start_ts: u64, seed: &str) -> Vec<Vec<u8>> {
-    livepipe(&[
+    run_ok(&[
         "gen",
         "--output",
         path.to_str().unwrap(),
@@ -61,7 +47,7 @@ fn run_and_check(dir: &Path, lines: &[Vec<u8>]) -> Expected {
     std::fs::write(&input, bytes).unwrap();
     let out = dir.join("out");
     let started = Instant::now();
-    livepipe(&[
+    run_ok(&[
         "run",
         "--input",
         input.to_str().unwrap(),

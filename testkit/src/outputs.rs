@@ -1,8 +1,8 @@
 //! Checks of a job's billing output shared by the tests: the files against
 //! the independent reference, and the ledger against the files.
 
-use super::job::{dir_bytes, wait_for, Job};
-use super::reference::{expected, Expected, Rules};
+use crate::job::{dir_bytes, wait_for, Job};
+use crate::reference::{expected, Expected, Rules};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
