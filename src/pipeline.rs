@@ -110,17 +110,6 @@ pub struct Job {
     pub cluster: Option<ClusterSpec>,
 }
 
-/// A run over files (the shape the tests use).
-#[derive(Clone, Debug)]
-pub struct FileRun {
-    pub inputs: Vec<PathBuf>,
-    pub out: PathBuf,
-    pub workers: usize,
-    pub config: PipelineConfig,
-    pub progress: bool,
-    pub records_per_chunk: usize,
-}
-
 /// What a finished run did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RunSummary {
@@ -134,26 +123,6 @@ pub struct RunSummary {
     pub streams: u64,
     /// The job was stopped before its input ended.
     pub stopped: bool,
-}
-
-/// Runs the pipeline over `run.inputs` to the end.
-pub fn run_files(run: FileRun) -> anyhow::Result<RunSummary> {
-    run_job(Job {
-        input: Input::Files {
-            paths: run.inputs,
-            records_per_chunk: run.records_per_chunk,
-        },
-        out: run.out,
-        workers: run.workers,
-        config: run.config,
-        progress: run.progress,
-        live_log: false,
-        http: None,
-        http_allowed_hosts: Vec::new(),
-        addr_file: None,
-        stop: Arc::new(AtomicBool::new(false)),
-        cluster: None,
-    })
 }
 
 /// How long to wait for the brokers' first answer at start.

@@ -6,7 +6,8 @@
 //! Each scenario runs with 1 worker and with 3 workers (and no retained
 //! state after finalization, so the ledger's guard is exercised too).
 
-use livepipe::pipeline::{run_files, FileRun};
+
+use livepipe::pipeline::{run_job, Input, Job};
 use livepipe_dataflow::config::PipelineConfig;
 use proptest::prelude::*;
 use serde_json::json;
@@ -176,13 +177,22 @@ fn check(
     let input = dir.path().join("events.jsonl");
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let out = dir.path().join("out");
-    run_files(FileRun {
-        inputs: vec![input],
+    // The job `livepipe run --input` builds, but for the chunk size.
+    run_job(Job {
+        input: Input::Files {
+            paths: vec![input],
+            records_per_chunk,
+        },
         out: out.clone(),
         workers,
         config: config(retention),
         progress: false,
-        records_per_chunk,
+        live_log: false,
+        http: None,
+        http_allowed_hosts: Vec::new(),
+        addr_file: None,
+        stop: Default::default(),
+        cluster: None,
     })
     .unwrap();
 
