@@ -212,11 +212,18 @@ impl BillingSink {
     }
 
     /// Takes one event from the billing path. Late records are written at
-    /// once; outcomes wait for [`BillingSink::advance`].
+    /// once, retried while the output refuses writes (until the job stops:
+    /// then [`SinkError::Stopped`]); outcomes wait for
+    /// [`BillingSink::advance`].
     pub fn accept(&mut self, event: BillingEvent) -> Result<(), SinkError> {
         match event {
             BillingEvent::Final(outcome) => self.buffered.push(outcome),
-            BillingEvent::Late(late) => self.record_late(&late)?,
+            BillingEvent::Late(late) => {
+                let stop = self.stop.clone();
+                if !self.retry(&stop, |sink| sink.record_late(&late)) {
+                    return Err(SinkError::Stopped);
+                }
+            }
         }
         Ok(())
     }
@@ -571,13 +578,8 @@ impl SinkThread {
                         match message {
                             SinkMessage::Events(events) => {
                                 for event in events {
-                                    match event {
-                                        BillingEvent::Final(outcome) => sink.buffered.push(outcome),
-                                        BillingEvent::Late(late) => {
-                                            if !sink.retry(&stop, |sink| sink.record_late(&late)) {
-                                                return;
-                                            }
-                                        }
+                                    if sink.accept(event).is_err() {
+                                        return;
                                     }
                                 }
                             }
