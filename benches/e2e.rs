@@ -25,8 +25,8 @@ mod common;
 use testkit::tools::generator::{write_jsonl, GenConfig};
 
 use common::live::{percentile, FinalityWatch, Job, Prober};
-use testkit::kafka::Traffic;
 use testkit::kafka::mock_cluster;
+use testkit::kafka::Traffic;
 use testkit::Livepipe;
 
 use std::io::BufWriter;

@@ -10,9 +10,9 @@
 //! one, a separate broker process (4 partitions). `LIVEPIPE_BENCH_EVENTS`
 //! sets the size (default 300k).
 
+use testkit::kafka::mock_cluster;
 use testkit::tools::generator::{GenConfig, Generator};
 use testkit::tools::publish::{ensure_topic, producer_config, publish, Pace, PublishStats};
-use testkit::kafka::mock_cluster;
 use testkit::Livepipe;
 
 use std::path::Path;
@@ -104,10 +104,7 @@ fn main() {
     load(&mock, "bench", events);
     rows.push(("mock cluster (in-process)", mock, "bench".to_string()));
     if let Ok(brokers) = std::env::var("LIVEPIPE_TEST_KAFKA") {
-        let topic = format!(
-            "bench-{}",
-            testkit::now_ms()
-        );
+        let topic = format!("bench-{}", testkit::now_ms());
         ensure_topic(
             &producer_config(&brokers, &[]),
             &topic,

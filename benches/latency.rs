@@ -13,8 +13,8 @@
 mod common;
 
 use common::live::{percentile, Job, Prober};
-use testkit::kafka::Traffic;
 use testkit::kafka::mock_cluster;
+use testkit::kafka::Traffic;
 
 use std::io::Write;
 use std::net::TcpStream;

@@ -383,9 +383,9 @@ fn start_http(
 /// Writes `addr` and a newline to `path` atomically: a reader sees no file
 /// or the whole line, never a part of it.
 fn write_addr_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
-    let name = path.file_name().ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name")
-    })?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"))?;
     let mut temp_name = std::ffi::OsString::from(".");
     temp_name.push(name);
     temp_name.push(format!(".{}.tmp", std::process::id()));

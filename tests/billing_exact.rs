@@ -6,7 +6,6 @@
 //! Each scenario runs with 1 worker and with 3 workers (and no retained
 //! state after finalization, so the ledger's guard is exercised too).
 
-
 use livepipe::pipeline::{run_job, Input, Job};
 use livepipe_dataflow::config::PipelineConfig;
 use proptest::prelude::*;

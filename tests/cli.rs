@@ -2,11 +2,10 @@
 //! check every output against the reference and against each other; bad
 //! flags and inputs exit 2 with a message.
 
-
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use testkit::reference::{expected, expected_live, Rules};
-use testkit::{dir_bytes, livepipe, run_ok, Livepipe};
+use testkit::{dir_bytes, gen_file, livepipe, run_input, run_ok, Livepipe};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -24,22 +23,12 @@ fn generated_file_bills_exactly_and_identically_for_1_and_2_workers() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("events.jsonl");
     let input_str = input.to_str().unwrap();
-    run_ok(&[
-        "gen", "--output", input_str, "--events", "60000", "--seed", "11",
-    ]);
+    gen_file(input_str, &["--events", "60000", "--seed", "11"]);
 
     let mut outputs = Vec::new();
     for workers in ["1", "2"] {
         let out = dir.path().join(format!("out-{workers}"));
-        run_ok(&[
-            "run",
-            "--input",
-            input_str,
-            "--out",
-            out.to_str().unwrap(),
-            "--workers",
-            workers,
-        ]);
+        run_input(input_str, &out, &["--workers", workers]);
         outputs.push(out);
     }
     let billing: Vec<_> = outputs
@@ -201,15 +190,7 @@ fn every_reason_code_reaches_the_dead_letter_file_with_its_line() {
     content.push(b'\n');
     std::fs::write(&input, &content).unwrap();
     let out = dir.path().join("out");
-    run_ok(&[
-        "run",
-        "--input",
-        input.to_str().unwrap(),
-        "--workers",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    run_input(&input, &out, &["--workers", "2"]);
     let rejected = json_lines(&out.join("rejected.jsonl"));
     let mut got: Vec<(u64, String)> = rejected
         .iter()
@@ -385,17 +366,10 @@ fn kafka_only_flags_without_kafka_exit_2_before_touching_out() {
 fn several_files_give_the_same_bytes_for_any_worker_count() {
     let dir = tempfile::tempdir().unwrap();
     let whole = dir.path().join("whole.jsonl");
-    run_ok(&[
-        "gen",
-        "--output",
-        whole.to_str().unwrap(),
-        "--events",
-        "30000",
-        "--seed",
-        "5",
-        "--rate",
-        "100",
-    ]);
+    gen_file(
+        &whole,
+        &["--events", "30000", "--seed", "5", "--rate", "100"],
+    );
     // Three partitions, each keeping file order: line n goes to file n % 3.
     let bytes = std::fs::read(&whole).unwrap();
     let mut parts = [Vec::new(), Vec::new(), Vec::new()];
@@ -461,13 +435,7 @@ fn extreme_timestamps_are_handled_without_fault() {
     ];
     std::fs::write(&input, lines.join("\n")).unwrap();
     let out = dir.path().join("out");
-    run_ok(&[
-        "run",
-        "--input",
-        input.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    run_input(&input, &out, &[]);
     let late: Vec<(String, String)> = json_lines(&out.join("late.jsonl"))
         .iter()
         .map(|v| {

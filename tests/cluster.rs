@@ -11,14 +11,13 @@
 //! process 0, learn the job's settings, nor join, and the real process 1
 //! still joins; the secret is never logged.
 
-
 use serde_json::Value;
-use testkit::{http_get, run_ok, wait_for, Job, Livepipe};
 use testkit::kafka::{generated_traffic, loaded_mock_topic};
 use testkit::outputs::{
     assert_ledger_matches, assert_reference, billing_files, reference, wait_for_all_files,
 };
 use testkit::reference::expected_live;
+use testkit::{http_get, run_input, wait_for, Job, Livepipe};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -148,15 +147,7 @@ fn two_processes_replay_a_file_like_the_reference_and_one_process() {
     let input = input.to_str().unwrap();
 
     let single = dir.path().join("single");
-    run_ok(&[
-        "run",
-        "--input",
-        input,
-        "--workers",
-        "2",
-        "--out",
-        single.to_str().unwrap(),
-    ]);
+    run_input(input, &single, &["--workers", "2"]);
 
     // Process 1 first: the order the processes start in does not matter.
     let layout = Layout::new(dir.path());

@@ -9,18 +9,17 @@
 //! the same topic on a separate broker process when `LIVEPIPE_TEST_KAFKA`
 //! names one (tansu in CI; required when `CI=true`).
 
-
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sha2::{Digest, Sha256};
-use testkit::{dir_bytes, topic_job, wait_for, Job};
 use testkit::kafka::{
     fresh_topic, generated_traffic, publish_all, separate_broker, separate_broker_events,
 };
 use testkit::outputs::{assert_ledger_matches, assert_reference, billing_files, reference};
+use testkit::{dir_bytes, topic_job, wait_for, Job};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

@@ -2,7 +2,6 @@
 //! the DevTools protocol; nothing is downloaded): the demo's page shows
 //! streams, and its numbers change between two reads.
 
-
 use testkit::browser::{chromium_path, Browser};
 use testkit::Job;
 

@@ -2,7 +2,6 @@
 //! Kafka-protocol broker and traffic, and billing files appear with the
 //! default rules (the demo's traffic starts minutes in the past).
 
-
 use testkit::{dir_bytes, wait_for, Job, Livepipe};
 
 use std::time::{Duration, Instant};

@@ -13,14 +13,13 @@
 //!
 //! All on librdkafka's mock cluster in this process, over TCP.
 
-
 use rdkafka::mocking::MockCluster;
 use serde_json::Value;
-use testkit::{dir_bytes, http_get, topic_job, wait_for, Job, Livepipe};
 use testkit::kafka::{generated_traffic, loaded_mock_topic, publish_all};
 use testkit::outputs::{
     assert_ledger_matches, assert_reference, billing_files, reference, wait_for_all_files,
 };
+use testkit::{dir_bytes, http_get, topic_job, wait_for, Job, Livepipe};
 
 use std::io::Write;
 use std::net::TcpStream;

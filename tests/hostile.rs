@@ -2,10 +2,9 @@
 //! minutes ahead of the clock changes no billed row, and links planted in
 //! `--out` overwrite nothing.
 
-
+use testkit::outputs::{assert_ledger_matches, assert_reference, billing_files, reference};
 use testkit::tools::generator::{GenConfig, Generator};
 use testkit::{livepipe, write_jsonl};
-use testkit::outputs::{assert_ledger_matches, assert_reference, billing_files, reference};
 
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;

@@ -2,7 +2,6 @@
 //! `/metrics` and `/healthz`, while billing is frozen by a partition that
 //! never advances — the creator path does not wait for the frontier.
 
-
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;

@@ -8,7 +8,6 @@
 //! Nothing here measures a duration: the timeouts are waited for with a
 //! generous hang-guard, and the assertion is that the server acted.
 
-
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;

@@ -5,16 +5,15 @@
 //! (`host:port`), which `.ci/run` starts. Under `CI=true` a missing broker
 //! fails that test instead of skipping it.
 
-
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
-use testkit::{dir_bytes, run_ok, topic_job, wait_for, Job, Livepipe};
 use testkit::kafka::{
     fresh_topic, generated_traffic, publish_all, separate_broker, separate_broker_events,
 };
 use testkit::reference::{expected, Expected, Rules};
+use testkit::{dir_bytes, run_input, topic_job, wait_for, Job, Livepipe};
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -155,15 +154,7 @@ fn topic_bills_like_the_file(brokers: &str, topic: &str, events: u64, seed: u64)
     publish_all(brokers, topic, &records);
 
     let file_out = dir.path().join("out-file");
-    run_ok(&[
-        "run",
-        "--input",
-        input.to_str().unwrap(),
-        "--workers",
-        "2",
-        "--out",
-        file_out.to_str().unwrap(),
-    ]);
+    run_input(&input, &file_out, &["--workers", "2"]);
     let from_file = dir_bytes(&file_out.join("billing"));
 
     for workers in ["1", "2"] {

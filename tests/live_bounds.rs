@@ -3,12 +3,11 @@
 //! past `MAX_LIVE_STREAMS` new streams are refused and counted. Counts, not
 //! time: nothing here depends on how fast the machine is.
 
-
 use livepipe_dataflow::live::{LiveStreams, LiveUpdate, SignalKind, MAX_LIVE_STREAMS};
 use livepipe_sinks::live::LiveBoard;
 use serde_json::Value;
 use testkit::reference::expected_live;
-use testkit::run_ok;
+use testkit::run_input;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -18,15 +17,7 @@ const T0: u64 = 1_700_000_000_000;
 const TTL: u64 = 30_000;
 
 fn run_file(input: &Path, out: &Path, workers: &str) {
-    run_ok(&[
-        "run",
-        "--input",
-        input.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--workers",
-        workers,
-    ]);
+    run_input(&input, &out, &["--workers", workers]);
 }
 
 fn live_json(out: &Path) -> Vec<Value> {

@@ -9,12 +9,11 @@
 //! * a topic re-created, or records deleted before they were read, are
 //!   refused; `--accept-data-loss` goes on and records the lost range.
 
-
-use testkit::tools::generator::{GenConfig, Generator};
 use rdkafka::mocking::MockCluster;
-use testkit::{http_get, livepipe, topic_job, wait_for, write_jsonl, Job};
 use testkit::kafka::{generated_traffic, loaded_mock_topic, publish_all};
 use testkit::outputs::{assert_ledger_matches, billing_files, reference, wait_for_all_files};
+use testkit::tools::generator::{GenConfig, Generator};
+use testkit::{http_get, livepipe, topic_job, wait_for, write_jsonl, Job};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,10 +1,9 @@
 //! Coverage of billing periods when traffic jumps: a run of periods with
 //! nothing billed costs one header-only file, however long it is.
 
-
 use testkit::outputs::{assert_coverage, assert_ledger_matches, assert_reference, billing_files};
 use testkit::reference::{expected, Expected, Rules};
-use testkit::run_ok;
+use testkit::{gen_file, run_input};
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -16,19 +15,19 @@ const JUMP: u64 = 1_065 * 24 * 3_600_000;
 
 /// `livepipe gen` into `path`, returning its lines.
 fn generate(path: &Path, start_ts: u64, seed: &str) -> Vec<Vec<u8>> {
-    run_ok(&[
-        "gen",
-        "--output",
-        path.to_str().unwrap(),
-        "--events",
-        "20000",
-        "--rate",
-        "100",
-        "--seed",
-        seed,
-        "--start-ts",
-        &start_ts.to_string(),
-    ]);
+    gen_file(
+        path,
+        &[
+            "--events",
+            "20000",
+            "--rate",
+            "100",
+            "--seed",
+            seed,
+            "--start-ts",
+            &start_ts.to_string(),
+        ],
+    );
     std::fs::read(path)
         .unwrap()
         .split(|&b| b == b'\n')
@@ -47,15 +46,7 @@ fn run_and_check(dir: &Path, lines: &[Vec<u8>]) -> Expected {
     std::fs::write(&input, bytes).unwrap();
     let out = dir.join("out");
     let started = Instant::now();
-    run_ok(&[
-        "run",
-        "--input",
-        input.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--workers",
-        "2",
-    ]);
+    run_input(&input, &out, &["--workers", "2"]);
     let took = started.elapsed();
 
     let raw: Vec<&[u8]> = lines.iter().map(Vec::as_slice).collect();

@@ -3,9 +3,8 @@
 //! exits, with the right code and consistent outputs; the limits they wait
 //! are hang guards, not measurements.
 
-
 use sha2::{Digest, Sha256};
-use testkit::{run_ok, wait_for, Job};
+use testkit::{gen_file, wait_for, Job};
 
 use std::path::Path;
 use std::process::Command;
@@ -31,15 +30,7 @@ fn csv_count(dir: &Path) -> usize {
 fn sigterm_while_billing_files_are_written_stops_a_file_run_consistently() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("events.jsonl");
-    run_ok(&[
-        "gen",
-        "--output",
-        input.to_str().unwrap(),
-        "--events",
-        "200000",
-        "--seed",
-        "3",
-    ]);
+    gen_file(&input, &["--events", "200000", "--seed", "3"]);
 
     // 10 ms periods over 100 s of traffic: over 4,000 billing files, each a
     // CSV and a marker written atomically and fsynced; a whole run spends

@@ -234,6 +234,32 @@ pub fn run_ok(args: &[&str]) -> Output {
     Livepipe::new().log("warn").args(args).success()
 }
 
+/// `livepipe run --input INPUT --out OUT ARGS` run to its end (warnings
+/// only in its log); fails the test, with its stderr, unless it exits 0.
+pub fn run_input(input: impl AsRef<OsStr>, out: impl AsRef<OsStr>, args: &[&str]) -> Output {
+    Livepipe::new()
+        .log("warn")
+        .arg("run")
+        .arg("--input")
+        .arg(input)
+        .arg("--out")
+        .arg(out)
+        .args(args)
+        .success()
+}
+
+/// `livepipe gen --output PATH ARGS` run to its end; fails the test unless
+/// it exits 0.
+pub fn gen_file(path: impl AsRef<OsStr>, args: &[&str]) -> Output {
+    Livepipe::new()
+        .log("warn")
+        .arg("gen")
+        .arg("--output")
+        .arg(path)
+        .args(args)
+        .success()
+}
+
 /// A running `livepipe`; killed on drop unless stopped.
 pub struct Job {
     child: Option<Child>,
@@ -301,9 +327,8 @@ impl Job {
             return status.unwrap_or_else(|| panic!("kill -{signal} failed"));
         }
         // A job that does not stop is a failure, not a hang.
-        wait_until(&mut child, limit).unwrap_or_else(|| {
-            panic!("no exit within {limit:?} of SIG{signal}:\n{}", self.log())
-        })
+        wait_until(&mut child, limit)
+            .unwrap_or_else(|| panic!("no exit within {limit:?} of SIG{signal}:\n{}", self.log()))
     }
 
     /// Sends `signal` without waiting for the exit.

@@ -2,9 +2,9 @@
 //! cluster, loading a topic, generated traffic, and the separate broker
 //! process (`LIVEPIPE_TEST_KAFKA`, started by `.ci/run`).
 
+use crate::now_ms;
 use crate::tools::generator::{GenConfig, Generator};
 use crate::tools::publish::{ensure_topic, producer_config, publish, Pace, PublishStats};
-use crate::now_ms;
 
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;

@@ -21,7 +21,10 @@ pub mod outputs;
 pub mod reference;
 
 pub use http::{get, http_get, metric, parse_metric};
-pub use job::{dir_bytes, livepipe, run_ok, topic_job, wait_for, write_jsonl, Job, Livepipe};
+pub use job::{
+    dir_bytes, gen_file, livepipe, run_input, run_ok, topic_job, wait_for, write_jsonl, Job,
+    Livepipe,
+};
 /// Wall-clock ms since the Unix epoch: the clock the job itself reads.
 pub use livepipe_dataflow::time::wall_clock_ms as now_ms;
 
