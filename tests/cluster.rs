@@ -560,6 +560,67 @@ fn trickle(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<u8>>
     })
 }
 
+/// Process 0 of a two-process file job, listening for process 1.
+struct Waiting {
+    layout: Layout,
+    input: String,
+    want: testkit::reference::Expected,
+    log0: PathBuf,
+}
+
+impl Waiting {
+    /// Generated traffic (`events`, `seed`) in a file under `dir`, and
+    /// process 0 started on it, once it waits for its peer.
+    fn start(dir: &Path, events: u64, seed: u64) -> (Waiting, Job) {
+        let records = generated_traffic(events, seed);
+        let input = dir.join("events.jsonl");
+        write_records(&input, &records);
+        let input = input.to_str().unwrap().to_string();
+        let layout = Layout::new(dir);
+        let mut zero = layout.start(
+            0,
+            &["--input", &input],
+            &dir.join("out0"),
+            &dir.join("p0.log"),
+        );
+        let log0 = zero.stderr.clone();
+        wait_for(&mut zero, LIMIT, "process 0 to listen", || {
+            lines(&log0)
+                .iter()
+                .any(|l| l.contains("forming the cluster"))
+        });
+        let waiting = Waiting {
+            layout,
+            input,
+            want: reference(&records),
+            log0,
+        };
+        (waiting, zero)
+    }
+
+    /// The real process 1 joins; both bill as the reference does. Returns
+    /// both logs.
+    fn join_process_1(&self, zero: Job, dir: &Path) -> (String, String) {
+        let out0 = dir.join("out0");
+        let one = self.layout.start(
+            1,
+            &["--input", &self.input],
+            &dir.join("out1"),
+            &dir.join("p1.log"),
+        );
+        let log1 = one.stderr.clone();
+        let status0 = zero.wait(LIMIT);
+        let status1 = one.wait(LIMIT);
+        let (said0, said1) = (lines(&self.log0).join("\n"), lines(&log1).join("\n"));
+        assert!(status0.success(), "process 0: {status0}\n{said0}");
+        assert!(status1.success(), "process 1: {status1}\n{said1}");
+        let files = billing_files(&out0);
+        assert_reference(&files, &self.want);
+        assert_ledger_matches(&out0, &files);
+        (said0, said1)
+    }
+}
+
 /// The handshake's opening (`lpcauth1`, a nonce, the claimed and the
 /// dialed process) followed by a made-up proof.
 fn opening_with_a_guessed_proof(claimed: u32, dialed: u32) -> Vec<u8> {
@@ -574,20 +635,8 @@ fn opening_with_a_guessed_proof(claimed: u32, dialed: u32) -> Vec<u8> {
 #[test]
 fn clients_without_the_secret_neither_stop_process_0_learn_the_job_nor_join() {
     let dir = tempfile::tempdir().unwrap();
-    let records = generated_traffic(30_000, 66);
-    let input = dir.path().join("events.jsonl");
-    write_records(&input, &records);
-    let want = reference(&records);
-    let input = input.to_str().unwrap();
-    let layout = Layout::new(dir.path());
-    let (out0, out1) = (dir.path().join("out0"), dir.path().join("out1"));
-    let mut zero = layout.start(0, &["--input", input], &out0, &dir.path().join("p0.log"));
-    let log0 = zero.stderr.clone();
-    wait_for(&mut zero, LIMIT, "process 0 to listen", || {
-        lines(&log0)
-            .iter()
-            .any(|l| l.contains("forming the cluster"))
-    });
+    let (waiting, mut zero) = Waiting::start(dir.path(), 30_000, 66);
+    let (layout, input, log0) = (&waiting.layout, waiting.input.as_str(), &waiting.log0);
 
     // One client trickles bytes all along, reconnecting when cut off.
     let stop_trickling = Arc::new(AtomicBool::new(false));
@@ -641,22 +690,13 @@ fn clients_without_the_secret_neither_stop_process_0_learn_the_job_nor_join() {
 
     // The real process 1 joins while the trickling goes on, and the job
     // bills as the reference does.
-    let one = layout.start(1, &["--input", input], &out1, &dir.path().join("p1.log"));
-    let log1 = one.stderr.clone();
-    let status0 = zero.wait(LIMIT);
-    let status1 = one.wait(LIMIT);
+    let (said0, said1) = waiting.join_process_1(zero, dir.path());
     stop_trickling.store(true, Ordering::Relaxed);
     let trickled = trickler.join().unwrap();
-    let (said0, said1) = (lines(&log0).join("\n"), lines(&log1).join("\n"));
-    assert!(status0.success(), "process 0: {status0}\n{said0}");
-    assert!(status1.success(), "process 1: {status1}\n{said1}");
     assert!(
         !holds_settings(&trickled, input),
         "the trickler learnt the settings"
     );
-    let files = billing_files(&out0);
-    assert_reference(&files, &want);
-    assert_ledger_matches(&out0, &files);
     for said in [&said0, &said1] {
         assert!(!said.contains(&layout.secret), "logged the secret:\n{said}");
     }
@@ -665,20 +705,8 @@ fn clients_without_the_secret_neither_stop_process_0_learn_the_job_nor_join() {
 #[test]
 fn a_peer_with_the_wrong_secret_is_refused_and_logged_while_process_0_waits() {
     let dir = tempfile::tempdir().unwrap();
-    let records = generated_traffic(20_000, 67);
-    let input = dir.path().join("events.jsonl");
-    write_records(&input, &records);
-    let want = reference(&records);
-    let input = input.to_str().unwrap();
-    let layout = Layout::new(dir.path());
-    let (out0, out1) = (dir.path().join("out0"), dir.path().join("out1"));
-    let mut zero = layout.start(0, &["--input", input], &out0, &dir.path().join("p0.log"));
-    let log0 = zero.stderr.clone();
-    wait_for(&mut zero, LIMIT, "process 0 to listen", || {
-        lines(&log0)
-            .iter()
-            .any(|l| l.contains("forming the cluster"))
-    });
+    let (waiting, mut zero) = Waiting::start(dir.path(), 20_000, 67);
+    let (layout, input, log0) = (&waiting.layout, waiting.input.as_str(), &waiting.log0);
 
     // Process 1 with another secret: refused at every attempt until it
     // gives up (exit 1, saying why); process 0 logs each refusal and waits.
@@ -688,7 +716,7 @@ fn a_peer_with_the_wrong_secret_is_refused_and_logged_while_process_0_waits() {
     let impostor = layout.start_with_secret(
         1,
         &["--input", input, "--cluster-timeout", "3"],
-        &out1,
+        &dir.path().join("out1"),
         &dir.path().join("wrong-p1.log"),
         &wrong_file,
     );
@@ -708,16 +736,7 @@ fn a_peer_with_the_wrong_secret_is_refused_and_logged_while_process_0_waits() {
     zero.assert_running();
 
     // The real process 1 joins.
-    let one = layout.start(1, &["--input", input], &out1, &dir.path().join("p1.log"));
-    let log1 = one.stderr.clone();
-    let status0 = zero.wait(LIMIT);
-    let status1 = one.wait(LIMIT);
-    let (said0, said1) = (lines(&log0).join("\n"), lines(&log1).join("\n"));
-    assert!(status0.success(), "process 0: {status0}\n{said0}");
-    assert!(status1.success(), "process 1: {status1}\n{said1}");
-    let files = billing_files(&out0);
-    assert_reference(&files, &want);
-    assert_ledger_matches(&out0, &files);
+    let (said0, said1) = waiting.join_process_1(zero, dir.path());
     for said in [&said0, &said1, &said_wrong] {
         assert!(!said.contains(&layout.secret), "logged the secret:\n{said}");
         assert!(!said.contains(wrong), "logged the wrong secret:\n{said}");

@@ -19,7 +19,7 @@ use testkit::kafka::{generated_traffic, loaded_mock_topic, publish_all};
 use testkit::outputs::{
     assert_ledger_matches, assert_reference, billing_files, reference, wait_for_all_files,
 };
-use testkit::{dir_bytes, http_get, topic_job, wait_for, Job, Livepipe};
+use testkit::{dir_bytes, http_get, topic_args, topic_job, wait_for, Job, Livepipe};
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -235,17 +235,7 @@ fn operator_mistakes_exit_2_and_leave_the_output_as_it_was() {
     let livepipe = |args: &[&str]| Livepipe::new().args(args).output();
 
     // Another topic into an --out whose ledger belongs to this one.
-    let other = livepipe(&[
-        "run",
-        "--brokers",
-        &brokers,
-        "--topic",
-        "other",
-        "--http",
-        "127.0.0.1:0",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let other = livepipe(&topic_args(&brokers, "other", &out));
     let said = String::from_utf8_lossy(&other.stderr);
     assert_eq!(other.status.code(), Some(2), "{said}");
     assert!(said.contains("belongs to another input"), "{said}");

@@ -6,7 +6,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
-use testkit::{wait_for, Job};
+use testkit::{topic_args, wait_for, Job};
 
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -108,24 +108,14 @@ fn the_live_api_ticks_every_second_while_billing_is_frozen() {
             r#"{{"type":"impression","event_id":"i1","ts":{start},"stream_id":"s1","viewer_id":"v0","impression_id":"imp","ad_id":"a","campaign_id":"c","advertiser_id":"d","price_micros":5}}"#
         ),
     );
-    let mut job = Job::start(
-        &[
-            "run",
-            "--brokers",
-            &brokers,
-            "--topic",
-            "events",
-            "--http",
-            "127.0.0.1:0",
-            "--idle-timeout-ms",
-            "86400000",
-            "--qualify-window-ms",
-            "1000",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &log,
-    );
+    let mut args = topic_args(&brokers, "events", &out);
+    args.extend([
+        "--idle-timeout-ms",
+        "86400000",
+        "--qualify-window-ms",
+        "1000",
+    ]);
+    let mut job = Job::start(&args, &log);
     let mut viewers = 0;
     let mut add_viewer = || {
         viewers += 1;

@@ -13,7 +13,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::ClientConfig;
 use serde_json::Value;
 use testkit::browser::{chromium_path, Browser};
-use testkit::{wait_for, Job, Livepipe};
+use testkit::{topic_args, wait_for, Job, Livepipe};
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -79,19 +79,8 @@ impl Topic {
 
     /// `livepipe run` on the topic, any free HTTP port, plus `extra`.
     fn args<'a>(&'a self, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-        let mut args = vec![
-            "run",
-            "--brokers",
-            &self.brokers,
-            "--topic",
-            "events",
-            "--http",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-            "--out",
-            out.to_str().unwrap(),
-        ];
+        let mut args = topic_args(&self.brokers, "events", out);
+        args.extend(["--workers", "1"]);
         args.extend_from_slice(extra);
         args
     }

@@ -13,7 +13,7 @@ use testkit::kafka::{
     fresh_topic, generated_traffic, publish_all, separate_broker, separate_broker_events,
 };
 use testkit::reference::{expected, Expected, Rules};
-use testkit::{dir_bytes, run_input, topic_job, wait_for, Job, Livepipe};
+use testkit::{dir_bytes, run_input, topic_args, topic_job, wait_for, Job, Livepipe};
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -235,17 +235,7 @@ impl LiveTopic {
 
     /// `livepipe run` on the topic with the [`QUICK`] rules and `extra` flags.
     fn job(&self, extra: &[&str]) -> Job {
-        let mut args = vec![
-            "run",
-            "--brokers",
-            &self.brokers,
-            "--topic",
-            "events",
-            "--http",
-            "127.0.0.1:0",
-            "--out",
-            self.out.to_str().unwrap(),
-        ];
+        let mut args = topic_args(&self.brokers, "events", &self.out);
         args.extend(QUICK);
         args.extend(extra);
         Job::start(&args, &self.log())

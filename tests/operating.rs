@@ -13,7 +13,7 @@ use rdkafka::mocking::MockCluster;
 use testkit::kafka::{generated_traffic, loaded_mock_topic, publish_all};
 use testkit::outputs::{assert_ledger_matches, billing_files, reference, wait_for_all_files};
 use testkit::tools::generator::{GenConfig, Generator};
-use testkit::{http_get, livepipe, topic_job, wait_for, write_jsonl, Job};
+use testkit::{http_get, livepipe, topic_args, topic_job, wait_for, write_jsonl, Job};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -260,17 +260,7 @@ fn one_job_per_out_and_a_killed_holder_never_blocks_a_restart() {
     write_jsonl(&file, &records);
     for second in [
         run_file(&file, &out, &[]),
-        livepipe(&[
-            "run",
-            "--brokers",
-            &brokers,
-            "--topic",
-            "events",
-            "--http",
-            "127.0.0.1:0",
-            "--out",
-            out.to_str().unwrap(),
-        ]),
+        livepipe(&topic_args(&brokers, "events", &out)),
     ] {
         assert_exit(&second, 2);
         let message = said(&second);
@@ -330,17 +320,7 @@ fn resume_offsets(out: &Path) -> BTreeMap<i64, i64> {
 }
 
 fn run_topic(brokers: &str, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "run",
-        "--brokers",
-        brokers,
-        "--topic",
-        "events",
-        "--http",
-        "127.0.0.1:0",
-        "--out",
-        out.to_str().unwrap(),
-    ];
+    let mut args = topic_args(brokers, "events", out);
     args.extend_from_slice(extra);
     livepipe(&args)
 }

@@ -401,27 +401,29 @@ pub fn dir_bytes(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// The arguments of `livepipe run` on a Kafka topic into `out`, serving
+/// HTTP on any free port; more flags can follow.
+pub fn topic_args<'a>(brokers: &'a str, topic: &'a str, out: &'a Path) -> Vec<&'a str> {
+    let out = out.to_str().expect("a UTF-8 path");
+    vec![
+        "run",
+        "--brokers",
+        brokers,
+        "--topic",
+        topic,
+        "--http",
+        "127.0.0.1:0",
+        "--out",
+        out,
+    ]
+}
+
 /// `livepipe run` on a Kafka topic the way the backfill tests run it: a
 /// 1 s idle timeout (the topic is preloaded), any free HTTP port.
 pub fn topic_job(brokers: &str, topic: &str, workers: &str, out: &Path, log: &Path) -> Job {
-    Job::start(
-        &[
-            "run",
-            "--brokers",
-            brokers,
-            "--topic",
-            topic,
-            "--workers",
-            workers,
-            "--idle-timeout-ms",
-            "1000",
-            "--http",
-            "127.0.0.1:0",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        log,
-    )
+    let mut args = topic_args(brokers, topic, out);
+    args.extend(["--workers", workers, "--idle-timeout-ms", "1000"]);
+    Job::start(&args, log)
 }
 
 /// Writes `records` as a JSON-lines file.
