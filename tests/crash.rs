@@ -19,7 +19,7 @@ use testkit::kafka::{
     fresh_topic, generated_traffic, publish_all, separate_broker, separate_broker_events,
 };
 use testkit::outputs::{assert_ledger_matches, assert_reference, billing_files, reference};
-use testkit::{dir_bytes, topic_job, wait_for, Job};
+use testkit::{dir_bytes, input_args, topic_job, wait_for, Job};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -87,18 +87,9 @@ fn a_file_run_killed_six_times_bills_exactly_once() {
     let input = input.to_str().unwrap().to_string();
 
     let run = |out: &Path, workers: &str, log: &Path| {
-        Job::start(
-            &[
-                "run",
-                "--input",
-                &input,
-                "--workers",
-                workers,
-                "--out",
-                out.to_str().unwrap(),
-            ],
-            log,
-        )
+        let mut args = input_args(Path::new(&input), out);
+        args.extend(["--workers", workers]);
+        Job::start(&args, log)
     };
     let clean = dir.path().join("clean");
     let started = std::time::Instant::now();

@@ -2,35 +2,22 @@
 //! the DevTools protocol; nothing is downloaded): the demo's page shows
 //! streams, and its numbers change between two reads.
 
-use testkit::browser::{chromium_path, Browser};
-use testkit::Job;
+use testkit::browser::{chromium_or_skip, Browser};
+use testkit::{demo_args, Job};
 
 use std::time::Duration;
 
 #[test]
 fn the_dashboard_shows_live_streams_in_a_real_browser() {
-    let Some(chromium) = chromium_path() else {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI=true but no chromium: .ci/run must install Debian's chromium package");
-        }
-        eprintln!("skipped: no chromium (apt-get install chromium, or set LIVEPIPE_CHROMIUM)");
+    let Some(chromium) = chromium_or_skip() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("demo.log");
     let out = dir.path().join("out");
-    let mut job = Job::start(
-        &[
-            "run",
-            "--out",
-            out.to_str().unwrap(),
-            "--http",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-        ],
-        &log,
-    );
+    let mut args = demo_args(&out);
+    args.extend(["--workers", "2"]);
+    let mut job = Job::start(&args, &log);
     let base = job.addr();
 
     let mut browser = Browser::start_with(&chromium);

@@ -2,7 +2,7 @@
 //! Kafka-protocol broker and traffic, and billing files appear with the
 //! default rules (the demo's traffic starts minutes in the past).
 
-use testkit::{dir_bytes, wait_for, Job, Livepipe};
+use testkit::{demo_args, dir_bytes, wait_for, Job, Livepipe};
 
 use std::time::{Duration, Instant};
 
@@ -12,16 +12,7 @@ fn the_demo_starts_produces_and_writes_billing_files_with_no_flags() {
     let out = dir.path().join("out");
     let log = dir.path().join("demo.log");
     let started = Instant::now();
-    let mut job = Job::start(
-        &[
-            "run",
-            "--out",
-            out.to_str().unwrap(),
-            "--http",
-            "127.0.0.1:0",
-        ],
-        &log,
-    );
+    let mut job = Job::start(&demo_args(&out), &log);
     // The dashboard's API lists streams with viewers soon after start.
     let addr = job.addr();
     let live_streams = || -> usize {
@@ -83,18 +74,7 @@ fn the_demo_starts_produces_and_writes_billing_files_with_no_flags() {
 fn the_demo_runs_again_on_its_own_output_but_never_replaces_another_jobs() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let demo = |log: &str| {
-        Job::start(
-            &[
-                "run",
-                "--out",
-                out.to_str().unwrap(),
-                "--http",
-                "127.0.0.1:0",
-            ],
-            &dir.path().join(log),
-        )
-    };
+    let demo = |log: &str| Job::start(&demo_args(&out), &dir.path().join(log));
     let has_ledger = || out.join("ledger.sqlite").exists();
     for log in ["first.log", "second.log"] {
         let mut job = demo(log);

@@ -302,24 +302,10 @@ fn kafka_secrets_never_reach_the_logs() {
     .unwrap();
     let log = dir.path().join("job.log");
     let out = dir.path().join("out");
-    let mut job = Job::start(
-        &[
-            "run",
-            "--brokers",
-            &cluster.bootstrap_servers(),
-            "--topic",
-            "events",
-            "--kafka-config",
-            config.to_str().unwrap(),
-            "-X",
-            &property,
-            "--http",
-            "127.0.0.1:0",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &log,
-    );
+    let brokers = cluster.bootstrap_servers();
+    let mut args = topic_args(&brokers, "events", &out);
+    args.extend(["--kafka-config", config.to_str().unwrap(), "-X", &property]);
+    let mut job = Job::start(&args, &log);
     wait_until_reading(&mut job);
     std::thread::sleep(Duration::from_secs(2));
     job.send("TERM");

@@ -12,7 +12,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
-use testkit::browser::{chromium_path, Browser};
+use testkit::browser::{chromium_or_skip, Browser};
 use testkit::{topic_args, wait_for, Job, Livepipe};
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
@@ -526,11 +526,7 @@ fn connections_beyond_the_cap_are_closed_at_once() {
 
 #[test]
 fn the_dashboard_follows_an_odd_stream_id_under_its_csp() {
-    let Some(chromium) = chromium_path() else {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI=true but no chromium: .ci/run must install Debian's chromium package");
-        }
-        eprintln!("skipped: no chromium (apt-get install chromium, or set LIVEPIPE_CHROMIUM)");
+    let Some(chromium) = chromium_or_skip() else {
         return;
     };
     let topic = Topic::new();

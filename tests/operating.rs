@@ -383,23 +383,9 @@ fn records_deleted_unread_are_refused_unless_the_loss_is_accepted_and_then_recor
     assert!(message.contains("--accept-data-loss"), "{message}");
     assert_eq!(state(&out), before, "nothing under --out changed");
 
-    let mut accepted = Job::start(
-        &[
-            "run",
-            "--brokers",
-            &brokers,
-            "--topic",
-            "events",
-            "--idle-timeout-ms",
-            "1000",
-            "--accept-data-loss",
-            "--http",
-            "127.0.0.1:0",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &dir.path().join("b.log"),
-    );
+    let mut args = topic_args(&brokers, "events", &out);
+    args.extend(["--idle-timeout-ms", "1000", "--accept-data-loss"]);
+    let mut accepted = Job::start(&args, &dir.path().join("b.log"));
     let lost = (log_start - resume).to_string();
     let addr = accepted.addr();
     wait_for(&mut accepted, LIMIT, "the lost records on /metrics", || {

@@ -87,6 +87,19 @@ pub fn chromium_path() -> Option<PathBuf> {
     })
 }
 
+/// [`chromium_path`], or `None` after saying the test is skipped. Under
+/// `CI=true` a missing chromium is a failure, never a silent skip.
+pub fn chromium_or_skip() -> Option<PathBuf> {
+    let found = chromium_path();
+    if found.is_none() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true but no chromium: .ci/run must install Debian's chromium package");
+        }
+        eprintln!("skipped: no chromium (apt-get install chromium, or set LIVEPIPE_CHROMIUM)");
+    }
+    found
+}
+
 #[cfg(unix)]
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;

@@ -418,6 +418,26 @@ pub fn topic_args<'a>(brokers: &'a str, topic: &'a str, out: &'a Path) -> Vec<&'
     ]
 }
 
+/// The arguments of `livepipe run --input INPUT --out OUT`; more flags can
+/// follow.
+pub fn input_args<'a>(input: &'a Path, out: &'a Path) -> Vec<&'a str> {
+    let input = input.to_str().expect("a UTF-8 path");
+    vec![
+        "run",
+        "--input",
+        input,
+        "--out",
+        out.to_str().expect("a UTF-8 path"),
+    ]
+}
+
+/// The arguments of `livepipe run` on the embedded demo (no source flags)
+/// into `out`, serving HTTP on any free port; more flags can follow.
+pub fn demo_args(out: &Path) -> Vec<&str> {
+    let out = out.to_str().expect("a UTF-8 path");
+    vec!["run", "--out", out, "--http", "127.0.0.1:0"]
+}
+
 /// `livepipe run` on a Kafka topic the way the backfill tests run it: a
 /// 1 s idle timeout (the topic is preloaded), any free HTTP port.
 pub fn topic_job(brokers: &str, topic: &str, workers: &str, out: &Path, log: &Path) -> Job {
