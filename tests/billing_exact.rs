@@ -10,6 +10,7 @@ use livepipe::pipeline::{run_job, Input, Job};
 use livepipe_dataflow::config::PipelineConfig;
 use proptest::prelude::*;
 use serde_json::json;
+use testkit::outputs::json_lines;
 use testkit::reference::{expected, Rules};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -156,14 +157,6 @@ fn billing_files(out: &Path) -> BTreeMap<String, Vec<u8>> {
         }
     }
     files
-}
-
-fn json_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn check(

@@ -4,19 +4,12 @@
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use testkit::outputs::json_lines;
 use testkit::reference::{expected, expected_live, Rules};
 use testkit::{dir_bytes, gen_file, livepipe, run_input, run_ok, Livepipe};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-
-fn json_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 #[test]
 fn generated_file_bills_exactly_and_identically_for_1_and_2_workers() {

@@ -2,6 +2,7 @@
 //! minutes ahead of the clock changes no billed row, and links planted in
 //! `--out` overwrite nothing.
 
+use testkit::now_ms;
 use testkit::outputs::{assert_ledger_matches, assert_reference, billing_files, reference};
 use testkit::tools::generator::{GenConfig, Generator};
 use testkit::{livepipe, write_jsonl};
@@ -9,7 +10,6 @@ use testkit::{livepipe, write_jsonl};
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 use std::process::Output;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 fn run_file(file: &Path, out: &Path) -> Output {
     livepipe(&[
@@ -21,13 +21,6 @@ fn run_file(file: &Path, out: &Path) -> Output {
         "--workers",
         "2",
     ])
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
 }
 
 #[test]

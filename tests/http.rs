@@ -6,19 +6,13 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
+use testkit::now_ms;
 use testkit::{topic_args, wait_for, Job};
 
 use std::io::{BufRead, BufReader};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 fn send(producer: &ThreadedProducer<DefaultProducerContext>, partition: i32, record: String) {
     producer

@@ -13,12 +13,13 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::ClientConfig;
 use serde_json::Value;
 use testkit::browser::{chromium_or_skip, Browser};
+use testkit::now_ms;
 use testkit::{topic_args, wait_for, Job, Livepipe};
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Keeps a broken build from hanging CI; nothing waits this long when the
 /// server does its job.
@@ -30,13 +31,6 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A stream id that needs percent-encoding: a space, a slash, non-ASCII.
 const ODD_ID: &str = "room 1/ü-é";
 const ODD_PATH: &str = "room%201%2F%C3%BC-%C3%A9";
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 /// A mock Kafka cluster with a topic `events` and a producer into it.
 struct Topic {

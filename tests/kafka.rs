@@ -8,27 +8,21 @@
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
-use serde_json::Value;
 use testkit::kafka::{
     fresh_topic, generated_traffic, publish_all, separate_broker, separate_broker_events,
 };
+use testkit::now_ms;
+use testkit::outputs::{json_lines, json_lines_so_far};
 use testkit::reference::{expected, Expected, Rules};
 use testkit::{dir_bytes, run_input, topic_args, topic_job, wait_for, Job, Livepipe};
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Long enough for a debug build on a loaded 2-core machine; only a guard
 /// against hanging.
 const LIMIT: Duration = Duration::from_secs(180);
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 fn mock_cluster(topic: &str, partitions: i32) -> MockCluster<'static, DefaultProducerContext> {
     let cluster = MockCluster::new(1).expect("mock cluster");
@@ -98,14 +92,6 @@ fn billing_csv(out: &Path) -> String {
         .iter()
         .filter(|(name, _)| name.ends_with(".csv"))
         .map(|(_, bytes)| String::from_utf8_lossy(bytes).to_string())
-        .collect()
-}
-
-fn json_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
 
@@ -361,7 +347,7 @@ fn bad_records_on_the_topic_are_dead_lettered_with_their_position() {
         Some(&event("heartbeat", "ok", now, "")),
     );
     wait_for(&mut job, LIMIT, "five rejected records", || {
-        json_lines(&out.join("rejected.jsonl")).len() >= cases.len()
+        json_lines_so_far(&out.join("rejected.jsonl")).len() >= cases.len()
     });
     job.stop();
     let rejected = json_lines(&out.join("rejected.jsonl"));

@@ -107,3 +107,23 @@ pub fn assert_coverage(files: &BTreeMap<String, Vec<u8>>) -> Option<(u64, u64)> 
     }
     ranges.first().zip(ranges.last()).map(|(a, b)| (a.0, b.1))
 }
+
+/// The records of a JSON-lines file (a side output); fails the test if it
+/// is missing.
+pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|err| panic!("reading {}: {err}", path.display()));
+    parse_lines(&text)
+}
+
+/// [`json_lines`], but none while the file is not there yet (for polling a
+/// running job).
+pub fn json_lines_so_far(path: &Path) -> Vec<serde_json::Value> {
+    parse_lines(&std::fs::read_to_string(path).unwrap_or_default())
+}
+
+fn parse_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
