@@ -15,9 +15,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sha2::{Digest, Sha256};
-use testkit::kafka::{
-    fresh_topic, generated_traffic, publish_all, separate_broker, separate_broker_events,
-};
+use testkit::kafka::{generated_traffic, publish_all, separate_broker_events, separate_topic};
 use testkit::outputs::{assert_ledger_matches, assert_reference, billing_files, reference};
 use testkit::{dir_bytes, input_args, topic_job, wait_for, Job};
 
@@ -192,10 +190,9 @@ fn a_topic_run_killed_six_times_bills_exactly_once() {
 
 #[test]
 fn a_separate_broker_run_killed_six_times_bills_exactly_once() {
-    let Some(brokers) = separate_broker() else {
+    let Some((brokers, topic)) = separate_topic("crash", 4) else {
         return;
     };
-    let topic = fresh_topic(&brokers, "crash", 4);
     // LIVEPIPE_CRASH_EVENTS=500000 for the full-size check.
     let events = separate_broker_events(120_000);
     topic_killed_six_times(&brokers, &topic, 4, events, 43);

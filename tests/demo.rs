@@ -104,8 +104,7 @@ fn the_demo_runs_again_on_its_own_output_but_never_replaces_another_jobs() {
     let done = livepipe(&["run", "--input", input.to_str().unwrap(), "--out", out_arg]);
     assert_eq!(done.status.code(), Some(0));
     let refused = livepipe(&["run", "--out", out_arg, "--http", "127.0.0.1:0"]);
-    let said = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(2), "{said}");
+    let said = testkit::refused(&refused);
     assert!(said.contains("the embedded demo now"), "{said}");
     assert!(file_out.join("ledger.sqlite").exists(), "left as it was");
 }

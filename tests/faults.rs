@@ -236,8 +236,7 @@ fn operator_mistakes_exit_2_and_leave_the_output_as_it_was() {
 
     // Another topic into an --out whose ledger belongs to this one.
     let other = livepipe(&topic_args(&brokers, "other", &out));
-    let said = String::from_utf8_lossy(&other.stderr);
-    assert_eq!(other.status.code(), Some(2), "{said}");
+    let said = testkit::refused(&other);
     assert!(said.contains("belongs to another input"), "{said}");
     assert!(said.contains("fresh --out"), "says what to do: {said}");
 
@@ -256,8 +255,7 @@ fn operator_mistakes_exit_2_and_leave_the_output_as_it_was() {
         "--out",
         fresh.to_str().unwrap(),
     ]);
-    let said = String::from_utf8_lossy(&busy.stderr);
-    assert_eq!(busy.status.code(), Some(2), "{said}");
+    let said = testkit::refused(&busy);
     assert!(
         said.contains("cannot listen") && said.contains("127.0.0.1:0"),
         "{said}"
@@ -317,8 +315,7 @@ fn kafka_secrets_never_reach_the_logs() {
         .args(["run", "--brokers", "127.0.0.1:1", "-X"])
         .arg(format!("no.such.password={secret}"))
         .output();
-    let said = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(2), "{said}");
+    let said = testkit::refused(&refused);
     assert!(!said.contains(secret), "{said}");
     // A properties file with a line that is not KEY=VALUE: named by line.
     std::fs::write(&config, format!("{secret}\n")).unwrap();
@@ -326,8 +323,7 @@ fn kafka_secrets_never_reach_the_logs() {
         .args(["run", "--brokers", "127.0.0.1:1", "--kafka-config"])
         .arg(&config)
         .output();
-    let said = String::from_utf8_lossy(&malformed.stderr);
-    assert_eq!(malformed.status.code(), Some(2), "{said}");
+    let said = testkit::refused(&malformed);
     assert!(said.contains("line 1 is not KEY=VALUE"), "{said}");
     assert!(!said.contains(secret), "{said}");
 }

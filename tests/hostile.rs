@@ -115,8 +115,7 @@ fn links_planted_in_out_overwrite_nothing_and_outputs_are_private() {
     std::fs::create_dir(&out).unwrap();
     symlink(&elsewhere, out.join("billing")).unwrap();
     let run = run_file(&file, &out);
-    let said = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(2), "{said}");
+    let said = testkit::refused(&run);
     assert!(said.contains("symbolic link"), "{said}");
     assert!(
         elsewhere.join(".tmp-keep").exists(),

@@ -8,9 +8,7 @@
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
-use testkit::kafka::{
-    fresh_topic, generated_traffic, publish_all, separate_broker, separate_broker_events,
-};
+use testkit::kafka::{generated_traffic, publish_all, separate_broker_events, separate_topic};
 use testkit::now_ms;
 use testkit::outputs::{json_lines, json_lines_so_far};
 use testkit::reference::{expected, Expected, Rules};
@@ -175,10 +173,9 @@ fn topic_and_file_give_identical_billing_files_for_1_and_2_workers() {
 /// `.ci/run`.
 #[test]
 fn separate_broker_process_bills_like_the_reference() {
-    let Some(brokers) = separate_broker() else {
+    let Some((brokers, topic)) = separate_topic("livepipe-test", 4) else {
         return;
     };
-    let topic = fresh_topic(&brokers, "livepipe-test", 4);
     let events = separate_broker_events(120_000);
     topic_bills_like_the_file(&brokers, &topic, events, 23);
 }
@@ -426,8 +423,7 @@ fn a_missing_topic_exits_2_with_a_hint() {
         .args(["--topic", "no-such-topic", "--out"])
         .arg(out.path().join("out"))
         .output();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    let stderr = testkit::refused(&run);
     assert!(
         stderr.contains("no-such-topic") && stderr.contains("--partitions"),
         "{stderr}"

@@ -260,6 +260,14 @@ pub fn gen_file(path: impl AsRef<OsStr>, args: &[&str]) -> Output {
         .success()
 }
 
+/// Checks that a run was refused as a usage error (exit 2) and returns what
+/// it said.
+pub fn refused(output: &Output) -> String {
+    let said = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(2), "{said}");
+    said
+}
+
 /// A running `livepipe`; killed on drop unless stopped.
 pub struct Job {
     child: Option<Child>,

@@ -61,6 +61,15 @@ pub fn separate_broker() -> Option<String> {
     }
 }
 
+/// The separate broker and a fresh topic `<prefix>-<now>` of `partitions`
+/// partitions on it, or `None` (the test then skips; see
+/// [`separate_broker`]).
+pub fn separate_topic(prefix: &str, partitions: i32) -> Option<(String, String)> {
+    let brokers = separate_broker()?;
+    let topic = fresh_topic(&brokers, prefix, partitions);
+    Some((brokers, topic))
+}
+
 /// Creates a topic named `<prefix>-<now>` with `partitions` partitions.
 pub fn fresh_topic(brokers: &str, prefix: &str, partitions: i32) -> String {
     let topic = format!("{prefix}-{}", now_ms());

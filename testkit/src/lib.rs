@@ -22,8 +22,8 @@ pub mod reference;
 
 pub use http::{get, http_get, metric, parse_metric};
 pub use job::{
-    demo_args, dir_bytes, gen_file, input_args, livepipe, run_input, run_ok, topic_args, topic_job,
-    wait_for, write_jsonl, Job, Livepipe,
+    demo_args, dir_bytes, gen_file, input_args, livepipe, refused, run_input, run_ok, topic_args,
+    topic_job, wait_for, write_jsonl, Job, Livepipe,
 };
 /// Wall-clock ms since the Unix epoch: the clock the job itself reads.
 pub use livepipe_dataflow::time::wall_clock_ms as now_ms;
