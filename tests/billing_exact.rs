@@ -10,7 +10,7 @@ use livepipe::pipeline::{run_job, Input, Job};
 use livepipe_dataflow::config::PipelineConfig;
 use proptest::prelude::*;
 use serde_json::json;
-use testkit::outputs::json_lines;
+use testkit::outputs::{json_lines, offsets_and_reasons};
 use testkit::reference::{expected, Rules};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -222,15 +222,7 @@ fn check(
     // dataflow, each once, with its reason. (Without, the ledger catches
     // what matters for billing and the rest is dropped: see README.)
     if retention > 0 {
-        let late: Vec<(u64, String)> = json_lines(&out.join("late.jsonl"))
-            .iter()
-            .map(|v| {
-                (
-                    v["offset"].as_u64().unwrap(),
-                    v["reason"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect();
+        let late = offsets_and_reasons(&out.join("late.jsonl"));
         let distinct: BTreeSet<(u64, String)> = late.iter().cloned().collect();
         prop_assert_eq!(late.len(), distinct.len(), "a late record reported twice");
         prop_assert_eq!(distinct, want.late);

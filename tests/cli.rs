@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use testkit::outputs::json_lines;
+use testkit::outputs::{json_lines, offsets_and_reasons};
 use testkit::reference::{expected, expected_live, Rules};
 use testkit::{dir_bytes, gen_file, livepipe, run_input, run_ok, Livepipe};
 
@@ -185,15 +185,7 @@ fn every_reason_code_reaches_the_dead_letter_file_with_its_line() {
     let out = dir.path().join("out");
     run_input(&input, &out, &["--workers", "2"]);
     let rejected = json_lines(&out.join("rejected.jsonl"));
-    let mut got: Vec<(u64, String)> = rejected
-        .iter()
-        .map(|v| {
-            (
-                v["offset"].as_u64().unwrap(),
-                v["reason"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let mut got = offsets_and_reasons(&out.join("rejected.jsonl"));
     let mut want: Vec<(u64, String)> = bad
         .iter()
         .enumerate()
@@ -440,15 +432,7 @@ fn extreme_timestamps_are_handled_without_fault() {
         .collect();
     assert!(late.contains(&("ancient".into(), "window_closed".into())));
     assert!(late.contains(&("after".into(), "window_closed".into())));
-    let rejected: Vec<(u64, String)> = json_lines(&out.join("rejected.jsonl"))
-        .iter()
-        .map(|v| {
-            (
-                v["offset"].as_u64().unwrap(),
-                v["reason"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
+    let rejected = offsets_and_reasons(&out.join("rejected.jsonl"));
     assert_eq!(rejected, [(4, "ts_ahead_of_clock".to_string())]);
     let csv = std::fs::read_to_string(out.join("billing/billable-1699999980000-1700000040000.csv"))
         .unwrap();

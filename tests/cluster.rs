@@ -343,9 +343,7 @@ fn a_lost_process_stops_the_other_and_a_full_restart_bills_exactly_once() {
         if graceful {
             assert!(status.success(), "a stopped process exits 0: {status}");
         }
-        let survivor_log = survivor.stderr.clone();
-        let status = survivor.wait(LIMIT);
-        let said = lines(&survivor_log).join("\n");
+        let (status, said) = survivor.finish(LIMIT);
         assert_eq!(
             status.code(),
             Some(1),
@@ -401,9 +399,7 @@ fn a_process_whose_peer_never_comes_gives_up_naming_it() {
         ],
         &dir.path().join("p1.log"),
     );
-    let log = job.stderr.clone();
-    let status = job.wait(LIMIT);
-    let said = lines(&log).join("\n");
+    let (status, said) = job.finish(LIMIT);
     assert_eq!(status.code(), Some(1), "{said}");
     assert!(
         said.contains("gave up forming the cluster after 2 s"),
@@ -432,9 +428,7 @@ fn a_peer_started_with_other_flags_is_refused_with_exit_2() {
         &dir.path().join("p1.log"),
     );
     for job in [zero, one] {
-        let log = job.stderr.clone();
-        let status = job.wait(LIMIT);
-        let said = lines(&log).join("\n");
+        let (status, said) = job.finish(LIMIT);
         assert_eq!(status.code(), Some(2), "{said}");
         assert!(said.contains("--qualify-ms"), "{said}");
     }
@@ -720,9 +714,7 @@ fn a_peer_with_the_wrong_secret_is_refused_and_logged_while_process_0_waits() {
         &dir.path().join("wrong-p1.log"),
         &wrong_file,
     );
-    let wrong_log = impostor.stderr.clone();
-    let status = impostor.wait(LIMIT);
-    let said_wrong = lines(&wrong_log).join("\n");
+    let (status, said_wrong) = impostor.finish(LIMIT);
     assert_eq!(status.code(), Some(1), "{said_wrong}");
     assert!(
         said_wrong.contains("refused this process's proof of the cluster secret"),

@@ -22,14 +22,12 @@ fn the_dashboard_shows_live_streams_in_a_real_browser() {
 
     let mut browser = Browser::start_with(&chromium);
     browser.navigate(&format!("http://{base}/"));
-    let limit = Duration::from_secs(60);
-    browser.wait_for(
-        "document.querySelectorAll('#top tr[data-stream]').length >= 5",
-        limit,
-    );
-    browser.wait_for(
-        "document.getElementById('status').textContent === 'LIVE'",
-        limit,
+    browser.wait_for_all(
+        &[
+            "document.querySelectorAll('#top tr[data-stream]').length >= 5",
+            "document.getElementById('status').textContent === 'LIVE'",
+        ],
+        Duration::from_secs(60),
     );
     let read = "JSON.stringify({ total: document.getElementById('total-viewers').textContent, \
                 streams: document.getElementById('stream-count').textContent, \

@@ -33,6 +33,16 @@ fn health(addr: &str) -> Value {
     serde_json::from_str(&get(addr, "/healthz").1).unwrap_or(Value::Null)
 }
 
+/// Waits until `/healthz` says `degraded` with `part` (`billing`,
+/// `input`) starting with `state`.
+fn wait_for_degraded(job: &mut Job, addr: &str, part: &str, state: &str) {
+    let what = format!("/healthz to report {part} {state}");
+    wait_for(job, LIMIT, &what, || {
+        let h = health(addr);
+        h["status"] == "degraded" && h[part].as_str().is_some_and(|p| p.starts_with(state))
+    });
+}
+
 fn get(addr: &str, path: &str) -> (u16, String) {
     http_get(addr, path)
 }
@@ -137,13 +147,7 @@ fn a_billing_output_that_refuses_writes_stalls_billing_only_then_catches_up_exac
     std::fs::rename(&billing, &aside).unwrap();
     std::fs::write(&billing, b"in the way").unwrap();
 
-    wait_for(&mut rig.job, LIMIT, "/healthz to report the stall", || {
-        let h = health(&addr);
-        h["status"] == "degraded"
-            && h["billing"]
-                .as_str()
-                .is_some_and(|b| b.starts_with("stalled"))
-    });
+    wait_for_degraded(&mut rig.job, &addr, "billing", "stalled");
     let said = health(&addr);
     assert!(
         said["billing"].as_str().unwrap().contains("directory"),
@@ -197,13 +201,7 @@ fn a_broker_outage_is_reported_and_loses_nothing() {
     let mut rig = Rig::start(150_000, 83, 8);
     let addr = rig.addr.clone();
     rig.cluster.broker_down(1).expect("broker down");
-    wait_for(&mut rig.job, LIMIT, "/healthz to report the outage", || {
-        let h = health(&addr);
-        h["status"] == "degraded"
-            && h["input"]
-                .as_str()
-                .is_some_and(|i| i.starts_with("waiting"))
-    });
+    wait_for_degraded(&mut rig.job, &addr, "input", "waiting");
     assert_eq!(metric(&addr, "livepipe_input_unreachable"), Some(1.0));
     assert_live_ticks(&mut rig.job, &addr);
     rig.cluster.broker_up(1).expect("broker up");

@@ -537,14 +537,12 @@ fn the_dashboard_follows_an_odd_stream_id_under_its_csp() {
             'securitypolicyviolation', (e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));" }),
     );
     browser.navigate(&format!("http://{base}/"));
-    let limit = Duration::from_secs(60);
-    browser.wait_for(
-        "document.getElementById('status').textContent === 'LIVE'",
-        limit,
-    );
-    browser.wait_for(
-        &format!("document.getElementById('sel-name').textContent === {ODD_ID:?}"),
-        limit,
+    browser.wait_for_all(
+        &[
+            "document.getElementById('status').textContent === 'LIVE'",
+            &format!("document.getElementById('sel-name').textContent === {ODD_ID:?}"),
+        ],
+        Duration::from_secs(60),
     );
     // The board feed and the odd stream's own feed: two SSE clients.
     wait_for(&mut job, LIMIT, "the per-stream feed of the odd id", || {
@@ -560,7 +558,7 @@ fn the_dashboard_follows_an_odd_stream_id_under_its_csp() {
          document.body.appendChild(s); return window.__ran === 1; })()",
     );
     assert_eq!(ran, Value::Bool(false));
-    browser.wait_for("window.__csp.length > 0", limit);
+    browser.wait_for("window.__csp.length > 0", Duration::from_secs(60));
     drop(browser);
     job.stop();
 }

@@ -51,6 +51,11 @@ fn send(
     producer.flush(Duration::from_secs(10)).expect("flushed");
 }
 
+/// Sends `payload` to partition `partition` of `events`.
+fn send_event(producer: &ThreadedProducer<DefaultProducerContext>, partition: i32, payload: &[u8]) {
+    send(producer, "events", partition, Some(payload));
+}
+
 fn event(kind: &str, id: &str, ts: u64, extra: &str) -> Vec<u8> {
     format!(
         r#"{{"type":"{kind}","event_id":"{id}","ts":{ts},"stream_id":"s1","viewer_id":"v1"{extra}}}"#
@@ -242,26 +247,16 @@ fn a_silent_partition_does_not_freeze_finalization() {
     let (out, producer) = (&live.out, &live.producer);
     let mut job = live.quick_job();
     let start = now_ms();
-    send(
-        producer,
-        "events",
-        3,
-        Some(&event("heartbeat", "h-3", start, "")),
-    );
-    send(producer, "events", 0, Some(&impression("imp-1", start)));
-    send(
-        producer,
-        "events",
-        0,
-        Some(&progress("imp-1", start + 100, 2_500)),
-    );
+    send_event(producer, 3, &event("heartbeat", "h-3", start, ""));
+    send_event(producer, 0, &impression("imp-1", start));
+    send_event(producer, 0, &progress("imp-1", start + 100, 2_500));
     let mut beat = 0;
     wait_for(&mut job, LIMIT, "a billing file", || {
         // Partitions 0..=2 stay busy throughout.
         for partition in 0..3 {
             beat += 1;
             let heartbeat = event("heartbeat", &format!("h-{beat}"), now_ms(), "");
-            send(producer, "events", partition, Some(&heartbeat));
+            send_event(producer, partition, &heartbeat);
         }
         has_marker(out)
     });
@@ -278,20 +273,10 @@ fn a_quiet_topic_finalizes_its_pending_impressions() {
     let (out, producer) = (&live.out, &live.producer);
     let mut job = live.quick_job();
     let start = now_ms();
-    send(producer, "events", 0, Some(&impression("paid", start)));
-    send(
-        producer,
-        "events",
-        0,
-        Some(&progress("paid", start + 50, 2_000)),
-    );
-    send(producer, "events", 2, Some(&impression("unpaid", start)));
-    send(
-        producer,
-        "events",
-        2,
-        Some(&progress("unpaid", start + 50, 1_999)),
-    );
+    send_event(producer, 0, &impression("paid", start));
+    send_event(producer, 0, &progress("paid", start + 50, 2_000));
+    send_event(producer, 2, &impression("unpaid", start));
+    send_event(producer, 2, &progress("unpaid", start + 50, 1_999));
     let sent = Instant::now();
     wait_for(&mut job, LIMIT, "the quiet topic to finalize", || {
         has_marker(out)
@@ -337,12 +322,7 @@ fn bad_records_on_the_topic_are_dead_lettered_with_their_position() {
     for (payload, _) in &cases {
         send(producer, "events", 1, *payload);
     }
-    send(
-        producer,
-        "events",
-        1,
-        Some(&event("heartbeat", "ok", now, "")),
-    );
+    send_event(producer, 1, &event("heartbeat", "ok", now, ""));
     wait_for(&mut job, LIMIT, "five rejected records", || {
         json_lines_so_far(&out.join("rejected.jsonl")).len() >= cases.len()
     });
@@ -440,8 +420,8 @@ fn start_offsets_latest_reads_only_new_records() {
     let live = LiveTopic::new(2);
     let (out, producer) = (&live.out, &live.producer);
     let before = now_ms();
-    send(producer, "events", 0, Some(&impression("old", before)));
-    send(producer, "events", 0, Some(&progress("old", before, 2_500)));
+    send_event(producer, 0, &impression("old", before));
+    send_event(producer, 0, &progress("old", before, 2_500));
     let log = live.log();
     let mut job = live.job(&["--start-offsets", "latest", "--workers", "1"]);
     wait_for(&mut job, LIMIT, "the partitions to be assigned", || {
@@ -453,8 +433,8 @@ fn start_offsets_latest_reads_only_new_records() {
     // before the new records arrive.
     std::thread::sleep(Duration::from_secs(2));
     let now = now_ms();
-    send(producer, "events", 1, Some(&impression("new", now)));
-    send(producer, "events", 1, Some(&progress("new", now, 2_500)));
+    send_event(producer, 1, &impression("new", now));
+    send_event(producer, 1, &progress("new", now, 2_500));
     wait_for(&mut job, LIMIT, "a billing file", || has_marker(out));
     job.stop();
     let csv = billing_csv(out);

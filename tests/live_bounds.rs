@@ -40,30 +40,22 @@ fn twenty_thousand_streams_over_ten_minutes_leave_only_the_recent_in_live_json()
     for i in 0..20_000u64 {
         let ts = T0 + i * 30;
         last = ts;
-        text += &event(
-            "join",
-            &format!("j{i}"),
-            ts,
-            &format!("s-{i}"),
-            &format!("v{i}"),
-        );
-        if i % 3 == 0 {
-            text += &event(
-                "chat",
-                &format!("c{i}"),
+        // Stream `s-i`'s one viewer `vi` does `kind` at `ts`.
+        let on_stream = |kind: &str, id: char, ts: u64| {
+            event(
+                kind,
+                &format!("{id}{i}"),
                 ts,
                 &format!("s-{i}"),
                 &format!("v{i}"),
-            );
+            )
+        };
+        text += &on_stream("join", 'j', ts);
+        if i % 3 == 0 {
+            text += &on_stream("chat", 'c', ts);
         }
         if i % 7 == 0 {
-            text += &event(
-                "leave",
-                &format!("l{i}"),
-                ts + 10,
-                &format!("s-{i}"),
-                &format!("v{i}"),
-            );
+            text += &on_stream("leave", 'l', ts + 10);
         }
     }
     let now = last + 10;

@@ -336,6 +336,14 @@ impl Browser {
         }
     }
 
+    /// [`wait_for`](Self::wait_for) each of `predicates` in turn, each
+    /// within `limit`.
+    pub fn wait_for_all(&mut self, predicates: &[&str], limit: Duration) {
+        for js in predicates {
+            self.wait_for(js, limit);
+        }
+    }
+
     /// Sends one DevTools command and returns its `result`, keeping events
     /// that arrive meanwhile in `self.events`. Panics on a protocol error.
     pub fn call(&mut self, method: &str, params: Value) -> Value {

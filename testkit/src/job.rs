@@ -351,6 +351,14 @@ impl Job {
             .unwrap_or_else(|| panic!("no exit within {limit:?}:\n{}", self.log()))
     }
 
+    /// Waits for the job to exit (failing after `limit`) and returns how,
+    /// with its log.
+    pub fn finish(self, limit: Duration) -> (ExitStatus, String) {
+        let log = self.stderr.clone();
+        let status = self.wait(limit);
+        (status, std::fs::read_to_string(log).unwrap_or_default())
+    }
+
     /// Stops the job the way an operator does (SIGTERM) and expects exit 0.
     pub fn stop(mut self) {
         let status = self.signal("TERM");

@@ -122,6 +122,20 @@ pub fn json_lines_so_far(path: &Path) -> Vec<serde_json::Value> {
     parse_lines(&std::fs::read_to_string(path).unwrap_or_default())
 }
 
+/// `(offset, reason)` of each record of a side output (`late.jsonl`,
+/// `rejected.jsonl`), in file order.
+pub fn offsets_and_reasons(path: &Path) -> Vec<(u64, String)> {
+    json_lines(path)
+        .iter()
+        .map(|v| {
+            (
+                v["offset"].as_u64().unwrap(),
+                v["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 fn parse_lines(text: &str) -> Vec<serde_json::Value> {
     text.lines()
         .map(|l| serde_json::from_str(l).unwrap())
