@@ -5,22 +5,24 @@
 use testkit::now_ms;
 use testkit::outputs::{assert_ledger_matches, assert_reference, billing_files, reference};
 use testkit::tools::generator::{GenConfig, Generator};
-use testkit::{livepipe, write_jsonl};
+use testkit::{input_args, livepipe, write_jsonl};
 
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 use std::process::Output;
 
 fn run_file(file: &Path, out: &Path) -> Output {
-    livepipe(&[
-        "run",
-        "--input",
-        file.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--workers",
-        "2",
-    ])
+    let mut args = input_args(file, out);
+    args.extend(["--workers", "2"]);
+    livepipe(&args)
+}
+
+/// Runs `file` into a fresh `out` in which `link` already points at
+/// `target`.
+fn run_with_link(file: &Path, out: &Path, link: &str, target: &Path) -> Output {
+    std::fs::create_dir(out).unwrap();
+    symlink(target, out.join(link)).unwrap();
+    run_file(file, out)
 }
 
 #[test]
@@ -79,9 +81,7 @@ fn links_planted_in_out_overwrite_nothing_and_outputs_are_private() {
 
     // A temp-file name pointing at the victim: replaced, not followed.
     let out = dir.path().join("out");
-    std::fs::create_dir(&out).unwrap();
-    symlink(&victim, out.join(".tmp-live.json")).unwrap();
-    let run = run_file(&file, &out);
+    let run = run_with_link(&file, &out, ".tmp-live.json", &victim);
     assert_eq!(run.status.code(), Some(0));
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     assert!(!std::fs::symlink_metadata(out.join("live.json"))
@@ -100,10 +100,7 @@ fn links_planted_in_out_overwrite_nothing_and_outputs_are_private() {
     }
 
     // A side output pointing at the victim: the job stops, the victim stays.
-    let out = dir.path().join("out2");
-    std::fs::create_dir(&out).unwrap();
-    symlink(&victim, out.join("rejected.jsonl")).unwrap();
-    let run = run_file(&file, &out);
+    let run = run_with_link(&file, &dir.path().join("out2"), "rejected.jsonl", &victim);
     assert_ne!(run.status.code(), Some(0));
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
 
@@ -111,10 +108,7 @@ fn links_planted_in_out_overwrite_nothing_and_outputs_are_private() {
     let elsewhere = dir.path().join("elsewhere");
     std::fs::create_dir(&elsewhere).unwrap();
     std::fs::write(elsewhere.join(".tmp-keep"), b"mine").unwrap();
-    let out = dir.path().join("out3");
-    std::fs::create_dir(&out).unwrap();
-    symlink(&elsewhere, out.join("billing")).unwrap();
-    let run = run_file(&file, &out);
+    let run = run_with_link(&file, &dir.path().join("out3"), "billing", &elsewhere);
     let said = testkit::refused(&run);
     assert!(said.contains("symbolic link"), "{said}");
     assert!(

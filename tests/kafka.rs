@@ -229,8 +229,12 @@ impl LiveTopic {
         Job::start(&args, &self.log())
     }
 
-    fn quick_job(&self) -> Job {
-        self.job(&["--workers", "2"])
+    /// A topic of `partitions` partitions and a job on it with the
+    /// [`QUICK`] rules and 2 workers.
+    fn quick(partitions: i32) -> (LiveTopic, Job) {
+        let live = LiveTopic::new(partitions);
+        let job = live.job(&["--workers", "2"]);
+        (live, job)
     }
 
     fn log(&self) -> std::path::PathBuf {
@@ -243,9 +247,8 @@ impl LiveTopic {
 /// finalizes while traffic goes on (not through the all-idle wall clock).
 #[test]
 fn a_silent_partition_does_not_freeze_finalization() {
-    let live = LiveTopic::new(4);
+    let (live, mut job) = LiveTopic::quick(4);
     let (out, producer) = (&live.out, &live.producer);
-    let mut job = live.quick_job();
     let start = now_ms();
     send_event(producer, 3, &event("heartbeat", "h-3", start, ""));
     send_event(producer, 0, &impression("imp-1", start));
@@ -269,9 +272,8 @@ fn a_silent_partition_does_not_freeze_finalization() {
 /// expired) without another event.
 #[test]
 fn a_quiet_topic_finalizes_its_pending_impressions() {
-    let live = LiveTopic::new(4);
+    let (live, mut job) = LiveTopic::quick(4);
     let (out, producer) = (&live.out, &live.producer);
-    let mut job = live.quick_job();
     let start = now_ms();
     send_event(producer, 0, &impression("paid", start));
     send_event(producer, 0, &progress("paid", start + 50, 2_000));
@@ -297,9 +299,8 @@ fn a_quiet_topic_finalizes_its_pending_impressions() {
 /// and offset; the valid record after them is read.
 #[test]
 fn bad_records_on_the_topic_are_dead_lettered_with_their_position() {
-    let live = LiveTopic::new(4);
+    let (live, mut job) = LiveTopic::quick(4);
     let (out, producer) = (&live.out, &live.producer);
-    let mut job = live.quick_job();
     let now = now_ms();
     let oversized = {
         let mut record = impression("big", now);
