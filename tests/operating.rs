@@ -11,7 +11,9 @@
 
 use rdkafka::mocking::MockCluster;
 use testkit::kafka::{generated_traffic, loaded_mock_topic, publish_all};
-use testkit::outputs::{assert_ledger_matches, billing_files, reference, wait_for_all_files};
+use testkit::outputs::{
+    assert_ledger_matches, billing_files, query_strings, reference, wait_for_all_files,
+};
 use testkit::tools::generator::{GenConfig, Generator};
 use testkit::{http_get, livepipe, topic_args, topic_job, wait_for, write_jsonl, Job};
 
@@ -66,14 +68,11 @@ fn outputs(out: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 
 /// Every row of every ledger table, as text.
 fn ledger_rows(out: &Path) -> Vec<String> {
+    let tables = query_strings(
+        &out.join("ledger.sqlite"),
+        "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name",
+    );
     let ledger = rusqlite::Connection::open(out.join("ledger.sqlite")).unwrap();
-    let tables: Vec<String> = ledger
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-        .unwrap()
-        .query_map([], |row| row.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
     let mut rows = Vec::new();
     for table in tables {
         let mut stmt = ledger.prepare(&format!("SELECT * FROM {table}")).unwrap();

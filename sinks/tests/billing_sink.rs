@@ -7,6 +7,8 @@ use livepipe_sinks::billing::{BillingSink, Marker};
 use livepipe_sinks::ledger::{Ledger, LEDGER_FILE};
 use livepipe_sinks::side::SideOutputs;
 
+use testkit::outputs::query_strings;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -54,6 +56,13 @@ fn open(out: &Path) -> BillingSink {
     BillingSink::open(out, config(), vec![Arc::from("f")], side, Arc::default()).unwrap()
 }
 
+/// Each of `csvs` followed by its marker, as [`files`] lists them.
+fn with_markers(csvs: &[&str]) -> Vec<String> {
+    csvs.iter()
+        .flat_map(|csv| [csv.to_string(), format!("{csv}.done")])
+        .collect()
+}
+
 fn files(out: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(out.join("billing"))
         .unwrap()
@@ -79,12 +88,7 @@ fn later_periods_arriving_first_do_not_hide_earlier_ones() {
     // header-only file covers the run.
     assert_eq!(
         files(dir.path()),
-        [
-            "billable-1000-3000.csv",
-            "billable-1000-3000.csv.done",
-            "billable-3000-4000.csv",
-            "billable-3000-4000.csv.done",
-        ]
+        with_markers(&["billable-1000-3000.csv", "billable-3000-4000.csv"])
     );
     let billing = dir.path().join("billing");
     assert_eq!(
@@ -168,14 +172,7 @@ fn a_run_without_billed_rows_is_one_file_written_with_the_period_after_it() {
     );
     let run = format!("billable-2000-{far}.csv");
     let last = format!("billable-{far}-{}.csv", far + PERIOD);
-    let mut want = vec![
-        "billable-1000-2000.csv".to_string(),
-        "billable-1000-2000.csv.done".to_string(),
-        run.clone(),
-        format!("{run}.done"),
-        last.clone(),
-        format!("{last}.done"),
-    ];
+    let mut want = with_markers(&["billable-1000-2000.csv", &run, &last]);
     want.sort();
     assert_eq!(files(dir.path()), want);
     assert_eq!(
@@ -206,19 +203,11 @@ fn the_tail_run_is_written_at_the_end_of_the_input_only() {
     sink.accept(outcome("a", 1_100, Some(1_200))).unwrap();
     sink.accept(outcome("b", 3_100, None)).unwrap();
     sink.advance(Some(10_000)).unwrap();
-    assert_eq!(
-        files(dir.path()),
-        ["billable-1000-2000.csv", "billable-1000-2000.csv.done"]
-    );
+    assert_eq!(files(dir.path()), with_markers(&["billable-1000-2000.csv"]));
     sink.advance(None).unwrap();
     assert_eq!(
         files(dir.path()),
-        [
-            "billable-1000-2000.csv",
-            "billable-1000-2000.csv.done",
-            "billable-2000-4000.csv",
-            "billable-2000-4000.csv.done",
-        ]
+        with_markers(&["billable-1000-2000.csv", "billable-2000-4000.csv"])
     );
 }
 
@@ -259,18 +248,11 @@ fn an_outcome_for_a_period_already_covered_is_late_and_stays_out_of_the_ledger()
         .map(|f| std::fs::read(dir.path().join("billing").join(f)).unwrap())
         .collect();
     assert_eq!(before, after, "no file changes");
-    assert_eq!(
-        &names[6..],
-        ["billable-5000-6000.csv", "billable-5000-6000.csv.done"]
-    );
+    assert_eq!(names[6..], with_markers(&["billable-5000-6000.csv"]));
     // The ledger bills what the files show: a, b and f.
-    let conn = rusqlite::Connection::open(dir.path().join(LEDGER_FILE)).unwrap();
-    let billed: Vec<String> = conn
-        .prepare("SELECT impression_id FROM finalized ORDER BY impression_id")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let billed = query_strings(
+        &dir.path().join(LEDGER_FILE),
+        "SELECT impression_id FROM finalized ORDER BY impression_id",
+    );
     assert_eq!(billed, ["a", "b", "f"]);
 }

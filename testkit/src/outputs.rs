@@ -136,6 +136,17 @@ pub fn offsets_and_reasons(path: &Path) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// The first column of every row `sql` selects from the SQLite database at
+/// `path` (a ledger), as text.
+pub fn query_strings(path: &Path, sql: &str) -> Vec<String> {
+    let db = rusqlite::Connection::open(path).unwrap();
+    let mut stmt = db.prepare(sql).unwrap();
+    stmt.query_map([], |row| row.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
 fn parse_lines(text: &str) -> Vec<serde_json::Value> {
     text.lines()
         .map(|l| serde_json::from_str(l).unwrap())
