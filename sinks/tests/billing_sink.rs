@@ -63,6 +63,19 @@ fn with_markers(csvs: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// A sink on a fresh output directory.
+fn fresh() -> (tempfile::TempDir, BillingSink) {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = open(dir.path());
+    (dir, sink)
+}
+
+/// `a` billed in period 1000, `b` expired in period 3000.
+fn a_billed_and_b_expired(sink: &mut BillingSink) {
+    sink.accept(outcome("a", 1_100, Some(1_200))).unwrap();
+    sink.accept(outcome("b", 3_100, None)).unwrap();
+}
+
 fn files(out: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(out.join("billing"))
         .unwrap()
@@ -74,8 +87,7 @@ fn files(out: &Path) -> Vec<String> {
 
 #[test]
 fn later_periods_arriving_first_do_not_hide_earlier_ones() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut sink = open(dir.path());
+    let (dir, mut sink) = fresh();
     // Period 3000 is final (its deadline passed) and reaches the sink first...
     sink.accept(outcome("b", 3_100, Some(3_200))).unwrap();
     sink.advance(Some(1_000)).unwrap();
@@ -104,8 +116,7 @@ fn later_periods_arriving_first_do_not_hide_earlier_ones() {
 
 #[test]
 fn a_period_is_written_only_once_its_last_deadline_has_passed() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut sink = open(dir.path());
+    let (dir, mut sink) = fresh();
     sink.accept(outcome("a", 1_000, Some(1_001))).unwrap();
     // The last impression of [1000, 2000) has its deadline at 1999 + 500.
     sink.advance(Some(2_400)).unwrap();
@@ -120,8 +131,7 @@ fn a_period_is_written_only_once_its_last_deadline_has_passed() {
 
 #[test]
 fn an_id_is_final_once_whatever_comes_later() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut sink = open(dir.path());
+    let (dir, mut sink) = fresh();
     sink.accept(outcome("a", 1_100, Some(1_200))).unwrap();
     sink.advance(Some(1_000)).unwrap();
     sink.accept(outcome("a", 1_900, None)).unwrap();
@@ -153,10 +163,8 @@ fn marker(out: &Path, csv: &str) -> Marker {
 
 #[test]
 fn a_run_without_billed_rows_is_one_file_written_with_the_period_after_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut sink = open(dir.path());
-    sink.accept(outcome("a", 1_100, Some(1_200))).unwrap();
-    sink.accept(outcome("b", 3_100, None)).unwrap();
+    let (dir, mut sink) = fresh();
+    a_billed_and_b_expired(&mut sink);
     sink.advance(Some(1_000)).unwrap();
     // Three years of periods later (an impression far ahead of the others).
     let far = 1_000 + 3 * 365 * 24 * 3_600_000;
@@ -198,10 +206,8 @@ fn a_run_without_billed_rows_is_one_file_written_with_the_period_after_it() {
 
 #[test]
 fn the_tail_run_is_written_at_the_end_of_the_input_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut sink = open(dir.path());
-    sink.accept(outcome("a", 1_100, Some(1_200))).unwrap();
-    sink.accept(outcome("b", 3_100, None)).unwrap();
+    let (dir, mut sink) = fresh();
+    a_billed_and_b_expired(&mut sink);
     sink.advance(Some(10_000)).unwrap();
     assert_eq!(files(dir.path()), with_markers(&["billable-1000-2000.csv"]));
     sink.advance(None).unwrap();
@@ -213,8 +219,7 @@ fn the_tail_run_is_written_at_the_end_of_the_input_only() {
 
 #[test]
 fn an_outcome_for_a_period_already_covered_is_late_and_stays_out_of_the_ledger() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut sink = open(dir.path());
+    let (dir, mut sink) = fresh();
     sink.accept(outcome("a", 1_100, Some(1_200))).unwrap();
     sink.accept(outcome("b", 4_100, Some(4_200))).unwrap();
     sink.advance(None).unwrap();
