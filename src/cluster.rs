@@ -1118,19 +1118,21 @@ fn read_by(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Res
                 ))
             }
             Ok(read) => filled += read,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(timed_out())
-            }
-            Err(err) => return Err(err),
+            Err(err) => retry_unless_failed(err)?,
         }
     }
     Ok(())
+}
+
+/// What a failed read or write by a deadline comes to: try again after an
+/// interruption, a time-out once the socket's timeout (the time left) ran
+/// out, else the error.
+fn retry_unless_failed(err: io::Error) -> io::Result<()> {
+    match err.kind() {
+        io::ErrorKind::Interrupted => Ok(()),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Err(timed_out()),
+        _ => Err(err),
+    }
 }
 
 /// Writes all of `bytes` by `deadline`.
@@ -1145,16 +1147,7 @@ fn write_by(stream: &mut TcpStream, bytes: &[u8], deadline: Instant) -> io::Resu
         match stream.write(&bytes[written..]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(count) => written += count,
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(timed_out())
-            }
-            Err(err) => return Err(err),
+            Err(err) => retry_unless_failed(err)?,
         }
     }
     Ok(())
@@ -1496,6 +1489,24 @@ mod tests {
         })
     }
 
+    /// The real process 1 connects, gets process 0's routing `key`, and
+    /// process 0 has it as its peer.
+    fn process_1_joins(
+        addresses: &[String],
+        zero: std::thread::JoinHandle<Result<Connected, String>>,
+        key: [u8; 16],
+    ) {
+        let one = connect_all(
+            &spec(addresses, 1, SECRET),
+            &hello(1, "2"),
+            RoutingKey::random(),
+        )
+        .map_err(|e| e.to_string())
+        .unwrap();
+        assert_eq!(one.routing_key.0, key);
+        assert!(zero.join().unwrap().unwrap().sockets[1].is_some());
+    }
+
     /// Dials process 0 as `local` until it answers (it may not listen
     /// yet); what the handshake came to.
     fn dial_until_answered(local: &Local) -> Result<Option<RoutingKey>, Handshake> {
@@ -1613,15 +1624,7 @@ mod tests {
         let why = refusal(dial_until_answered(&other));
         assert!(why.contains("does not expect process 0"), "{why}");
         // The real process 1 still joins.
-        let one = connect_all(
-            &spec(&addresses, 1, SECRET),
-            &hello(1, "2"),
-            RoutingKey::random(),
-        )
-        .map_err(|e| e.to_string())
-        .unwrap();
-        assert_eq!(one.routing_key.0, [3; 16]);
-        assert!(zero.join().unwrap().unwrap().sockets[1].is_some());
+        process_1_joins(&addresses, zero, [3; 16]);
     }
 
     #[test]
@@ -1636,15 +1639,7 @@ mod tests {
         let why = refusal(dial_until_answered(&impostor(&addresses, SECRET)));
         assert!(why.contains("does not come from an address"), "{why}");
         // The real one listens on 127.0.0.2 and so dials from there.
-        let one = connect_all(
-            &spec(&addresses, 1, SECRET),
-            &hello(1, "2"),
-            RoutingKey::random(),
-        )
-        .map_err(|e| e.to_string())
-        .unwrap();
-        assert_eq!(one.routing_key.0, [5; 16]);
-        assert!(zero.join().unwrap().unwrap().sockets[1].is_some());
+        process_1_joins(&addresses, zero, [5; 16]);
     }
 
     #[test]
