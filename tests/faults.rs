@@ -19,7 +19,7 @@ use testkit::kafka::{generated_traffic, loaded_mock_topic, publish_all};
 use testkit::outputs::{
     assert_ledger_matches, assert_reference, billing_files, reference, wait_for_all_files,
 };
-use testkit::{dir_bytes, http_get, topic_args, topic_job, wait_for, Job, Livepipe};
+use testkit::{dir_bytes, http_get, metric, topic_args, topic_job, wait_for, Job, Livepipe};
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -30,7 +30,7 @@ use std::time::Duration;
 const LIMIT: Duration = Duration::from_secs(180);
 
 fn health(addr: &str) -> Value {
-    serde_json::from_str(&get(addr, "/healthz").1).unwrap_or(Value::Null)
+    serde_json::from_str(&http_get(addr, "/healthz").1).unwrap_or(Value::Null)
 }
 
 /// Waits until `/healthz` says `degraded` with `part` (`billing`,
@@ -41,17 +41,6 @@ fn wait_for_degraded(job: &mut Job, addr: &str, part: &str, state: &str) {
         let h = health(addr);
         h["status"] == "degraded" && h[part].as_str().is_some_and(|p| p.starts_with(state))
     });
-}
-
-fn get(addr: &str, path: &str) -> (u16, String) {
-    http_get(addr, path)
-}
-
-fn metric(addr: &str, name: &str) -> Option<f64> {
-    get(addr, "/metrics").1.lines().find_map(|line| {
-        let (key, value) = line.split_once(' ')?;
-        (key == name).then(|| value.trim().parse().ok())?
-    })
 }
 
 /// Waits until the job has assigned its partitions.
@@ -156,8 +145,8 @@ fn a_billing_output_that_refuses_writes_stalls_billing_only_then_catches_up_exac
     assert_eq!(metric(&addr, "livepipe_billing_stalled"), Some(1.0));
     // Creators do not notice: ticks go on, the board is served.
     assert_live_ticks(&mut rig.job, &addr);
-    assert_eq!(get(&addr, "/api/live").0, 200);
-    assert_eq!(get(&addr, "/healthz").0, 200);
+    assert_eq!(http_get(&addr, "/api/live").0, 200);
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
 
     // The output takes writes again: billing catches up on its own.
     std::fs::remove_file(&billing).unwrap();

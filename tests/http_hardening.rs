@@ -13,10 +13,11 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::ClientConfig;
 use serde_json::Value;
 use testkit::browser::{chromium_or_skip, Browser};
+use testkit::http::sse_lines;
 use testkit::now_ms;
 use testkit::{topic_args, wait_for, Job, Livepipe};
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -245,11 +246,7 @@ fn slow_and_idle_connections_are_closed_while_streams_stay_open() {
     assert_eq!(read_response(&mut idle).status, 200);
     // An SSE stream is a request in flight, not an idle connection.
     let opened_ms = now_ms();
-    let response = ureq::get(&format!("http://{base}/api/live/s1/events"))
-        .call()
-        .expect("SSE request");
-    assert_eq!(response.status().as_u16(), 200);
-    let mut lines = BufReader::new(response.into_body().into_reader()).lines();
+    let mut lines = sse_lines(&base, "/api/live/s1/events", LIMIT);
 
     assert!(
         closed_by_server(&mut slow),
@@ -303,12 +300,7 @@ fn stream_ids_are_percent_decoded_and_every_response_has_its_headers() {
     let one = exchange(&base, "GET", &format!("/api/live/{ODD_PATH}"), &base);
     assert_eq!(one.status, 200);
     assert_eq!(one.json()["stream_id"], ODD_ID);
-    let response = ureq::get(&format!("http://{base}/api/live/{ODD_PATH}/events"))
-        .call()
-        .expect("SSE request");
-    assert_eq!(response.status().as_u16(), 200);
-    let snapshot = BufReader::new(response.into_body().into_reader())
-        .lines()
+    let snapshot = sse_lines(&base, &format!("/api/live/{ODD_PATH}/events"), LIMIT)
         .map(|line| line.expect("an SSE line"))
         .find_map(|line| line.strip_prefix("data:").map(str::to_string))
         .expect("a snapshot");

@@ -1,5 +1,6 @@
 //! HTTP for the tests: one GET, and the Prometheus text the job serves.
 
+use std::io::{BufRead, BufReader, Lines, Read};
 use std::time::Duration;
 
 /// Connect, read and whole-request timeout of every request.
@@ -44,6 +45,22 @@ pub fn try_get(addr: &str, path: &str) -> Result<Response, String> {
         content_type,
         body,
     })
+}
+
+/// The lines of the server-sent events at `http://ADDR/PATH`, once it
+/// answered 200; reading fails once `within` has passed since the request.
+pub fn sse_lines(addr: &str, path: &str, within: Duration) -> Lines<BufReader<impl Read>> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(within))
+        .build()
+        .into();
+    let response = agent
+        .get(&format!("http://{addr}{path}"))
+        .call()
+        .expect("SSE request");
+    assert_eq!(response.status().as_u16(), 200, "GET {path}");
+    BufReader::new(response.into_body().into_reader()).lines()
 }
 
 /// `GET http://ADDR/PATH`; fails the test without an answer.
