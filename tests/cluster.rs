@@ -667,7 +667,7 @@ fn clients_without_the_secret_neither_stop_process_0_learn_the_job_nor_join() {
         assert!(got.len() <= 34, "{what}: got {} bytes", got.len());
         zero.assert_running();
     }
-    let said = lines(&log0).join("\n");
+    let said = lines(log0).join("\n");
     assert!(!said.contains("cluster formed"), "{said}");
     for reason in [
         "it is not a livepipe process",
@@ -721,7 +721,7 @@ fn a_peer_with_the_wrong_secret_is_refused_and_logged_while_process_0_waits() {
         "{said_wrong}"
     );
     wait_for(&mut zero, LIMIT, "process 0 to log the refusal", || {
-        lines(&log0)
+        lines(log0)
             .iter()
             .any(|l| l.contains("did not prove that it holds the cluster secret"))
     });

@@ -17,7 +17,7 @@ const T0: u64 = 1_700_000_000_000;
 const TTL: u64 = 30_000;
 
 fn run_file(input: &Path, out: &Path, workers: &str) {
-    run_input(&input, &out, &["--workers", workers]);
+    run_input(input, out, &["--workers", workers]);
 }
 
 fn live_json(out: &Path) -> Vec<Value> {
