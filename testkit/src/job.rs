@@ -187,6 +187,10 @@ impl Livepipe {
             name.push(".addr");
             PathBuf::from(name)
         });
+        if let Some(stale) = &addr_file {
+            // An earlier job's address must not pass for this one's.
+            let _ = std::fs::remove_file(stale);
+        }
         let extra: Vec<OsString> = addr_file
             .iter()
             .flat_map(|path| [OsString::from("--addr-file"), path.into()])
