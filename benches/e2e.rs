@@ -24,12 +24,13 @@ mod common;
 
 use livepipe_tools::generator::{write_jsonl, GenConfig};
 
-use common::live::{percentile, FinalityWatch, Job, Prober, Traffic};
-use rdkafka::mocking::MockCluster;
+use common::live::{percentile, FinalityWatch, Job, Prober};
+use testkit::kafka::mock_cluster;
+use testkit::kafka::Traffic;
+use testkit::Livepipe;
 
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn input(events: u64) -> PathBuf {
@@ -64,30 +65,22 @@ struct Run {
 fn run(path: &Path, workers: u32, events: u64) -> Run {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-out-{workers}"));
     let _ = std::fs::remove_dir_all(&out);
-    let binary = env!("CARGO_BIN_EXE_livepipe");
     let time = Path::new("/usr/bin/time");
-    let mut command = if time.exists() {
-        let mut c = Command::new(time);
-        c.args(["-f", "peak_rss_kib=%M", binary]);
-        c
-    } else {
-        Command::new(binary)
-    };
-    command
+    let mut livepipe = Livepipe::new();
+    if time.exists() {
+        livepipe = livepipe.under(time, &["-f", "peak_rss_kib=%M"]);
+    }
+    let livepipe = livepipe
         .args(["run", "--input"])
         .arg(path)
         .arg("--out")
         .arg(&out)
         .args(["--workers", &workers.to_string()])
-        .env("RUST_LOG", "warn");
+        .log("warn")
+        .within(Duration::from_secs(3600));
     let started = Instant::now();
-    let output = command.output().expect("livepipe runs");
+    let output = livepipe.success();
     let secs = started.elapsed().as_secs_f64();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     let peak_rss_mib = stderr
         .lines()
@@ -140,8 +133,7 @@ const LATENESS_MS: u64 = 5_000;
 
 fn live_and_finality() {
     let seconds = env_or("LIVEPIPE_BENCH_SECONDS", 60);
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("events", 4, 1).expect("topic");
+    let cluster = mock_cluster("events", 4);
     let brokers = cluster.bootstrap_servers();
     let _traffic = Traffic::start(&brokers, "events", 1_000);
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-live");
@@ -194,18 +186,15 @@ fn soak() {
     if minutes == 0 {
         return;
     }
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("soak", 4, 1).expect("topic");
+    let cluster = mock_cluster("soak", 4);
     let brokers = cluster.bootstrap_servers();
     let duration = (minutes * 60 + 120).to_string();
-    let mut gen = Command::new(env!("CARGO_BIN_EXE_livepipe"))
+    // Killed on drop, after the job.
+    let _gen = Livepipe::new()
         .args(["gen", "--brokers", &brokers, "--topic", "soak"])
         .args(["--rate", "2000", "--duration", &duration])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("livepipe gen runs");
+        .log("warn")
+        .start(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-soak-gen.log"));
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-soak");
     let extra = std::env::var("LIVEPIPE_SOAK_ARGS").unwrap_or_default();
     let extra: Vec<&str> = extra.split_whitespace().collect();
@@ -242,8 +231,6 @@ fn soak() {
         rss.push(memory);
     }
     drop(job);
-    let _ = gen.kill();
-    let _ = gen.wait();
     if rss.len() >= 5 {
         let at5 = rss[4];
         let last = rss[rss.len() - 1];

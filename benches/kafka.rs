@@ -12,10 +12,10 @@
 
 use livepipe_tools::generator::{GenConfig, Generator};
 use livepipe_tools::publish::{ensure_topic, producer_config, publish, Pace, PublishStats};
-use rdkafka::mocking::MockCluster;
+use testkit::kafka::mock_cluster;
+use testkit::Livepipe;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -52,17 +52,15 @@ fn consume(brokers: &str, topic: &str, workers: u32, events: u64) -> f64 {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-kafka-{topic}-{workers}"));
     let _ = std::fs::remove_dir_all(&out);
     let started = SystemTime::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_livepipe"))
+    let mut job = Livepipe::new()
         .args(["run", "--brokers", brokers, "--topic", topic])
         .args(["--workers", &workers.to_string()])
         .args(["--idle-timeout-ms", &IDLE_TIMEOUT_MS.to_string()])
         .args(["--http", "127.0.0.1:0"])
         .arg("--out")
         .arg(&out)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("livepipe runs");
+        .log("warn")
+        .start(&out.with_extension("log"));
     // Done once markers stop appearing for a few seconds.
     let mut last: Option<SystemTime> = None;
     let mut quiet_since = Instant::now();
@@ -82,10 +80,7 @@ fn consume(brokers: &str, topic: &str, workers: u32, events: u64) -> f64 {
             break;
         }
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
+    job.signal("TERM");
     let secs = last.unwrap().duration_since(started).unwrap().as_secs_f64()
         - IDLE_TIMEOUT_MS as f64 / 1000.0;
     events as f64 / secs
@@ -104,19 +99,12 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(300_000);
     let mut rows = Vec::new();
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("bench", 16, 1).expect("topic");
+    let cluster = mock_cluster("bench", 16);
     let mock = cluster.bootstrap_servers();
     load(&mock, "bench", events);
     rows.push(("mock cluster (in-process)", mock, "bench".to_string()));
     if let Ok(brokers) = std::env::var("LIVEPIPE_TEST_KAFKA") {
-        let topic = format!(
-            "bench-{}",
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_millis()
-        );
+        let topic = format!("bench-{}", testkit::now_ms());
         ensure_topic(
             &producer_config(&brokers, &[]),
             &topic,

@@ -12,8 +12,9 @@
 
 mod common;
 
-use common::live::{percentile, Job, Prober, Traffic};
-use rdkafka::mocking::MockCluster;
+use common::live::{percentile, Job, Prober};
+use testkit::kafka::mock_cluster;
+use testkit::kafka::Traffic;
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -27,8 +28,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(60);
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("events", 4, 1).expect("topic");
+    let cluster = mock_cluster("events", 4);
     let brokers = cluster.bootstrap_servers();
     // Background traffic, as in the demo but without the catch-up.
     let traffic = Traffic::start(&brokers, "events", 1_000);

@@ -85,6 +85,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "HOST[,HOST...]", value_delimiter = ',', value_parser = allowed_host)]
     pub http_allowed_hosts: Vec<String>,
 
+    /// Once the HTTP server listens, write its address (HOST:PORT and a newline) to FILE,
+    /// atomically (a temporary file in the same directory, renamed): how scripts and tests
+    /// learn the port `--http 127.0.0.1:0` picked without reading the log.
+    #[arg(long, value_name = "FILE")]
+    pub addr_file: Option<PathBuf>,
+
     #[command(flatten)]
     pub rules: RuleArgs,
 
@@ -522,6 +528,7 @@ mod tests {
         ("--workers 2", [F, K, D]),
         ("--http 127.0.0.1:0", [F, K, D]),
         ("--http-allowed-hosts localhost,dash.example.com", [F, K, D]),
+        ("--addr-file a", [F, K, D]),
         ("--qualify-ms 1000", [F, K, D]),
         ("--qualify-window-ms 60000", [F, K, D]),
         ("--allowed-lateness-ms 0", [F, K, D]),

@@ -1551,17 +1551,6 @@ mod tests {
     }
 
     /// Process 0 of `addresses` forming, on a thread.
-    /// The real process 1 of `addresses` joining.
-    fn join_as_process_1(addresses: &[String]) -> Connected {
-        connect_all(
-            &spec(addresses, 1, SECRET),
-            &hello(1, "2"),
-            RoutingKey::random(),
-        )
-        .map_err(|e| e.to_string())
-        .unwrap()
-    }
-
     fn process_0(
         addresses: &[String],
         key: [u8; 16],
@@ -1570,6 +1559,24 @@ mod tests {
         std::thread::spawn(move || {
             connect_all(&zero, &hello(0, "2"), RoutingKey(key)).map_err(|e| e.to_string())
         })
+    }
+
+    /// The real process 1 connects, gets process 0's routing `key`, and
+    /// process 0 has it as its peer.
+    fn process_1_joins(
+        addresses: &[String],
+        zero: std::thread::JoinHandle<Result<Connected, String>>,
+        key: [u8; 16],
+    ) {
+        let one = connect_all(
+            &spec(addresses, 1, SECRET),
+            &hello(1, "2"),
+            RoutingKey::random(),
+        )
+        .map_err(|e| e.to_string())
+        .unwrap();
+        assert_eq!(one.routing_key.0, key);
+        assert!(zero.join().unwrap().unwrap().sockets[1].is_some());
     }
 
     /// Dials process 0 as `local` until it answers (it may not listen
@@ -1689,9 +1696,7 @@ mod tests {
         let why = refusal(dial_until_answered(&other));
         assert!(why.contains("does not expect process 0"), "{why}");
         // The real process 1 still joins.
-        let one = join_as_process_1(&addresses);
-        assert_eq!(one.routing_key.0, [3; 16]);
-        assert!(zero.join().unwrap().unwrap().sockets[1].is_some());
+        process_1_joins(&addresses, zero, [3; 16]);
     }
 
     #[test]
@@ -1706,9 +1711,7 @@ mod tests {
         let why = refusal(dial_until_answered(&impostor(&addresses, SECRET)));
         assert!(why.contains("does not come from an address"), "{why}");
         // The real one listens on 127.0.0.2 and so dials from there.
-        let one = join_as_process_1(&addresses);
-        assert_eq!(one.routing_key.0, [5; 16]);
-        assert!(zero.join().unwrap().unwrap().sockets[1].is_some());
+        process_1_joins(&addresses, zero, [5; 16]);
     }
 
     #[test]

@@ -97,6 +97,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         live_log: !bounded,
         http,
         http_allowed_hosts: args.http_allowed_hosts.clone(),
+        addr_file: args.addr_file.clone(),
         stop,
         cluster,
     });

@@ -54,7 +54,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -99,23 +99,15 @@ pub struct Job {
     /// `--http-allowed-hosts`: the only names HTTP requests may give as
     /// `Host` (empty: any).
     pub http_allowed_hosts: Vec<String>,
+    /// `--addr-file`: where to write the HTTP server's address once it
+    /// listens.
+    pub addr_file: Option<PathBuf>,
     /// Set (by a signal handler) to stop: every worker stops stepping and
     /// drops the dataflow between two steps. What was final is committed
     /// already; nothing that is not final gets finalized.
     pub stop: Arc<AtomicBool>,
     /// This process's place in a multi-process cluster (`None`: alone).
     pub cluster: Option<ClusterSpec>,
-}
-
-/// A run over files (the shape the tests use).
-#[derive(Clone, Debug)]
-pub struct FileRun {
-    pub inputs: Vec<PathBuf>,
-    pub out: PathBuf,
-    pub workers: usize,
-    pub config: PipelineConfig,
-    pub progress: bool,
-    pub records_per_chunk: usize,
 }
 
 /// What a finished run did.
@@ -131,25 +123,6 @@ pub struct RunSummary {
     pub streams: u64,
     /// The job was stopped before its input ended.
     pub stopped: bool,
-}
-
-/// Runs the pipeline over `run.inputs` to the end.
-pub fn run_files(run: FileRun) -> anyhow::Result<RunSummary> {
-    run_job(Job {
-        input: Input::Files {
-            paths: run.inputs,
-            records_per_chunk: run.records_per_chunk,
-        },
-        out: run.out,
-        workers: run.workers,
-        config: run.config,
-        progress: run.progress,
-        live_log: false,
-        http: None,
-        http_allowed_hosts: Vec::new(),
-        stop: Arc::new(AtomicBool::new(false)),
-        cluster: None,
-    })
 }
 
 /// How long to wait for the brokers' first answer at start.
@@ -400,7 +373,27 @@ fn start_http(
     } else {
         tracing::info!(addr = %server.addr(), "serving /healthz and /metrics (the dashboard is process 0's)");
     }
+    if let Some(path) = &job.addr_file {
+        write_addr_file(path, server.addr())
+            .with_context(|| format!("writing the HTTP address to {}", path.display()))?;
+    }
     Ok(Some(server))
+}
+
+/// Writes `addr` and a newline to `path` atomically: a reader sees no file
+/// or the whole line, never a part of it.
+fn write_addr_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"))?;
+    let mut temp_name = std::ffi::OsString::from(".");
+    temp_name.push(name);
+    temp_name.push(format!(".{}.tmp", std::process::id()));
+    let temp = path.with_file_name(temp_name);
+    std::fs::write(&temp, format!("{addr}\n"))?;
+    std::fs::rename(&temp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&temp);
+    })
 }
 
 /// A rejected record is counted and written here, in the process whose

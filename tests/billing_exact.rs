@@ -1,4 +1,4 @@
-//! Exactness of billing against the reference in `support/reference.rs`,
+//! Exactness of billing against the reference in `testkit/src/reference.rs`,
 //! over random small scenarios full of the hard cases: producer retries,
 //! duplicate ids with smaller and larger `ts`, the same id on two streams,
 //! progress before its impression, thresholds and window edges hit exactly,
@@ -6,13 +6,12 @@
 //! Each scenario runs with 1 worker and with 3 workers (and no retained
 //! state after finalization, so the ledger's guard is exercised too).
 
-mod support;
-
-use livepipe::pipeline::{run_files, FileRun};
+use livepipe::pipeline::{run_job, Input, Job};
 use livepipe_dataflow::config::PipelineConfig;
 use proptest::prelude::*;
 use serde_json::json;
-use support::reference::{expected, Rules};
+use testkit::outputs::{json_lines, offsets_and_reasons};
+use testkit::reference::{expected, Rules};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -160,14 +159,6 @@ fn billing_files(out: &Path) -> BTreeMap<String, Vec<u8>> {
     files
 }
 
-fn json_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn check(
     lines: &[String],
     workers: usize,
@@ -178,13 +169,22 @@ fn check(
     let input = dir.path().join("events.jsonl");
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let out = dir.path().join("out");
-    run_files(FileRun {
-        inputs: vec![input],
+    // The job `livepipe run --input` builds, but for the chunk size.
+    run_job(Job {
+        input: Input::Files {
+            paths: vec![input],
+            records_per_chunk,
+        },
         out: out.clone(),
         workers,
         config: config(retention),
         progress: false,
-        records_per_chunk,
+        live_log: false,
+        http: None,
+        http_allowed_hosts: Vec::new(),
+        addr_file: None,
+        stop: Default::default(),
+        cluster: None,
     })
     .unwrap();
 
@@ -223,15 +223,7 @@ fn check(
     // what matters for billing and the rest is dropped: see
     // docs/architecture.md, "Bounded state".)
     if retention > 0 {
-        let late: Vec<(u64, String)> = json_lines(&out.join("late.jsonl"))
-            .iter()
-            .map(|v| {
-                (
-                    v["offset"].as_u64().unwrap(),
-                    v["reason"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect();
+        let late = offsets_and_reasons(&out.join("late.jsonl"));
         let distinct: BTreeSet<(u64, String)> = late.iter().cloned().collect();
         prop_assert_eq!(late.len(), distinct.len(), "a late record reported twice");
         prop_assert_eq!(distinct, want.late);

@@ -1,17 +1,12 @@
 //! Checks the headless-chromium test support itself: a page served from this
 //! process is loaded in a real chromium and its live DOM is read twice.
 
-// `tests/support/mod.rs` is shared with other tests and edited elsewhere, so
-// the browser support is included on its own.
-#[path = "support/browser.rs"]
-mod browser;
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use browser::{chromium_path, Browser};
+use testkit::browser::{chromium_path, Browser};
 
 const PAGE: &str = r#"<!doctype html>
 <html>

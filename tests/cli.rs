@@ -2,68 +2,26 @@
 //! check every output against the reference and against each other; bad
 //! flags and inputs exit 2 with a message.
 
-mod support;
-
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use support::job::livepipe;
-use support::reference::{expected, expected_live, Rules};
+use testkit::outputs::{json_lines, offsets_and_reasons};
+use testkit::reference::{expected, expected_live, Rules};
+use testkit::{dir_bytes, gen_file, livepipe, run_input, run_ok, Livepipe};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-
-/// Runs livepipe and fails the test, with its stderr, unless it exits 0.
-fn run_ok(args: &[&str]) {
-    let out = livepipe(args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn dir_bytes(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().to_string(),
-                std::fs::read(&p).unwrap(),
-            )
-        })
-        .collect()
-}
-
-fn json_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 #[test]
 fn generated_file_bills_exactly_and_identically_for_1_and_2_workers() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("events.jsonl");
     let input_str = input.to_str().unwrap();
-    run_ok(&[
-        "gen", "--output", input_str, "--events", "60000", "--seed", "11",
-    ]);
+    gen_file(input_str, &["--events", "60000", "--seed", "11"]);
 
     let mut outputs = Vec::new();
     for workers in ["1", "2"] {
         let out = dir.path().join(format!("out-{workers}"));
-        run_ok(&[
-            "run",
-            "--input",
-            input_str,
-            "--out",
-            out.to_str().unwrap(),
-            "--workers",
-            workers,
-        ]);
+        run_input(input_str, &out, &["--workers", workers]);
         outputs.push(out);
     }
     let billing: Vec<_> = outputs
@@ -225,25 +183,9 @@ fn every_reason_code_reaches_the_dead_letter_file_with_its_line() {
     content.push(b'\n');
     std::fs::write(&input, &content).unwrap();
     let out = dir.path().join("out");
-    run_ok(&[
-        "run",
-        "--input",
-        input.to_str().unwrap(),
-        "--workers",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    run_input(&input, &out, &["--workers", "2"]);
     let rejected = json_lines(&out.join("rejected.jsonl"));
-    let mut got: Vec<(u64, String)> = rejected
-        .iter()
-        .map(|v| {
-            (
-                v["offset"].as_u64().unwrap(),
-                v["reason"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let mut got = offsets_and_reasons(&out.join("rejected.jsonl"));
     let mut want: Vec<(u64, String)> = bad
         .iter()
         .enumerate()
@@ -409,17 +351,10 @@ fn kafka_only_flags_without_kafka_exit_2_before_touching_out() {
 fn several_files_give_the_same_bytes_for_any_worker_count() {
     let dir = tempfile::tempdir().unwrap();
     let whole = dir.path().join("whole.jsonl");
-    run_ok(&[
-        "gen",
-        "--output",
-        whole.to_str().unwrap(),
-        "--events",
-        "30000",
-        "--seed",
-        "5",
-        "--rate",
-        "100",
-    ]);
+    gen_file(
+        &whole,
+        &["--events", "30000", "--seed", "5", "--rate", "100"],
+    );
     // Three partitions, each keeping file order: line n goes to file n % 3.
     let bytes = std::fs::read(&whole).unwrap();
     let mut parts = [Vec::new(), Vec::new(), Vec::new()];
@@ -463,10 +398,7 @@ fn several_files_give_the_same_bytes_for_any_worker_count() {
 fn extreme_timestamps_are_handled_without_fault() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("edges.jsonl");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let now = testkit::now_ms();
     let imp = |eid: &str, ts: u64| {
         format!(
             r#"{{"type":"impression","event_id":"{eid}","ts":{ts},"stream_id":"s","viewer_id":"v","impression_id":"i-{eid}","ad_id":"a","campaign_id":"c","advertiser_id":"d","price_micros":1000000000000}}"#
@@ -488,13 +420,7 @@ fn extreme_timestamps_are_handled_without_fault() {
     ];
     std::fs::write(&input, lines.join("\n")).unwrap();
     let out = dir.path().join("out");
-    run_ok(&[
-        "run",
-        "--input",
-        input.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    run_input(&input, &out, &[]);
     let late: Vec<(String, String)> = json_lines(&out.join("late.jsonl"))
         .iter()
         .map(|v| {
@@ -506,15 +432,7 @@ fn extreme_timestamps_are_handled_without_fault() {
         .collect();
     assert!(late.contains(&("ancient".into(), "window_closed".into())));
     assert!(late.contains(&("after".into(), "window_closed".into())));
-    let rejected: Vec<(u64, String)> = json_lines(&out.join("rejected.jsonl"))
-        .iter()
-        .map(|v| {
-            (
-                v["offset"].as_u64().unwrap(),
-                v["reason"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
+    let rejected = offsets_and_reasons(&out.join("rejected.jsonl"));
     assert_eq!(rejected, [(4, "ts_ahead_of_clock".to_string())]);
     let csv = std::fs::read_to_string(out.join("billing/billable-1699999980000-1700000040000.csv"))
         .unwrap();
@@ -526,4 +444,40 @@ fn extreme_timestamps_are_handled_without_fault() {
         serde_json::from_slice(&std::fs::read(out.join("live.json")).unwrap()).unwrap();
     assert_eq!(live[0]["as_of"], now);
     assert_eq!(live[0]["viewers"], 1);
+}
+
+#[test]
+fn addr_file_holds_the_address_the_server_listens_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    std::fs::write(&input, b"").unwrap();
+    let addr_file = dir.path().join("addr");
+    let output = Livepipe::new()
+        .log("info")
+        .args(["run", "--input", input.to_str().unwrap(), "--out"])
+        .arg(dir.path().join("out"))
+        .args(["--http", "127.0.0.1:0", "--addr-file"])
+        .arg(&addr_file)
+        .success();
+    let written = std::fs::read_to_string(&addr_file).expect("the address file");
+    let addr: std::net::SocketAddr = written
+        .strip_suffix('\n')
+        .unwrap_or_else(|| panic!("one line: {written:?}"))
+        .parse()
+        .expect("HOST:PORT");
+    assert_eq!(addr.ip().to_string(), "127.0.0.1");
+    assert_ne!(addr.port(), 0, "the port picked, not the one asked for");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        log.contains(&format!("serving the dashboard at http://{addr}/")),
+        "the log still names it: {log}"
+    );
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.ends_with(".tmp")),
+        "no temporary file left: {names:?}"
+    );
 }

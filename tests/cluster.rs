@@ -11,15 +11,13 @@
 //! process 0, learn the job's settings, nor join, and the real process 1
 //! still joins; the secret is never logged.
 
-mod support;
-
 use serde_json::Value;
-use support::job::{http_get, wait_for, Job};
-use support::kafka::{generated_traffic, loaded_mock_topic};
-use support::outputs::{
+use testkit::kafka::{generated_traffic, loaded_mock_topic};
+use testkit::outputs::{
     assert_ledger_matches, assert_reference, billing_files, reference, wait_for_all_files,
 };
-use support::reference::expected_live;
+use testkit::reference::expected_live;
+use testkit::{http_get, run_input, wait_for, Job, Livepipe};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -149,13 +147,7 @@ fn two_processes_replay_a_file_like_the_reference_and_one_process() {
     let input = input.to_str().unwrap();
 
     let single = dir.path().join("single");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
-        .args(["run", "--input", input, "--workers", "2"])
-        .args(["--out", single.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .status()
-        .unwrap();
-    assert!(status.success());
+    run_input(input, &single, &["--workers", "2"]);
 
     // Process 1 first: the order the processes start in does not matter.
     let layout = Layout::new(dir.path());
@@ -226,7 +218,7 @@ struct TopicCluster {
     _broker: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
     brokers: String,
     records: Vec<Vec<u8>>,
-    want: support::reference::Expected,
+    want: testkit::reference::Expected,
     layout: Layout,
     out: [PathBuf; 2],
 }
@@ -351,9 +343,7 @@ fn a_lost_process_stops_the_other_and_a_full_restart_bills_exactly_once() {
         if graceful {
             assert!(status.success(), "a stopped process exits 0: {status}");
         }
-        let survivor_log = survivor.stderr.clone();
-        let status = survivor.wait(LIMIT);
-        let said = lines(&survivor_log).join("\n");
+        let (status, said) = survivor.finish(LIMIT);
         assert_eq!(
             status.code(),
             Some(1),
@@ -409,9 +399,7 @@ fn a_process_whose_peer_never_comes_gives_up_naming_it() {
         ],
         &dir.path().join("p1.log"),
     );
-    let log = job.stderr.clone();
-    let status = job.wait(LIMIT);
-    let said = lines(&log).join("\n");
+    let (status, said) = job.finish(LIMIT);
     assert_eq!(status.code(), Some(1), "{said}");
     assert!(
         said.contains("gave up forming the cluster after 2 s"),
@@ -440,9 +428,7 @@ fn a_peer_started_with_other_flags_is_refused_with_exit_2() {
         &dir.path().join("p1.log"),
     );
     for job in [zero, one] {
-        let log = job.stderr.clone();
-        let status = job.wait(LIMIT);
-        let said = lines(&log).join("\n");
+        let (status, said) = job.finish(LIMIT);
         assert_eq!(status.code(), Some(2), "{said}");
         assert!(said.contains("--qualify-ms"), "{said}");
     }
@@ -504,10 +490,7 @@ fn cluster_flags_are_checked_before_anything_starts() {
         if flags.len() > 2 {
             args.extend_from_slice(&["--hostfile", hosts]);
         }
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
-            .args(&args)
-            .output()
-            .unwrap();
+        let output = Livepipe::new().args(&args).output();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(hint), "{args:?}: {stderr}");
@@ -571,6 +554,67 @@ fn trickle(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<u8>>
     })
 }
 
+/// Process 0 of a two-process file job, listening for process 1.
+struct Waiting {
+    layout: Layout,
+    input: String,
+    want: testkit::reference::Expected,
+    log0: PathBuf,
+}
+
+impl Waiting {
+    /// Generated traffic (`events`, `seed`) in a file under `dir`, and
+    /// process 0 started on it, once it waits for its peer.
+    fn start(dir: &Path, events: u64, seed: u64) -> (Waiting, Job) {
+        let records = generated_traffic(events, seed);
+        let input = dir.join("events.jsonl");
+        write_records(&input, &records);
+        let input = input.to_str().unwrap().to_string();
+        let layout = Layout::new(dir);
+        let mut zero = layout.start(
+            0,
+            &["--input", &input],
+            &dir.join("out0"),
+            &dir.join("p0.log"),
+        );
+        let log0 = zero.stderr.clone();
+        wait_for(&mut zero, LIMIT, "process 0 to listen", || {
+            lines(&log0)
+                .iter()
+                .any(|l| l.contains("forming the cluster"))
+        });
+        let waiting = Waiting {
+            layout,
+            input,
+            want: reference(&records),
+            log0,
+        };
+        (waiting, zero)
+    }
+
+    /// The real process 1 joins; both bill as the reference does. Returns
+    /// both logs.
+    fn join_process_1(&self, zero: Job, dir: &Path) -> (String, String) {
+        let out0 = dir.join("out0");
+        let one = self.layout.start(
+            1,
+            &["--input", &self.input],
+            &dir.join("out1"),
+            &dir.join("p1.log"),
+        );
+        let log1 = one.stderr.clone();
+        let status0 = zero.wait(LIMIT);
+        let status1 = one.wait(LIMIT);
+        let (said0, said1) = (lines(&self.log0).join("\n"), lines(&log1).join("\n"));
+        assert!(status0.success(), "process 0: {status0}\n{said0}");
+        assert!(status1.success(), "process 1: {status1}\n{said1}");
+        let files = billing_files(&out0);
+        assert_reference(&files, &self.want);
+        assert_ledger_matches(&out0, &files);
+        (said0, said1)
+    }
+}
+
 /// The handshake's opening (`lpcauth1`, a nonce, the claimed and the
 /// dialed process) followed by a made-up proof.
 fn opening_with_a_guessed_proof(claimed: u32, dialed: u32) -> Vec<u8> {
@@ -585,20 +629,8 @@ fn opening_with_a_guessed_proof(claimed: u32, dialed: u32) -> Vec<u8> {
 #[test]
 fn clients_without_the_secret_neither_stop_process_0_learn_the_job_nor_join() {
     let dir = tempfile::tempdir().unwrap();
-    let records = generated_traffic(30_000, 66);
-    let input = dir.path().join("events.jsonl");
-    write_records(&input, &records);
-    let want = reference(&records);
-    let input = input.to_str().unwrap();
-    let layout = Layout::new(dir.path());
-    let (out0, out1) = (dir.path().join("out0"), dir.path().join("out1"));
-    let mut zero = layout.start(0, &["--input", input], &out0, &dir.path().join("p0.log"));
-    let log0 = zero.stderr.clone();
-    wait_for(&mut zero, LIMIT, "process 0 to listen", || {
-        lines(&log0)
-            .iter()
-            .any(|l| l.contains("forming the cluster"))
-    });
+    let (waiting, mut zero) = Waiting::start(dir.path(), 30_000, 66);
+    let (layout, input, log0) = (&waiting.layout, waiting.input.as_str(), &waiting.log0);
 
     // One client trickles bytes all along, reconnecting when cut off.
     let stop_trickling = Arc::new(AtomicBool::new(false));
@@ -635,7 +667,7 @@ fn clients_without_the_secret_neither_stop_process_0_learn_the_job_nor_join() {
         assert!(got.len() <= 34, "{what}: got {} bytes", got.len());
         zero.assert_running();
     }
-    let said = lines(&log0).join("\n");
+    let said = lines(log0).join("\n");
     assert!(!said.contains("cluster formed"), "{said}");
     for reason in [
         "it is not a livepipe process",
@@ -652,22 +684,13 @@ fn clients_without_the_secret_neither_stop_process_0_learn_the_job_nor_join() {
 
     // The real process 1 joins while the trickling goes on, and the job
     // bills as the reference does.
-    let one = layout.start(1, &["--input", input], &out1, &dir.path().join("p1.log"));
-    let log1 = one.stderr.clone();
-    let status0 = zero.wait(LIMIT);
-    let status1 = one.wait(LIMIT);
+    let (said0, said1) = waiting.join_process_1(zero, dir.path());
     stop_trickling.store(true, Ordering::Relaxed);
     let trickled = trickler.join().unwrap();
-    let (said0, said1) = (lines(&log0).join("\n"), lines(&log1).join("\n"));
-    assert!(status0.success(), "process 0: {status0}\n{said0}");
-    assert!(status1.success(), "process 1: {status1}\n{said1}");
     assert!(
         !holds_settings(&trickled, input),
         "the trickler learnt the settings"
     );
-    let files = billing_files(&out0);
-    assert_reference(&files, &want);
-    assert_ledger_matches(&out0, &files);
     for said in [&said0, &said1] {
         assert!(!said.contains(&layout.secret), "logged the secret:\n{said}");
     }
@@ -676,20 +699,8 @@ fn clients_without_the_secret_neither_stop_process_0_learn_the_job_nor_join() {
 #[test]
 fn a_peer_with_the_wrong_secret_is_refused_and_logged_while_process_0_waits() {
     let dir = tempfile::tempdir().unwrap();
-    let records = generated_traffic(20_000, 67);
-    let input = dir.path().join("events.jsonl");
-    write_records(&input, &records);
-    let want = reference(&records);
-    let input = input.to_str().unwrap();
-    let layout = Layout::new(dir.path());
-    let (out0, out1) = (dir.path().join("out0"), dir.path().join("out1"));
-    let mut zero = layout.start(0, &["--input", input], &out0, &dir.path().join("p0.log"));
-    let log0 = zero.stderr.clone();
-    wait_for(&mut zero, LIMIT, "process 0 to listen", || {
-        lines(&log0)
-            .iter()
-            .any(|l| l.contains("forming the cluster"))
-    });
+    let (waiting, mut zero) = Waiting::start(dir.path(), 20_000, 67);
+    let (layout, input, log0) = (&waiting.layout, waiting.input.as_str(), &waiting.log0);
 
     // Process 1 with another secret: refused at every attempt until it
     // gives up (exit 1, saying why); process 0 logs each refusal and waits.
@@ -699,36 +710,25 @@ fn a_peer_with_the_wrong_secret_is_refused_and_logged_while_process_0_waits() {
     let impostor = layout.start_with_secret(
         1,
         &["--input", input, "--cluster-timeout", "3"],
-        &out1,
+        &dir.path().join("out1"),
         &dir.path().join("wrong-p1.log"),
         &wrong_file,
     );
-    let wrong_log = impostor.stderr.clone();
-    let status = impostor.wait(LIMIT);
-    let said_wrong = lines(&wrong_log).join("\n");
+    let (status, said_wrong) = impostor.finish(LIMIT);
     assert_eq!(status.code(), Some(1), "{said_wrong}");
     assert!(
         said_wrong.contains("refused this process's proof of the cluster secret"),
         "{said_wrong}"
     );
     wait_for(&mut zero, LIMIT, "process 0 to log the refusal", || {
-        lines(&log0)
+        lines(log0)
             .iter()
             .any(|l| l.contains("did not prove that it holds the cluster secret"))
     });
     zero.assert_running();
 
     // The real process 1 joins.
-    let one = layout.start(1, &["--input", input], &out1, &dir.path().join("p1.log"));
-    let log1 = one.stderr.clone();
-    let status0 = zero.wait(LIMIT);
-    let status1 = one.wait(LIMIT);
-    let (said0, said1) = (lines(&log0).join("\n"), lines(&log1).join("\n"));
-    assert!(status0.success(), "process 0: {status0}\n{said0}");
-    assert!(status1.success(), "process 1: {status1}\n{said1}");
-    let files = billing_files(&out0);
-    assert_reference(&files, &want);
-    assert_ledger_matches(&out0, &files);
+    let (said0, said1) = waiting.join_process_1(zero, dir.path());
     for said in [&said0, &said1, &said_wrong] {
         assert!(!said.contains(&layout.secret), "logged the secret:\n{said}");
         assert!(!said.contains(wrong), "logged the wrong secret:\n{said}");

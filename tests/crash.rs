@@ -9,19 +9,15 @@
 //! the same topic on a separate broker process when `LIVEPIPE_TEST_KAFKA`
 //! names one (tansu in CI; required when `CI=true`).
 
-mod support;
-
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sha2::{Digest, Sha256};
-use support::job::{dir_bytes, topic_job, wait_for, Job};
-use support::kafka::{
-    fresh_topic, generated_traffic, publish_all, separate_broker, separate_broker_events,
-};
-use support::outputs::{assert_ledger_matches, assert_reference, billing_files, reference};
+use testkit::kafka::{generated_traffic, publish_all, separate_broker_events, separate_topic};
+use testkit::outputs::{assert_ledger_matches, assert_reference, billing_files, reference};
+use testkit::{dir_bytes, input_args, topic_job, wait_for, Job};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -89,18 +85,9 @@ fn a_file_run_killed_six_times_bills_exactly_once() {
     let input = input.to_str().unwrap().to_string();
 
     let run = |out: &Path, workers: &str, log: &Path| {
-        Job::start(
-            &[
-                "run",
-                "--input",
-                &input,
-                "--workers",
-                workers,
-                "--out",
-                out.to_str().unwrap(),
-            ],
-            log,
-        )
+        let mut args = input_args(Path::new(&input), out);
+        args.extend(["--workers", workers]);
+        Job::start(&args, log)
     };
     let clean = dir.path().join("clean");
     let started = std::time::Instant::now();
@@ -203,10 +190,9 @@ fn a_topic_run_killed_six_times_bills_exactly_once() {
 
 #[test]
 fn a_separate_broker_run_killed_six_times_bills_exactly_once() {
-    let Some(brokers) = separate_broker() else {
+    let Some((brokers, topic)) = separate_topic("crash", 4) else {
         return;
     };
-    let topic = fresh_topic(&brokers, "crash", 4);
     // LIVEPIPE_CRASH_EVENTS=500000 for the full-size check.
     let events = separate_broker_events(120_000);
     topic_killed_six_times(&brokers, &topic, 4, events, 43);

@@ -2,52 +2,32 @@
 //! the DevTools protocol; nothing is downloaded): the demo's page shows
 //! streams, and its numbers change between two reads.
 
-mod support;
-
-use support::browser::{chromium_path, Browser};
-use support::job::{http_addr, wait_for, Job};
+use testkit::browser::{chromium_or_skip, Browser};
+use testkit::{demo_args, Job};
 
 use std::time::Duration;
 
 #[test]
 fn the_dashboard_shows_live_streams_in_a_real_browser() {
-    let Some(chromium) = chromium_path() else {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI=true but no chromium: .ci/run must install Debian's chromium package");
-        }
-        eprintln!("skipped: no chromium (apt-get install chromium, or set LIVEPIPE_CHROMIUM)");
+    let Some(chromium) = chromium_or_skip() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("demo.log");
     let out = dir.path().join("out");
-    let mut job = Job::start(
-        &[
-            "run",
-            "--out",
-            out.to_str().unwrap(),
-            "--http",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-        ],
-        &log,
-    );
-    wait_for(&mut job, Duration::from_secs(120), "the dashboard", || {
-        http_addr(&log).is_some()
-    });
-    let base = http_addr(&log).unwrap();
+    let mut args = demo_args(&out);
+    args.extend(["--workers", "2"]);
+    let mut job = Job::start(&args, &log);
+    let base = job.addr();
 
     let mut browser = Browser::start_with(&chromium);
     browser.navigate(&format!("http://{base}/"));
-    let limit = Duration::from_secs(60);
-    browser.wait_for(
-        "document.querySelectorAll('#top tr[data-stream]').length >= 5",
-        limit,
-    );
-    browser.wait_for(
-        "document.getElementById('status').textContent === 'LIVE'",
-        limit,
+    browser.wait_for_all(
+        &[
+            "document.querySelectorAll('#top tr[data-stream]').length >= 5",
+            "document.getElementById('status').textContent === 'LIVE'",
+        ],
+        Duration::from_secs(60),
     );
     let read = "JSON.stringify({ total: document.getElementById('total-viewers').textContent, \
                 streams: document.getElementById('stream-count').textContent, \

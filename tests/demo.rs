@@ -2,9 +2,7 @@
 //! Kafka-protocol broker and traffic, and billing files appear with the
 //! default rules (the demo's traffic starts minutes in the past).
 
-mod support;
-
-use support::job::{dir_bytes, http_addr, wait_for, Job};
+use testkit::{demo_args, dir_bytes, wait_for, Job, Livepipe};
 
 use std::time::{Duration, Instant};
 
@@ -14,25 +12,17 @@ fn the_demo_starts_produces_and_writes_billing_files_with_no_flags() {
     let out = dir.path().join("out");
     let log = dir.path().join("demo.log");
     let started = Instant::now();
-    let mut job = Job::start(
-        &[
-            "run",
-            "--out",
-            out.to_str().unwrap(),
-            "--http",
-            "127.0.0.1:0",
-        ],
-        &log,
-    );
+    let mut job = Job::start(&demo_args(&out), &log);
     // The dashboard's API lists streams with viewers soon after start.
+    let addr = job.addr();
     let live_streams = || -> usize {
-        let Some(addr) = http_addr(&log) else {
+        let Ok(response) = testkit::http::try_get(&addr, "/api/live") else {
             return 0;
         };
-        let Ok(mut response) = ureq::get(&format!("http://{addr}/api/live")).call() else {
+        if response.status != 200 {
             return 0;
-        };
-        let body = response.body_mut().read_to_string().unwrap_or_default();
+        }
+        let body = response.body;
         let list: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
         list.iter()
             .filter(|s| s["viewers"].as_u64().unwrap_or(0) > 0)
@@ -84,18 +74,7 @@ fn the_demo_starts_produces_and_writes_billing_files_with_no_flags() {
 fn the_demo_runs_again_on_its_own_output_but_never_replaces_another_jobs() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let demo = |log: &str| {
-        Job::start(
-            &[
-                "run",
-                "--out",
-                out.to_str().unwrap(),
-                "--http",
-                "127.0.0.1:0",
-            ],
-            &dir.path().join(log),
-        )
-    };
+    let demo = |log: &str| Job::start(&demo_args(&out), &dir.path().join(log));
     let has_ledger = || out.join("ledger.sqlite").exists();
     for log in ["first.log", "second.log"] {
         let mut job = demo(log);
@@ -106,9 +85,7 @@ fn the_demo_runs_again_on_its_own_output_but_never_replaces_another_jobs() {
             has_ledger,
         );
         // Up and serving: the earlier output (if any) was replaced.
-        wait_for(&mut job, Duration::from_secs(120), "the dashboard", || {
-            http_addr(&dir.path().join(log)).is_some()
-        });
+        job.addr();
         job.stop();
     }
     assert!(
@@ -122,18 +99,12 @@ fn the_demo_runs_again_on_its_own_output_but_never_replaces_another_jobs() {
     let file_out = dir.path().join("files");
     let input = dir.path().join("x.jsonl");
     std::fs::write(&input, b"").unwrap();
-    let livepipe = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let livepipe = |args: &[&str]| Livepipe::new().args(args).output();
     let out_arg = file_out.to_str().unwrap();
     let done = livepipe(&["run", "--input", input.to_str().unwrap(), "--out", out_arg]);
     assert_eq!(done.status.code(), Some(0));
     let refused = livepipe(&["run", "--out", out_arg, "--http", "127.0.0.1:0"]);
-    let said = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(2), "{said}");
+    let said = testkit::refused(&refused);
     assert!(said.contains("the embedded demo now"), "{said}");
     assert!(file_out.join("ledger.sqlite").exists(), "left as it was");
 }

@@ -13,15 +13,13 @@
 //!
 //! All on librdkafka's mock cluster in this process, over TCP.
 
-mod support;
-
 use rdkafka::mocking::MockCluster;
 use serde_json::Value;
-use support::job::{dir_bytes, http_get, topic_job, wait_for, Job};
-use support::kafka::{generated_traffic, loaded_mock_topic, publish_all};
-use support::outputs::{
+use testkit::kafka::{generated_traffic, loaded_mock_topic, publish_all};
+use testkit::outputs::{
     assert_ledger_matches, assert_reference, billing_files, reference, wait_for_all_files,
 };
+use testkit::{dir_bytes, http_get, metric, topic_args, topic_job, wait_for, Job, Livepipe};
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -32,29 +30,17 @@ use std::time::Duration;
 const LIMIT: Duration = Duration::from_secs(180);
 
 fn health(addr: &str) -> Value {
-    serde_json::from_str(&get(addr, "/healthz").1).unwrap_or(Value::Null)
+    serde_json::from_str(&http_get(addr, "/healthz").1).unwrap_or(Value::Null)
 }
 
-fn get(addr: &str, path: &str) -> (u16, String) {
-    http_get(addr, path)
-}
-
-fn metric(addr: &str, name: &str) -> Option<f64> {
-    get(addr, "/metrics").1.lines().find_map(|line| {
-        let (key, value) = line.split_once(' ')?;
-        (key == name).then(|| value.trim().parse().ok())?
-    })
-}
-
-/// The address the job serves on, once it logged it.
-fn served(job: &mut Job) -> String {
-    let log = job.stderr.clone();
-    let mut addr = None;
-    wait_for(job, LIMIT, "the HTTP server", || {
-        addr = support::job::http_addr(&log);
-        addr.is_some()
+/// Waits until `/healthz` says `degraded` with `part` (`billing`,
+/// `input`) starting with `state`.
+fn wait_for_degraded(job: &mut Job, addr: &str, part: &str, state: &str) {
+    let what = format!("/healthz to report {part} {state}");
+    wait_for(job, LIMIT, &what, || {
+        let h = health(addr);
+        h["status"] == "degraded" && h[part].as_str().is_some_and(|p| p.starts_with(state))
     });
-    addr.unwrap()
 }
 
 /// Waits until the job has assigned its partitions.
@@ -99,7 +85,7 @@ fn assert_files_whole(out: &Path) {
 struct Rig {
     _dir: tempfile::TempDir,
     cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
-    want: support::reference::Expected,
+    want: testkit::reference::Expected,
     out: std::path::PathBuf,
     job: Job,
     addr: String,
@@ -114,7 +100,7 @@ impl Rig {
         let out = dir.path().join("out");
         let log = dir.path().join("job.log");
         let mut job = topic_job(&cluster.bootstrap_servers(), "events", "2", &out, &log);
-        let addr = served(&mut job);
+        let addr = job.addr();
         wait_until_reading(&mut job);
         Rig {
             _dir: dir,
@@ -150,13 +136,7 @@ fn a_billing_output_that_refuses_writes_stalls_billing_only_then_catches_up_exac
     std::fs::rename(&billing, &aside).unwrap();
     std::fs::write(&billing, b"in the way").unwrap();
 
-    wait_for(&mut rig.job, LIMIT, "/healthz to report the stall", || {
-        let h = health(&addr);
-        h["status"] == "degraded"
-            && h["billing"]
-                .as_str()
-                .is_some_and(|b| b.starts_with("stalled"))
-    });
+    wait_for_degraded(&mut rig.job, &addr, "billing", "stalled");
     let said = health(&addr);
     assert!(
         said["billing"].as_str().unwrap().contains("directory"),
@@ -165,8 +145,8 @@ fn a_billing_output_that_refuses_writes_stalls_billing_only_then_catches_up_exac
     assert_eq!(metric(&addr, "livepipe_billing_stalled"), Some(1.0));
     // Creators do not notice: ticks go on, the board is served.
     assert_live_ticks(&mut rig.job, &addr);
-    assert_eq!(get(&addr, "/api/live").0, 200);
-    assert_eq!(get(&addr, "/healthz").0, 200);
+    assert_eq!(http_get(&addr, "/api/live").0, 200);
+    assert_eq!(http_get(&addr, "/healthz").0, 200);
 
     // The output takes writes again: billing catches up on its own.
     std::fs::remove_file(&billing).unwrap();
@@ -210,13 +190,7 @@ fn a_broker_outage_is_reported_and_loses_nothing() {
     let mut rig = Rig::start(150_000, 83, 8);
     let addr = rig.addr.clone();
     rig.cluster.broker_down(1).expect("broker down");
-    wait_for(&mut rig.job, LIMIT, "/healthz to report the outage", || {
-        let h = health(&addr);
-        h["status"] == "degraded"
-            && h["input"]
-                .as_str()
-                .is_some_and(|i| i.starts_with("waiting"))
-    });
+    wait_for_degraded(&mut rig.job, &addr, "input", "waiting");
     assert_eq!(metric(&addr, "livepipe_input_unreachable"), Some(1.0));
     assert_live_ticks(&mut rig.job, &addr);
     rig.cluster.broker_up(1).expect("broker up");
@@ -245,27 +219,11 @@ fn operator_mistakes_exit_2_and_leave_the_output_as_it_was() {
     wait_for_all_files(&mut job, &out, &want, LIMIT);
     job.stop();
     let before = dir_bytes(&out.join("billing"));
-    let livepipe = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let livepipe = |args: &[&str]| Livepipe::new().args(args).output();
 
     // Another topic into an --out whose ledger belongs to this one.
-    let other = livepipe(&[
-        "run",
-        "--brokers",
-        &brokers,
-        "--topic",
-        "other",
-        "--http",
-        "127.0.0.1:0",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    let said = String::from_utf8_lossy(&other.stderr);
-    assert_eq!(other.status.code(), Some(2), "{said}");
+    let other = livepipe(&topic_args(&brokers, "other", &out));
+    let said = testkit::refused(&other);
     assert!(said.contains("belongs to another input"), "{said}");
     assert!(said.contains("fresh --out"), "says what to do: {said}");
 
@@ -284,8 +242,7 @@ fn operator_mistakes_exit_2_and_leave_the_output_as_it_was() {
         "--out",
         fresh.to_str().unwrap(),
     ]);
-    let said = String::from_utf8_lossy(&busy.stderr);
-    assert_eq!(busy.status.code(), Some(2), "{said}");
+    let said = testkit::refused(&busy);
     assert!(
         said.contains("cannot listen") && said.contains("127.0.0.1:0"),
         "{said}"
@@ -330,24 +287,10 @@ fn kafka_secrets_never_reach_the_logs() {
     .unwrap();
     let log = dir.path().join("job.log");
     let out = dir.path().join("out");
-    let mut job = Job::start(
-        &[
-            "run",
-            "--brokers",
-            &cluster.bootstrap_servers(),
-            "--topic",
-            "events",
-            "--kafka-config",
-            config.to_str().unwrap(),
-            "-X",
-            &property,
-            "--http",
-            "127.0.0.1:0",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &log,
-    );
+    let brokers = cluster.bootstrap_servers();
+    let mut args = topic_args(&brokers, "events", &out);
+    args.extend(["--kafka-config", config.to_str().unwrap(), "-X", &property]);
+    let mut job = Job::start(&args, &log);
     wait_until_reading(&mut job);
     std::thread::sleep(Duration::from_secs(2));
     job.send("TERM");
@@ -355,23 +298,19 @@ fn kafka_secrets_never_reach_the_logs() {
     let _ = job.wait(LIMIT);
     assert!(!text.contains(secret), "a secret in the log:\n{text}");
     // A property librdkafka refuses is named without its value.
-    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
+    let refused = Livepipe::new()
         .args(["run", "--brokers", "127.0.0.1:1", "-X"])
         .arg(format!("no.such.password={secret}"))
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(2), "{said}");
+        .output();
+    let said = testkit::refused(&refused);
     assert!(!said.contains(secret), "{said}");
     // A properties file with a line that is not KEY=VALUE: named by line.
     std::fs::write(&config, format!("{secret}\n")).unwrap();
-    let malformed = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
+    let malformed = Livepipe::new()
         .args(["run", "--brokers", "127.0.0.1:1", "--kafka-config"])
         .arg(&config)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&malformed.stderr);
-    assert_eq!(malformed.status.code(), Some(2), "{said}");
+        .output();
+    let said = testkit::refused(&malformed);
     assert!(said.contains("line 1 is not KEY=VALUE"), "{said}");
     assert!(!said.contains(secret), "{said}");
 }

@@ -2,34 +2,27 @@
 //! minutes ahead of the clock changes no billed row, and links planted in
 //! `--out` overwrite nothing.
 
-mod support;
-
 use livepipe_tools::generator::{GenConfig, Generator};
-use support::job::{livepipe, write_jsonl};
-use support::outputs::{assert_ledger_matches, assert_reference, billing_files, reference};
+use testkit::now_ms;
+use testkit::outputs::{assert_ledger_matches, assert_reference, billing_files, reference};
+use testkit::{input_args, livepipe, write_jsonl};
 
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::Path;
 use std::process::Output;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 fn run_file(file: &Path, out: &Path) -> Output {
-    livepipe(&[
-        "run",
-        "--input",
-        file.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--workers",
-        "2",
-    ])
+    let mut args = input_args(file, out);
+    args.extend(["--workers", "2"]);
+    livepipe(&args)
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
+/// Runs `file` into a fresh `out` in which `link` already points at
+/// `target`.
+fn run_with_link(file: &Path, out: &Path, link: &str, target: &Path) -> Output {
+    std::fs::create_dir(out).unwrap();
+    symlink(target, out.join(link)).unwrap();
+    run_file(file, out)
 }
 
 #[test]
@@ -82,15 +75,13 @@ fn one_record_minutes_ahead_of_the_clock_changes_no_billed_row() {
 fn links_planted_in_out_overwrite_nothing_and_outputs_are_private() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("x.jsonl");
-    write_jsonl(&file, &support::kafka::generated_traffic(5_000, 72));
+    write_jsonl(&file, &testkit::kafka::generated_traffic(5_000, 72));
     let victim = dir.path().join("victim");
     std::fs::write(&victim, b"precious").unwrap();
 
     // A temp-file name pointing at the victim: replaced, not followed.
     let out = dir.path().join("out");
-    std::fs::create_dir(&out).unwrap();
-    symlink(&victim, out.join(".tmp-live.json")).unwrap();
-    let run = run_file(&file, &out);
+    let run = run_with_link(&file, &out, ".tmp-live.json", &victim);
     assert_eq!(run.status.code(), Some(0));
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     assert!(!std::fs::symlink_metadata(out.join("live.json"))
@@ -109,10 +100,7 @@ fn links_planted_in_out_overwrite_nothing_and_outputs_are_private() {
     }
 
     // A side output pointing at the victim: the job stops, the victim stays.
-    let out = dir.path().join("out2");
-    std::fs::create_dir(&out).unwrap();
-    symlink(&victim, out.join("rejected.jsonl")).unwrap();
-    let run = run_file(&file, &out);
+    let run = run_with_link(&file, &dir.path().join("out2"), "rejected.jsonl", &victim);
     assert_ne!(run.status.code(), Some(0));
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
 
@@ -120,12 +108,8 @@ fn links_planted_in_out_overwrite_nothing_and_outputs_are_private() {
     let elsewhere = dir.path().join("elsewhere");
     std::fs::create_dir(&elsewhere).unwrap();
     std::fs::write(elsewhere.join(".tmp-keep"), b"mine").unwrap();
-    let out = dir.path().join("out3");
-    std::fs::create_dir(&out).unwrap();
-    symlink(&elsewhere, out.join("billing")).unwrap();
-    let run = run_file(&file, &out);
-    let said = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(2), "{said}");
+    let run = run_with_link(&file, &dir.path().join("out3"), "billing", &elsewhere);
+    let said = testkit::refused(&run);
     assert!(said.contains("symbolic link"), "{said}");
     assert!(
         elsewhere.join(".tmp-keep").exists(),

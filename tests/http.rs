@@ -2,25 +2,17 @@
 //! `/metrics` and `/healthz`, while billing is frozen by a partition that
 //! never advances — the creator path does not wait for the frontier.
 
-mod support;
-
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
-use support::job::{http_addr, wait_for, Job};
+use testkit::http::{get, sse_lines, Response, HTTP_TIMEOUT};
+use testkit::now_ms;
+use testkit::{topic_args, wait_for, Job};
 
-use std::io::{BufRead, BufReader};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 fn send(producer: &ThreadedProducer<DefaultProducerContext>, partition: i32, record: String) {
     producer
@@ -40,37 +32,9 @@ fn join(stream: &str, viewer: &str, ts: u64) -> String {
     )
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into()
-}
-
-fn get(base: &str, path: &str) -> (u16, String, String) {
-    let mut response = agent()
-        .get(&format!("http://{base}{path}"))
-        .call()
-        .expect("request");
-    let status = response.status().as_u16();
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    let body = response.body_mut().read_to_string().expect("body");
-    (status, content_type, body)
-}
-
 /// Reads `n` `snapshot` events from an SSE route.
 fn snapshots(base: &str, path: &str, n: usize) -> Vec<Value> {
-    let response = agent()
-        .get(&format!("http://{base}{path}"))
-        .call()
-        .expect("SSE request");
-    assert_eq!(response.status().as_u16(), 200);
-    let mut lines = BufReader::new(response.into_body().into_reader()).lines();
+    let mut lines = sse_lines(base, path, HTTP_TIMEOUT);
     let mut events = Vec::new();
     let mut event = String::new();
     while events.len() < n {
@@ -110,40 +74,31 @@ fn the_live_api_ticks_every_second_while_billing_is_frozen() {
             r#"{{"type":"impression","event_id":"i1","ts":{start},"stream_id":"s1","viewer_id":"v0","impression_id":"imp","ad_id":"a","campaign_id":"c","advertiser_id":"d","price_micros":5}}"#
         ),
     );
-    let mut job = Job::start(
-        &[
-            "run",
-            "--brokers",
-            &brokers,
-            "--topic",
-            "events",
-            "--http",
-            "127.0.0.1:0",
-            "--idle-timeout-ms",
-            "86400000",
-            "--qualify-window-ms",
-            "1000",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &log,
-    );
+    let mut args = topic_args(&brokers, "events", &out);
+    args.extend([
+        "--idle-timeout-ms",
+        "86400000",
+        "--qualify-window-ms",
+        "1000",
+    ]);
+    let mut job = Job::start(&args, &log);
     let mut viewers = 0;
     let mut add_viewer = || {
         viewers += 1;
         send(&producer, 0, join("s1", &format!("v{viewers}"), now_ms()));
     };
     add_viewer();
-    wait_for(&mut job, LIMIT, "the HTTP address", || {
-        http_addr(&log).is_some()
-    });
-    let base = http_addr(&log).unwrap();
+    let base = job.addr();
     wait_for(&mut job, LIMIT, "stream s1 on the board", || {
-        get(&base, "/api/live/s1").0 == 200
+        get(&base, "/api/live/s1").status == 200
     });
 
     // JSON routes.
-    let (status, content_type, body) = get(&base, "/api/live?limit=1");
+    let Response {
+        status,
+        content_type,
+        body,
+    } = get(&base, "/api/live?limit=1");
     assert_eq!(status, 200);
     assert!(content_type.starts_with("application/json"));
     let list: Vec<Value> = serde_json::from_str(&body).unwrap();
@@ -152,13 +107,13 @@ fn the_live_api_ticks_every_second_while_billing_is_frozen() {
     for field in ["viewers", "chat_per_min", "as_of", "emitted_at"] {
         assert!(list[0][field].is_u64(), "{field} in {body}");
     }
-    let (status, _, body) = get(&base, "/api/live/no-such-stream");
+    let Response { status, body, .. } = get(&base, "/api/live/no-such-stream");
     assert_eq!(status, 404);
     let error: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(error["error"], "unknown stream");
-    assert_eq!(get(&base, "/api/live/no-such-stream/events").0, 404);
-    assert_eq!(get(&base, "/no/such/route").0, 404);
-    let (status, _, body) = get(&base, "/");
+    assert_eq!(get(&base, "/api/live/no-such-stream/events").status, 404);
+    assert_eq!(get(&base, "/no/such/route").status, 404);
+    let Response { status, body, .. } = get(&base, "/");
     assert_eq!(status, 200);
     assert!(body.contains("<html") || body.contains("<!doctype") || body.contains("<!DOCTYPE"));
 
@@ -191,7 +146,11 @@ fn the_live_api_ticks_every_second_while_billing_is_frozen() {
     );
 
     // Billing is frozen: the impression is pending, nothing final.
-    let (status, content_type, metrics) = get(&base, "/metrics");
+    let Response {
+        status,
+        content_type,
+        body: metrics,
+    } = get(&base, "/metrics");
     assert_eq!(status, 200);
     assert!(content_type.contains("openmetrics-text"), "{content_type}");
     assert!(metrics.ends_with("# EOF\n"), "{metrics}");
@@ -206,7 +165,11 @@ fn the_live_api_ticks_every_second_while_billing_is_frozen() {
         assert!(metrics.contains(line), "{line} missing in\n{metrics}");
     }
     assert!(!out.join("billing").read_dir().unwrap().any(|_| true));
-    let (status, _, health) = get(&base, "/healthz");
+    let Response {
+        status,
+        body: health,
+        ..
+    } = get(&base, "/healthz");
     assert_eq!(status, 200, "{health}");
 
     // An SSE client that stays connected does not keep the job from

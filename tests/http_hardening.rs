@@ -8,20 +8,19 @@
 //! Nothing here measures a duration: the timeouts are waited for with a
 //! generous hang-guard, and the assertion is that the server acted.
 
-mod support;
-
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
-use support::browser::{chromium_path, Browser};
-use support::job::{http_addr, wait_for, Job};
+use testkit::browser::{chromium_or_skip, Browser};
+use testkit::http::sse_lines;
+use testkit::now_ms;
+use testkit::{topic_args, wait_for, Job, Livepipe};
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// Keeps a broken build from hanging CI; nothing waits this long when the
 /// server does its job.
@@ -33,13 +32,6 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A stream id that needs percent-encoding: a space, a slash, non-ASCII.
 const ODD_ID: &str = "room 1/ü-é";
 const ODD_PATH: &str = "room%201%2F%C3%BC-%C3%A9";
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 /// A mock Kafka cluster with a topic `events` and a producer into it.
 struct Topic {
@@ -82,19 +74,8 @@ impl Topic {
 
     /// `livepipe run` on the topic, any free HTTP port, plus `extra`.
     fn args<'a>(&'a self, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-        let mut args = vec![
-            "run",
-            "--brokers",
-            &self.brokers,
-            "--topic",
-            "events",
-            "--http",
-            "127.0.0.1:0",
-            "--workers",
-            "1",
-            "--out",
-            out.to_str().unwrap(),
-        ];
+        let mut args = topic_args(&self.brokers, "events", out);
+        args.extend(["--workers", "1"]);
         args.extend_from_slice(extra);
         args
     }
@@ -111,10 +92,7 @@ fn live_job(topic: &Topic, dir: &Path, extra: &[&str], streams: &[(&str, usize)]
             topic.join(stream, &format!("v{viewer}"));
         }
     }
-    wait_for(&mut job, LIMIT, "the HTTP address", || {
-        http_addr(&log).is_some()
-    });
-    let base = http_addr(&log).unwrap();
+    let base = job.addr();
     for (stream, _) in streams {
         let path = format!("/api/live/{}", encode(stream));
         wait_for(&mut job, LIMIT, &format!("{stream:?} on the board"), || {
@@ -268,11 +246,7 @@ fn slow_and_idle_connections_are_closed_while_streams_stay_open() {
     assert_eq!(read_response(&mut idle).status, 200);
     // An SSE stream is a request in flight, not an idle connection.
     let opened_ms = now_ms();
-    let response = ureq::get(&format!("http://{base}/api/live/s1/events"))
-        .call()
-        .expect("SSE request");
-    assert_eq!(response.status().as_u16(), 200);
-    let mut lines = BufReader::new(response.into_body().into_reader()).lines();
+    let mut lines = sse_lines(&base, "/api/live/s1/events", LIMIT);
 
     assert!(
         closed_by_server(&mut slow),
@@ -326,12 +300,7 @@ fn stream_ids_are_percent_decoded_and_every_response_has_its_headers() {
     let one = exchange(&base, "GET", &format!("/api/live/{ODD_PATH}"), &base);
     assert_eq!(one.status, 200);
     assert_eq!(one.json()["stream_id"], ODD_ID);
-    let response = ureq::get(&format!("http://{base}/api/live/{ODD_PATH}/events"))
-        .call()
-        .expect("SSE request");
-    assert_eq!(response.status().as_u16(), 200);
-    let snapshot = BufReader::new(response.into_body().into_reader())
-        .lines()
+    let snapshot = sse_lines(&base, &format!("/api/live/{ODD_PATH}/events"), LIMIT)
         .map(|line| line.expect("an SSE line"))
         .find_map(|line| line.strip_prefix("data:").map(str::to_string))
         .expect("a snapshot");
@@ -454,60 +423,6 @@ fn stream_ids_are_percent_decoded_and_every_response_has_its_headers() {
     job.stop();
 }
 
-/// `livepipe ARGS` under `ulimit -n FILES`; killed on drop.
-struct Limited {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Limited {
-    fn start(files: u32, args: &[&str], log: &Path) -> Limited {
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(format!("ulimit -n {files} && exec \"$0\" \"$@\""))
-            .arg(env!("CARGO_BIN_EXE_livepipe"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .expect("livepipe starts");
-        Limited {
-            child: Some(child),
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_for(&mut self, what: &str, mut done: impl FnMut(&str) -> bool) {
-        let started = Instant::now();
-        while !done(&self.log()) {
-            let child = self.child.as_mut().unwrap();
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("livepipe exited early ({status}):\n{}", self.log());
-            }
-            assert!(
-                started.elapsed() < LIMIT,
-                "gave up waiting for {what}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Limited {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 #[test]
 fn connections_beyond_the_cap_are_closed_at_once() {
     let topic = Topic::new();
@@ -517,12 +432,17 @@ fn connections_beyond_the_cap_are_closed_at_once() {
     topic.join("s1", "v1");
     // 256 open files: the cap is half of that, not 4,096 connections that
     // would take the descriptors billing needs.
-    let mut job = Limited::start(256, &topic.args(&out, &[]), &log);
-    job.wait_for("the HTTP address", |log| {
-        log.contains("serving the dashboard at http://")
-    });
-    let base = http_addr(&log).unwrap();
+    let mut job = Livepipe::new()
+        .log("info")
+        .open_files(256)
+        .args(topic.args(&out, &[]))
+        .start(&log);
+    let base = job.addr();
     let text = job.log();
+    assert!(
+        text.contains(&format!("serving the dashboard at http://{base}/")),
+        "the address is logged too:\n{text}"
+    );
     let cap: usize = text
         .split("at most ")
         .nth(1)
@@ -586,33 +506,13 @@ fn connections_beyond_the_cap_are_closed_at_once() {
     }
 
     // A full server still stops at once on SIGTERM.
-    let child = job.child.as_mut().unwrap();
-    let sent = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        // A hang guard, not a measurement.
-        if started.elapsed() > HANG_GUARD {
-            panic!("no exit after SIGTERM within {HANG_GUARD:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = job.signal_within("TERM", HANG_GUARD);
     assert!(status.success(), "exit {status}:\n{}", job.log());
 }
 
 #[test]
 fn the_dashboard_follows_an_odd_stream_id_under_its_csp() {
-    let Some(chromium) = chromium_path() else {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("CI=true but no chromium: .ci/run must install Debian's chromium package");
-        }
-        eprintln!("skipped: no chromium (apt-get install chromium, or set LIVEPIPE_CHROMIUM)");
+    let Some(chromium) = chromium_or_skip() else {
         return;
     };
     let topic = Topic::new();
@@ -629,14 +529,12 @@ fn the_dashboard_follows_an_odd_stream_id_under_its_csp() {
             'securitypolicyviolation', (e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));" }),
     );
     browser.navigate(&format!("http://{base}/"));
-    let limit = Duration::from_secs(60);
-    browser.wait_for(
-        "document.getElementById('status').textContent === 'LIVE'",
-        limit,
-    );
-    browser.wait_for(
-        &format!("document.getElementById('sel-name').textContent === {ODD_ID:?}"),
-        limit,
+    browser.wait_for_all(
+        &[
+            "document.getElementById('status').textContent === 'LIVE'",
+            &format!("document.getElementById('sel-name').textContent === {ODD_ID:?}"),
+        ],
+        Duration::from_secs(60),
     );
     // The board feed and the odd stream's own feed: two SSE clients.
     wait_for(&mut job, LIMIT, "the per-stream feed of the odd id", || {
@@ -652,7 +550,7 @@ fn the_dashboard_follows_an_odd_stream_id_under_its_csp() {
          document.body.appendChild(s); return window.__ran === 1; })()",
     );
     assert_eq!(ran, Value::Bool(false));
-    browser.wait_for("window.__csp.length > 0", limit);
+    browser.wait_for("window.__csp.length > 0", Duration::from_secs(60));
     drop(browser);
     job.stop();
 }

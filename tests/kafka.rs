@@ -5,32 +5,22 @@
 //! (`host:port`), which `.ci/run` starts. Under `CI=true` a missing broker
 //! fails that test instead of skipping it.
 
-mod support;
-
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
-use serde_json::Value;
-use support::job::{dir_bytes, topic_job, wait_for, Job};
-use support::kafka::{
-    fresh_topic, generated_traffic, publish_all, separate_broker, separate_broker_events,
-};
-use support::reference::{expected, Expected, Rules};
+use testkit::kafka::{generated_traffic, publish_all, separate_broker_events, separate_topic};
+use testkit::now_ms;
+use testkit::outputs::{json_lines, json_lines_so_far};
+use testkit::reference::{expected, Expected, Rules};
+use testkit::{dir_bytes, run_input, topic_args, topic_job, wait_for, Job, Livepipe};
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Long enough for a debug build on a loaded 2-core machine; only a guard
 /// against hanging.
 const LIMIT: Duration = Duration::from_secs(180);
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 fn mock_cluster(topic: &str, partitions: i32) -> MockCluster<'static, DefaultProducerContext> {
     let cluster = MockCluster::new(1).expect("mock cluster");
@@ -59,6 +49,11 @@ fn send(
     }
     producer.send(record).map_err(|(err, _)| err).expect("sent");
     producer.flush(Duration::from_secs(10)).expect("flushed");
+}
+
+/// Sends `payload` to partition `partition` of `events`.
+fn send_event(producer: &ThreadedProducer<DefaultProducerContext>, partition: i32, payload: &[u8]) {
+    send(producer, "events", partition, Some(payload));
 }
 
 fn event(kind: &str, id: &str, ts: u64, extra: &str) -> Vec<u8> {
@@ -100,14 +95,6 @@ fn billing_csv(out: &Path) -> String {
         .iter()
         .filter(|(name, _)| name.ends_with(".csv"))
         .map(|(_, bytes)| String::from_utf8_lossy(bytes).to_string())
-        .collect()
-}
-
-fn json_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
 
@@ -156,13 +143,7 @@ fn topic_bills_like_the_file(brokers: &str, topic: &str, events: u64, seed: u64)
     publish_all(brokers, topic, &records);
 
     let file_out = dir.path().join("out-file");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
-        .args(["run", "--input", input.to_str().unwrap(), "--workers", "2"])
-        .args(["--out", file_out.to_str().unwrap()])
-        .env("RUST_LOG", "warn")
-        .status()
-        .unwrap();
-    assert!(status.success());
+    run_input(&input, &file_out, &["--workers", "2"]);
     let from_file = dir_bytes(&file_out.join("billing"));
 
     for workers in ["1", "2"] {
@@ -197,10 +178,9 @@ fn topic_and_file_give_identical_billing_files_for_1_and_2_workers() {
 /// `.ci/run`.
 #[test]
 fn separate_broker_process_bills_like_the_reference() {
-    let Some(brokers) = separate_broker() else {
+    let Some((brokers, topic)) = separate_topic("livepipe-test", 4) else {
         return;
     };
-    let topic = fresh_topic(&brokers, "livepipe-test", 4);
     let events = separate_broker_events(120_000);
     topic_bills_like_the_file(&brokers, &topic, events, 23);
 }
@@ -243,24 +223,18 @@ impl LiveTopic {
 
     /// `livepipe run` on the topic with the [`QUICK`] rules and `extra` flags.
     fn job(&self, extra: &[&str]) -> Job {
-        let mut args = vec![
-            "run",
-            "--brokers",
-            &self.brokers,
-            "--topic",
-            "events",
-            "--http",
-            "127.0.0.1:0",
-            "--out",
-            self.out.to_str().unwrap(),
-        ];
+        let mut args = topic_args(&self.brokers, "events", &self.out);
         args.extend(QUICK);
         args.extend(extra);
         Job::start(&args, &self.log())
     }
 
-    fn quick_job(&self) -> Job {
-        self.job(&["--workers", "2"])
+    /// A topic of `partitions` partitions and a job on it with the
+    /// [`QUICK`] rules and 2 workers.
+    fn quick(partitions: i32) -> (LiveTopic, Job) {
+        let live = LiveTopic::new(partitions);
+        let job = live.job(&["--workers", "2"]);
+        (live, job)
     }
 
     fn log(&self) -> std::path::PathBuf {
@@ -273,30 +247,19 @@ impl LiveTopic {
 /// finalizes while traffic goes on (not through the all-idle wall clock).
 #[test]
 fn a_silent_partition_does_not_freeze_finalization() {
-    let live = LiveTopic::new(4);
+    let (live, mut job) = LiveTopic::quick(4);
     let (out, producer) = (&live.out, &live.producer);
-    let mut job = live.quick_job();
     let start = now_ms();
-    send(
-        producer,
-        "events",
-        3,
-        Some(&event("heartbeat", "h-3", start, "")),
-    );
-    send(producer, "events", 0, Some(&impression("imp-1", start)));
-    send(
-        producer,
-        "events",
-        0,
-        Some(&progress("imp-1", start + 100, 2_500)),
-    );
+    send_event(producer, 3, &event("heartbeat", "h-3", start, ""));
+    send_event(producer, 0, &impression("imp-1", start));
+    send_event(producer, 0, &progress("imp-1", start + 100, 2_500));
     let mut beat = 0;
     wait_for(&mut job, LIMIT, "a billing file", || {
         // Partitions 0..=2 stay busy throughout.
         for partition in 0..3 {
             beat += 1;
             let heartbeat = event("heartbeat", &format!("h-{beat}"), now_ms(), "");
-            send(producer, "events", partition, Some(&heartbeat));
+            send_event(producer, partition, &heartbeat);
         }
         has_marker(out)
     });
@@ -309,24 +272,13 @@ fn a_silent_partition_does_not_freeze_finalization() {
 /// expired) without another event.
 #[test]
 fn a_quiet_topic_finalizes_its_pending_impressions() {
-    let live = LiveTopic::new(4);
+    let (live, mut job) = LiveTopic::quick(4);
     let (out, producer) = (&live.out, &live.producer);
-    let mut job = live.quick_job();
     let start = now_ms();
-    send(producer, "events", 0, Some(&impression("paid", start)));
-    send(
-        producer,
-        "events",
-        0,
-        Some(&progress("paid", start + 50, 2_000)),
-    );
-    send(producer, "events", 2, Some(&impression("unpaid", start)));
-    send(
-        producer,
-        "events",
-        2,
-        Some(&progress("unpaid", start + 50, 1_999)),
-    );
+    send_event(producer, 0, &impression("paid", start));
+    send_event(producer, 0, &progress("paid", start + 50, 2_000));
+    send_event(producer, 2, &impression("unpaid", start));
+    send_event(producer, 2, &progress("unpaid", start + 50, 1_999));
     let sent = Instant::now();
     wait_for(&mut job, LIMIT, "the quiet topic to finalize", || {
         has_marker(out)
@@ -347,9 +299,8 @@ fn a_quiet_topic_finalizes_its_pending_impressions() {
 /// and offset; the valid record after them is read.
 #[test]
 fn bad_records_on_the_topic_are_dead_lettered_with_their_position() {
-    let live = LiveTopic::new(4);
+    let (live, mut job) = LiveTopic::quick(4);
     let (out, producer) = (&live.out, &live.producer);
-    let mut job = live.quick_job();
     let now = now_ms();
     let oversized = {
         let mut record = impression("big", now);
@@ -372,14 +323,9 @@ fn bad_records_on_the_topic_are_dead_lettered_with_their_position() {
     for (payload, _) in &cases {
         send(producer, "events", 1, *payload);
     }
-    send(
-        producer,
-        "events",
-        1,
-        Some(&event("heartbeat", "ok", now, "")),
-    );
+    send_event(producer, 1, &event("heartbeat", "ok", now, ""));
     wait_for(&mut job, LIMIT, "five rejected records", || {
-        json_lines(&out.join("rejected.jsonl")).len() >= cases.len()
+        json_lines_so_far(&out.join("rejected.jsonl")).len() >= cases.len()
     });
     job.stop();
     let rejected = json_lines(&out.join("rejected.jsonl"));
@@ -414,17 +360,11 @@ fn gen_to_kafka_sends_what_gen_writes_to_a_file() {
         "1700000000000",
     ];
     let gen = |target: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
+        let out = Livepipe::new()
             .arg("gen")
             .args(target)
             .args(common)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .success();
         String::from_utf8_lossy(&out.stderr).to_string()
     };
     gen(&["--output", input.to_str().unwrap()]);
@@ -459,14 +399,12 @@ fn gen_to_kafka_sends_what_gen_writes_to_a_file() {
 fn a_missing_topic_exits_2_with_a_hint() {
     let cluster = mock_cluster("events", 1);
     let out = tempfile::tempdir().unwrap();
-    let run = std::process::Command::new(env!("CARGO_BIN_EXE_livepipe"))
+    let run = Livepipe::new()
         .args(["run", "--brokers", &cluster.bootstrap_servers()])
         .args(["--topic", "no-such-topic", "--out"])
         .arg(out.path().join("out"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(2), "{stderr}");
+        .output();
+    let stderr = testkit::refused(&run);
     assert!(
         stderr.contains("no-such-topic") && stderr.contains("--partitions"),
         "{stderr}"
@@ -483,8 +421,8 @@ fn start_offsets_latest_reads_only_new_records() {
     let live = LiveTopic::new(2);
     let (out, producer) = (&live.out, &live.producer);
     let before = now_ms();
-    send(producer, "events", 0, Some(&impression("old", before)));
-    send(producer, "events", 0, Some(&progress("old", before, 2_500)));
+    send_event(producer, 0, &impression("old", before));
+    send_event(producer, 0, &progress("old", before, 2_500));
     let log = live.log();
     let mut job = live.job(&["--start-offsets", "latest", "--workers", "1"]);
     wait_for(&mut job, LIMIT, "the partitions to be assigned", || {
@@ -496,8 +434,8 @@ fn start_offsets_latest_reads_only_new_records() {
     // before the new records arrive.
     std::thread::sleep(Duration::from_secs(2));
     let now = now_ms();
-    send(producer, "events", 1, Some(&impression("new", now)));
-    send(producer, "events", 1, Some(&progress("new", now, 2_500)));
+    send_event(producer, 1, &impression("new", now));
+    send_event(producer, 1, &progress("new", now, 2_500));
     wait_for(&mut job, LIMIT, "a billing file", || has_marker(out));
     job.stop();
     let csv = billing_csv(out);

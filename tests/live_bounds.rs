@@ -3,34 +3,21 @@
 //! past `MAX_LIVE_STREAMS` new streams are refused and counted. Counts, not
 //! time: nothing here depends on how fast the machine is.
 
-mod support;
-
 use livepipe_dataflow::live::{LiveStreams, LiveUpdate, SignalKind, MAX_LIVE_STREAMS};
 use livepipe_sinks::live::LiveBoard;
 use serde_json::Value;
-use support::reference::expected_live;
+use testkit::reference::expected_live;
+use testkit::run_input;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
-use std::process::Command;
 
 const T0: u64 = 1_700_000_000_000;
 const TTL: u64 = 30_000;
 
 fn run_file(input: &Path, out: &Path, workers: &str) {
-    let output = Command::new(env!("CARGO_BIN_EXE_livepipe"))
-        .args(["run", "--input", input.to_str().unwrap(), "--out"])
-        .arg(out)
-        .args(["--workers", workers])
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("livepipe runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    run_input(input, out, &["--workers", workers]);
 }
 
 fn live_json(out: &Path) -> Vec<Value> {
@@ -53,30 +40,22 @@ fn twenty_thousand_streams_over_ten_minutes_leave_only_the_recent_in_live_json()
     for i in 0..20_000u64 {
         let ts = T0 + i * 30;
         last = ts;
-        text += &event(
-            "join",
-            &format!("j{i}"),
-            ts,
-            &format!("s-{i}"),
-            &format!("v{i}"),
-        );
-        if i % 3 == 0 {
-            text += &event(
-                "chat",
-                &format!("c{i}"),
+        // Stream `s-i`'s one viewer `vi` does `kind` at `ts`.
+        let on_stream = |kind: &str, id: char, ts: u64| {
+            event(
+                kind,
+                &format!("{id}{i}"),
                 ts,
                 &format!("s-{i}"),
                 &format!("v{i}"),
-            );
+            )
+        };
+        text += &on_stream("join", 'j', ts);
+        if i % 3 == 0 {
+            text += &on_stream("chat", 'c', ts);
         }
         if i % 7 == 0 {
-            text += &event(
-                "leave",
-                &format!("l{i}"),
-                ts + 10,
-                &format!("s-{i}"),
-                &format!("v{i}"),
-            );
+            text += &on_stream("leave", 'l', ts + 10);
         }
     }
     let now = last + 10;

@@ -9,13 +9,13 @@
 //! * a topic re-created, or records deleted before they were read, are
 //!   refused; `--accept-data-loss` goes on and records the lost range.
 
-mod support;
-
 use livepipe_tools::generator::{GenConfig, Generator};
 use rdkafka::mocking::MockCluster;
-use support::job::{http_get, livepipe, topic_job, wait_for, write_jsonl, Job};
-use support::kafka::{generated_traffic, loaded_mock_topic, publish_all};
-use support::outputs::{assert_ledger_matches, billing_files, reference, wait_for_all_files};
+use testkit::kafka::{generated_traffic, loaded_mock_topic, publish_all};
+use testkit::outputs::{
+    assert_ledger_matches, billing_files, query_strings, reference, wait_for_all_files,
+};
+use testkit::{http_get, livepipe, topic_args, topic_job, wait_for, write_jsonl, Job};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -68,14 +68,11 @@ fn outputs(out: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 
 /// Every row of every ledger table, as text.
 fn ledger_rows(out: &Path) -> Vec<String> {
+    let tables = query_strings(
+        &out.join("ledger.sqlite"),
+        "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name",
+    );
     let ledger = rusqlite::Connection::open(out.join("ledger.sqlite")).unwrap();
-    let tables: Vec<String> = ledger
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-        .unwrap()
-        .query_map([], |row| row.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
     let mut rows = Vec::new();
     for table in tables {
         let mut stmt = ledger.prepare(&format!("SELECT * FROM {table}")).unwrap();
@@ -262,17 +259,7 @@ fn one_job_per_out_and_a_killed_holder_never_blocks_a_restart() {
     write_jsonl(&file, &records);
     for second in [
         run_file(&file, &out, &[]),
-        livepipe(&[
-            "run",
-            "--brokers",
-            &brokers,
-            "--topic",
-            "events",
-            "--http",
-            "127.0.0.1:0",
-            "--out",
-            out.to_str().unwrap(),
-        ]),
+        livepipe(&topic_args(&brokers, "events", &out)),
     ] {
         assert_exit(&second, 2);
         let message = said(&second);
@@ -332,17 +319,7 @@ fn resume_offsets(out: &Path) -> BTreeMap<i64, i64> {
 }
 
 fn run_topic(brokers: &str, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "run",
-        "--brokers",
-        brokers,
-        "--topic",
-        "events",
-        "--http",
-        "127.0.0.1:0",
-        "--out",
-        out.to_str().unwrap(),
-    ];
+    let mut args = topic_args(brokers, "events", out);
     args.extend_from_slice(extra);
     livepipe(&args)
 }
@@ -405,32 +382,16 @@ fn records_deleted_unread_are_refused_unless_the_loss_is_accepted_and_then_recor
     assert!(message.contains("--accept-data-loss"), "{message}");
     assert_eq!(state(&out), before, "nothing under --out changed");
 
-    let mut accepted = Job::start(
-        &[
-            "run",
-            "--brokers",
-            &brokers,
-            "--topic",
-            "events",
-            "--idle-timeout-ms",
-            "1000",
-            "--accept-data-loss",
-            "--http",
-            "127.0.0.1:0",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &dir.path().join("b.log"),
-    );
+    let mut args = topic_args(&brokers, "events", &out);
+    args.extend(["--idle-timeout-ms", "1000", "--accept-data-loss"]);
+    let mut accepted = Job::start(&args, &dir.path().join("b.log"));
     let lost = (log_start - resume).to_string();
-    let log = accepted.stderr.clone();
+    let addr = accepted.addr();
     wait_for(&mut accepted, LIMIT, "the lost records on /metrics", || {
-        support::job::http_addr(&log).is_some_and(|addr| {
-            http_get(&addr, "/metrics")
-                .1
-                .lines()
-                .any(|line| line == format!("livepipe_input_lost_records_total {lost}"))
-        })
+        http_get(&addr, "/metrics")
+            .1
+            .lines()
+            .any(|line| line == format!("livepipe_input_lost_records_total {lost}"))
     });
     accepted.stop();
     let gaps = std::fs::read_to_string(out.join("gaps.jsonl")).unwrap();

@@ -1,13 +1,11 @@
 //! Coverage of billing periods when traffic jumps: a run of periods with
 //! nothing billed costs one header-only file, however long it is.
 
-mod support;
-
-use support::outputs::{assert_coverage, assert_ledger_matches, assert_reference, billing_files};
-use support::reference::{expected, Expected, Rules};
+use testkit::outputs::{assert_coverage, assert_ledger_matches, assert_reference, billing_files};
+use testkit::reference::{expected, Expected, Rules};
+use testkit::{gen_file, run_input};
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const START: u64 = 1_700_000_000_000;
@@ -15,34 +13,21 @@ const START: u64 = 1_700_000_000_000;
 /// the wall clock (records more than 10 minutes ahead of it are rejected).
 const JUMP: u64 = 1_065 * 24 * 3_600_000;
 
-fn livepipe(args: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_livepipe"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("livepipe runs");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// `livepipe gen` into `path`, returning its lines.
 fn generate(path: &Path, start_ts: u64, seed: &str) -> Vec<Vec<u8>> {
-    livepipe(&[
-        "gen",
-        "--output",
-        path.to_str().unwrap(),
-        "--events",
-        "20000",
-        "--rate",
-        "100",
-        "--seed",
-        seed,
-        "--start-ts",
-        &start_ts.to_string(),
-    ]);
+    gen_file(
+        path,
+        &[
+            "--events",
+            "20000",
+            "--rate",
+            "100",
+            "--seed",
+            seed,
+            "--start-ts",
+            &start_ts.to_string(),
+        ],
+    );
     std::fs::read(path)
         .unwrap()
         .split(|&b| b == b'\n')
@@ -61,15 +46,7 @@ fn run_and_check(dir: &Path, lines: &[Vec<u8>]) -> Expected {
     std::fs::write(&input, bytes).unwrap();
     let out = dir.join("out");
     let started = Instant::now();
-    livepipe(&[
-        "run",
-        "--input",
-        input.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--workers",
-        "2",
-    ]);
+    run_input(&input, &out, &["--workers", "2"]);
     let took = started.elapsed();
 
     let raw: Vec<&[u8]> = lines.iter().map(Vec::as_slice).collect();

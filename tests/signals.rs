@@ -3,10 +3,8 @@
 //! exits, with the right code and consistent outputs; the limits they wait
 //! are hang guards, not measurements.
 
-mod support;
-
 use sha2::{Digest, Sha256};
-use support::job::{wait_for, Job};
+use testkit::{gen_file, input_args, wait_for, Job};
 
 use std::path::Path;
 use std::process::Command;
@@ -32,13 +30,7 @@ fn csv_count(dir: &Path) -> usize {
 fn sigterm_while_billing_files_are_written_stops_a_file_run_consistently() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("events.jsonl");
-    let generated = Command::new(env!("CARGO_BIN_EXE_livepipe"))
-        .args(["gen", "--output", input.to_str().unwrap()])
-        .args(["--events", "200000", "--seed", "3"])
-        .env("RUST_LOG", "warn")
-        .status()
-        .unwrap();
-    assert!(generated.success());
+    gen_file(&input, &["--events", "200000", "--seed", "3"]);
 
     // 10 ms periods over 100 s of traffic: over 4,000 billing files, each a
     // CSV and a marker written atomically and fsynced; a whole run spends
@@ -46,20 +38,9 @@ fn sigterm_while_billing_files_are_written_stops_a_file_run_consistently() {
     let out = dir.path().join("out");
     let billing = out.join("billing");
     let log = dir.path().join("run.log");
-    let mut job = Job::start(
-        &[
-            "run",
-            "--input",
-            input.to_str().unwrap(),
-            "--billing-period-ms",
-            "10",
-            "--workers",
-            "2",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &log,
-    );
+    let mut args = input_args(&input, &out);
+    args.extend(["--billing-period-ms", "10", "--workers", "2"]);
+    let mut job = Job::start(&args, &log);
     wait_for(&mut job, LIMIT, "the first billing files", || {
         csv_count(&billing) > 0
     });
@@ -109,16 +90,7 @@ fn sigterm_stops_a_file_run_blocked_reading_a_silent_pipe() {
         .unwrap();
     let out = dir.path().join("out");
     let log = dir.path().join("run.log");
-    let mut job = Job::start(
-        &[
-            "run",
-            "--input",
-            fifo.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &log,
-    );
+    let mut job = Job::start(&input_args(&fifo, &out), &log);
     // Logged once the signal handlers are in place.
     wait_for(&mut job, LIMIT, "the job to start", || {
         std::fs::read_to_string(&log).is_ok_and(|said| said.contains("reading files"))

@@ -2,25 +2,17 @@
 //! process, generated traffic at a steady rate with `ts` = now, the release
 //! binary reading it, and the probes that measure what the users feel.
 
-use livepipe_tools::generator::{GenConfig, Generator};
-use livepipe_tools::publish::{producer_config, publish, Pace, PublishStats};
+use livepipe_tools::publish::producer_config;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
+use testkit::now_ms;
 
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -29,59 +21,9 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Generated traffic into `topic` at `rate` records/s, `ts` = now, until
-/// dropped.
-pub struct Traffic {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Traffic {
-    pub fn start(brokers: &str, topic: &str, rate: u64) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (brokers, topic, stop) = (brokers.to_string(), topic.to_string(), stop.clone());
-            std::thread::spawn(move || {
-                let records = Generator::new(&GenConfig {
-                    events: u64::MAX,
-                    start_ts: now_ms(),
-                    rate,
-                    ..GenConfig::default()
-                });
-                publish(
-                    &producer_config(&brokers, &[]),
-                    &topic,
-                    records,
-                    Pace {
-                        max_rate: None,
-                        follow_clock: true,
-                    },
-                    &stop,
-                    Arc::new(PublishStats::default()),
-                    Duration::from_secs(5),
-                )
-                .expect("traffic");
-            })
-        };
-        Traffic {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Traffic {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// The release binary on a topic; stopped with SIGTERM on drop.
 pub struct Job {
-    child: Child,
+    job: testkit::Job,
     pub base: String,
     pub out: PathBuf,
 }
@@ -90,30 +32,20 @@ impl Job {
     pub fn start(brokers: &str, topic: &str, dir: &Path, extra: &[&str]) -> Job {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).unwrap();
-        let log = dir.join("job.log");
         let out = dir.join("out");
-        let child = Command::new(env!("CARGO_BIN_EXE_livepipe"))
+        let mut job = testkit::Livepipe::new()
+            .log("info")
             .args(["run", "--brokers", brokers, "--topic", topic])
             .args(["--workers", "2", "--http", "127.0.0.1:0", "--out"])
             .arg(&out)
             .args(extra)
-            .env("RUST_LOG", "info")
-            .stderr(std::fs::File::create(&log).unwrap())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("livepipe runs");
-        let base = loop {
-            std::thread::sleep(Duration::from_millis(100));
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(rest) = text.split("serving the dashboard at http://").nth(1) {
-                break rest.split('/').next().unwrap().to_string();
-            }
-        };
-        Job { child, base, out }
+            .start(&dir.join("job.log"));
+        let base = job.addr();
+        Job { job, base, out }
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.job.pid()
     }
 
     /// Resident memory of the job, from `/proc`.
@@ -130,29 +62,25 @@ impl Job {
         Some(kib / 1024.0)
     }
 
+    /// The body of `GET PATH` ("" without an answer).
     pub fn get(&self, path: &str) -> String {
-        ureq::get(&format!("http://{}{path}", self.base))
-            .call()
-            .ok()
-            .and_then(|mut r| r.body_mut().read_to_string().ok())
+        testkit::http::try_get(&self.base, path)
+            .map(|r| r.body)
             .unwrap_or_default()
     }
 
     /// A gauge or counter from `/metrics`.
     pub fn metric(&self, name: &str) -> Option<f64> {
-        self.get("/metrics").lines().find_map(|line| {
-            let (key, value) = line.split_once(' ')?;
-            (key == name).then(|| value.trim().parse().ok())?
-        })
+        testkit::parse_metric(&self.get("/metrics"), name)
     }
 }
 
 impl Drop for Job {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
+        // Killed by `testkit::Job`'s own drop instead while panicking.
+        if !std::thread::panicking() {
+            let _ = self.job.signal("TERM");
+        }
     }
 }
 

@@ -793,12 +793,22 @@ mod tests {
     }
 
     /// Applies a signal at `B + ts`, the clock being there too.
-    fn presence(streams: &mut LiveStreams, stream: &str, ts: u64) {
-        signal(streams, stream, "v", ts, SignalKind::Presence);
-    }
-
     fn signal(streams: &mut LiveStreams, stream: &str, viewer: &str, ts: u64, kind: SignalKind) {
         streams.apply(stream.into(), viewer.into(), B + ts, kind, B + ts);
+    }
+
+    /// Viewer `v` present at `ts` on streams `PREFIX-i` for each `i` of
+    /// `ids`.
+    fn present(streams: &mut LiveStreams, prefix: &str, ids: std::ops::Range<u32>, ts: u64) {
+        for i in ids {
+            signal(
+                streams,
+                &format!("{prefix}-{i}"),
+                "v",
+                ts,
+                SignalKind::Presence,
+            );
+        }
     }
 
     fn snapshots(updates: &[LiveUpdate]) -> Vec<(String, u64, u64)> {
@@ -1001,18 +1011,12 @@ mod tests {
     #[test]
     fn at_the_bound_a_quiet_stream_makes_room_before_any_is_refused() {
         let mut streams = LiveStreams::new(TTL, 10);
-        for i in 0..10 {
-            presence(&mut streams, &format!("old-{i}"), 0);
-        }
+        present(&mut streams, "old", 0..10, 0);
         tick(&mut streams, 0);
         // Five go quiet at 30_000; five stay active.
-        for i in 5..10 {
-            presence(&mut streams, &format!("old-{i}"), 40_000);
-        }
+        present(&mut streams, "old", 5..10, 40_000);
         tick(&mut streams, 40_000);
-        for i in 0..8 {
-            presence(&mut streams, &format!("new-{i}"), 40_000);
-        }
+        present(&mut streams, "new", 0..8, 40_000);
         assert_eq!(streams.len(), 10);
         let updates = tick(&mut streams, 40_000);
         let mut evicted = retired(&updates);

@@ -184,11 +184,18 @@ impl BillingSink {
     }
 
     /// Takes one event from the billing path. Late records are written at
-    /// once; outcomes wait for [`BillingSink::advance`].
-    pub fn accept(&mut self, event: &BillingEvent) -> Result<(), SinkError> {
+    /// once, retried while the output refuses writes (until the job stops:
+    /// then [`SinkError::Stopped`]); outcomes wait for
+    /// [`BillingSink::advance`].
+    pub fn accept(&mut self, event: BillingEvent) -> Result<(), SinkError> {
         match event {
-            BillingEvent::Final(outcome) => self.buffered.push(outcome.clone()),
-            BillingEvent::Late(late) => self.record_late(late)?,
+            BillingEvent::Final(outcome) => self.buffered.push(outcome),
+            BillingEvent::Late(late) => {
+                let stop = self.stop.clone();
+                if !self.retry(&stop, |sink| sink.record_late(&late)) {
+                    return Err(SinkError::Stopped);
+                }
+            }
         }
         Ok(())
     }
@@ -499,8 +506,8 @@ impl SinkThread {
                         }
                         match message {
                             SinkMessage::Events(events) => {
-                                for event in &events {
-                                    if !sink.retry(&stop, |sink| sink.accept(event)) {
+                                for event in events {
+                                    if sink.accept(event).is_err() {
                                         return;
                                     }
                                 }
@@ -708,7 +715,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut sink = open(dir.path());
         for id in 0..10_000 {
-            sink.accept(&billed(id, 1_000 + (id % 5) as u64 * 1_000))
+            sink.accept(billed(id, 1_000 + (id % 5) as u64 * 1_000))
                 .unwrap();
         }
         sink.stop.store(true, Ordering::Relaxed);
@@ -721,7 +728,7 @@ mod tests {
         // The next run commits it all.
         let mut sink = open(dir.path());
         for id in 0..10_000 {
-            sink.accept(&billed(id, 1_000 + (id % 5) as u64 * 1_000))
+            sink.accept(billed(id, 1_000 + (id % 5) as u64 * 1_000))
                 .unwrap();
         }
         sink.advance(None).unwrap();
@@ -734,7 +741,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut sink = open(dir.path());
         for id in 0..100 {
-            sink.accept(&billed(id, 1_000 + id as u64 * 1_000)).unwrap();
+            sink.accept(billed(id, 1_000 + id as u64 * 1_000)).unwrap();
         }
         sink.stop.store(true, Ordering::Relaxed);
         assert!(matches!(sink.advance(None), Err(SinkError::Stopped)));

@@ -7,6 +7,8 @@ use livepipe_sinks::billing::{BillingSink, Marker};
 use livepipe_sinks::ledger::{Ledger, LEDGER_FILE};
 use livepipe_sinks::side::SideOutputs;
 
+use testkit::outputs::query_strings;
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -54,6 +56,26 @@ fn open(out: &Path) -> BillingSink {
     BillingSink::open(out, config(), vec![Arc::from("f")], side, Arc::default()).unwrap()
 }
 
+/// Each of `csvs` followed by its marker, as [`files`] lists them.
+fn with_markers(csvs: &[&str]) -> Vec<String> {
+    csvs.iter()
+        .flat_map(|csv| [csv.to_string(), format!("{csv}.done")])
+        .collect()
+}
+
+/// A sink on a fresh output directory.
+fn fresh() -> (tempfile::TempDir, BillingSink) {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = open(dir.path());
+    (dir, sink)
+}
+
+/// `a` billed in period 1000, `b` expired in period 3000.
+fn a_billed_and_b_expired(sink: &mut BillingSink) {
+    sink.accept(outcome("a", 1_100, Some(1_200))).unwrap();
+    sink.accept(outcome("b", 3_100, None)).unwrap();
+}
+
 fn files(out: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(out.join("billing"))
         .unwrap()
@@ -65,26 +87,20 @@ fn files(out: &Path) -> Vec<String> {
 
 #[test]
 fn later_periods_arriving_first_do_not_hide_earlier_ones() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut sink = open(dir.path());
+    let (dir, mut sink) = fresh();
     // Period 3000 is final (its deadline passed) and reaches the sink first...
-    sink.accept(&outcome("b", 3_100, Some(3_200))).unwrap();
+    sink.accept(outcome("b", 3_100, Some(3_200))).unwrap();
     sink.advance(Some(1_000)).unwrap();
     assert!(files(dir.path()).is_empty(), "period 1000 is not final yet");
     // ...then period 1000's outcome; nothing new when the frontier moves on.
-    sink.accept(&outcome("a", 1_100, None)).unwrap();
+    sink.accept(outcome("a", 1_100, None)).unwrap();
     sink.advance(Some(1_200)).unwrap();
     sink.advance(None).unwrap();
     // Periods 1000 (expired only) and 2000 (nothing) bill nothing: one
     // header-only file covers the run.
     assert_eq!(
         files(dir.path()),
-        [
-            "billable-1000-3000.csv",
-            "billable-1000-3000.csv.done",
-            "billable-3000-4000.csv",
-            "billable-3000-4000.csv.done",
-        ]
+        with_markers(&["billable-1000-3000.csv", "billable-3000-4000.csv"])
     );
     let billing = dir.path().join("billing");
     assert_eq!(
@@ -100,9 +116,8 @@ fn later_periods_arriving_first_do_not_hide_earlier_ones() {
 
 #[test]
 fn a_period_is_written_only_once_its_last_deadline_has_passed() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut sink = open(dir.path());
-    sink.accept(&outcome("a", 1_000, Some(1_001))).unwrap();
+    let (dir, mut sink) = fresh();
+    sink.accept(outcome("a", 1_000, Some(1_001))).unwrap();
     // The last impression of [1000, 2000) has its deadline at 1999 + 500.
     sink.advance(Some(2_400)).unwrap();
     assert!(files(dir.path()).is_empty());
@@ -116,11 +131,10 @@ fn a_period_is_written_only_once_its_last_deadline_has_passed() {
 
 #[test]
 fn an_id_is_final_once_whatever_comes_later() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut sink = open(dir.path());
-    sink.accept(&outcome("a", 1_100, Some(1_200))).unwrap();
+    let (dir, mut sink) = fresh();
+    sink.accept(outcome("a", 1_100, Some(1_200))).unwrap();
     sink.advance(Some(1_000)).unwrap();
-    sink.accept(&outcome("a", 1_900, None)).unwrap();
+    sink.accept(outcome("a", 1_900, None)).unwrap();
     sink.advance(None).unwrap();
     let csv = std::fs::read_to_string(dir.path().join("billing/billable-1000-2000.csv")).unwrap();
     assert_eq!(csv.lines().count(), 2);
@@ -135,7 +149,7 @@ fn an_id_is_final_once_whatever_comes_later() {
     // Reopened on the same directory, nothing is written again.
     let before = std::fs::read(dir.path().join("billing/billable-1000-2000.csv")).unwrap();
     let mut again = open(dir.path());
-    again.accept(&outcome("a", 1_100, Some(1_150))).unwrap();
+    again.accept(outcome("a", 1_100, Some(1_150))).unwrap();
     again.advance(None).unwrap();
     let after = std::fs::read(dir.path().join("billing/billable-1000-2000.csv")).unwrap();
     assert_eq!(before, after);
@@ -149,15 +163,12 @@ fn marker(out: &Path, csv: &str) -> Marker {
 
 #[test]
 fn a_run_without_billed_rows_is_one_file_written_with_the_period_after_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut sink = open(dir.path());
-    sink.accept(&outcome("a", 1_100, Some(1_200))).unwrap();
-    sink.accept(&outcome("b", 3_100, None)).unwrap();
+    let (dir, mut sink) = fresh();
+    a_billed_and_b_expired(&mut sink);
     sink.advance(Some(1_000)).unwrap();
     // Three years of periods later (an impression far ahead of the others).
     let far = 1_000 + 3 * 365 * 24 * 3_600_000;
-    sink.accept(&outcome("c", far + 50, Some(far + 60)))
-        .unwrap();
+    sink.accept(outcome("c", far + 50, Some(far + 60))).unwrap();
     // [2000, 4000) is final, but the run it belongs to may go on: no file.
     sink.advance(Some(4_600)).unwrap();
     assert_eq!(files(dir.path()).len(), 2, "{:?}", files(dir.path()));
@@ -169,14 +180,7 @@ fn a_run_without_billed_rows_is_one_file_written_with_the_period_after_it() {
     );
     let run = format!("billable-2000-{far}.csv");
     let last = format!("billable-{far}-{}.csv", far + PERIOD);
-    let mut want = vec![
-        "billable-1000-2000.csv".to_string(),
-        "billable-1000-2000.csv.done".to_string(),
-        run.clone(),
-        format!("{run}.done"),
-        last.clone(),
-        format!("{last}.done"),
-    ];
+    let mut want = with_markers(&["billable-1000-2000.csv", &run, &last]);
     want.sort();
     assert_eq!(files(dir.path()), want);
     assert_eq!(
@@ -202,33 +206,22 @@ fn a_run_without_billed_rows_is_one_file_written_with_the_period_after_it() {
 
 #[test]
 fn the_tail_run_is_written_at_the_end_of_the_input_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut sink = open(dir.path());
-    sink.accept(&outcome("a", 1_100, Some(1_200))).unwrap();
-    sink.accept(&outcome("b", 3_100, None)).unwrap();
+    let (dir, mut sink) = fresh();
+    a_billed_and_b_expired(&mut sink);
     sink.advance(Some(10_000)).unwrap();
-    assert_eq!(
-        files(dir.path()),
-        ["billable-1000-2000.csv", "billable-1000-2000.csv.done"]
-    );
+    assert_eq!(files(dir.path()), with_markers(&["billable-1000-2000.csv"]));
     sink.advance(None).unwrap();
     assert_eq!(
         files(dir.path()),
-        [
-            "billable-1000-2000.csv",
-            "billable-1000-2000.csv.done",
-            "billable-2000-4000.csv",
-            "billable-2000-4000.csv.done",
-        ]
+        with_markers(&["billable-1000-2000.csv", "billable-2000-4000.csv"])
     );
 }
 
 #[test]
 fn an_outcome_for_a_period_already_covered_is_late_and_stays_out_of_the_ledger() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut sink = open(dir.path());
-    sink.accept(&outcome("a", 1_100, Some(1_200))).unwrap();
-    sink.accept(&outcome("b", 4_100, Some(4_200))).unwrap();
+    let (dir, mut sink) = fresh();
+    sink.accept(outcome("a", 1_100, Some(1_200))).unwrap();
+    sink.accept(outcome("b", 4_100, Some(4_200))).unwrap();
     sink.advance(None).unwrap();
     let before: Vec<Vec<u8>> = files(dir.path())
         .iter()
@@ -239,10 +232,10 @@ fn an_outcome_for_a_period_already_covered_is_late_and_stays_out_of_the_ledger()
     // A finished run resumed on an appended file: new outcomes in a period
     // with a file of its own, in a run's period, and before the first file.
     let mut again = open(dir.path());
-    again.accept(&outcome("c", 1_500, Some(1_600))).unwrap();
-    again.accept(&outcome("d", 2_500, Some(2_600))).unwrap();
-    again.accept(&outcome("e", 500, Some(600))).unwrap();
-    again.accept(&outcome("f", 5_100, Some(5_200))).unwrap();
+    again.accept(outcome("c", 1_500, Some(1_600))).unwrap();
+    again.accept(outcome("d", 2_500, Some(2_600))).unwrap();
+    again.accept(outcome("e", 500, Some(600))).unwrap();
+    again.accept(outcome("f", 5_100, Some(5_200))).unwrap();
     again.advance(None).unwrap();
     let late = std::fs::read_to_string(dir.path().join("late.jsonl")).unwrap();
     for id in ["c", "d", "e"] {
@@ -260,18 +253,11 @@ fn an_outcome_for_a_period_already_covered_is_late_and_stays_out_of_the_ledger()
         .map(|f| std::fs::read(dir.path().join("billing").join(f)).unwrap())
         .collect();
     assert_eq!(before, after, "no file changes");
-    assert_eq!(
-        &names[6..],
-        ["billable-5000-6000.csv", "billable-5000-6000.csv.done"]
-    );
+    assert_eq!(names[6..], with_markers(&["billable-5000-6000.csv"]));
     // The ledger bills what the files show: a, b and f.
-    let conn = rusqlite::Connection::open(dir.path().join(LEDGER_FILE)).unwrap();
-    let billed: Vec<String> = conn
-        .prepare("SELECT impression_id FROM finalized ORDER BY impression_id")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let billed = query_strings(
+        &dir.path().join(LEDGER_FILE),
+        "SELECT impression_id FROM finalized ORDER BY impression_id",
+    );
     assert_eq!(billed, ["a", "b", "f"]);
 }

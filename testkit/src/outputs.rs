@@ -1,8 +1,8 @@
 //! Checks of a job's billing output shared by the tests: the files against
 //! the independent reference, and the ledger against the files.
 
-use super::job::{dir_bytes, wait_for, Job};
-use super::reference::{expected, Expected, Rules};
+use crate::job::{dir_bytes, wait_for, Job};
+use crate::reference::{expected, Expected, Rules};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -106,4 +106,49 @@ pub fn assert_coverage(files: &BTreeMap<String, Vec<u8>>) -> Option<(u64, u64)> 
         assert_eq!(pair[0].1, pair[1].0, "{:?} then {:?}", pair[0], pair[1]);
     }
     ranges.first().zip(ranges.last()).map(|(a, b)| (a.0, b.1))
+}
+
+/// The records of a JSON-lines file (a side output); fails the test if it
+/// is missing.
+pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|err| panic!("reading {}: {err}", path.display()));
+    parse_lines(&text)
+}
+
+/// [`json_lines`], but none while the file is not there yet (for polling a
+/// running job).
+pub fn json_lines_so_far(path: &Path) -> Vec<serde_json::Value> {
+    parse_lines(&std::fs::read_to_string(path).unwrap_or_default())
+}
+
+/// `(offset, reason)` of each record of a side output (`late.jsonl`,
+/// `rejected.jsonl`), in file order.
+pub fn offsets_and_reasons(path: &Path) -> Vec<(u64, String)> {
+    json_lines(path)
+        .iter()
+        .map(|v| {
+            (
+                v["offset"].as_u64().unwrap(),
+                v["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The first column of every row `sql` selects from the SQLite database at
+/// `path` (a ledger), as text.
+pub fn query_strings(path: &Path, sql: &str) -> Vec<String> {
+    let db = rusqlite::Connection::open(path).unwrap();
+    let mut stmt = db.prepare(sql).unwrap();
+    stmt.query_map([], |row| row.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+fn parse_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }

@@ -9,7 +9,6 @@ use livepipe_dataflow::event::{Event, EventKind};
 use livepipe_dataflow::parse::parse_event;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 #[derive(Clone, Copy, Debug)]
 pub struct Rules {
@@ -64,10 +63,7 @@ fn impression_id(event: &Event) -> Option<&str> {
 /// Billing of one input file (one partition), per docs/contract.md,
 /// Billing rules.
 pub fn expected(lines: &[&[u8]], rules: Rules) -> Expected {
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let now_ms = crate::now_ms();
     let mut max_ts: Option<u64> = None;
     let mut pending: HashMap<String, Pending> = HashMap::new();
     // Progress seen for ids with no impression yet.
@@ -251,10 +247,7 @@ fn quote(field: &str) -> String {
 /// meet it); so a stream stays while one of its live events has
 /// `ts + 2 ttl >= now` or one of its chats has `ts + 60 s + ttl >= now`.
 pub fn expected_live(lines: &[&[u8]], presence_ttl: u64) -> (u64, BTreeMap<String, (u64, u64)>) {
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
+    let now_ms = crate::now_ms();
     let events: Vec<Event> = lines
         .iter()
         .filter_map(|l| parse_event(l).ok())

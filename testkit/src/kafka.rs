@@ -1,12 +1,28 @@
-//! Kafka helpers shared by the tests: loading a topic, and the separate
-//! broker process (`LIVEPIPE_TEST_KAFKA`, started by `.ci/run`).
+//! Kafka helpers shared by the tests and benches: librdkafka's mock
+//! cluster, loading a topic, generated traffic, and the separate broker
+//! process (`LIVEPIPE_TEST_KAFKA`, started by `.ci/run`).
 
+use crate::now_ms;
 use livepipe_tools::generator::{GenConfig, Generator};
 use livepipe_tools::publish::{ensure_topic, producer_config, publish, Pace, PublishStats};
 
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+/// librdkafka's mock cluster in this process.
+pub type Mock = MockCluster<'static, DefaultProducerContext>;
+
+/// A one-broker mock cluster with an empty `topic` of `partitions`
+/// partitions.
+pub fn mock_cluster(topic: &str, partitions: i32) -> Mock {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic(topic, partitions, 1).expect("topic");
+    cluster
+}
 
 /// Sends `records` keyed by stream, as `livepipe gen --brokers` does, and
 /// checks that every one was delivered.
@@ -45,13 +61,18 @@ pub fn separate_broker() -> Option<String> {
     }
 }
 
+/// The separate broker and a fresh topic `<prefix>-<now>` of `partitions`
+/// partitions on it, or `None` (the test then skips; see
+/// [`separate_broker`]).
+pub fn separate_topic(prefix: &str, partitions: i32) -> Option<(String, String)> {
+    let brokers = separate_broker()?;
+    let topic = fresh_topic(&brokers, prefix, partitions);
+    Some((brokers, topic))
+}
+
 /// Creates a topic named `<prefix>-<now>` with `partitions` partitions.
 pub fn fresh_topic(brokers: &str, prefix: &str, partitions: i32) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    let topic = format!("{prefix}-{now}");
+    let topic = format!("{prefix}-{}", now_ms());
     let created = ensure_topic(
         &producer_config(brokers, &[]),
         &topic,
@@ -87,14 +108,58 @@ pub fn generated_traffic(events: u64, seed: u64) -> Vec<Vec<u8>> {
 
 /// librdkafka's mock cluster with topic `events` of `partitions`
 /// partitions, loaded with `records`.
-pub fn loaded_mock_topic(
-    records: &[Vec<u8>],
-    partitions: i32,
-) -> rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
-    let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
-    cluster
-        .create_topic("events", partitions, 1)
-        .expect("topic");
+pub fn loaded_mock_topic(records: &[Vec<u8>], partitions: i32) -> Mock {
+    let cluster = mock_cluster("events", partitions);
     publish_all(&cluster.bootstrap_servers(), "events", records);
     cluster
+}
+
+/// Generated traffic into `topic` at `rate` records/s, `ts` = now, until
+/// dropped.
+pub struct Traffic {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    pub fn start(brokers: &str, topic: &str, rate: u64) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (brokers, topic, stop) = (brokers.to_string(), topic.to_string(), stop.clone());
+            std::thread::spawn(move || {
+                let records = Generator::new(&GenConfig {
+                    events: u64::MAX,
+                    start_ts: now_ms(),
+                    rate,
+                    ..GenConfig::default()
+                });
+                publish(
+                    &producer_config(&brokers, &[]),
+                    &topic,
+                    records,
+                    Pace {
+                        max_rate: None,
+                        follow_clock: true,
+                    },
+                    &stop,
+                    Arc::new(PublishStats::default()),
+                    Duration::from_secs(5),
+                )
+                .expect("traffic");
+            })
+        };
+        Traffic {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }

@@ -42,10 +42,9 @@
 //!
 //! Every socket read has a timeout, so a broken or wedged browser makes the
 //! test fail with a message instead of hanging it.
-#![allow(dead_code)]
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -88,6 +87,19 @@ pub fn chromium_path() -> Option<PathBuf> {
     })
 }
 
+/// [`chromium_path`], or `None` after saying the test is skipped. Under
+/// `CI=true` a missing chromium is a failure, never a silent skip.
+pub fn chromium_or_skip() -> Option<PathBuf> {
+    let found = chromium_path();
+    if found.is_none() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true but no chromium: .ci/run must install Debian's chromium package");
+        }
+        eprintln!("skipped: no chromium (apt-get install chromium, or set LIVEPIPE_CHROMIUM)");
+    }
+    found
+}
+
 #[cfg(unix)]
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
@@ -108,7 +120,7 @@ struct Process {
     reaped: bool,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
     // Declared last so it is dropped (removed) after `child` is killed.
-    profile: tempfile::TempDir,
+    _profile: tempfile::TempDir,
 }
 
 impl Process {
@@ -192,7 +204,7 @@ impl Browser {
             child,
             reaped: false,
             stderr_tail: Arc::clone(&stderr_tail),
-            profile,
+            _profile: profile,
         };
 
         // Drain stderr for chromium's whole life so it never blocks on a full
@@ -321,6 +333,14 @@ impl Browser {
                 panic!("{js:?} was still not truthy after {limit:?}; last value: {value}");
             }
             thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// [`wait_for`](Self::wait_for) each of `predicates` in turn, each
+    /// within `limit`.
+    pub fn wait_for_all(&mut self, predicates: &[&str], limit: Duration) {
+        for js in predicates {
+            self.wait_for(js, limit);
         }
     }
 
@@ -467,54 +487,13 @@ fn connect_tcp(host_port: &str) -> std::io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// A minimal HTTP GET returning the body of a 200 answer. (HTTP/1.1 with
-/// `Connection: close`: chromium's DevTools server rejects HTTP/1.0.)
-fn http_get(host_port: &str, path: &str) -> std::io::Result<String> {
-    let mut stream = connect_tcp(host_port)?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host_port}\r\nConnection: close\r\n\r\n"
-    )?;
-    stream.flush()?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    // Read until EOF, or until the body announced by Content-Length is in.
-    loop {
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some((head_len, Some(body_len))) = parse_head(&buf) {
-            if buf.len() >= head_len + body_len {
-                break;
-            }
-        }
+/// The body of a 200 answer to `GET http://HOST_PORT/PATH`.
+fn http_get(host_port: &str, path: &str) -> Result<String, String> {
+    let response = crate::http::try_get(host_port, path)?;
+    match response.status {
+        200 => Ok(response.body),
+        status => Err(format!("HTTP answer {status}")),
     }
-    let invalid = |msg: String| std::io::Error::new(std::io::ErrorKind::InvalidData, msg);
-    let (head_len, _) =
-        parse_head(&buf).ok_or_else(|| invalid("incomplete HTTP answer".to_string()))?;
-    let head = String::from_utf8_lossy(&buf[..head_len]);
-    let status = head.lines().next().unwrap_or_default();
-    if status.split_whitespace().nth(1) != Some("200") {
-        return Err(invalid(format!("HTTP answer {status:?}")));
-    }
-    String::from_utf8(buf[head_len..].to_vec()).map_err(|e| invalid(e.to_string()))
-}
-
-/// Length of the header block (including the blank line) and the
-/// Content-Length, once the whole header block has arrived.
-fn parse_head(buf: &[u8]) -> Option<(usize, Option<usize>)> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-    let head = String::from_utf8_lossy(&buf[..end]);
-    let content_length = head.lines().find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.trim()
-            .eq_ignore_ascii_case("content-length")
-            .then(|| value.trim().parse().ok())
-            .flatten()
-    });
-    Some((end, content_length))
 }
 
 /// Opens the DevTools WebSocket at `url` over a TcpStream with timeouts.
