@@ -1175,32 +1175,38 @@ fn timed_out() -> io::Error {
 
 /// Fills `buf` by `deadline`, however the bytes trickle in.
 fn read_by(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(timed_out());
-        }
+    by_deadline(deadline, buf.len(), |left, filled| {
         stream.set_read_timeout(Some(left))?;
-        filled += moved(stream.read(&mut buf[filled..]), || {
+        moved(stream.read(&mut buf[filled..]), || {
             io::Error::new(io::ErrorKind::UnexpectedEof, "the connection closed")
-        })?;
-    }
-    Ok(())
+        })
+    })
 }
 
 /// Writes all of `bytes` by `deadline`.
 fn write_by(stream: &mut TcpStream, bytes: &[u8], deadline: Instant) -> io::Result<()> {
-    let mut written = 0;
-    while written < bytes.len() {
+    by_deadline(deadline, bytes.len(), |left, written| {
+        stream.set_write_timeout(Some(left))?;
+        moved(stream.write(&bytes[written..]), || {
+            io::ErrorKind::WriteZero.into()
+        })
+    })
+}
+
+/// Moves `len` bytes in steps (`step(time left, bytes so far)` returns the
+/// bytes it moved), or times out at `deadline`.
+fn by_deadline(
+    deadline: Instant,
+    len: usize,
+    mut step: impl FnMut(Duration, usize) -> io::Result<usize>,
+) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(timed_out());
         }
-        stream.set_write_timeout(Some(left))?;
-        written += moved(stream.write(&bytes[written..]), || {
-            io::ErrorKind::WriteZero.into()
-        })?;
+        done += step(left, done)?;
     }
     Ok(())
 }

@@ -179,25 +179,19 @@ fn run_dataflow(
     let process = job.cluster.as_ref().map_or(0, |c| c.process);
     let first = process == 0;
     let listener = bind_http(&job)?;
-    let Outputs {
-        lock: _lock,
-        side,
-        sink,
-        billing_stats,
-        resume,
-        lost_records,
-        ledger_positions,
-    } = open_outputs(&job, process, &sources, &partitions)?;
-    let (sink_input, sink_thread) = spawn_sink(sink, &job.stop);
+    // Its lock is held until the run ends, with `outputs`.
+    let outputs = open_outputs(&job, process, &sources, &partitions)?;
+    let (side, billing_stats) = (outputs.side, outputs.billing_stats);
+    let (sink_input, sink_thread) = spawn_sink(outputs.sink, &job.stop);
     let board = LiveBoard::default();
     let gauges = Gauges::new(job.workers);
-    let metrics = job_metrics(&gauges, &board, &billing_stats, lost_records);
+    let metrics = job_metrics(&gauges, &board, &billing_stats, outputs.lost_records);
     let _server = start_http(listener, &job, first, &board, metrics)?;
-    let context = source_context(&job, &gauges, &side, ledger_positions);
+    let context = source_context(&job, &gauges, &side, outputs.ledger_positions);
     let comm = connect(&job)?;
     let wiring = Wiring {
         context,
-        resume: Arc::new(resume),
+        resume: Arc::new(outputs.resume),
         input: job.input.clone(),
         config: job.config.clone(),
         partitions,
@@ -742,8 +736,8 @@ fn job_shape(job: &Job) -> JobShape {
 /// checked against this job (process 0), the side outputs and the billing
 /// sink.
 struct Outputs {
-    /// Held until the run ends.
-    lock: OutDirLock,
+    /// Held until the run ends (dropped with the rest of `Outputs`).
+    _lock: OutDirLock,
     side: Arc<SideOutputs>,
     sink: Option<BillingSink>,
     billing_stats: Arc<BillingStats>,
@@ -815,7 +809,7 @@ fn open_outputs(
         (None, Arc::new(BillingStats::default()))
     };
     Ok(Outputs {
-        lock,
+        _lock: lock,
         side,
         sink,
         billing_stats,

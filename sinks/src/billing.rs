@@ -710,14 +710,18 @@ mod tests {
         assert_eq!(sink.stats().files.load(Ordering::Relaxed), 0);
     }
 
-    #[test]
-    fn a_stop_abandons_the_commit_in_progress_and_nothing_of_it_counts() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut sink = open(dir.path());
+    fn accept_ten_thousand_in_five_periods(sink: &mut BillingSink) {
         for id in 0..10_000 {
             sink.accept(billed(id, 1_000 + (id % 5) as u64 * 1_000))
                 .unwrap();
         }
+    }
+
+    #[test]
+    fn a_stop_abandons_the_commit_in_progress_and_nothing_of_it_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = open(dir.path());
+        accept_ten_thousand_in_five_periods(&mut sink);
         sink.stop.store(true, Ordering::Relaxed);
         assert!(matches!(sink.advance(None), Err(SinkError::Stopped)));
         drop(sink);
@@ -727,10 +731,7 @@ mod tests {
 
         // The next run commits it all.
         let mut sink = open(dir.path());
-        for id in 0..10_000 {
-            sink.accept(billed(id, 1_000 + (id % 5) as u64 * 1_000))
-                .unwrap();
-        }
+        accept_ten_thousand_in_five_periods(&mut sink);
         sink.advance(None).unwrap();
         assert_eq!(sink.stats().billed.load(Ordering::Relaxed), 10_000);
         assert_eq!(sink.stats().files.load(Ordering::Relaxed), 5);
