@@ -362,7 +362,14 @@ fn a_lost_process_stops_the_other_and_a_full_restart_bills_exactly_once() {
 
     // A full restart resumes from process 0's ledger and bills exactly once.
     let mut zero = topic.start(0, "final-p0");
-    let one = topic.start(1, "final-p1");
+    let mut one = topic.start(1, "final-p1");
+    // Formed before anything else: the earlier rounds' files are all there
+    // already, and a stop before a process is up is not the stop this
+    // tests.
+    for job in [&mut zero, &mut one] {
+        let path = job.stderr.clone();
+        wait_for(job, LIMIT, "the cluster to form", || formed(&path));
+    }
     wait_for_all_files(&mut zero, out0, want, LIMIT);
     stop_together(vec![zero, one]);
     let files = billing_files(out0);
