@@ -5,25 +5,36 @@
 //!    default 1M records); the parse floor (a bare program parsing every
 //!    line into a typed struct on 2 threads); the release binary on the
 //!    file with 1 and 2 workers: events/s, ratio to the floor, peak RSS
-//!    (`/usr/bin/time`). Best of `LIVEPIPE_BENCH_RUNS` (default 3) runs.
-//! 2. **Live and finality.** The mock cluster with ~1,000 records/s of
+//!    (`/usr/bin/time`). Medians of `LIVEPIPE_BENCH_RUNS` (default 3) runs.
+//! 2. **Kafka replay.** The same records in a 4-partition topic (the
+//!    separate broker if `LIVEPIPE_TEST_KAFKA` is set, else the mock
+//!    cluster): the bare consume floor (an rdkafka consumer per worker,
+//!    reading and parsing every record, nothing else) and `livepipe run
+//!    --brokers` with 1 and 2 workers to its last final billing file (the
+//!    file replay's), as a ratio of that floor.
+//! 3. **Cost growth.** File replay (2 workers) of 1M, 5M and 10M generated
+//!    records at the generator's dense default rate (2,000 records/s of
+//!    event time; `LIVEPIPE_BENCH_GROWTH` lists other sizes): events/s and
+//!    peak RSS each, one run each.
+//! 4. **Live and finality.** The mock cluster with ~1,000 records/s of
 //!    traffic (`ts` = now) for `LIVEPIPE_BENCH_SECONDS` (default 60): live
 //!    latency (a probe join produced -> first SSE board event showing it)
 //!    and billing finality (watermark passes a period's end + qualify
 //!    window -> the period's `.done` marker), with 10 s periods and a 10 s
 //!    window so that several periods finalize in the phase.
-//! 3. **Soak.** `livepipe gen --brokers` at 2,000 records/s into the mock
+//! 5. **Soak.** `livepipe gen --brokers` at 2,000 records/s into the mock
 //!    cluster and `livepipe run` with the default rules (plus
 //!    `LIVEPIPE_SOAK_ARGS`, e.g. `--state-retention-ms 60000`) for
 //!    `LIVEPIPE_SOAK_MINUTES` (default 30; 0 skips): RSS, pending
 //!    impressions and present viewers every minute.
 //!
-//! `LIVEPIPE_E2E_ONLY=file|live|soak` runs one part alone.
+//! `LIVEPIPE_E2E_ONLY=file|kafka|growth|live|soak` runs one part alone.
 
 mod common;
 
 use livepipe_tools::generator::{write_jsonl, GenConfig};
 
+use common::kafka_replay::{consume_floor, done_markers, livepipe_replay, LoadedTopic};
 use common::live::{percentile, FinalityWatch, Job, Prober};
 use testkit::kafka::mock_cluster;
 use testkit::kafka::Traffic;
@@ -60,6 +71,8 @@ fn parse_floor(path: &Path) -> f64 {
 struct Run {
     events_per_sec: f64,
     peak_rss_mib: Option<f64>,
+    /// Where it wrote its outputs.
+    out: PathBuf,
 }
 
 fn run(path: &Path, workers: u32, events: u64) -> Run {
@@ -90,6 +103,7 @@ fn run(path: &Path, workers: u32, events: u64) -> Run {
     Run {
         events_per_sec: events as f64 / secs,
         peak_rss_mib,
+        out,
     }
 }
 
@@ -104,25 +118,83 @@ fn file_replay() {
     let events = env_or("LIVEPIPE_BENCH_EVENTS", 1_000_000);
     let runs = env_or("LIVEPIPE_BENCH_RUNS", 3).max(1);
     let path = input(events);
-    let floor = (0..runs).map(|_| parse_floor(&path)).fold(0.0, f64::max);
+    let floor = median((0..runs).map(|_| parse_floor(&path)));
     println!("\n## File replay\n");
-    println!("{events} records, parse floor (2 threads, typed serde_json): {floor:.0} lines/s; best of {runs} runs\n");
+    println!("{events} records, parse floor (2 threads, typed serde_json): {floor:.0} lines/s; medians of {runs} runs\n");
     println!("| workers | events/s | ratio to floor | peak RSS |");
     println!("|---|---|---|---|");
     for workers in [1, 2] {
-        let best = (0..runs)
-            .map(|_| run(&path, workers, events))
-            .max_by(|a, b| a.events_per_sec.total_cmp(&b.events_per_sec))
-            .expect("at least one run");
-        let rss = best
+        let mut results: Vec<Run> = (0..runs).map(|_| run(&path, workers, events)).collect();
+        results.sort_by(|a, b| a.events_per_sec.total_cmp(&b.events_per_sec));
+        let median_run = results.swap_remove(results.len() / 2);
+        let rss = median_run
             .peak_rss_mib
             .map_or("n/a".to_string(), |m| format!("{m:.0} MiB"));
         println!(
             "| {workers} | {:.0} | {:.2} | {rss} |",
-            best.events_per_sec,
-            best.events_per_sec / floor
+            median_run.events_per_sec,
+            median_run.events_per_sec / floor
         );
     }
+}
+
+fn kafka_replay() {
+    let events = env_or("LIVEPIPE_BENCH_EVENTS", 1_000_000);
+    let runs = env_or("LIVEPIPE_BENCH_RUNS", 3).max(1);
+    let path = input(events);
+    // The billing files a Kafka run must reach: a file replay's.
+    let reference = run(&path, 2, events);
+    let want = done_markers(&reference.out.join("billing"));
+    let records: Vec<Vec<u8>> = std::fs::read(&path)
+        .unwrap()
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
+    let topic = LoadedTopic::load(&records);
+    drop(records);
+    println!("\n## Kafka replay\n");
+    println!(
+        "{} records in {} partitions of {}; medians of {runs} runs\n",
+        topic.records,
+        common::kafka_replay::PARTITIONS,
+        topic.where_()
+    );
+    println!("| workers | consume floor records/s | livepipe records/s | ratio |");
+    println!("|---|---|---|---|");
+    for workers in [1, 2] {
+        let floor = median((0..runs).map(|_| consume_floor(&topic, workers)));
+        let livepipe = median((0..runs).map(|_| livepipe_replay(&topic, workers, &want)));
+        println!(
+            "| {workers} | {floor:.0} | {livepipe:.0} | {:.2} |",
+            livepipe / floor
+        );
+    }
+}
+
+fn growth() {
+    let sizes = std::env::var("LIVEPIPE_BENCH_GROWTH")
+        .unwrap_or_else(|_| "1000000,5000000,10000000".to_string());
+    println!("\n## Cost growth (file replay, 2 workers, 2,000 records/s of event time)\n");
+    println!("| records | events/s | peak RSS |");
+    println!("|---|---|---|");
+    for events in sizes
+        .split(',')
+        .filter_map(|n| n.trim().parse::<u64>().ok())
+    {
+        let path = input(events);
+        let result = run(&path, 2, events);
+        let rss = result
+            .peak_rss_mib
+            .map_or("n/a".to_string(), |m| format!("{m:.0} MiB"));
+        println!("| {events} | {:.0} | {rss} |", result.events_per_sec);
+    }
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 /// Period and window of the finality phase: short, so that several periods
@@ -248,6 +320,12 @@ fn main() {
     let run = |part: &str| only.is_empty() || only == part;
     if run("file") {
         file_replay();
+    }
+    if run("kafka") {
+        kafka_replay();
+    }
+    if run("growth") {
+        growth();
     }
     if run("live") {
         live_and_finality();

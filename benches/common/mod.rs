@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod kafka_replay;
 pub mod live;
 
 use serde::Deserialize;
