@@ -793,6 +793,17 @@ mod tests {
     }
 
     /// Applies a signal at `B + ts`, the clock being there too.
+    /// Room for 100 streams, the `(stream, viewer, ts, kind)` signals
+    /// applied, then one tick at `now`.
+    fn ticked_after(signals: &[(&str, &str, u64, SignalKind)], now: u64) -> LiveStreams {
+        let mut streams = LiveStreams::new(TTL, 100);
+        for &(stream, viewer, ts, kind) in signals {
+            signal(&mut streams, stream, viewer, ts, kind);
+        }
+        tick(&mut streams, now);
+        streams
+    }
+
     fn signal(streams: &mut LiveStreams, stream: &str, viewer: &str, ts: u64, kind: SignalKind) {
         streams.apply(stream.into(), viewer.into(), B + ts, kind, B + ts);
     }
@@ -861,11 +872,14 @@ mod tests {
 
     #[test]
     fn chat_keeps_a_stream_for_its_minute_and_a_leave_for_the_ttl() {
-        let mut streams = LiveStreams::new(TTL, 100);
-        signal(&mut streams, "chat", "v", 0, SignalKind::Chat);
-        signal(&mut streams, "left", "w", 0, SignalKind::Presence);
-        signal(&mut streams, "left", "w", 20_000, SignalKind::Leave);
-        tick(&mut streams, 20_000);
+        let mut streams = ticked_after(
+            &[
+                ("chat", "v", 0, SignalKind::Chat),
+                ("left", "w", 0, SignalKind::Presence),
+                ("left", "w", 20_000, SignalKind::Leave),
+            ],
+            20_000,
+        );
         // The chat counts until 60_000; the leave at 20_000 keeps "left"
         // active (at 0 viewers) until 50_000.
         let mut shown = snapshots(&tick(&mut streams, 50_000));
@@ -1038,11 +1052,14 @@ mod tests {
 
     #[test]
     fn the_end_retires_exactly_and_snapshots_the_rest_at_now() {
-        let mut streams = LiveStreams::new(TTL, 100);
-        signal(&mut streams, "gone", "v", 0, SignalKind::Presence);
-        signal(&mut streams, "edge", "v", 40_000, SignalKind::Leave);
-        signal(&mut streams, "here", "v", 90_000, SignalKind::Presence);
-        tick(&mut streams, 50_000);
+        let mut streams = ticked_after(
+            &[
+                ("gone", "v", 0, SignalKind::Presence),
+                ("edge", "v", 40_000, SignalKind::Leave),
+                ("here", "v", 90_000, SignalKind::Presence),
+            ],
+            50_000,
+        );
         let mut out = Vec::new();
         streams.finish(B + 100_000, 0, |u| out.push(u));
         // "gone": quiet at 30_000, retired past 60_000. "edge": quiet at
