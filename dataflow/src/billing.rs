@@ -576,9 +576,10 @@ fn decide<'s>(
                         facts.clear();
                         let mut expiry = 0;
                         while let Some(fact) = cursor.get_val(&storage) {
-                            // Present at the bucket, or arrived after it: a fact
-                            // retracted before the bucket belonged to an earlier
-                            // decision of the id.
+                            // Present at the bucket, or arrived after it (and so
+                            // late, even if retracted since). A fact retracted by
+                            // the bucket belonged to an earlier decision of the
+                            // id, or can no longer matter (progress before it).
                             let (mut at_bucket, mut arrived_later) = (0isize, false);
                             cursor.map_times(&storage, |&time, &diff| {
                                 if time <= bucket {
