@@ -16,19 +16,43 @@
 //!   final: it is late and changes nothing.
 //!
 //! Because the rule reads only data, the answer does not depend on arrival
-//! order, worker count or partitioning. Differential computes it with one
-//! `reduce` keyed by impression id (which is also the dedup arrangement),
-//! and [`finalize`] releases an outcome only once the frontier has passed
-//! its deadline: records still able to change it travel at times at or
-//! before `coarse(D)` (see [`crate::time`]).
+//! order, worker count or partitioning. It lives in one function,
+//! [`decide_impression`]; the dataflow only decides when to call it, and
+//! with which facts.
+//!
+//! Facts are arranged by impression id (`arrange_by_key`: the dedup
+//! arrangement), and one operator, `DecideImpression`, reads the batches of
+//! that arrangement as they come and holds a handle on its trace:
+//!
+//! * an impression registers its id under its deadline bucket
+//!   `coarse(ts + window)` (see [`crate::time`]);
+//! * once the frontier has passed a bucket, every record with
+//!   `watermark <= D` of an id due there has arrived (it travels at a time
+//!   at or before `coarse(D)`). The operator reads the id's facts once,
+//!   from the trace through the upper bound of the batches it has received,
+//!   decides, emits the final outcome and the late records among them, and
+//!   leaves a tombstone: the deadline, until all the id's facts retire;
+//! * a fact of a decided id received later is late (its watermark is above
+//!   `D`, or it would have been read) and is reported on arrival.
+//!
+//! So each fact is reported at most once, and each outcome is final once:
+//! the facts in batches received before the decision are exactly those the
+//! decision reads (the trace is cut at the received batches' upper bound,
+//! and the decision takes those present at the bucket or arriving after
+//! it), and the facts in batches received after it meet the tombstone.
+//! Every admitted impression record leaves `pending_impressions` once: as
+//! the canonical one, a duplicate, or late.
 //!
 //! State stays bounded: each record leaves the arrangement again
-//! `state_retention_ms` after the latest deadline it can influence. Outcome
-//! changes caused by those retractions happen after the deadline and are
-//! dropped by [`finalize`]; a duplicate that arrives after everything about
-//! its id has been retracted can produce a second outcome, which the billing
-//! sink's ledger (every finalized id, forever) rejects.
+//! `state_retention_ms` after the latest deadline it can influence, and a
+//! tombstone goes with the last of its id's records. The trace is compacted
+//! up to the frontier (every undecided bucket is at or after it, so what
+//! the decisions read stays exact). A fact of an id whose records have all
+//! retired starts the id afresh; a second outcome for the id is rejected by
+//! the billing sink's ledger (every finalized id, forever).
 
+use differential_dataflow::trace::cursor::cursor_list;
+use differential_dataflow::trace::{Cursor, Navigable, TraceReader};
 use differential_dataflow::AsCollection;
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Pipeline;
@@ -37,8 +61,9 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Capability, Concat};
 use timely::dataflow::StreamVec;
+use timely::progress::Antichain;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -236,13 +261,6 @@ pub enum BillingEvent {
     Late(LateRecord),
 }
 
-/// What the reduce says about an impression id at some time.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-enum Verdict {
-    Outcome(Outcome),
-    Late(LateRecord),
-}
-
 /// Builds the billing sub-graph on the stream of ingested impressions and
 /// `ad_progress` records (other event types may be present; they are ignored).
 pub fn billing<'s>(
@@ -252,8 +270,7 @@ pub fn billing<'s>(
     probes: Arc<Probes>,
 ) -> StreamVec<'s, Time, BillingEvent> {
     let (facts, window_closed) = admit(ingested, config, route, probes.clone());
-    let verdicts = decide(facts, config);
-    finalize(verdicts, config, probes).concat(window_closed.map(BillingEvent::Late))
+    decide(facts, config, probes).concat(window_closed.map(BillingEvent::Late))
 }
 
 /// Turns ingested records into billing facts, early: below-threshold
@@ -326,23 +343,55 @@ fn admit<'s>(
     (facts.flat_map(|fact| fact), late)
 }
 
-/// The differential part: every fact enters at its arrival time and leaves
-/// again once it can no longer matter; one reduce per impression id decides.
-fn decide<'s>(
+/// When a fact leaves billing state: `state_retention_ms` after the latest
+/// deadline it can influence, on a grid.
+#[derive(Clone, Copy, Debug)]
+struct Retirement {
+    window: u64,
+    granularity: u64,
+    retention: u64,
+    grid: u64,
+}
+
+impl Retirement {
+    fn new(config: &PipelineConfig) -> Self {
+        let granularity = config.time_granularity_ms;
+        let retention = config.state_retention_ms;
+        Retirement {
+            window: config.qualify_window_ms,
+            granularity,
+            retention,
+            // Retirements are rounded up to a grid of a tenth of the
+            // retention: the records of one impression (its retries, its
+            // progress) then mostly leave at one time. State lives at most a
+            // tenth longer.
+            grid: (retention / 10)
+                .next_multiple_of(granularity)
+                .max(granularity),
+        }
+    }
+
+    /// The time `fact` leaves the arrangement. The latest deadline it can
+    /// influence is its own `ts + window` (for an impression: its own
+    /// deadline; for progress: the deadline of an impression at
+    /// `ts - window` or later). It must still be present when the frontier
+    /// passes that deadline, and may leave `retention` later.
+    fn at(&self, fact: &Fact) -> Time {
+        let last_useful = fact.watermark().max(fact.ts() + self.window);
+        after(last_useful, self.granularity)
+            .saturating_add(self.retention)
+            .checked_next_multiple_of(self.grid)
+            .unwrap_or(u64::MAX)
+    }
+}
+
+/// Every fact enters at its arrival time and leaves again once it can no
+/// longer matter (see [`Retirement`]).
+fn enter_and_retire<'s>(
     facts: StreamVec<'s, Time, (ImpressionKey, Fact)>,
-    config: &PipelineConfig,
-) -> StreamVec<'s, Time, ((ImpressionKey, Verdict), Time, isize)> {
-    let window = config.qualify_window_ms;
-    let granularity = config.time_granularity_ms;
-    let retention = config.state_retention_ms;
-    // Retirements are rounded up to a grid of a tenth of the retention: the
-    // records of one impression (its retries, its progress) then mostly leave
-    // at one time, and the reduce revisits the id once, not once per record.
-    // State lives at most a tenth longer.
-    let retire_grid = (retention / 10)
-        .next_multiple_of(granularity)
-        .max(granularity);
-    let updates = facts.unary_frontier(Pipeline, "EnterAndRetire", move |_, _| {
+    retirement: Retirement,
+) -> StreamVec<'s, Time, ((ImpressionKey, Fact), Time, isize)> {
+    facts.unary_frontier(Pipeline, "EnterAndRetire", move |_, _| {
         // Retractions wait here, by retire time, until the frontier reaches
         // them. Handing them to differential up front would park them in the
         // arrangement's batcher, which re-sorts every pending future update
@@ -355,16 +404,7 @@ fn decide<'s>(
                 let mut session = output.session(&cap);
                 for batch in batches {
                     for (id, fact) in batch.drain(..) {
-                        // The latest deadline this fact can influence is its own
-                        // `ts + window` (for an impression: its own deadline; for
-                        // progress: the deadline of an impression at `ts - window`
-                        // or later). It must still be present when the frontier
-                        // passes that deadline, and may leave `retention` later.
-                        let last_useful = fact.watermark().max(fact.ts() + window);
-                        let retire = after(last_useful, granularity)
-                            .saturating_add(retention)
-                            .checked_next_multiple_of(retire_grid)
-                            .unwrap_or(u64::MAX);
+                        let retire = retirement.at(&fact);
                         debug_assert!(retire > time);
                         if retire_cap.as_ref().is_none_or(|c| retire < *c.time()) {
                             retire_cap = Some(cap.delayed(&retire, 0));
@@ -394,42 +434,250 @@ fn decide<'s>(
                 _ => retire_cap = None,
             }
         }
-    });
-    updates
-        .as_collection()
-        .reduce_named(
-            "DecideImpression",
-            move |key: &ImpressionKey, input, output| {
-                decide_impression(&key.id, input, output, window)
-            },
-        )
-        .inner
+    })
 }
 
-/// The pure rule of the module docs, for one impression id. `input` is
-/// sorted, so impressions come first and the canonical one leads.
-fn decide_impression(
+/// What is left of an impression id once it has been decided: enough to
+/// call every later fact of it late, until all its facts have retired.
+#[derive(Clone, Copy, Debug)]
+struct Tombstone {
+    /// The decided impression's deadline `D`.
+    deadline: u64,
+    /// The latest retire time of the id's facts: facts arriving at or after
+    /// it meet an arrangement without the id, and start afresh.
+    expiry: Time,
+}
+
+/// The differential part: facts arranged by impression id, and one operator
+/// that reads an id's facts once, when the frontier passes its deadline.
+fn decide<'s>(
+    facts: StreamVec<'s, Time, (ImpressionKey, Fact)>,
+    config: &PipelineConfig,
+    probes: Arc<Probes>,
+) -> StreamVec<'s, Time, BillingEvent> {
+    let window = config.qualify_window_ms;
+    let granularity = config.time_granularity_ms;
+    let retirement = Retirement::new(config);
+    let arranged = enter_and_retire(facts, retirement)
+        .as_collection()
+        .arrange_by_key_named("ImpressionFacts");
+    let mut trace = Some(arranged.trace);
+    arranged
+        .stream
+        .unary_frontier(Pipeline, "DecideImpression", move |_, _| {
+            // Impression ids to decide, by deadline bucket, with a capability
+            // to emit their outcomes.
+            type Bucket = (Capability<Time>, Vec<ImpressionKey>);
+            let mut due: BTreeMap<Time, Bucket> = BTreeMap::new();
+            let mut decided: HashMap<ImpressionKey, Tombstone> = HashMap::new();
+            let mut expiring: BTreeMap<Time, Vec<ImpressionKey>> = BTreeMap::new();
+            // The upper bound of the batches received so far: the trace
+            // through it holds exactly the facts this operator has seen.
+            let mut seen_upper: Antichain<Time> = Antichain::from_elem(0);
+            move |(input, frontier), output| {
+                input.for_each_stamp(|cap, spans| {
+                    let least = cap.least().copied();
+                    for span in spans.flat_map(|spans| spans.drain(..)) {
+                        seen_upper.clone_from(span.upper());
+                        let (Some(batch), Some(least)) = (span.inner, least) else {
+                            continue;
+                        };
+                        let mut cursor = batch.cursor();
+                        // One id's arrivals in this batch, in time order: a fact
+                        // arriving after everything about a decided id retired
+                        // starts it afresh, one arriving before is late.
+                        let mut arrivals: Vec<(Time, &Fact)> = Vec::new();
+                        while let Some(key) = cursor.get_key(&batch) {
+                            arrivals.clear();
+                            while let Some(fact) = cursor.get_val(&batch) {
+                                cursor.map_times(&batch, |&time, &diff| {
+                                    // Retractions only shrink the arrangement.
+                                    for _ in 0..diff.max(0) {
+                                        arrivals.push((time.max(least), fact));
+                                    }
+                                });
+                                cursor.step_val(&batch);
+                            }
+                            arrivals.sort_by_key(|&(time, _)| time);
+                            for &(time, fact) in &arrivals {
+                                match decided.get_mut(key) {
+                                    Some(tomb) if time < tomb.expiry => {
+                                        // Decided before this fact came: it was
+                                        // not read then, and every fact with
+                                        // `watermark <= D` was (its time is at
+                                        // most `coarse(D)`).
+                                        debug_assert!(fact.watermark() > tomb.deadline);
+                                        let retire = retirement.at(fact);
+                                        if retire > tomb.expiry {
+                                            tomb.expiry = retire;
+                                            expiring.entry(retire).or_default().push(key.clone());
+                                        }
+                                        if matches!(fact, Fact::Impression(_)) {
+                                            probes
+                                                .pending_impressions
+                                                .fetch_sub(1, Ordering::Relaxed);
+                                        }
+                                        output.session(&cap.delayed(&time, 0)).give(
+                                            BillingEvent::Late(LateRecord::of(
+                                                fact,
+                                                &key.id,
+                                                LateReason::ImpressionFinal,
+                                            )),
+                                        );
+                                    }
+                                    _ => {
+                                        // Everything the tombstone stood for has
+                                        // retired: the id starts afresh.
+                                        decided.remove(key);
+                                        if let Fact::Impression(imp) = fact {
+                                            let bucket =
+                                                coarse(imp.ts + window, granularity).max(time);
+                                            due.entry(bucket)
+                                                .or_insert_with(|| {
+                                                    (cap.delayed(&bucket, 0), Vec::new())
+                                                })
+                                                .1
+                                                .push(key.clone());
+                                        }
+                                    }
+                                }
+                            }
+                            cursor.step_key(&batch);
+                        }
+                    }
+                });
+
+                // Decide every id whose deadline bucket the frontier has passed.
+                while let Some(entry) = due.first_entry() {
+                    let bucket = *entry.key();
+                    if frontier.less_equal(&bucket) {
+                        break;
+                    }
+                    let (cap, mut keys) = entry.remove();
+                    keys.sort_unstable();
+                    keys.dedup();
+                    keys.retain(|key| !decided.contains_key(key));
+                    if keys.is_empty() {
+                        continue;
+                    }
+                    let batches = trace
+                        .as_mut()
+                        .expect("the trace is held while ids are due")
+                        .batches_through(seen_upper.borrow())
+                        .expect("the received batches end at a batch boundary");
+                    let (mut cursor, storage) = cursor_list(batches);
+                    let mut session = output.session(&cap);
+                    let mut facts: Vec<&Fact> = Vec::new();
+                    for key in keys {
+                        cursor.seek_key(&storage, &key);
+                        if cursor.get_key(&storage) != Some(&key) {
+                            continue;
+                        }
+                        facts.clear();
+                        let mut expiry = 0;
+                        while let Some(fact) = cursor.get_val(&storage) {
+                            // Present at the bucket, or arrived after it (and so
+                            // late, even if retracted since). A fact retracted by
+                            // the bucket belonged to an earlier decision of the
+                            // id, or can no longer matter (progress before it).
+                            let (mut at_bucket, mut arrived_later) = (0isize, false);
+                            cursor.map_times(&storage, |&time, &diff| {
+                                if time <= bucket {
+                                    at_bucket += diff;
+                                } else if diff > 0 {
+                                    arrived_later = true;
+                                }
+                            });
+                            if at_bucket > 0 || arrived_later {
+                                facts.push(fact);
+                                expiry = expiry.max(retirement.at(fact));
+                            }
+                            cursor.step_val(&storage);
+                        }
+                        let (Some(outcome), late) = decide_impression(&key.id, &facts, window)
+                        else {
+                            continue;
+                        };
+                        let deadline = outcome.impression.ts + window;
+                        if coarse(deadline, granularity) > bucket {
+                            // Not final yet: the bucket of its deadline decides it.
+                            continue;
+                        }
+                        // Every admitted impression record is the canonical one
+                        // or a duplicate of exactly one final outcome, or late.
+                        let records = 1
+                            + i64::from(outcome.duplicates)
+                            + late
+                                .iter()
+                                .filter(|late| late.kind == LateKind::Impression)
+                                .count() as i64;
+                        probes
+                            .pending_impressions
+                            .fetch_sub(records, Ordering::Relaxed);
+                        session.give(BillingEvent::Final(outcome));
+                        for late in late {
+                            session.give(BillingEvent::Late(late));
+                        }
+                        decided.insert(key.clone(), Tombstone { deadline, expiry });
+                        expiring.entry(expiry).or_default().push(key);
+                    }
+                }
+
+                // Forget tombstones once every fact they stood for has retired.
+                while let Some(entry) = expiring.first_entry() {
+                    let expiry = *entry.key();
+                    if frontier.less_than(&expiry) {
+                        break;
+                    }
+                    for key in entry.remove() {
+                        if decided.get(&key).is_some_and(|tomb| tomb.expiry == expiry) {
+                            decided.remove(&key);
+                        }
+                    }
+                }
+
+                if frontier.is_empty() {
+                    trace = None;
+                } else if let Some(trace) = trace.as_mut() {
+                    // Undecided buckets are all at or after the frontier, so
+                    // accumulations there stay exact.
+                    trace.set_logical_compaction(frontier.frontier());
+                    trace.set_physical_compaction(seen_upper.borrow());
+                }
+            }
+        })
+}
+
+/// The pure rule of the module docs, for the facts of one impression id
+/// (each once, in any order): the outcome, if an impression is among them,
+/// and the facts that came after it was final.
+pub fn decide_impression(
     id: &Text,
-    input: &[(&Fact, isize)],
-    output: &mut Vec<(Verdict, isize)>,
+    facts: &[&Fact],
     window: u64,
-) {
-    let Some((Fact::Impression(canonical), _)) = input.first() else {
+) -> (Option<Outcome>, Vec<LateRecord>) {
+    let canonical = facts
+        .iter()
+        .enumerate()
+        .filter_map(|(n, fact)| match fact {
+            Fact::Impression(imp) => Some((imp, n)),
+            Fact::Progress(_) => None,
+        })
+        .min();
+    let Some((canonical, canonical_at)) = canonical else {
         // Only progress so far: the impression may still come.
-        return;
+        return (None, Vec::new());
     };
     let deadline = canonical.ts + window;
     let mut qualified_ts: Option<u64> = None;
     let mut duplicates = 0u32;
-    for (fact, count) in &input[1..] {
-        if *count <= 0 {
+    let mut late = Vec::new();
+    for (n, fact) in facts.iter().enumerate() {
+        if n == canonical_at {
             continue;
         }
         if fact.watermark() > deadline {
-            output.push((
-                Verdict::Late(LateRecord::of(fact, id, LateReason::ImpressionFinal)),
-                1,
-            ));
+            late.push(LateRecord::of(fact, id, LateReason::ImpressionFinal));
             continue;
         }
         match fact {
@@ -441,82 +689,191 @@ fn decide_impression(
             }
         }
     }
-    output.push((
-        Verdict::Outcome(Outcome {
-            impression_id: id.clone(),
-            impression: canonical.clone(),
-            qualified_ts,
-            duplicates,
-        }),
-        1,
-    ));
+    let outcome = Outcome {
+        impression_id: id.clone(),
+        impression: canonical.clone(),
+        qualified_ts,
+        duplicates,
+    };
+    (Some(outcome), late)
 }
 
-/// Releases each outcome once the frontier has passed its deadline, and late
-/// records once they are known. Outcome changes at times after the deadline
-/// (state retiring, or nothing at all in a correct run) are not changes of
-/// a final answer and are dropped.
-fn finalize<'s>(
-    verdicts: StreamVec<'s, Time, ((ImpressionKey, Verdict), Time, isize)>,
-    config: &PipelineConfig,
-    probes: Arc<Probes>,
-) -> StreamVec<'s, Time, BillingEvent> {
-    let window = config.qualify_window_ms;
-    let granularity = config.time_granularity_ms;
-    verdicts.unary_frontier(Pipeline, "Finalize", move |_, _| {
-        // Outcome updates per deadline bucket, with a capability to emit them.
-        type Bucket = (Capability<Time>, Vec<(Outcome, isize)>);
-        let mut pending: BTreeMap<Time, Bucket> = BTreeMap::new();
-        move |(input, frontier), output| {
-            input.for_each_stamp(|cap, batches| {
-                for batch in batches {
-                    for ((_id, verdict), time, diff) in batch.drain(..) {
-                        match verdict {
-                            Verdict::Outcome(outcome) => {
-                                let bucket = coarse(outcome.impression.ts + window, granularity);
-                                if time > bucket {
-                                    continue;
-                                }
-                                pending
-                                    .entry(bucket)
-                                    .or_insert_with(|| (cap.delayed(&bucket, 0), Vec::new()))
-                                    .1
-                                    .push((outcome, diff));
-                            }
-                            Verdict::Late(late) if diff > 0 => {
-                                if late.kind == LateKind::Impression {
-                                    probes.pending_impressions.fetch_sub(1, Ordering::Relaxed);
-                                }
-                                output
-                                    .session(&cap.delayed(&time, 0))
-                                    .give(BillingEvent::Late(late));
-                            }
-                            Verdict::Late(_) => {}
-                        }
-                    }
-                }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: u64 = 10_000;
+
+    fn imp(event_id: &str, ts: u64, watermark: u64) -> Fact {
+        Fact::Impression(ImpressionFact {
+            ts,
+            event_id: event_id.into(),
+            watermark,
+            position: Position {
+                partition: 0,
+                offset: ts,
+            },
+            ad: Arc::new(AdDetails {
+                ad_id: "ad".into(),
+                campaign_id: "c".into(),
+                advertiser_id: "adv".into(),
+                stream_id: "s".into(),
+                viewer_id: "v".into(),
+                price_micros: 1,
+            }),
+        })
+    }
+
+    fn prog(event_id: &str, ts: u64, watermark: u64) -> Fact {
+        Fact::Progress(ProgressFact {
+            ts,
+            event_id: event_id.into(),
+            watermark,
+            position: Position {
+                partition: 1,
+                offset: ts,
+            },
+        })
+    }
+
+    /// One case: an id's facts; the canonical event id, `qualified_ts`,
+    /// duplicates (`None`: no decision) and the late event ids.
+    struct Case {
+        name: &'static str,
+        facts: Vec<Fact>,
+        decision: Option<(&'static str, Option<u64>, u32)>,
+        late: &'static [&'static str],
+    }
+
+    #[test]
+    fn the_rule_of_the_module_docs() {
+        let cases = [
+            Case {
+                name: "only progress: no decision",
+                facts: vec![prog("p", 1_000, 1_000)],
+                decision: None,
+                late: &[],
+            },
+            Case {
+                name: "an impression alone expires",
+                facts: vec![imp("i", 1_000, 1_000)],
+                decision: Some(("i", None, 0)),
+                late: &[],
+            },
+            Case {
+                name: "canonical is the least ts",
+                facts: vec![imp("a", 2_000, 2_000), imp("b", 1_000, 2_500)],
+                decision: Some(("b", None, 1)),
+                late: &[],
+            },
+            Case {
+                name: "equal ts: the least event id",
+                facts: vec![imp("b", 1_000, 1_000), imp("a", 1_000, 1_500)],
+                decision: Some(("a", None, 1)),
+                late: &[],
+            },
+            Case {
+                name: "a duplicate counts only with watermark <= D",
+                facts: vec![
+                    imp("i", 1_000, 1_000),
+                    imp("d1", 1_500, 11_000),
+                    imp("d2", 1_600, 11_001),
+                ],
+                decision: Some(("i", None, 1)),
+                late: &["d2"],
+            },
+            Case {
+                name: "progress exactly at the impression's ts qualifies",
+                facts: vec![imp("i", 1_000, 1_000), prog("p", 1_000, 1_000)],
+                decision: Some(("i", Some(1_000), 0)),
+                late: &[],
+            },
+            Case {
+                name: "progress exactly at D qualifies",
+                facts: vec![imp("i", 1_000, 1_000), prog("p", 11_000, 11_000)],
+                decision: Some(("i", Some(11_000), 0)),
+                late: &[],
+            },
+            Case {
+                name: "progress before the impression does not qualify",
+                facts: vec![prog("p", 999, 999), imp("i", 1_000, 1_000)],
+                decision: Some(("i", None, 0)),
+                late: &[],
+            },
+            Case {
+                name: "progress after D does not qualify (and is late)",
+                facts: vec![imp("i", 1_000, 1_000), prog("p", 11_001, 11_001)],
+                decision: Some(("i", None, 0)),
+                late: &["p"],
+            },
+            Case {
+                name: "progress in the window arriving after D is late",
+                facts: vec![imp("i", 1_000, 1_000), prog("p", 5_000, 11_001)],
+                decision: Some(("i", None, 0)),
+                late: &["p"],
+            },
+            Case {
+                name: "the earliest qualifying progress wins",
+                facts: vec![
+                    prog("p2", 4_000, 4_000),
+                    imp("i", 1_000, 1_000),
+                    prog("p1", 3_000, 9_000),
+                ],
+                decision: Some(("i", Some(3_000), 0)),
+                late: &[],
+            },
+            Case {
+                name: "the window is the canonical impression's",
+                facts: vec![
+                    imp("late-ts", 5_000, 5_000),
+                    imp("i", 1_000, 1_000),
+                    prog("p", 12_000, 12_000),
+                ],
+                decision: Some(("i", None, 1)),
+                late: &["p"],
+            },
+        ];
+        for case in cases {
+            let facts: Vec<&Fact> = case.facts.iter().collect();
+            let id: Text = "imp-1".into();
+            let (outcome, late) = decide_impression(&id, &facts, WINDOW);
+            let decision = outcome.as_ref().map(|o| {
+                assert_eq!(o.impression_id, id, "{}", case.name);
+                (&*o.impression.event_id, o.qualified_ts, o.duplicates)
             });
-            while let Some(entry) = pending.first_entry() {
-                if frontier.less_equal(entry.key()) {
-                    break;
-                }
-                let (cap, mut updates) = entry.remove();
-                differential_dataflow::consolidation::consolidate(&mut updates);
-                let mut session = output.session(&cap);
-                for (outcome, diff) in updates {
-                    // A consistent reduce leaves exactly one outcome per id.
-                    debug_assert_eq!(diff, 1, "outcome for {}", outcome.impression_id);
-                    if diff > 0 {
-                        // Every admitted impression record is the canonical
-                        // one or a duplicate of exactly one final outcome.
-                        let records = 1 + i64::from(outcome.duplicates);
-                        probes
-                            .pending_impressions
-                            .fetch_sub(records, Ordering::Relaxed);
-                        session.give(BillingEvent::Final(outcome));
-                    }
-                }
+            assert_eq!(decision, case.decision, "{}", case.name);
+            let late_ids: Vec<&str> = late.iter().map(|l| l.event_id.as_str()).collect();
+            assert_eq!(late_ids, case.late, "{}", case.name);
+            for l in &late {
+                assert_eq!(l.reason, LateReason::ImpressionFinal, "{}", case.name);
+                assert_eq!(l.impression_id, "imp-1", "{}", case.name);
             }
         }
-    })
+    }
+
+    #[test]
+    fn the_order_of_the_facts_does_not_matter() {
+        let facts = [
+            imp("b", 1_000, 1_000),
+            imp("a", 1_000, 1_200),
+            prog("p", 4_000, 9_000),
+            prog("q", 3_000, 12_000),
+            imp("c", 900, 1_300),
+        ];
+        let id: Text = "x".into();
+        let forward: Vec<&Fact> = facts.iter().collect();
+        let backward: Vec<&Fact> = facts.iter().rev().collect();
+        let (o1, mut l1) = decide_impression(&id, &forward, WINDOW);
+        let (o2, mut l2) = decide_impression(&id, &backward, WINDOW);
+        l1.sort();
+        l2.sort();
+        assert_eq!(o1, o2);
+        assert_eq!(l1, l2);
+        // "c" has the least ts: D = 10 900, so "q" is late, "p" qualifies.
+        let o1 = o1.unwrap();
+        assert_eq!(o1.impression.event_id.as_ref(), "c");
+        assert_eq!((o1.qualified_ts, o1.duplicates), (Some(4_000), 2));
+        assert_eq!(l1.len(), 1);
+        assert_eq!(l1[0].event_id, "q");
+    }
 }
