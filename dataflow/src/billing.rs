@@ -59,7 +59,7 @@ use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::core::OkErr;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::vec::Map;
-use timely::dataflow::operators::{Capability, Concat};
+use timely::dataflow::operators::{Capability, Concat, InputCapability};
 use timely::dataflow::StreamVec;
 use timely::progress::Antichain;
 
@@ -455,197 +455,274 @@ fn decide<'s>(
     config: &PipelineConfig,
     probes: Arc<Probes>,
 ) -> StreamVec<'s, Time, BillingEvent> {
-    let window = config.qualify_window_ms;
-    let granularity = config.time_granularity_ms;
     let retirement = Retirement::new(config);
     let arranged = enter_and_retire(facts, retirement)
         .as_collection()
         .arrange_by_key_named("ImpressionFacts");
     let mut trace = Some(arranged.trace);
+    let mut decider = Decider::new(config, retirement, probes);
     arranged
         .stream
         .unary_frontier(Pipeline, "DecideImpression", move |_, _| {
-            // Impression ids to decide, by deadline bucket, with a capability
-            // to emit their outcomes.
-            type Bucket = (Capability<Time>, Vec<ImpressionKey>);
-            let mut due: BTreeMap<Time, Bucket> = BTreeMap::new();
-            let mut decided: HashMap<ImpressionKey, Tombstone> = HashMap::new();
-            let mut expiring: BTreeMap<Time, Vec<ImpressionKey>> = BTreeMap::new();
-            // The upper bound of the batches received so far: the trace
-            // through it holds exactly the facts this operator has seen.
-            let mut seen_upper: Antichain<Time> = Antichain::from_elem(0);
             move |(input, frontier), output| {
                 input.for_each_stamp(|cap, spans| {
                     let least = cap.least().copied();
                     for span in spans.flat_map(|spans| spans.drain(..)) {
-                        seen_upper.clone_from(span.upper());
+                        decider.seen_upper.clone_from(span.upper());
                         let (Some(batch), Some(least)) = (span.inner, least) else {
                             continue;
                         };
                         let mut cursor = batch.cursor();
-                        // One id's arrivals in this batch, in time order: a fact
-                        // arriving after everything about a decided id retired
-                        // starts it afresh, one arriving before is late.
-                        let mut arrivals: Vec<(Time, &Fact)> = Vec::new();
+                        let mut arrived = Vec::new();
                         while let Some(key) = cursor.get_key(&batch) {
-                            arrivals.clear();
-                            while let Some(fact) = cursor.get_val(&batch) {
-                                cursor.map_times(&batch, |&time, &diff| {
-                                    // Retractions only shrink the arrangement.
-                                    for _ in 0..diff.max(0) {
-                                        arrivals.push((time.max(least), fact));
-                                    }
-                                });
-                                cursor.step_val(&batch);
-                            }
-                            arrivals.sort_by_key(|&(time, _)| time);
-                            for &(time, fact) in &arrivals {
-                                match decided.get_mut(key) {
-                                    Some(tomb) if time < tomb.expiry => {
-                                        // Decided before this fact came: it was
-                                        // not read then, and every fact with
-                                        // `watermark <= D` was (its time is at
-                                        // most `coarse(D)`).
-                                        debug_assert!(fact.watermark() > tomb.deadline);
-                                        let retire = retirement.at(fact);
-                                        if retire > tomb.expiry {
-                                            tomb.expiry = retire;
-                                            expiring.entry(retire).or_default().push(key.clone());
-                                        }
-                                        if matches!(fact, Fact::Impression(_)) {
-                                            probes
-                                                .pending_impressions
-                                                .fetch_sub(1, Ordering::Relaxed);
-                                        }
-                                        output.session(&cap.delayed(&time, 0)).give(
-                                            BillingEvent::Late(LateRecord::of(
-                                                fact,
-                                                &key.id,
-                                                LateReason::ImpressionFinal,
-                                            )),
-                                        );
-                                    }
-                                    _ => {
-                                        // Everything the tombstone stood for has
-                                        // retired: the id starts afresh.
-                                        decided.remove(key);
-                                        if let Fact::Impression(imp) = fact {
-                                            let bucket =
-                                                coarse(imp.ts + window, granularity).max(time);
-                                            due.entry(bucket)
-                                                .or_insert_with(|| {
-                                                    (cap.delayed(&bucket, 0), Vec::new())
-                                                })
-                                                .1
-                                                .push(key.clone());
-                                        }
-                                    }
+                            arrivals(&mut cursor, &batch, least, &mut arrived);
+                            for &(time, fact) in &arrived {
+                                if let Some(late) = decider.arrive(key, time, fact, &cap) {
+                                    let late = BillingEvent::Late(late);
+                                    output.session(&cap.delayed(&time, 0)).give(late);
                                 }
                             }
                             cursor.step_key(&batch);
                         }
                     }
                 });
-
-                // Decide every id whose deadline bucket the frontier has passed.
-                while let Some(entry) = due.first_entry() {
-                    let bucket = *entry.key();
-                    if frontier.less_equal(&bucket) {
-                        break;
-                    }
-                    let (cap, mut keys) = entry.remove();
-                    keys.sort_unstable();
-                    keys.dedup();
-                    keys.retain(|key| !decided.contains_key(key));
-                    if keys.is_empty() {
-                        continue;
-                    }
+                while let Some((bucket, cap, keys)) =
+                    decider.next_due(|bucket| !frontier.less_equal(bucket))
+                {
                     let batches = trace
                         .as_mut()
                         .expect("the trace is held while ids are due")
-                        .batches_through(seen_upper.borrow())
+                        .batches_through(decider.seen_upper.borrow())
                         .expect("the received batches end at a batch boundary");
                     let (mut cursor, storage) = cursor_list(batches);
                     let mut session = output.session(&cap);
-                    let mut facts: Vec<&Fact> = Vec::new();
+                    let mut facts = Vec::new();
                     for key in keys {
                         cursor.seek_key(&storage, &key);
                         if cursor.get_key(&storage) != Some(&key) {
                             continue;
                         }
-                        facts.clear();
-                        let mut expiry = 0;
-                        while let Some(fact) = cursor.get_val(&storage) {
-                            // Present at the bucket, or arrived after it (and so
-                            // late, even if retracted since). A fact retracted by
-                            // the bucket belonged to an earlier decision of the
-                            // id, or can no longer matter (progress before it).
-                            let (mut at_bucket, mut arrived_later) = (0isize, false);
-                            cursor.map_times(&storage, |&time, &diff| {
-                                if time <= bucket {
-                                    at_bucket += diff;
-                                } else if diff > 0 {
-                                    arrived_later = true;
-                                }
-                            });
-                            if at_bucket > 0 || arrived_later {
-                                facts.push(fact);
-                                expiry = expiry.max(retirement.at(fact));
-                            }
-                            cursor.step_val(&storage);
-                        }
-                        let (Some(outcome), late) = decide_impression(&key.id, &facts, window)
-                        else {
-                            continue;
-                        };
-                        let deadline = outcome.impression.ts + window;
-                        if coarse(deadline, granularity) > bucket {
-                            // Not final yet: the bucket of its deadline decides it.
-                            continue;
-                        }
-                        // Every admitted impression record is the canonical one
-                        // or a duplicate of exactly one final outcome, or late.
-                        let records = 1
-                            + i64::from(outcome.duplicates)
-                            + late
-                                .iter()
-                                .filter(|late| late.kind == LateKind::Impression)
-                                .count() as i64;
-                        probes
-                            .pending_impressions
-                            .fetch_sub(records, Ordering::Relaxed);
-                        session.give(BillingEvent::Final(outcome));
-                        for late in late {
-                            session.give(BillingEvent::Late(late));
-                        }
-                        decided.insert(key.clone(), Tombstone { deadline, expiry });
-                        expiring.entry(expiry).or_default().push(key);
-                    }
-                }
-
-                // Forget tombstones once every fact they stood for has retired.
-                while let Some(entry) = expiring.first_entry() {
-                    let expiry = *entry.key();
-                    if frontier.less_than(&expiry) {
-                        break;
-                    }
-                    for key in entry.remove() {
-                        if decided.get(&key).is_some_and(|tomb| tomb.expiry == expiry) {
-                            decided.remove(&key);
+                        facts_at(&mut cursor, &storage, bucket, &mut facts);
+                        for event in decider.settle(key, &facts, bucket) {
+                            session.give(event);
                         }
                     }
                 }
-
+                decider.forget_expired(|expiry| !frontier.less_than(expiry));
                 if frontier.is_empty() {
                     trace = None;
                 } else if let Some(trace) = trace.as_mut() {
                     // Undecided buckets are all at or after the frontier, so
                     // accumulations there stay exact.
                     trace.set_logical_compaction(frontier.frontier());
-                    trace.set_physical_compaction(seen_upper.borrow());
+                    trace.set_physical_compaction(decider.seen_upper.borrow());
                 }
             }
         })
+}
+
+/// One id's arrivals in a batch (the cursor at its key), in time order: a
+/// fact arriving after everything about a decided id retired starts it
+/// afresh, one arriving before is late. Retractions only shrink the
+/// arrangement and are not arrivals. Times before `least` (the batch's
+/// capability) are read as `least`. Into `arrivals`, cleared first.
+fn arrivals<'b, C>(
+    cursor: &mut C,
+    storage: &'b C::Storage,
+    least: Time,
+    arrivals: &mut Vec<(Time, &'b Fact)>,
+) where
+    C: for<'a> Cursor<Val<'a> = &'a Fact, TimeGat<'a> = &'a Time, DiffGat<'a> = &'a isize>,
+{
+    arrivals.clear();
+    while let Some(fact) = cursor.get_val(storage) {
+        cursor.map_times(storage, |&time, &diff| {
+            for _ in 0..diff.max(0) {
+                arrivals.push((time.max(least), fact));
+            }
+        });
+        cursor.step_val(storage);
+    }
+    arrivals.sort_by_key(|&(time, _)| time);
+}
+
+/// The facts of the id under the cursor that the decision at `bucket`
+/// reads: present at the bucket, or arrived after it (and so late, even if
+/// retracted since). A fact retracted by the bucket belonged to an earlier
+/// decision of the id, or can no longer matter (progress before it).
+/// Into `facts`, cleared first.
+fn facts_at<'b, C>(cursor: &mut C, storage: &'b C::Storage, bucket: Time, facts: &mut Vec<&'b Fact>)
+where
+    C: for<'a> Cursor<Val<'a> = &'a Fact, TimeGat<'a> = &'a Time, DiffGat<'a> = &'a isize>,
+{
+    facts.clear();
+    while let Some(fact) = cursor.get_val(storage) {
+        let (mut at_bucket, mut arrived_later) = (0isize, false);
+        cursor.map_times(storage, |&time, &diff| {
+            if time <= bucket {
+                at_bucket += diff;
+            } else if diff > 0 {
+                arrived_later = true;
+            }
+        });
+        if at_bucket > 0 || arrived_later {
+            facts.push(fact);
+        }
+        cursor.step_val(storage);
+    }
+}
+
+/// The decision operator's state: ids waiting for their deadline, decided
+/// ids' tombstones, and how far the arranged batches have been read.
+struct Decider {
+    window: u64,
+    granularity: u64,
+    retirement: Retirement,
+    probes: Arc<Probes>,
+    /// Impression ids to decide, by deadline bucket, with a capability to
+    /// emit their outcomes.
+    due: BTreeMap<Time, (Capability<Time>, Vec<ImpressionKey>)>,
+    decided: HashMap<ImpressionKey, Tombstone>,
+    expiring: BTreeMap<Time, Vec<ImpressionKey>>,
+    /// The upper bound of the batches received so far: the trace through
+    /// it holds exactly the facts this operator has seen.
+    seen_upper: Antichain<Time>,
+}
+
+impl Decider {
+    fn new(config: &PipelineConfig, retirement: Retirement, probes: Arc<Probes>) -> Self {
+        Decider {
+            window: config.qualify_window_ms,
+            granularity: config.time_granularity_ms,
+            retirement,
+            probes,
+            due: BTreeMap::new(),
+            decided: HashMap::new(),
+            expiring: BTreeMap::new(),
+            seen_upper: Antichain::from_elem(0),
+        }
+    }
+
+    /// A fact of `key` arriving at `time` (under `cap`): late if its id was
+    /// decided before it came, else an impression registers its id under
+    /// its deadline bucket.
+    fn arrive(
+        &mut self,
+        key: &ImpressionKey,
+        time: Time,
+        fact: &Fact,
+        cap: &InputCapability<Time>,
+    ) -> Option<LateRecord> {
+        match self.decided.get_mut(key) {
+            Some(tomb) if time < tomb.expiry => {
+                // It was not read at the decision, and every fact with
+                // `watermark <= D` was (its time is at most `coarse(D)`).
+                debug_assert!(fact.watermark() > tomb.deadline);
+                let retire = self.retirement.at(fact);
+                if retire > tomb.expiry {
+                    tomb.expiry = retire;
+                    self.expiring.entry(retire).or_default().push(key.clone());
+                }
+                if matches!(fact, Fact::Impression(_)) {
+                    self.probes
+                        .pending_impressions
+                        .fetch_sub(1, Ordering::Relaxed);
+                }
+                Some(LateRecord::of(fact, &key.id, LateReason::ImpressionFinal))
+            }
+            _ => {
+                // Everything the tombstone stood for has retired: the id
+                // starts afresh.
+                self.decided.remove(key);
+                if let Fact::Impression(imp) = fact {
+                    let bucket = coarse(imp.ts + self.window, self.granularity).max(time);
+                    self.due
+                        .entry(bucket)
+                        .or_insert_with(|| (cap.delayed(&bucket, 0), Vec::new()))
+                        .1
+                        .push(key.clone());
+                }
+                None
+            }
+        }
+    }
+
+    /// The next bucket the frontier has `passed`, with its capability and
+    /// its ids not decided yet (each once).
+    fn next_due(
+        &mut self,
+        passed: impl Fn(&Time) -> bool,
+    ) -> Option<(Time, Capability<Time>, Vec<ImpressionKey>)> {
+        while let Some(entry) = self.due.first_entry() {
+            let bucket = *entry.key();
+            if !passed(&bucket) {
+                return None;
+            }
+            let (cap, mut keys) = entry.remove();
+            keys.sort_unstable();
+            keys.dedup();
+            keys.retain(|key| !self.decided.contains_key(key));
+            if !keys.is_empty() {
+                return Some((bucket, cap, keys));
+            }
+        }
+        None
+    }
+
+    /// Decides `key` from the `facts` read at `bucket`: its outcome and the
+    /// facts that came after it was final, if its deadline's bucket is this
+    /// one (or passed); a tombstone stays.
+    fn settle(&mut self, key: ImpressionKey, facts: &[&Fact], bucket: Time) -> Vec<BillingEvent> {
+        let (Some(outcome), late) = decide_impression(&key.id, facts, self.window) else {
+            return Vec::new();
+        };
+        let deadline = outcome.impression.ts + self.window;
+        if coarse(deadline, self.granularity) > bucket {
+            // Not final yet: the bucket of its deadline decides it.
+            return Vec::new();
+        }
+        // Every admitted impression record is the canonical one or a
+        // duplicate of exactly one final outcome, or late.
+        let late_impressions = late
+            .iter()
+            .filter(|late| late.kind == LateKind::Impression)
+            .count() as i64;
+        let records = 1 + i64::from(outcome.duplicates) + late_impressions;
+        self.probes
+            .pending_impressions
+            .fetch_sub(records, Ordering::Relaxed);
+        let expiry = facts
+            .iter()
+            .map(|fact| self.retirement.at(fact))
+            .max()
+            .unwrap_or(0);
+        self.decided
+            .insert(key.clone(), Tombstone { deadline, expiry });
+        self.expiring.entry(expiry).or_default().push(key);
+        let mut events = vec![BillingEvent::Final(outcome)];
+        events.extend(late.into_iter().map(BillingEvent::Late));
+        events
+    }
+
+    /// Forgets tombstones once every fact they stood for has retired (the
+    /// frontier `passed` their expiry).
+    fn forget_expired(&mut self, passed: impl Fn(&Time) -> bool) {
+        while let Some(entry) = self.expiring.first_entry() {
+            let expiry = *entry.key();
+            if !passed(&expiry) {
+                break;
+            }
+            for key in entry.remove() {
+                if self
+                    .decided
+                    .get(&key)
+                    .is_some_and(|tomb| tomb.expiry == expiry)
+                {
+                    self.decided.remove(&key);
+                }
+            }
+        }
+    }
 }
 
 /// The pure rule of the module docs, for the facts of one impression id
@@ -745,6 +822,8 @@ mod tests {
         late: &'static [&'static str],
     }
 
+    /// One case per clause of the rule: a table, so longer than a screen
+    /// by nature; each case reads on its own.
     #[test]
     fn the_rule_of_the_module_docs() {
         let cases = [
