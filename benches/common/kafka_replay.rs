@@ -83,6 +83,11 @@ pub fn consume_floor(topic: &LoadedTopic, threads: u32) -> f64 {
                     .set("bootstrap.servers", brokers)
                     .set("group.id", "livepipe-e2e-floor")
                     .set("enable.auto.commit", "false")
+                    // The fetch settings livepipe's consumer uses, so the
+                    // floor differs from it only in what it does with a
+                    // record.
+                    .set("fetch.wait.max.ms", "100")
+                    .set("queued.max.messages.kbytes", "65536")
                     .create()
                     .expect("consumer");
                 let mut assignment = TopicPartitionList::new();
