@@ -216,10 +216,10 @@ impl BillingSink {
             .frontier_ms
             .store(frontier.unwrap_or(u64::MAX), Ordering::Relaxed);
         // Most frontier moves finalize nothing: skip the transaction (and its
-        // fsync) unless there are outcomes to record or a period to write.
+        // fsync) unless there are outcomes to record, a period to write, or
+        // positions to move on: sources move on while nothing is final (a
+        // quiet topic, periods without impressions).
         let period_due = self.coverage.due(&self.periods.policy, frontier).is_some();
-        // Sources move on while nothing is final (a quiet topic, periods
-        // without impressions): their positions are worth a commit too.
         let safe = self
             .checkpoints
             .safe(self.periods.policy.resume_bound(frontier));
@@ -235,7 +235,7 @@ impl BillingSink {
         let recorded = self.record_outcomes(&commit, &mut coverage)?;
         tracing::debug!(?frontier, ?coverage, "billing commit");
         let files = self.write_final_files(&commit, &mut coverage, frontier)?;
-        let safe = self.record_positions(&commit, frontier)?;
+        self.record_positions(&commit, &safe)?;
         // Side lines go out, and every rejected line so far is flushed,
         // before the commit: a crash right after it then loses none (the
         // lines of a commit that fails or is abandoned are written again
@@ -344,22 +344,21 @@ impl BillingSink {
         Ok(files)
     }
 
-    /// Records in `commit` the resume positions safe at `frontier`.
+    /// Records in `commit` the resume positions that are `safe` (at the
+    /// frontier of this commit).
     fn record_positions(
         &self,
         commit: &Commit<'_>,
-        frontier: Option<Time>,
-    ) -> Result<BTreeMap<u32, Checkpoint>, SinkError> {
-        let bound = self.periods.policy.resume_bound(frontier);
-        let safe = self.checkpoints.safe(bound);
-        for (&partition, checkpoint) in &safe {
+        safe: &BTreeMap<u32, Checkpoint>,
+    ) -> Result<(), SinkError> {
+        for (&partition, checkpoint) in safe {
             let position = ResumePosition {
                 source: source_name(&self.sources, partition).to_string(),
                 checkpoint: *checkpoint,
             };
             commit.set_position(partition, &position)?;
         }
-        Ok(safe)
+        Ok(())
     }
 }
 
