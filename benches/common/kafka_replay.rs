@@ -6,7 +6,7 @@
 //! figure that matters: a real network hop), else librdkafka's mock
 //! cluster in this process.
 
-use rdkafka::config::ClientConfig;
+use livepipe_sources::kafka::{KafkaSettings, StartOffsets};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use testkit::kafka::{fresh_topic, mock_cluster, publish_all, Mock};
@@ -79,17 +79,19 @@ pub fn consume_floor(topic: &LoadedTopic, threads: u32) -> f64 {
         for thread in 0..threads as i32 {
             let consumed = &consumed;
             scope.spawn(move || {
-                let consumer: BaseConsumer = ClientConfig::new()
-                    .set("bootstrap.servers", brokers)
-                    .set("group.id", "livepipe-e2e-floor")
-                    .set("enable.auto.commit", "false")
-                    // The fetch settings livepipe's consumer uses, so the
-                    // floor differs from it only in what it does with a
-                    // record.
-                    .set("fetch.wait.max.ms", "100")
-                    .set("queued.max.messages.kbytes", "65536")
-                    .create()
-                    .expect("consumer");
+                // livepipe's own consumer settings: the floor differs from
+                // it only in what it does with a record.
+                let consumer: BaseConsumer = KafkaSettings {
+                    brokers: brokers.to_string(),
+                    topic: name.to_string(),
+                    start: StartOffsets::Earliest,
+                    overrides: Vec::new(),
+                    accept_data_loss: false,
+                }
+                .consumer_config()
+                .set("group.id", "livepipe-e2e-floor")
+                .create()
+                .expect("consumer");
                 let mut assignment = TopicPartitionList::new();
                 for partition in (0..PARTITIONS).filter(|p| p % threads as i32 == thread) {
                     assignment
@@ -101,7 +103,8 @@ pub fn consume_floor(topic: &LoadedTopic, threads: u32) -> f64 {
                     let Some(message) = consumer.poll(Duration::from_millis(100)) else {
                         continue;
                     };
-                    let message = message.expect("a record");
+                    // Partition ends (`enable.partition.eof`) are not records.
+                    let Ok(message) = message else { continue };
                     let payload = rdkafka::Message::payload(&message).unwrap_or_default();
                     // Malformed records are part of the traffic; they
                     // count as read either way.

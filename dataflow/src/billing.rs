@@ -503,9 +503,7 @@ fn decide<'s>(
                             continue;
                         }
                         facts_at(&mut cursor, &storage, bucket, &mut facts);
-                        for event in decider.settle(key, &facts, bucket) {
-                            session.give(event);
-                        }
+                        decider.settle(key, &facts, bucket, |event| session.give(event));
                     }
                 }
                 decider.forget_expired(|expiry| !frontier.less_than(expiry));
@@ -669,17 +667,23 @@ impl Decider {
         None
     }
 
-    /// Decides `key` from the `facts` read at `bucket`: its outcome and the
-    /// facts that came after it was final, if its deadline's bucket is this
-    /// one (or passed); a tombstone stays.
-    fn settle(&mut self, key: ImpressionKey, facts: &[&Fact], bucket: Time) -> Vec<BillingEvent> {
+    /// Decides `key` from the `facts` read at `bucket`, if its deadline's
+    /// bucket is this one (or passed): `emit` gets its outcome, then the
+    /// facts that came after it was final; a tombstone stays.
+    fn settle(
+        &mut self,
+        key: ImpressionKey,
+        facts: &[&Fact],
+        bucket: Time,
+        mut emit: impl FnMut(BillingEvent),
+    ) {
         let (Some(outcome), late) = decide_impression(&key.id, facts, self.window) else {
-            return Vec::new();
+            return;
         };
         let deadline = outcome.impression.ts + self.window;
         if coarse(deadline, self.granularity) > bucket {
             // Not final yet: the bucket of its deadline decides it.
-            return Vec::new();
+            return;
         }
         // Every admitted impression record is the canonical one or a
         // duplicate of exactly one final outcome, or late.
@@ -699,9 +703,8 @@ impl Decider {
         self.decided
             .insert(key.clone(), Tombstone { deadline, expiry });
         self.expiring.entry(expiry).or_default().push(key);
-        let mut events = vec![BillingEvent::Final(outcome)];
-        events.extend(late.into_iter().map(BillingEvent::Late));
-        events
+        emit(BillingEvent::Final(outcome));
+        late.into_iter().map(BillingEvent::Late).for_each(emit);
     }
 
     /// Forgets tombstones once every fact they stood for has retired (the
