@@ -11,14 +11,25 @@ use std::io::{self, BufRead};
 /// Reads one `\n`-terminated record into `buf` (without the `\n`), keeping at
 /// most `max` bytes of it: a hostile multi-gigabyte line costs no memory.
 /// Returns `None` at the end of the input, else whether the record was longer
-/// than `max` and how many bytes it took in the input (its `\n` included). A last line without `\n` is a record; nothing after a final
-/// `\n` is.
+/// than `max` and how many bytes it took in the input (its `\n` included). A
+/// last line without `\n` is a record; nothing after a final `\n` is.
 pub fn read_record(
     reader: &mut impl BufRead,
     buf: &mut Vec<u8>,
     max: usize,
 ) -> io::Result<Option<(bool, u64)>> {
     buf.clear();
+    append_record(reader, buf, max)
+}
+
+/// [`read_record`], appending the record to what `buf` already holds: a
+/// reader that packs many records into one buffer copies each byte once.
+pub fn append_record(
+    reader: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<Option<(bool, u64)>> {
+    let start = buf.len();
     let mut oversized = false;
     let mut started = false;
     let mut taken = 0u64;
@@ -36,7 +47,7 @@ pub fn read_record(
             Some(end) => (&available[..end], end + 1, true),
             None => (available, available.len(), false),
         };
-        let room = max.saturating_sub(buf.len());
+        let room = max.saturating_sub(buf.len() - start);
         if chunk.len() > room {
             oversized = true;
         }
@@ -83,5 +94,20 @@ mod tests {
         let got = records(b"0123456789abc\nok\n", 4);
         assert_eq!(got[0], (b"0123".to_vec(), true));
         assert_eq!(got[1], (b"ok".to_vec(), false));
+    }
+
+    #[test]
+    fn appending_keeps_what_the_buffer_held_and_bounds_only_the_record() {
+        let mut reader = BufReader::with_capacity(3, &b"0123456789\nok\n"[..]);
+        let mut buf = b"held".to_vec();
+        assert_eq!(
+            append_record(&mut reader, &mut buf, 4).unwrap(),
+            Some((true, 11))
+        );
+        assert_eq!(
+            append_record(&mut reader, &mut buf, 4).unwrap(),
+            Some((false, 3))
+        );
+        assert_eq!(buf, b"held0123ok");
     }
 }

@@ -124,12 +124,14 @@ impl<'c> Batch<'c> {
         self.events.push(event);
     }
 
-    /// Sends what is batched.
+    /// Sends what is batched, as one container (records are not moved
+    /// one by one into the output's buffer).
     pub fn flush(&mut self, output: &mut Output<'_>) {
         if !self.events.is_empty() {
             output
                 .session(&self.cap.delayed(&self.time))
-                .give_iterator(self.events.drain(..));
+                .give_container(&mut self.events);
+            self.events.clear();
         }
     }
 }

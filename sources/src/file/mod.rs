@@ -24,12 +24,12 @@
 //! read and stamped to its end; when every file is, the frontier empties and
 //! everything finalizes.
 
-use crate::prefix::DigestingReader;
+mod read;
+
 use crate::stamp::{Batch, Output, PartitionClock, StampRules};
 use crate::SourceContext;
 use livepipe_dataflow::event::{Ingested, Position, RejectedRecord, RAW_KEEP_BYTES};
-use livepipe_dataflow::lines::read_record;
-use livepipe_dataflow::parse::{check_clock, parse_event, Rejection, MAX_RECORD_BYTES};
+use livepipe_dataflow::parse::{check_clock, parse_event, Rejection};
 use livepipe_dataflow::resume::Checkpoint;
 use livepipe_dataflow::time::{coarse, wall_clock_ms, Time};
 use serde::{Deserialize, Serialize};
@@ -39,18 +39,16 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::{Scope, StreamVec};
 
+use read::{Chunk, Fed, Feed, Reader};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use timely::scheduling::Activator;
 
-/// How long one activation may read before yielding to other operators.
-const SLICE: Duration = Duration::from_millis(5);
 /// Records per chunk handed to a parsing worker, by default.
 pub const RECORDS_PER_CHUNK: usize = 1024;
 /// Chunks of one file read but not yet stamped: bounds memory when the
@@ -85,26 +83,6 @@ pub fn check_inputs(paths: &[PathBuf]) -> Result<(), String> {
     Ok(())
 }
 
-/// Raw records of one file, in file order.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-struct Chunk {
-    partition: u32,
-    seq: u64,
-    /// Line number of the first record.
-    first_line: u64,
-    /// The records, back to back; record `i` ends at `ends[i]`.
-    bytes: Vec<u8>,
-    ends: Vec<u32>,
-    /// Indexes of records longer than the limit (kept cut).
-    oversized: Vec<u32>,
-    /// The line after the chunk, and its byte position: where the file
-    /// resumes once this chunk is stamped.
-    next_line: u64,
-    end_byte: u64,
-    /// SHA-256 of the file's bytes before `end_byte`.
-    prefix_sha256: [u8; 32],
-}
-
 /// The valid events of one chunk, with their line numbers.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct ParsedChunk {
@@ -116,7 +94,14 @@ struct ParsedChunk {
     prefix_sha256: [u8; 32],
 }
 
-/// How far the stamper has got with one file; shared with its reader.
+/// How far the stamper has got with each file; shared with the reader.
+struct Progress {
+    files: Vec<Stamped>,
+    /// Activates `ReadFiles` (set once it is built).
+    wake_reader: Option<Activator>,
+}
+
+/// How far the stamper has got with one file.
 #[derive(Clone, Copy, Debug, Default)]
 struct Stamped {
     /// Chunks stamped so far (the next one to stamp has this `seq`).
@@ -124,22 +109,6 @@ struct Stamped {
     /// The file's clock. Its watermark never goes back: the reader holds
     /// its capability there, and the stamper emits at or after it.
     clock: PartitionClock,
-}
-
-/// One file being read by its owner.
-struct Reader {
-    path: PathBuf,
-    partition: u32,
-    /// Open while there is more to read.
-    reader: Option<DigestingReader<File>>,
-    /// The digest the bytes before the start position must have (a resume).
-    start_digest: Option<[u8; 32]>,
-    /// Lines read so far (the last line number read).
-    line: u64,
-    /// Byte position of the next line.
-    byte: u64,
-    chunks_sent: u64,
-    at_end: bool,
 }
 
 /// Builds the source on this worker: readers for the files it owns, a
@@ -153,63 +122,104 @@ pub fn file_source<'s>(
         .iter()
         .map(|path| Arc::from(path.display().to_string()))
         .collect();
-    let stamped: Rc<RefCell<Vec<Stamped>>> = Rc::new(RefCell::new(
-        (0..paths.len() as u32)
-            .map(|partition| {
-                let max_ts = context.source.resume.get(&partition).and_then(|c| c.max_ts);
-                let mut clock = PartitionClock::resumed(max_ts);
-                clock.advance(context.source.allowed_lateness_ms, wall_clock_ms());
-                Stamped { chunks: 0, clock }
-            })
-            .collect(),
-    ));
-    let chunks = read_chunks(scope, paths, &context, stamped.clone());
+    let files = (0..paths.len() as u32)
+        .map(|partition| {
+            let max_ts = context.source.resume.get(&partition).and_then(|c| c.max_ts);
+            let mut clock = PartitionClock::resumed(max_ts);
+            clock.advance(context.source.allowed_lateness_ms, wall_clock_ms());
+            Stamped { chunks: 0, clock }
+        })
+        .collect();
+    let progress = Rc::new(RefCell::new(Progress {
+        files,
+        wake_reader: None,
+    }));
+    let chunks = read_chunks(scope, paths, &context, progress.clone());
     let parsed = parse_chunks(chunks, names, &context);
-    stamp(parsed, &context, stamped)
+    stamp(parsed, &context, progress)
 }
 
-/// Stage 1: the owner cuts its files into chunks.
+/// One of this worker's files as `ReadFiles` sees it.
+struct Feeding {
+    partition: u32,
+    /// Chunks let into the dataflow.
+    sent: u64,
+    /// Its reading thread reported its end.
+    ended: bool,
+}
+
+/// Whether `fed` may enter the dataflow now: a file's chunk waits while
+/// [`CHUNKS_IN_FLIGHT`] of it are not stamped yet.
+fn has_room(fed: &Fed, files: &[Feeding], stamped: &[Stamped]) -> bool {
+    match fed {
+        Fed::Chunk(chunk) => files
+            .iter()
+            .find(|f| f.partition == chunk.partition)
+            .is_some_and(|f| f.sent - stamped[f.partition as usize].chunks < CHUNKS_IN_FLIGHT),
+        Fed::End { .. } | Fed::Failed { .. } => true,
+    }
+}
+
+/// Stage 1: the owner's reading thread cuts its files into chunks, and
+/// the `ReadFiles` operator lets them into the dataflow, at most
+/// [`CHUNKS_IN_FLIGHT`] of a file ahead of its stamper.
 fn read_chunks<'s>(
     scope: Scope<'s, Time>,
     paths: &[PathBuf],
     context: &FileSourceContext,
-    stamped: Rc<RefCell<Vec<Stamped>>>,
+    progress: Rc<RefCell<Progress>>,
 ) -> StreamVec<'s, Time, Chunk> {
     let index = scope.index();
     let peers = scope.peers();
-    let mut readers: Vec<Reader> = paths
+    let readers: Vec<Reader> = paths
         .iter()
         .enumerate()
         .filter(|(partition, _)| partition % peers == index)
         .map(|(partition, path)| Reader::resumed(path, partition as u32, &context.source))
         .collect();
+    let mut files: Vec<Feeding> = readers
+        .iter()
+        .map(|reader| Feeding {
+            partition: reader.partition(),
+            sent: 0,
+            ended: false,
+        })
+        .collect();
     let context = context.clone();
     source(scope, "ReadFiles", move |capability, info| {
-        let activator = scope.activator_for(info.address);
+        // The stamper wakes this operator when it has stamped a chunk: the
+        // capability follows it, and a file held back may go on.
+        progress.borrow_mut().wake_reader = Some(scope.activator_for(info.address.clone()));
+        let wake = scope.worker().sync_activator_for(info.address.to_vec());
+        let mut feed = Some(readers)
+            .filter(|readers| !readers.is_empty())
+            .map(|readers| Feed::spawn(readers, context.records_per_chunk, wake));
         let mut capability = Some(capability);
-        let mut line = Vec::with_capacity(1024);
         move |output| {
             let Some(cap) = capability.as_mut() else {
                 return;
             };
-            let granularity = context.source.time_granularity_ms;
-            let started = Instant::now();
-            for reader in readers.iter_mut().filter(|r| !r.at_end) {
-                let stamped_chunks = stamped.borrow()[reader.partition as usize].chunks;
-                while !reader.at_end
-                    && reader.chunks_sent - stamped_chunks < CHUNKS_IN_FLIGHT
-                    && started.elapsed() < SLICE
-                {
-                    match read_chunk(reader, &mut line, context.records_per_chunk) {
-                        Ok(Some(chunk)) => output.session(&*cap).give(chunk),
-                        Ok(None) => {}
-                        Err(err) => {
-                            (context.source.on_fatal)(format!(
-                                "reading {}: {err}",
-                                reader.path.display()
-                            ));
-                            // Keep the capability: an emptied frontier would
-                            // finalize impressions that are not final.
+            if let Some(Err(err)) = &feed {
+                (context.source.on_fatal)(format!("starting the file reader: {err}"));
+                // Keep the capability: an emptied frontier would finalize
+                // impressions that are not final.
+                return;
+            }
+            let progress = progress.borrow();
+            if let Some(Ok(feed)) = feed.as_mut() {
+                while let Some(fed) = feed.next_if(|fed| has_room(fed, &files, &progress.files)) {
+                    match fed {
+                        Fed::Chunk(chunk) => {
+                            let file = files.iter_mut().find(|f| f.partition == chunk.partition);
+                            file.expect("a file of this worker").sent += 1;
+                            output.session(&*cap).give(chunk);
+                        }
+                        Fed::End { partition } => {
+                            let file = files.iter_mut().find(|f| f.partition == partition);
+                            file.expect("a file of this worker").ended = true;
+                        }
+                        Fed::Failed { error, .. } => {
+                            (context.source.on_fatal)(error);
                             return;
                         }
                     }
@@ -217,114 +227,29 @@ fn read_chunks<'s>(
             }
             // Hold time at the least watermark of the files not yet stamped
             // to their end: the stamper emits at or after it.
-            let stamped = stamped.borrow();
-            let least = readers
+            let granularity = context.source.time_granularity_ms;
+            let least = files
                 .iter()
-                .filter(|r| !r.at_end || stamped[r.partition as usize].chunks < r.chunks_sent)
-                .map(|r| coarse(stamped[r.partition as usize].clock.watermark(), granularity))
+                .filter(|f| !f.ended || progress.files[f.partition as usize].chunks < f.sent)
+                .map(|f| {
+                    coarse(
+                        progress.files[f.partition as usize].clock.watermark(),
+                        granularity,
+                    )
+                })
                 .min();
             match least {
-                Some(time) => {
-                    cap.downgrade(&time);
-                    activator.activate();
-                }
+                Some(time) => cap.downgrade(&time),
                 None => {
                     // Every file of this worker is stamped to its end, and
                     // with it every checkpoint recorded.
                     context.source.checkpoints.close();
                     capability = None;
+                    feed = None;
                 }
             }
         }
     })
-}
-
-impl Reader {
-    /// A file as its owner starts reading it: where an earlier run left
-    /// off, or at its first line.
-    fn resumed(path: &Path, partition: u32, source: &SourceContext) -> Self {
-        let start = source
-            .resume
-            .get(&partition)
-            .copied()
-            .unwrap_or(Checkpoint {
-                offset: 1,
-                ..Checkpoint::default()
-            });
-        // Re-readable from the start position until a chunk is stamped.
-        source.checkpoints.record(partition, start);
-        Reader {
-            path: path.to_path_buf(),
-            partition,
-            reader: None,
-            start_digest: start.prefix_sha256,
-            line: start.offset - 1,
-            byte: start.byte,
-            chunks_sent: 0,
-            at_end: false,
-        }
-    }
-}
-
-/// Reads up to a chunk of records; `None` once the file is at its end and
-/// nothing was left to send.
-fn read_chunk(
-    reader: &mut Reader,
-    line: &mut Vec<u8>,
-    records_per_chunk: usize,
-) -> io::Result<Option<Chunk>> {
-    if reader.reader.is_none() {
-        reader.reader = Some(open_at(reader)?);
-    }
-    let file = reader.reader.as_mut().expect("opened above");
-    let mut chunk = Chunk {
-        partition: reader.partition,
-        seq: reader.chunks_sent,
-        first_line: reader.line + 1,
-        ..Chunk::default()
-    };
-    while chunk.ends.len() < records_per_chunk.max(1) {
-        let Some((oversized, consumed)) = read_record(file, line, MAX_RECORD_BYTES)? else {
-            reader.at_end = true;
-            break;
-        };
-        reader.line += 1;
-        reader.byte += consumed;
-        if oversized {
-            chunk.oversized.push(chunk.ends.len() as u32);
-        }
-        chunk.bytes.extend_from_slice(line);
-        chunk.ends.push(chunk.bytes.len() as u32);
-    }
-    let digest = file.digest();
-    if reader.at_end {
-        reader.reader = None;
-    }
-    if chunk.ends.is_empty() {
-        return Ok(None);
-    }
-    chunk.next_line = reader.line + 1;
-    chunk.end_byte = reader.byte;
-    chunk.prefix_sha256 = digest;
-    reader.chunks_sent += 1;
-    Ok(Some(chunk))
-}
-
-/// Opens the reader's file at its start position. The bytes before it are
-/// read and digested on the way (once per run, at memory speed), so that
-/// every later checkpoint carries the digest of its whole prefix; on a
-/// resume they must be the bytes the ledger's position was taken on. The
-/// job checked that before it started; a file replaced since is a fault.
-fn open_at(reader: &Reader) -> io::Result<DigestingReader<File>> {
-    let mut file = DigestingReader::new(File::open(&reader.path)?);
-    let skipped = file.skip(reader.byte)?;
-    if skipped < reader.byte || reader.start_digest.is_some_and(|d| d != file.digest()) {
-        return Err(io::Error::other(format!(
-            "its first {} bytes changed since the job started (the file was replaced)",
-            reader.byte
-        )));
-    }
-    Ok(file)
 }
 
 /// Stage 2: any worker parses a chunk; rejections go out from here.
@@ -402,7 +327,7 @@ fn parse_chunk(chunk: Chunk, names: &[Arc<str>], context: &FileSourceContext) ->
 fn stamp<'s>(
     parsed: StreamVec<'s, Time, ParsedChunk>,
     context: &FileSourceContext,
-    stamped: Rc<RefCell<Vec<Stamped>>>,
+    progress: Rc<RefCell<Progress>>,
 ) -> StreamVec<'s, Time, Ingested> {
     let rules = StampRules {
         allowed_lateness_ms: context.source.allowed_lateness_ms,
@@ -426,7 +351,10 @@ fn stamp<'s>(
                         }
                     }
                 });
-                let mut stamped = stamped.borrow_mut();
+                let mut progress = progress.borrow_mut();
+                let progress = &mut *progress;
+                let stamped = &mut progress.files;
+                let mut any = false;
                 loop {
                     let next = waiting
                         .keys()
@@ -437,6 +365,12 @@ fn stamp<'s>(
                     let checkpoint = stamp_chunk(&mut state.clock, rules, chunk, &cap, output);
                     state.chunks += 1;
                     checkpoints.record(key.0, checkpoint);
+                    any = true;
+                }
+                if any {
+                    if let Some(reader) = &progress.wake_reader {
+                        reader.activate();
+                    }
                 }
             }
         },
