@@ -150,7 +150,7 @@ fn state_bytes(records: &[(Time, Ingested)], billing_path: bool) -> (usize, f64)
         for (_, record) in records {
             // Everything at one time: no window closes, nothing is retired.
             let unit = match &record.event.kind {
-                EventKind::Impression(imp) => imp.impression_id.clone(),
+                EventKind::Impression(imp) => imp.impression_id.to_string(),
                 EventKind::AdProgress(_) => String::new(),
                 _ => format!("{}/{}", record.event.stream_id, record.event.viewer_id),
             };

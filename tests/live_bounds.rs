@@ -157,7 +157,7 @@ fn a_flood_of_distinct_streams_keeps_the_state_and_the_board_bounded() {
             let id = format!("flood-{}", second * 10_000 + i);
             for _ in 0..2 {
                 let ts = T0 + second * 1_000;
-                streams.apply(id.clone(), "v".into(), ts, SignalKind::Presence, ts);
+                streams.apply(id.as_str().into(), "v".into(), ts, SignalKind::Presence, ts);
             }
         }
         refused += tick_into(&mut streams, &board, T0 + second * 1_000);

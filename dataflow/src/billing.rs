@@ -73,10 +73,9 @@ use crate::probe::Probes;
 use crate::route::RouteKey;
 use crate::time::{after, coarse, Time};
 
-/// Shared, immutable text. Facts are cloned at every merge of an
-/// arrangement and every reduce output; cloning an `Arc` is a count, not an
-/// allocation and a copy.
-pub type Text = Arc<str>;
+/// Facts are cloned at every merge of an arrangement: their text is
+/// inline or shared (see [`Text`]), never copied from the heap.
+pub use crate::event::Text;
 
 /// The arrangement key: an impression id, led by a hash of it. Keys are
 /// compared at every step of every merge and seek; comparing the hash first
@@ -91,10 +90,10 @@ pub struct ImpressionKey {
 impl ImpressionKey {
     /// `route` is the job's key, the same in every process: the hash
     /// decides the worker that holds the id.
-    pub fn new(id: String, route: &RouteKey) -> Self {
+    pub fn new(id: Text, route: &RouteKey) -> Self {
         ImpressionKey {
             hash: route.hash(&id),
-            id: id.into(),
+            id,
         }
     }
 }
@@ -117,11 +116,11 @@ pub struct ImpressionFact {
 /// An impression's billable details.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct AdDetails {
-    pub ad_id: String,
-    pub campaign_id: String,
-    pub advertiser_id: String,
-    pub stream_id: String,
-    pub viewer_id: String,
+    pub ad_id: Text,
+    pub campaign_id: Text,
+    pub advertiser_id: Text,
+    pub stream_id: Text,
+    pub viewer_id: Text,
     pub price_micros: u64,
 }
 
@@ -218,8 +217,8 @@ impl LateKind {
 pub struct LateRecord {
     pub reason: LateReason,
     pub kind: LateKind,
-    pub event_id: String,
-    pub impression_id: String,
+    pub event_id: Text,
+    pub impression_id: Text,
     pub ts: u64,
     pub position: Position,
 }
@@ -233,8 +232,8 @@ impl LateRecord {
         LateRecord {
             reason,
             kind,
-            event_id: event_id.to_string(),
-            impression_id: impression_id.to_string(),
+            event_id: event_id.clone(),
+            impression_id: Text::from(impression_id),
             ts: fact.ts(),
             position,
         }
@@ -246,8 +245,8 @@ impl LateRecord {
         LateRecord {
             reason: LateReason::AlreadyFinal,
             kind: LateKind::Impression,
-            event_id: outcome.impression.event_id.to_string(),
-            impression_id: outcome.impression_id.to_string(),
+            event_id: outcome.impression.event_id.clone(),
+            impression_id: outcome.impression_id.clone(),
             ts: outcome.impression.ts,
             position: outcome.impression.position,
         }
@@ -953,7 +952,7 @@ mod tests {
         assert_eq!(l1, l2);
         // "c" has the least ts: D = 10 900, so "q" is late, "p" qualifies.
         let o1 = o1.unwrap();
-        assert_eq!(o1.impression.event_id.as_ref(), "c");
+        assert_eq!(o1.impression.event_id.as_str(), "c");
         assert_eq!((o1.qualified_ts, o1.duplicates), (Some(4_000), 2));
         assert_eq!(l1.len(), 1);
         assert_eq!(l1[0].event_id, "q");

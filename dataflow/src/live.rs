@@ -75,7 +75,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::PipelineConfig;
-use crate::event::{EventKind, Ingested};
+use crate::event::{EventKind, Ingested, Text};
 use crate::probe::Probes;
 use crate::route::RouteKey;
 use crate::time::{wall_clock_ms, Time};
@@ -102,7 +102,7 @@ pub const EXPIRY_BUCKET_MS: u64 = 1_000;
 /// One stream's numbers at one tick.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Snapshot {
-    pub stream_id: String,
+    pub stream_id: Text,
     /// Distinct viewers present (see docs/contract.md, Live path).
     pub viewers: u64,
     /// `chat` events with `ts` in `(as_of - 60 s, as_of]`.
@@ -121,7 +121,7 @@ pub enum LiveUpdate {
     Snapshot(Snapshot),
     /// The stream retired (quiet for longer than the TTL, or evicted while
     /// quiet at the bound) after a last `0, 0` snapshot: forget it.
-    Retired(String),
+    Retired(Text),
     /// This many streams were refused at [`MAX_LIVE_STREAMS`] since the
     /// worker's last report.
     Dropped(u64),
@@ -130,8 +130,8 @@ pub enum LiveUpdate {
 /// The part of an event the live path needs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Signal {
-    stream_id: String,
-    viewer_id: String,
+    stream_id: Text,
+    viewer_id: Text,
     ts: u64,
     kind: SignalKind,
 }
@@ -162,7 +162,7 @@ impl Viewer {
 
 #[derive(Default)]
 struct StreamState {
-    viewers: HashMap<String, Viewer>,
+    viewers: HashMap<Text, Viewer>,
     /// Chat count per event-time ms, sorted by ms, pruned to the last
     /// minute. A deque rather than a map: chat arrives nearly in order (an
     /// insert lands near the back), and a stream with one chat costs 16
@@ -171,7 +171,7 @@ struct StreamState {
 }
 
 impl StreamState {
-    fn apply(&mut self, viewer_id: String, ts: u64, kind: SignalKind) {
+    fn apply(&mut self, viewer_id: Text, ts: u64, kind: SignalKind) {
         let viewer = self.viewers.entry(viewer_id).or_default();
         match kind {
             SignalKind::Leave => viewer.leave = viewer.leave.max(ts),
@@ -305,14 +305,7 @@ impl LiveStreams {
     /// Applies one live signal, `now` being the event clock. A stream it
     /// makes new past the bound evicts a quiet stream or is refused (and
     /// counted).
-    pub fn apply(
-        &mut self,
-        stream_id: String,
-        viewer_id: String,
-        ts: u64,
-        kind: SignalKind,
-        now: u64,
-    ) {
+    pub fn apply(&mut self, stream_id: Text, viewer_id: Text, ts: u64, kind: SignalKind, now: u64) {
         let until = match kind {
             SignalKind::Chat => ts.saturating_add(self.ttl.max(CHAT_WINDOW_MS)),
             SignalKind::Presence | SignalKind::Leave => ts.saturating_add(self.ttl),
@@ -323,7 +316,7 @@ impl LiveStreams {
                 if !self.admit(&stream_id, now) {
                     return;
                 }
-                let id: Rc<str> = Rc::from(stream_id);
+                let id: Rc<str> = Rc::from(stream_id.as_str());
                 let held = self.streams.entry(id.clone()).or_insert(Held {
                     id,
                     state: StreamState::default(),
@@ -471,14 +464,14 @@ impl LiveStreams {
         }
         if held.active {
             out(LiveUpdate::Snapshot(Snapshot {
-                stream_id: held.id.to_string(),
+                stream_id: Text::from(&*held.id),
                 viewers: 0,
                 chat_per_min: 0,
                 as_of: now,
                 emitted_at,
             }));
         }
-        out(LiveUpdate::Retired(held.id.to_string()));
+        out(LiveUpdate::Retired(Text::from(&*held.id)));
     }
 
     /// One tick at event time `now`: retirements due (see
@@ -504,7 +497,7 @@ impl LiveStreams {
             let (viewers, chat_per_min) = held.state.snapshot(now, ttl);
             held.shown = true;
             out(LiveUpdate::Snapshot(Snapshot {
-                stream_id: id.to_string(),
+                stream_id: Text::from(&**id),
                 viewers,
                 chat_per_min,
                 as_of: now,
@@ -541,7 +534,7 @@ impl LiveStreams {
             } else {
                 let (viewers, chat_per_min) = held.state.snapshot(now, ttl);
                 out(LiveUpdate::Snapshot(Snapshot {
-                    stream_id: id.to_string(),
+                    stream_id: Text::from(&*id),
                     viewers,
                     chat_per_min,
                     as_of: now,
@@ -560,14 +553,14 @@ impl LiveStreams {
         for Evicted { id, zero_at } in self.evicted.drain(..) {
             if let Some(as_of) = zero_at {
                 out(LiveUpdate::Snapshot(Snapshot {
-                    stream_id: id.to_string(),
+                    stream_id: Text::from(&*id),
                     viewers: 0,
                     chat_per_min: 0,
                     as_of,
                     emitted_at,
                 }));
             }
-            out(LiveUpdate::Retired(id.to_string()));
+            out(LiveUpdate::Retired(Text::from(&*id)));
         }
     }
 }
@@ -822,7 +815,7 @@ mod tests {
         }
     }
 
-    fn snapshots(updates: &[LiveUpdate]) -> Vec<(String, u64, u64)> {
+    fn snapshots(updates: &[LiveUpdate]) -> Vec<(Text, u64, u64)> {
         updates
             .iter()
             .filter_map(|u| match u {
@@ -832,7 +825,7 @@ mod tests {
             .collect()
     }
 
-    fn retired(updates: &[LiveUpdate]) -> Vec<String> {
+    fn retired(updates: &[LiveUpdate]) -> Vec<Text> {
         updates
             .iter()
             .filter_map(|u| match u {
@@ -955,7 +948,7 @@ mod tests {
     fn many_distinct_streams_stay_bounded_and_all_retire() {
         let mut streams = LiveStreams::new(TTL, 1_000_000);
         let (mut retired_seen, mut most_held, mut most_per_tick) = (0, 0, 0);
-        let mut last: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut last: HashMap<Text, (u64, u64)> = HashMap::new();
         let mut take = |updates: Vec<LiveUpdate>| {
             let mut snapshots = 0;
             for update in updates {
@@ -1039,7 +1032,7 @@ mod tests {
         // The evictions come before the snapshots of the streams admitted.
         assert!(matches!(updates[0], LiveUpdate::Retired(_)));
         assert_eq!(dropped(&updates), 3);
-        let mut shown: Vec<String> = snapshots(&updates).into_iter().map(|s| s.0).collect();
+        let mut shown: Vec<Text> = snapshots(&updates).into_iter().map(|s| s.0).collect();
         shown.sort();
         let want: Vec<String> = (5..10)
             .map(|i| format!("old-{i}"))

@@ -69,7 +69,7 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
-use crate::event::{AdProgress, Event, EventKind, Impression};
+use crate::event::{AdProgress, Event, EventKind, Impression, Text};
 
 /// Records longer than this many bytes are rejected as `too_large` without
 /// being parsed.
@@ -709,12 +709,12 @@ fn build(text: &str, mut slots: Slots<'_>) -> Result<Event, Rejection> {
 
 /// A used string field: 1..=128 bytes after unescaping.
 #[inline]
-fn string(slots: &mut Slots<'_>, field: Field) -> Result<String, Rejection> {
+fn string(slots: &mut Slots<'_>, field: Field) -> Result<Text, Rejection> {
     match slots.take(field) {
         Slot::Missing => Err(Rejection::MissingField(field)),
         Slot::Str(s) if s.is_empty() => Err(Rejection::Empty(field)),
         Slot::Str(s) if s.len() > MAX_STR_BYTES => Err(Rejection::TooLong(field)),
-        Slot::Str(s) => Ok(s.into_owned()),
+        Slot::Str(s) => Ok(Text::new(s)),
         _ => Err(Rejection::WrongType(field)),
     }
 }
@@ -1583,7 +1583,7 @@ mod tests {
                 (
                     format!(r#"{{"type":"impression",{head},"ad_id":"a","campaign_id":"c","advertiser_id":"d","price_micros":{price}}}"#),
                     EventKind::Impression(Impression {
-                        impression_id: impression_id.clone(),
+                        impression_id: impression_id.as_str().into(),
                         ad_id: "a".into(),
                         campaign_id: "c".into(),
                         advertiser_id: "d".into(),
@@ -1593,13 +1593,13 @@ mod tests {
             } else {
                 (
                     format!(r#"{{"type":"ad_progress",{head},"watched_ms":{watched}}}"#),
-                    EventKind::AdProgress(AdProgress { impression_id: impression_id.clone(), watched_ms: watched }),
+                    EventKind::AdProgress(AdProgress { impression_id: impression_id.as_str().into(), watched_ms: watched }),
                 )
             };
             let expected = if [&event_id, &stream_id, &viewer_id, &impression_id].iter().any(|s| s.len() > 128) {
                 None
             } else {
-                Some(Event { ts, event_id, stream_id, viewer_id, kind })
+                Some(Event { ts, event_id: event_id.into(), stream_id: stream_id.into(), viewer_id: viewer_id.into(), kind })
             };
             let got = parse_event(rec.as_bytes());
             match expected {

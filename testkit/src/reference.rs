@@ -194,11 +194,11 @@ pub fn expected(lines: &[&[u8]], rules: Rules) -> Expected {
                 };
                 let fields = [
                     id.clone(),
-                    imp.ad_id.clone(),
-                    imp.campaign_id.clone(),
-                    imp.advertiser_id.clone(),
-                    event.stream_id.clone(),
-                    event.viewer_id.clone(),
+                    imp.ad_id.to_string(),
+                    imp.campaign_id.to_string(),
+                    imp.advertiser_id.to_string(),
+                    event.stream_id.to_string(),
+                    event.viewer_id.to_string(),
                     event.ts.to_string(),
                     qualified.to_string(),
                     imp.price_micros.to_string(),
@@ -267,7 +267,7 @@ pub fn expected_live(lines: &[&[u8]], presence_ttl: u64) -> (u64, BTreeMap<Strin
         if !(presence || leave) {
             continue;
         }
-        streams.entry(event.stream_id.clone()).or_default();
+        streams.entry(event.stream_id.to_string()).or_default();
         let entry = viewers
             .entry((&event.stream_id, &event.viewer_id))
             .or_default();
@@ -277,7 +277,7 @@ pub fn expected_live(lines: &[&[u8]], presence_ttl: u64) -> (u64, BTreeMap<Strin
             entry.1 = entry.1.max(event.ts);
         }
         if matches!(event.kind, EventKind::Chat) && event.ts + 60_000 > now {
-            streams.get_mut(&event.stream_id).unwrap().1 += 1;
+            streams.get_mut(event.stream_id.as_str()).unwrap().1 += 1;
         }
         let chat = matches!(event.kind, EventKind::Chat);
         if event.ts + 2 * presence_ttl >= now || (chat && event.ts + 60_000 + presence_ttl >= now) {
