@@ -12,6 +12,7 @@
 
 use livepipe_dataflow::event::{Event, Ingested, Position};
 use livepipe_dataflow::time::{coarse, Time};
+use serde::{Deserialize, Serialize};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::operators::generic::OutputBuilderSession;
 use timely::dataflow::operators::Capability;
@@ -35,7 +36,7 @@ pub struct StampRules {
 }
 
 /// One partition's event-time clock.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionClock {
     max_ts: Option<u64>,
     /// Never goes back, even if the wall clock that bounds it does: a
@@ -73,6 +74,16 @@ impl PartitionClock {
         self.watermark
     }
 
+    /// The watermark before a record with `ts` (at least `floor`); then
+    /// counts the `ts`. What [`Self::stamp`] does to the clock: replaying
+    /// the `ts`s of a run of records with the same `wall_ms` leaves the
+    /// clock exactly as stamping them would.
+    pub fn tick(&mut self, rules: StampRules, ts: u64, wall_ms: u64, floor: u64) -> u64 {
+        let watermark = self.advance(rules.allowed_lateness_ms, wall_ms).max(floor);
+        self.max_ts = Some(self.max_ts.map_or(ts, |max| max.max(ts)));
+        watermark
+    }
+
     /// Stamps `event` with the watermark before it (at least `floor`) and
     /// the timely time it travels at, then counts its `ts`.
     pub fn stamp(
@@ -83,8 +94,7 @@ impl PartitionClock {
         wall_ms: u64,
         floor: u64,
     ) -> (Time, Ingested) {
-        let watermark = self.advance(rules.allowed_lateness_ms, wall_ms).max(floor);
-        self.max_ts = Some(self.max_ts.map_or(event.ts, |max| max.max(event.ts)));
+        let watermark = self.tick(rules, event.ts, wall_ms, floor);
         let time = coarse(watermark, rules.time_granularity_ms);
         let ingested = Ingested {
             event,

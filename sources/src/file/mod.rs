@@ -7,22 +7,28 @@
 //! `livepipe_dataflow::time`).
 //!
 //! Parsing is the expensive part of reading, and the watermark depends on
-//! every earlier valid record, so the work is split in three:
+//! every earlier valid record. The owner of file `i` (worker `i % workers`)
+//! is the one place that sees the file in order, so it does as little as
+//! that needs, and every record crosses between workers at most once:
 //!
-//! 1. **Read** (the worker that owns file `i`, worker `i % workers`): cut
-//!    the file into chunks of lines, in budgeted slices so the worker keeps
-//!    serving the rest of the graph, and deal the chunks out to all workers.
+//! 1. **Read** (the owner's reading thread, [`read`]): cut the file into
+//!    chunks of lines and digest it; `ReadFiles` deals the chunks out to all
+//!    workers.
 //! 2. **Parse** (every worker): parse a chunk; rejected records go to the
-//!    dead-letter callback right there.
-//! 3. **Stamp** (the owner again): put parsed chunks back in file order and
-//!    stamp each event with its file's watermark, exactly as if one thread
-//!    had read the file.
+//!    dead-letter callback right there. The events stay; only their `ts`s
+//!    go to the owner.
+//! 3. **Clock** (the owner): run the file's clock over each chunk's `ts`s in
+//!    file order, record the checkpoint after it, and send the parser the
+//!    clock as it stood before the chunk.
+//! 4. **Stamp** (the parser again): stamp each event from that clock, with
+//!    the very arithmetic the owner ran, so every record gets exactly the
+//!    watermark it would have had if one thread had read the file.
 //!
-//! The reader's capability follows the watermark the stamper has reached
-//! (they share it, being on the same worker), so the stamper may always
-//! emit at the coarse watermark. A file stops holding time back once it is
-//! read and stamped to its end; when every file is, the frontier empties and
-//! everything finalizes.
+//! The reader's capability follows the file clocks (they share them, being
+//! on the same worker), so a stamper may always emit at the coarse
+//! watermark. A file stops holding time back once it is read and clocked to
+//! its end; when every file is, the frontier empties and everything
+//! finalizes.
 
 mod read;
 
@@ -33,7 +39,8 @@ use livepipe_dataflow::parse::{check_clock, parse_event, Rejection};
 use livepipe_dataflow::resume::Checkpoint;
 use livepipe_dataflow::time::{coarse, wall_clock_ms, Time};
 use serde::{Deserialize, Serialize};
-use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::core::OkErr;
 use timely::dataflow::operators::generic::operator::source;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::Capability;
@@ -41,7 +48,7 @@ use timely::dataflow::{Scope, StreamVec};
 
 use read::{Chunk, Fed, Feed, Reader};
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -135,8 +142,9 @@ pub fn file_source<'s>(
         wake_reader: None,
     }));
     let chunks = read_chunks(scope, paths, &context, progress.clone());
-    let parsed = parse_chunks(chunks, names, &context);
-    stamp(parsed, &context, progress)
+    let (times, events) = parse_chunks(chunks, names, &context);
+    let clocks = clock_in_file_order(times, &context, progress);
+    stamp_where_parsed(events, clocks, &context)
 }
 
 /// One of this worker's files as `ReadFiles` sees it.
@@ -252,14 +260,54 @@ fn read_chunks<'s>(
     })
 }
 
+/// What parsing a chunk yields: the `ts`s of its valid records, for its
+/// file's clock on the owner, and its events, which stay on the worker
+/// that parsed them until the owner says where the clock stood.
+#[derive(Clone, Debug)]
+enum Parsed {
+    Times(ChunkTimes),
+    Events(ParsedChunk),
+}
+
+/// The `ts` of every valid record of a chunk, in file order, and where
+/// the file resumes after it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ChunkTimes {
+    partition: u32,
+    seq: u64,
+    /// The worker that parsed the chunk and holds its events.
+    parser: usize,
+    ts: Vec<u64>,
+    next_line: u64,
+    end_byte: u64,
+    prefix_sha256: [u8; 32],
+}
+
+/// The file's clock just before a chunk, sent back to the worker holding
+/// its events: stamping them from here gives every record exactly the
+/// watermark it would have had if one thread had read the whole file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ChunkClock {
+    partition: u32,
+    seq: u64,
+    parser: usize,
+    clock: PartitionClock,
+    /// The wall clock the owner bounded the watermarks by.
+    wall_ms: u64,
+}
+
 /// Stage 2: any worker parses a chunk; rejections go out from here.
 fn parse_chunks<'s>(
     chunks: StreamVec<'s, Time, Chunk>,
     names: Vec<Arc<str>>,
     context: &FileSourceContext,
-) -> StreamVec<'s, Time, ParsedChunk> {
+) -> (
+    StreamVec<'s, Time, ChunkTimes>,
+    StreamVec<'s, Time, ParsedChunk>,
+) {
     let context = context.clone();
-    chunks.unary(
+    let parser = chunks.scope().index();
+    let parsed: StreamVec<'s, Time, Parsed> = chunks.unary(
         // Deal chunks round-robin over the workers.
         Exchange::new(|chunk: &Chunk| chunk.seq.wrapping_add(chunk.partition as u64)),
         "ParseChunks",
@@ -269,13 +317,19 @@ fn parse_chunks<'s>(
                     let mut session = output.session(&cap);
                     for batch in batches {
                         for chunk in batch.drain(..) {
-                            session.give(parse_chunk(chunk, &names, &context));
+                            let events = parse_chunk(chunk, &names, &context);
+                            session.give(Parsed::Times(events.times(parser)));
+                            session.give(Parsed::Events(events));
                         }
                     }
                 });
             }
         },
-    )
+    );
+    parsed.ok_err(|parsed| match parsed {
+        Parsed::Times(times) => Ok(times),
+        Parsed::Events(events) => Err(events),
+    })
 }
 
 fn parse_chunk(chunk: Chunk, names: &[Arc<str>], context: &FileSourceContext) -> ParsedChunk {
@@ -322,49 +376,60 @@ fn parse_chunk(chunk: Chunk, names: &[Arc<str>], context: &FileSourceContext) ->
     }
 }
 
-/// Stage 3: the owner puts chunks back in file order and stamps each event
-/// with the watermark of its file just before it.
-fn stamp<'s>(
-    parsed: StreamVec<'s, Time, ParsedChunk>,
+impl ParsedChunk {
+    fn times(&self, parser: usize) -> ChunkTimes {
+        ChunkTimes {
+            partition: self.partition,
+            seq: self.seq,
+            parser,
+            ts: self.events.iter().map(|(_, event)| event.ts).collect(),
+            next_line: self.next_line,
+            end_byte: self.end_byte,
+            prefix_sha256: self.prefix_sha256,
+        }
+    }
+}
+
+/// Stage 3: the owner runs each file's clock over its chunks' `ts`s in file
+/// order, records the checkpoint after each chunk, and tells the chunk's
+/// parser where the clock stood before it.
+fn clock_in_file_order<'s>(
+    times: StreamVec<'s, Time, ChunkTimes>,
     context: &FileSourceContext,
     progress: Rc<RefCell<Progress>>,
-) -> StreamVec<'s, Time, Ingested> {
-    let rules = StampRules {
-        allowed_lateness_ms: context.source.allowed_lateness_ms,
-        time_granularity_ms: context.source.time_granularity_ms,
-    };
+) -> StreamVec<'s, Time, ChunkClock> {
+    let rules = stamp_rules(context);
     let checkpoints = context.source.checkpoints.clone();
-    parsed.unary(
-        Exchange::new(|chunk: &ParsedChunk| chunk.partition as u64),
-        "StampInFileOrder",
+    times.unary(
+        Exchange::new(|times: &ChunkTimes| times.partition as u64),
+        "ClockInFileOrder",
         move |_, _| {
             // Chunks that arrived ahead of their turn, with the capability
             // they came with (the reader's time when it sent them).
-            let mut waiting: BTreeMap<(u32, u64), (Capability<Time>, ParsedChunk)> =
-                BTreeMap::new();
+            let mut waiting: BTreeMap<(u32, u64), (Capability<Time>, ChunkTimes)> = BTreeMap::new();
             move |input, output| {
                 input.for_each_stamp(|cap, batches| {
                     for batch in batches {
-                        for chunk in batch.drain(..) {
+                        for times in batch.drain(..) {
                             let held = cap.retain_least(0).expect("totally ordered time");
-                            waiting.insert((chunk.partition, chunk.seq), (held, chunk));
+                            waiting.insert((times.partition, times.seq), (held, times));
                         }
                     }
                 });
                 let mut progress = progress.borrow_mut();
-                let progress = &mut *progress;
-                let stamped = &mut progress.files;
                 let mut any = false;
                 loop {
+                    let files = &progress.files;
                     let next = waiting
                         .keys()
-                        .find(|(partition, seq)| stamped[*partition as usize].chunks == *seq);
+                        .find(|(partition, seq)| files[*partition as usize].chunks == *seq);
                     let Some(&key) = next else { break };
-                    let (cap, chunk) = waiting.remove(&key).expect("found above");
-                    let state = &mut stamped[chunk.partition as usize];
-                    let checkpoint = stamp_chunk(&mut state.clock, rules, chunk, &cap, output);
-                    state.chunks += 1;
-                    checkpoints.record(key.0, checkpoint);
+                    let (cap, times) = waiting.remove(&key).expect("found above");
+                    let file = &mut progress.files[times.partition as usize];
+                    let (clock, checkpoint) = run_clock(&mut file.clock, rules, &times);
+                    file.chunks += 1;
+                    checkpoints.record(times.partition, checkpoint);
+                    output.session(&cap).give(clock);
                     any = true;
                 }
                 if any {
@@ -377,30 +442,102 @@ fn stamp<'s>(
     )
 }
 
-/// Stamps and sends one chunk's events in order; returns the position
-/// after it.
-fn stamp_chunk(
+/// Runs `clock` over one chunk's `ts`s: returns where it stood before the
+/// chunk, and the position after it.
+fn run_clock(
     clock: &mut PartitionClock,
+    rules: StampRules,
+    times: &ChunkTimes,
+) -> (ChunkClock, Checkpoint) {
+    let wall_ms = wall_clock_ms();
+    let before = ChunkClock {
+        partition: times.partition,
+        seq: times.seq,
+        parser: times.parser,
+        clock: *clock,
+        wall_ms,
+    };
+    for &ts in &times.ts {
+        clock.tick(rules, ts, wall_ms, 0);
+    }
+    let checkpoint = Checkpoint {
+        offset: times.next_line,
+        byte: times.end_byte,
+        max_ts: clock.max_ts(),
+        prefix_sha256: Some(times.prefix_sha256),
+    };
+    (before, checkpoint)
+}
+
+/// Stage 4: the worker that parsed a chunk stamps its events once the
+/// owner has sent the clock before it.
+fn stamp_where_parsed<'s>(
+    events: StreamVec<'s, Time, ParsedChunk>,
+    clocks: StreamVec<'s, Time, ChunkClock>,
+    context: &FileSourceContext,
+) -> StreamVec<'s, Time, Ingested> {
+    let rules = stamp_rules(context);
+    events.binary(
+        clocks,
+        Pipeline,
+        Exchange::new(|clock: &ChunkClock| clock.parser as u64),
+        "StampWhereParsed",
+        move |_, _| {
+            // Whichever of a chunk's events and clock came first, waiting
+            // for the other; the events with the capability they came with.
+            let mut events: HashMap<(u32, u64), (Capability<Time>, ParsedChunk)> = HashMap::new();
+            let mut clocks: HashMap<(u32, u64), ChunkClock> = HashMap::new();
+            move |input_events, input_clocks, output| {
+                input_events.for_each_stamp(|cap, batches| {
+                    for chunk in batches.flat_map(|batch| batch.drain(..)) {
+                        let held = cap.retain_least(0).expect("totally ordered time");
+                        events.insert((chunk.partition, chunk.seq), (held, chunk));
+                    }
+                });
+                input_clocks.for_each_stamp(|_, batches| {
+                    for clock in batches.flat_map(|batch| batch.drain(..)) {
+                        clocks.insert((clock.partition, clock.seq), clock);
+                    }
+                });
+                let ready: Vec<(u32, u64)> = clocks
+                    .keys()
+                    .filter(|key| events.contains_key(key))
+                    .copied()
+                    .collect();
+                for key in ready {
+                    let (cap, chunk) = events.remove(&key).expect("ready");
+                    let clock = clocks.remove(&key).expect("ready");
+                    stamp_chunk(clock, rules, chunk, &cap, output);
+                }
+            }
+        },
+    )
+}
+
+fn stamp_rules(context: &FileSourceContext) -> StampRules {
+    StampRules {
+        allowed_lateness_ms: context.source.allowed_lateness_ms,
+        time_granularity_ms: context.source.time_granularity_ms,
+    }
+}
+
+/// Stamps and sends one chunk's events in order, from the clock before it.
+fn stamp_chunk(
+    before: ChunkClock,
     rules: StampRules,
     chunk: ParsedChunk,
     cap: &Capability<Time>,
     output: &mut Output<'_>,
-) -> Checkpoint {
-    let wall_ms = wall_clock_ms();
+) {
+    let mut clock = before.clock;
     let mut batch = Batch::new(cap);
     for (offset, event) in chunk.events {
         let position = Position {
             partition: chunk.partition,
             offset,
         };
-        let (time, ingested) = clock.stamp(rules, event, position, wall_ms, 0);
+        let (time, ingested) = clock.stamp(rules, event, position, before.wall_ms, 0);
         batch.push(output, time, ingested);
     }
     batch.flush(output);
-    Checkpoint {
-        offset: chunk.next_line,
-        byte: chunk.end_byte,
-        max_ts: clock.max_ts(),
-        prefix_sha256: Some(chunk.prefix_sha256),
-    }
 }
