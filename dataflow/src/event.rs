@@ -42,7 +42,10 @@ pub enum EventKind {
     Leave,
     Heartbeat,
     Chat,
-    Impression(Impression),
+    /// Boxed: an impression's ad details would double the size of every
+    /// event, and events are moved many times on their way (a few percent of
+    /// them are impressions).
+    Impression(Box<Impression>),
     AdProgress(AdProgress),
 }
 

@@ -681,13 +681,13 @@ fn build(text: &str, mut slots: Slots<'_>) -> Result<Event, Rejection> {
             let campaign_id = string(&mut slots, Field::CampaignId)?;
             let advertiser_id = string(&mut slots, Field::AdvertiserId)?;
             let price_micros = integer(text, &mut slots, Field::PriceMicros, 0, PRICE_MICROS_MAX)?;
-            EventKind::Impression(Impression {
+            EventKind::Impression(Box::new(Impression {
                 impression_id,
                 ad_id,
                 campaign_id,
                 advertiser_id,
                 price_micros,
-            })
+            }))
         }
         Type::AdProgress => {
             let impression_id = string(&mut slots, Field::ImpressionId)?;
@@ -1010,13 +1010,13 @@ mod tests {
         }
         assert_eq!(
             parse(IMPRESSION),
-            Ok(base_event(EventKind::Impression(Impression {
+            Ok(base_event(EventKind::Impression(Box::new(Impression {
                 impression_id: "i1".into(),
                 ad_id: "a1".into(),
                 campaign_id: "c1".into(),
                 advertiser_id: "adv1".into(),
                 price_micros: 2500,
-            })))
+            }))))
         );
         assert_eq!(
             parse(AD_PROGRESS),
@@ -1582,13 +1582,13 @@ mod tests {
             let (rec, kind) = if impression {
                 (
                     format!(r#"{{"type":"impression",{head},"ad_id":"a","campaign_id":"c","advertiser_id":"d","price_micros":{price}}}"#),
-                    EventKind::Impression(Impression {
+                    EventKind::Impression(Box::new(Impression {
                         impression_id: impression_id.as_str().into(),
                         ad_id: "a".into(),
                         campaign_id: "c".into(),
                         advertiser_id: "d".into(),
                         price_micros: price,
-                    }),
+                    })),
                 )
             } else {
                 (
