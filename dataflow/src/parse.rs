@@ -264,8 +264,9 @@ pub fn parse_event(raw: &[u8]) -> Result<Event, Rejection> {
         return Err(Rejection::TooLarge);
     }
     let text = std::str::from_utf8(raw).map_err(|_| Rejection::BadUtf8)?;
-    let slots = json_pass(text)?;
-    build(text, slots)
+    let mut slots = Slots([const { Slot::Missing }; FIELD_COUNT]);
+    json_pass(text, &mut slots)?;
+    build(text, &mut slots)
 }
 
 // ---------------------------------------------------------------------------
@@ -302,27 +303,30 @@ impl<'de> Slots<'de> {
     }
 }
 
-/// What the top-level JSON value turned out to be.
-// Returned by value once per record: boxing the slots would cost an
-// allocation on the hot path for no gain.
-#[allow(clippy::large_enum_variant)]
-enum Top<'de> {
-    Object(Slots<'de>),
+/// What the top-level JSON value turned out to be. An object's fields are
+/// captured into the caller's [`Slots`] in place: they are a few hundred
+/// bytes, and moving them out of every parse costs more than the parse of a
+/// short field.
+enum Top {
+    Object,
     NotObject,
 }
 
 /// Runs the JSON pass, mapping serde_json's errors to rejections.
-fn json_pass(text: &str) -> Result<Slots<'_>, Rejection> {
+fn json_pass<'de>(text: &'de str, slots: &mut Slots<'de>) -> Result<(), Rejection> {
     // Set by a visitor just before it fails the parse on a duplicate key, so
     // that error can be told apart from syntax errors without matching on
     // error messages.
     let duplicate = Cell::new(false);
     let mut de = serde_json::Deserializer::from_str(text);
-    let top = TopSeed { dup: &duplicate }
-        .deserialize(&mut de)
-        .and_then(|top| de.end().map(|()| top));
+    let top = TopSeed {
+        dup: &duplicate,
+        slots,
+    }
+    .deserialize(&mut de)
+    .and_then(|top| de.end().map(|()| top));
     match top {
-        Ok(Top::Object(slots)) => Ok(slots),
+        Ok(Top::Object) => Ok(()),
         Ok(Top::NotObject) => Err(Rejection::NotObject),
         Err(_) if duplicate.get() => Err(Rejection::DuplicateKey),
         Err(_) => Err(Rejection::NotJson),
@@ -561,28 +565,28 @@ impl<'de> Visitor<'de> for SlotSeed<'_> {
 
 /// The top-level value: captures known keys of an object; anything else is
 /// still walked to the end (so invalid JSON wins over `not_object`).
-#[derive(Clone, Copy)]
-struct TopSeed<'a> {
+struct TopSeed<'a, 'de> {
     dup: &'a Cell<bool>,
+    slots: &'a mut Slots<'de>,
 }
 
-impl<'de> DeserializeSeed<'de> for TopSeed<'_> {
-    type Value = Top<'de>;
+impl<'de> DeserializeSeed<'de> for TopSeed<'_, 'de> {
+    type Value = Top;
 
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Top<'de>, D::Error> {
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Top, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for TopSeed<'_> {
-    type Value = Top<'de>;
+impl<'de> Visitor<'de> for TopSeed<'_, 'de> {
+    type Value = Top;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top<'de>, A::Error> {
-        let mut slots = Slots([const { Slot::Missing }; FIELD_COUNT]);
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
+        let slots = self.slots;
         let mut seen_known: u16 = 0;
         let mut seen_unknown = KeySet::new();
         while let Some(key) = map.next_key_seed(KeySeed)? {
@@ -603,38 +607,38 @@ impl<'de> Visitor<'de> for TopSeed<'_> {
                 }
             }
         }
-        Ok(Top::Object(slots))
+        Ok(Top::Object)
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Top<'de>, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Top, A::Error> {
         walk_seq(seq, self.dup).map(|()| Top::NotObject)
     }
 
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Top<'de>, E> {
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Top, E> {
         Ok(Top::NotObject)
     }
 
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Top<'de>, E> {
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Top, E> {
         Ok(Top::NotObject)
     }
 
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Top<'de>, E> {
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Top, E> {
         Ok(Top::NotObject)
     }
 
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Top<'de>, E> {
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Top, E> {
         Ok(Top::NotObject)
     }
 
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Top<'de>, E> {
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Top, E> {
         Ok(Top::NotObject)
     }
 
-    fn visit_unit<E: de::Error>(self) -> Result<Top<'de>, E> {
+    fn visit_unit<E: de::Error>(self) -> Result<Top, E> {
         Ok(Top::NotObject)
     }
 
-    fn visit_none<E: de::Error>(self) -> Result<Top<'de>, E> {
+    fn visit_none<E: de::Error>(self) -> Result<Top, E> {
         Ok(Top::NotObject)
     }
 }
@@ -652,7 +656,7 @@ enum Type {
     AdProgress,
 }
 
-fn build(text: &str, mut slots: Slots<'_>) -> Result<Event, Rejection> {
+fn build(text: &str, slots: &mut Slots<'_>) -> Result<Event, Rejection> {
     let ty = match slots.take(Field::Type) {
         Slot::Missing => return Err(Rejection::MissingField(Field::Type)),
         Slot::Str(s) => match &*s {
@@ -666,21 +670,21 @@ fn build(text: &str, mut slots: Slots<'_>) -> Result<Event, Rejection> {
         },
         _ => return Err(Rejection::WrongType(Field::Type)),
     };
-    let event_id = string(&mut slots, Field::EventId)?;
-    let ts = integer(text, &mut slots, Field::Ts, 1, TS_MAX)?;
-    let stream_id = string(&mut slots, Field::StreamId)?;
-    let viewer_id = string(&mut slots, Field::ViewerId)?;
+    let event_id = string(slots, Field::EventId)?;
+    let ts = integer(text, slots, Field::Ts, 1, TS_MAX)?;
+    let stream_id = string(slots, Field::StreamId)?;
+    let viewer_id = string(slots, Field::ViewerId)?;
     let kind = match ty {
         Type::Join => EventKind::Join,
         Type::Leave => EventKind::Leave,
         Type::Heartbeat => EventKind::Heartbeat,
         Type::Chat => EventKind::Chat,
         Type::Impression => {
-            let impression_id = string(&mut slots, Field::ImpressionId)?;
-            let ad_id = string(&mut slots, Field::AdId)?;
-            let campaign_id = string(&mut slots, Field::CampaignId)?;
-            let advertiser_id = string(&mut slots, Field::AdvertiserId)?;
-            let price_micros = integer(text, &mut slots, Field::PriceMicros, 0, PRICE_MICROS_MAX)?;
+            let impression_id = string(slots, Field::ImpressionId)?;
+            let ad_id = string(slots, Field::AdId)?;
+            let campaign_id = string(slots, Field::CampaignId)?;
+            let advertiser_id = string(slots, Field::AdvertiserId)?;
+            let price_micros = integer(text, slots, Field::PriceMicros, 0, PRICE_MICROS_MAX)?;
             EventKind::Impression(Box::new(Impression {
                 impression_id,
                 ad_id,
@@ -690,8 +694,8 @@ fn build(text: &str, mut slots: Slots<'_>) -> Result<Event, Rejection> {
             }))
         }
         Type::AdProgress => {
-            let impression_id = string(&mut slots, Field::ImpressionId)?;
-            let watched_ms = integer(text, &mut slots, Field::WatchedMs, 0, WATCHED_MS_MAX)?;
+            let impression_id = string(slots, Field::ImpressionId)?;
+            let watched_ms = integer(text, slots, Field::WatchedMs, 0, WATCHED_MS_MAX)?;
             EventKind::AdProgress(AdProgress {
                 impression_id,
                 watched_ms,
