@@ -249,3 +249,60 @@ fn an_empty_token_file_exits_2() {
     assert!(said.contains("--http-token-file"), "{said}");
     assert!(said.contains("empty"), "{said}");
 }
+
+/// What can be checked of the container image without building it (no
+/// Docker daemon in CI): its default command is a valid `livepipe` command
+/// line serving HTTP on all interfaces, the binary it copies is the one
+/// Cargo builds, its user is the one deploy/k8s runs as, and .dockerignore
+/// keeps every file the build needs.
+#[test]
+fn the_dockerfile_runs_the_binary_with_flags_it_has() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let instruction = |name: &str| -> Vec<String> {
+        let line = dockerfile
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in the Dockerfile"));
+        serde_json::from_str(line).unwrap_or_else(|err| panic!("{name} not exec form: {err}"))
+    };
+    let entrypoint = instruction("ENTRYPOINT");
+    assert_eq!(entrypoint, ["livepipe"]);
+    let command = instruction("CMD");
+    let args = entrypoint.iter().chain(&command);
+    let cli = livepipe::settings::parse_from(args).unwrap_or_else(|err| panic!("CMD: {err:?}"));
+    let livepipe::cli::Command::Run(run) = cli.command else {
+        panic!("CMD is not `run`")
+    };
+    assert_eq!(run.source(), Ok(livepipe::cli::Source::Demo));
+    assert_eq!(run.http, Some("0.0.0.0:8080".parse().unwrap()));
+    assert!(dockerfile.contains("EXPOSE 8080"));
+    assert!(dockerfile.contains("--bin livepipe"));
+    assert!(dockerfile.contains("target/release/livepipe /usr/local/bin/livepipe"));
+    assert!(dockerfile.contains("--uid 10001"));
+    let k8s = std::fs::read_to_string(root.join("deploy/k8s/livepipe.yaml")).unwrap();
+    assert!(k8s.contains("runAsUser: 10001"));
+
+    let ignored = std::fs::read_to_string(root.join(".dockerignore")).unwrap();
+    let ignored: Vec<&str> = ignored
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .collect();
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let members = manifest
+        .lines()
+        .find_map(|line| line.strip_prefix("members = "))
+        .expect("workspace members");
+    let members: Vec<String> = serde_json::from_str(members).unwrap();
+    let needed = ["Cargo.toml", "Cargo.lock", "src", "benches", "examples"];
+    for path in members.iter().map(String::as_str).chain(needed) {
+        assert!(root.join(path).exists(), "{path} is not in the repository");
+        assert!(
+            !ignored
+                .iter()
+                .any(|rule| rule.trim_end_matches('/') == path),
+            "{path} is in .dockerignore"
+        );
+    }
+}
