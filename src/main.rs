@@ -9,7 +9,7 @@ use livepipe::cli::{
 use livepipe::cluster::ClusterSpec;
 use livepipe::logs;
 use livepipe::pipeline::{run_job, Input, Job, UsageError};
-use livepipe::settings::{self, ParseFailure};
+use livepipe::settings::{self, ParseFailure, Parsed};
 use livepipe_dataflow::config::PipelineConfig;
 use livepipe_sources::file::RECORDS_PER_CHUNK;
 use livepipe_sources::kafka::{KafkaSettings, SetupError, StartOffsets};
@@ -33,8 +33,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     // Flags, then LIVEPIPE_* variables, then --config. clap exits 2 on a
     // usage error, 0 for --help / --version.
-    let cli = match settings::parse_from(std::env::args_os()) {
-        Ok(cli) => cli,
+    let Parsed { cli, origins } = match settings::parse_with_origins(std::env::args_os()) {
+        Ok(parsed) => parsed,
         Err(ParseFailure::Clap(err)) => err.exit(),
         Err(ParseFailure::Config(message)) => {
             eprintln!("error: {message}");
@@ -49,7 +49,12 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) if err.is::<UsageError>() => {
-            logs::exit_error(&err.to_string());
+            // The flag a message names may not be on the command line.
+            let note = match origins.is_empty() {
+                true => String::new(),
+                false => format!(" (set outside the command line: {})", origins.join(", ")),
+            };
+            logs::exit_error(&format!("{err}{note}"));
             ExitCode::from(2)
         }
         Err(err) => {

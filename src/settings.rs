@@ -36,9 +36,29 @@ impl From<clap::Error> for ParseFailure {
     }
 }
 
+/// A parsed command line, and which flags got their value from outside it.
+#[derive(Debug)]
+pub struct Parsed {
+    pub cli: Cli,
+    /// `--flag from LIVEPIPE_FLAG`, or `--flag from FILE`, for every flag
+    /// the environment or the config file set: a usage error names the
+    /// flag, and whoever reads it may not have typed it.
+    pub origins: Vec<String>,
+}
+
 /// Parses `args` (the program name first), with values from the
 /// environment and from `--config FILE` where the command line has none.
 pub fn parse_from<I, T>(args: I) -> Result<Cli, ParseFailure>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    parse_with_origins(args).map(|parsed| parsed.cli)
+}
+
+/// [`parse_from`], saying where the values not on the command line came
+/// from.
+pub fn parse_with_origins<I, T>(args: I) -> Result<Parsed, ParseFailure>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString>,
@@ -63,38 +83,72 @@ where
     let Some(path) = given.get_one::<std::path::PathBuf>("config").cloned() else {
         return match missing {
             Some(err) => Err(err.into()),
-            None => Ok(Cli::from_arg_matches(&matches)?),
+            None => parsed(&command, &matches, &[], Path::new("")),
         };
     };
     let subcommand = command
         .find_subcommand(name)
         .expect("the subcommand just parsed");
-    let extra = file_args(&path, name, subcommand, given)?;
+    let (extra, from_file) = file_args(&path, name, subcommand, given)?;
     if extra.is_empty() && missing.is_none() {
-        return Ok(Cli::from_arg_matches(&matches)?);
+        return parsed(&command, &matches, &[], &path);
     }
     args.extend(extra);
-    let matches = command.try_get_matches_from(&args).map_err(|err| {
+    let matches = command.clone().try_get_matches_from(&args).map_err(|err| {
         ParseFailure::Config(format!(
             "{}: the values from this config file do not fit the rest: {}",
             path.display(),
             first_line(&err)
         ))
     })?;
-    Ok(Cli::from_arg_matches(&matches)?)
+    parsed(&command, &matches, &from_file, &path)
+}
+
+/// The [`Cli`] of the final `matches`, with the origins of the values the
+/// environment or the file at `path` set (`from_file`: those flags' long
+/// names).
+fn parsed(
+    command: &clap::Command,
+    matches: &ArgMatches,
+    from_file: &[String],
+    path: &Path,
+) -> Result<Parsed, ParseFailure> {
+    let cli = Cli::from_arg_matches(matches)?;
+    let mut origins = Vec::new();
+    if let Some((name, given)) = matches.subcommand() {
+        let subcommand = command.find_subcommand(name).expect("just parsed");
+        for arg in subcommand.get_arguments() {
+            let Some(long) = arg.get_long() else {
+                continue;
+            };
+            let source = given.value_source(arg.get_id().as_str());
+            match arg.get_env() {
+                Some(env) if source == Some(ValueSource::EnvVariable) => {
+                    origins.push(format!("--{long} from {}", env.to_string_lossy()));
+                }
+                _ if from_file.iter().any(|flag| flag == long) => {
+                    origins.push(format!("--{long} from {}", path.display()));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(Parsed { cli, origins })
 }
 
 /// The `--key=value` arguments the config file at `path` adds to
 /// `livepipe NAME`: one per key (one per element of an array) whose flag
-/// `given` has from neither the command line nor the environment.
+/// `given` has from neither the command line nor the environment; and the
+/// long names of the flags they set.
 fn file_args(
     path: &Path,
     name: &str,
     subcommand: &clap::Command,
     given: &ArgMatches,
-) -> Result<Vec<OsString>, ParseFailure> {
+) -> Result<(Vec<OsString>, Vec<String>), ParseFailure> {
     let table = read_table(path)?;
     let mut extra = Vec::new();
+    let mut set = Vec::new();
     for (key, value) in &table {
         let arg = flag_for_key(path, name, subcommand, key)?;
         let from_user = matches!(
@@ -105,6 +159,7 @@ fn file_args(
             continue;
         }
         let long = arg.get_long().expect("flags are found by their long name");
+        set.push(long.to_string());
         for text in values(path, key, arg, value)? {
             check_value(path, key, arg, &text)?;
             extra.push(OsString::from(format!("--{long}={text}")));
@@ -113,7 +168,7 @@ fn file_args(
             extra.push(OsString::from(format!("--{long}")));
         }
     }
-    Ok(extra)
+    Ok((extra, set))
 }
 
 /// The file as a TOML table, or a message naming the file.
@@ -122,12 +177,20 @@ fn read_table(path: &Path) -> Result<toml::Table, ParseFailure> {
         ParseFailure::Config(format!("--config {}: cannot read: {err}", path.display()))
     })?;
     text.parse::<toml::Table>().map_err(|err| {
-        // toml's message points at the line and column; it quotes the
-        // offending line, which holds no secret (no flag is one).
+        // Where and what, but not toml's excerpt of the line: a file given
+        // by mistake (Kafka properties, `sasl.password=...`) is not TOML,
+        // and its lines must not reach a log.
+        let place = err.span().map_or_else(String::new, |span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |at| at + 1) + 1;
+            format!(" at line {line}, column {column}")
+        });
         ParseFailure::Config(format!(
-            "--config {}: not valid TOML: {}",
+            "--config {}: not valid TOML{place}: {}; write `key = value` lines, strings \
+             in quotes (`out = \"/data/out\"`)",
             path.display(),
-            err.to_string().trim_end()
+            err.message().trim_end()
         ))
     })
 }
@@ -311,6 +374,16 @@ mod tests {
     }
 
     #[test]
+    fn values_from_the_file_are_named_with_it() {
+        let file = config("topic = \"t\"\n");
+        let path = file.path().to_str().unwrap();
+        let parsed = parse_with_origins(["livepipe", "run", "--config", path, "--input", "a"])
+            .ok()
+            .unwrap();
+        assert_eq!(parsed.origins, [format!("--topic from {path}")]);
+    }
+
+    #[test]
     fn arrays_and_switches_become_flags() {
         let file = config(
             "input = [\"a.jsonl\", \"b.jsonl\"]\nhttp-allowed-hosts = \"localhost,x.example\"\n",
@@ -353,7 +426,8 @@ mod tests {
             ("workers = 0\n", "`workers`"),
             ("accept-data-loss = 1\n", "true or false"),
             ("out = [\"a\"]\n", "not an array"),
-            ("workers = \n", "not valid TOML"),
+            ("workers = \n", "not valid TOML at line 1"),
+            ("sasl.password=hunter2\n", "not valid TOML at line 1"),
             ("config = \"other.toml\"\n", "unknown key `config`"),
         ] {
             let file = config(text);
@@ -361,6 +435,7 @@ mod tests {
             let said = message(run_args(&["--config", path]).err().expect(text));
             assert!(said.contains(path), "{text}: {said}");
             assert!(said.contains(says), "{text}: {said}");
+            assert!(!said.contains("hunter2"), "a value shown: {said}");
         }
     }
 }

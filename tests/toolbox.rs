@@ -178,6 +178,23 @@ fn a_flag_beats_its_variable_which_beats_the_config_file() {
 }
 
 #[test]
+fn a_refused_flag_from_the_environment_is_named_with_its_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = input(dir.path());
+    let out = dir.path().join("out");
+    // Kafka-only flags are refused with files, from wherever they come.
+    let output = Livepipe::new()
+        .env("LIVEPIPE_TOPIC", "events")
+        .args(["run", "--input", input.to_str().unwrap(), "--out"])
+        .arg(&out)
+        .output();
+    let said = refused(&output);
+    assert!(said.contains("`--topic`"), "{said}");
+    assert!(said.contains("--topic from LIVEPIPE_TOPIC"), "{said}");
+    assert!(!out.exists(), "refused before touching --out");
+}
+
+#[test]
 fn a_bad_config_file_exits_2_naming_the_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let input = input(dir.path());
