@@ -39,11 +39,13 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --user-group --create-home \
-       --home-dir /var/lib/livepipe --shell /usr/sbin/nologin livepipe
+       --home-dir /var/lib/livepipe --shell /usr/sbin/nologin livepipe \
+    && install -d -o livepipe -g livepipe -m 750 /var/lib/livepipe/out
 COPY --from=builder /usr/local/bin/livepipe /usr/local/bin/livepipe
 USER livepipe
 # Outputs go to ./out, i.e. /var/lib/livepipe/out: mount a volume there (or
-# give --out) to keep billing files and the ledger.
+# give --out) to keep billing files and the ledger. The directory exists and
+# is the user's, so that a new named volume mounted there is writable.
 WORKDIR /var/lib/livepipe
 # A container's log is read by a collector, not a terminal.
 ENV NO_COLOR=1

@@ -361,15 +361,11 @@ mod tests {
     fn file_values_apply_where_no_flag_is_given() {
         let file = config("workers = 3\nout = \"/data/out\"\nallowed_lateness_ms = 7\n");
         let path = file.path().to_str().unwrap();
-        let run = run_args(&["--config", path, "--input", "a.jsonl"])
-            .ok()
-            .unwrap();
+        let run = run_args(&["--config", path, "--input", "a.jsonl"]).unwrap();
         assert_eq!(run.workers, Some(3));
         assert_eq!(run.out, std::path::PathBuf::from("/data/out"));
         assert_eq!(run.rules.allowed_lateness_ms, 7);
-        let run = run_args(&["--config", path, "--workers", "1"])
-            .ok()
-            .unwrap();
+        let run = run_args(&["--config", path, "--workers", "1"]).unwrap();
         assert_eq!(run.workers, Some(1), "the flag wins");
     }
 
@@ -377,9 +373,8 @@ mod tests {
     fn values_from_the_file_are_named_with_it() {
         let file = config("topic = \"t\"\n");
         let path = file.path().to_str().unwrap();
-        let parsed = parse_with_origins(["livepipe", "run", "--config", path, "--input", "a"])
-            .ok()
-            .unwrap();
+        let parsed =
+            parse_with_origins(["livepipe", "run", "--config", path, "--input", "a"]).unwrap();
         assert_eq!(parsed.origins, [format!("--topic from {path}")]);
     }
 
@@ -388,24 +383,19 @@ mod tests {
         let file = config(
             "input = [\"a.jsonl\", \"b.jsonl\"]\nhttp-allowed-hosts = \"localhost,x.example\"\n",
         );
-        let run = run_args(&["--config", file.path().to_str().unwrap()])
-            .ok()
-            .unwrap();
+        let run = run_args(&["--config", file.path().to_str().unwrap()]).unwrap();
         assert_eq!(run.input.len(), 2);
         assert_eq!(run.http_allowed_hosts, ["localhost", "x.example"]);
         let file = config("brokers = \"h:9092\"\naccept-data-loss = true\n");
-        let run = run_args(&["--config", file.path().to_str().unwrap()])
-            .ok()
-            .unwrap();
+        let run = run_args(&["--config", file.path().to_str().unwrap()]).unwrap();
         assert!(run.accept_data_loss);
     }
 
     #[test]
     fn a_required_flag_may_come_from_the_file() {
         let file = config("output = \"events.jsonl\"\nevents = 10\n");
-        let cli = parse_from(["livepipe", "gen", "--config", file.path().to_str().unwrap()])
-            .ok()
-            .unwrap();
+        let cli =
+            parse_from(["livepipe", "gen", "--config", file.path().to_str().unwrap()]).unwrap();
         let Command::Gen(gen) = cli.command else {
             unreachable!("parsed `gen`")
         };
@@ -432,7 +422,7 @@ mod tests {
         ] {
             let file = config(text);
             let path = file.path().to_str().unwrap();
-            let said = message(run_args(&["--config", path]).err().expect(text));
+            let said = message(run_args(&["--config", path]).expect_err(text));
             assert!(said.contains(path), "{text}: {said}");
             assert!(said.contains(says), "{text}: {said}");
             assert!(!said.contains("hunter2"), "a value shown: {said}");

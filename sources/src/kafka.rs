@@ -460,7 +460,7 @@ impl ClientContext for StatsContext {
         match code {
             // Reaching the end of a partition is how idleness is noticed,
             // not a problem; librdkafka reports it as a "global error" too.
-            Some(RDKafkaErrorCode::PartitionEOF) => return,
+            Some(RDKafkaErrorCode::PartitionEOF) => {}
             // Reported on every reconnect attempt; the state change is
             // logged once (see `set_broker_health`).
             Some(RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::Resolve) => {
