@@ -11,6 +11,7 @@ use livepipe::logs;
 use livepipe::pipeline::{run_job, Input, Job, UsageError};
 use livepipe::settings::{self, ParseFailure, Parsed};
 use livepipe_dataflow::config::PipelineConfig;
+use livepipe_sinks::http::Token;
 use livepipe_sources::file::RECORDS_PER_CHUNK;
 use livepipe_sources::kafka::{KafkaSettings, SetupError, StartOffsets};
 use livepipe_tools::demo::{Demo, DemoSettings};
@@ -79,7 +80,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(read_http_token)
         .transpose()
-        .map_err(UsageError)?;
+        .map_err(UsageError)?
+        .map(|token| Token::new(&token));
     let workers = args
         .workers
         .map(usize::from)
@@ -106,7 +108,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         out: args.out.clone(),
         workers,
         config,
-        progress: bounded && std::io::stderr().is_terminal(),
+        // Not between JSON lines.
+        progress: bounded && std::io::stderr().is_terminal() && !logs::json(),
         live_log: !bounded,
         http,
         http_allowed_hosts: args.http_allowed_hosts.clone(),
@@ -351,8 +354,8 @@ fn gen_kafka(config: &GenConfig, brokers: &str, args: &GenArgs) -> anyhow::Resul
         });
     }
     let stats = Arc::new(PublishStats::default());
-    let bar = std::io::stderr()
-        .is_terminal()
+    // Not between JSON lines.
+    let bar = (std::io::stderr().is_terminal() && !logs::json())
         .then(|| progress_bar(config.events, stats.clone()));
     let generator = Generator::new(config);
     let started = std::time::Instant::now();

@@ -101,7 +101,7 @@ pub struct Job {
     pub http_allowed_hosts: Vec<String>,
     /// `--http-token-file`'s token: when set, every HTTP route but
     /// `/healthz` wants it. Never logged.
-    pub http_token: Option<String>,
+    pub http_token: Option<http::Token>,
     /// `--addr-file`: where to write the HTTP server's address once it
     /// listens.
     pub addr_file: Option<PathBuf>,
@@ -362,7 +362,7 @@ fn start_http(
             metrics,
             dashboard: first,
             allowed_hosts: job.http_allowed_hosts.clone(),
-            token: job.http_token.as_deref().map(Arc::from),
+            token: job.http_token.clone(),
         },
     )
     .context("starting the HTTP server")?;

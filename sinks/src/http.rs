@@ -118,7 +118,34 @@ pub struct HttpState {
     pub allowed_hosts: Vec<String>,
     /// `--http-token-file`: when set, every route but `/healthz` wants this
     /// bearer token (see [`token_check`]).
-    pub token: Option<Arc<str>>,
+    pub token: Option<Token>,
+}
+
+/// The bearer token of `--http-token-file`. Its `Debug` shows none of it,
+/// so that no log line or panic message about a struct holding it (the
+/// job's settings) can leak it.
+#[derive(Clone)]
+pub struct Token(Arc<str>);
+
+impl Token {
+    pub fn new(token: &str) -> Token {
+        Token(Arc::from(token))
+    }
+
+    /// Whether `given` is the token. Constant time in the contents (a
+    /// timing difference at the first wrong byte would let a client guess
+    /// the token byte by byte); only the length can leak, which says little
+    /// about a random token.
+    fn matches(&self, given: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        bool::from(self.0.as_bytes().ct_eq(given.as_bytes()))
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
 }
 
 /// A running server; stopped on drop.
@@ -350,7 +377,7 @@ impl warp::reject::Reject for Unauthorized {}
 /// know no secrets), as `Authorization: Bearer TOKEN` or as the query
 /// parameter `access_token`; rejects the others with [`Unauthorized`].
 /// Everything passes without a token.
-fn token_check(token: Option<Arc<str>>) -> warp::filters::BoxedFilter<()> {
+fn token_check(token: Option<Token>) -> warp::filters::BoxedFilter<()> {
     let Some(token) = token else {
         return warp::any().boxed();
     };
@@ -364,8 +391,8 @@ fn token_check(token: Option<Arc<str>>) -> warp::filters::BoxedFilter<()> {
                     || authorization
                         .as_deref()
                         .and_then(bearer)
-                        .is_some_and(|given| token_matches(&token, given))
-                    || query_token(&query).is_some_and(|given| token_matches(&token, &given));
+                        .is_some_and(|given| token.matches(given))
+                    || query_token(&query).is_some_and(|given| token.matches(&given));
                 async move {
                     if served {
                         Ok(())
@@ -397,15 +424,6 @@ fn query_token(query: &str) -> Option<String> {
             .ok()
             .map(|v| v.into_owned())
     })
-}
-
-/// Whether `given` is the token. Constant time in the contents (a timing
-/// difference at the first wrong byte would let a client guess the token
-/// byte by byte); only the length can leak, which says little about a
-/// random token.
-fn token_matches(token: &str, given: &str) -> bool {
-    use subtle::ConstantTimeEq;
-    bool::from(token.as_bytes().ct_eq(given.as_bytes()))
 }
 
 /// The page's CSP: nothing but its one inline script and one inline style
@@ -833,10 +851,12 @@ mod tests {
             Some("a+b=".into())
         );
         assert_eq!(query_token("limit=3"), None);
-        assert!(token_matches("s3cret", "s3cret"));
-        assert!(!token_matches("s3cret", "s3creT"));
-        assert!(!token_matches("s3cret", "s3cre"));
-        assert!(!token_matches("s3cret", ""));
+        let token = Token::new("s3cret");
+        assert!(token.matches("s3cret"));
+        assert!(!token.matches("s3creT"));
+        assert!(!token.matches("s3cre"));
+        assert!(!token.matches(""));
+        assert!(!format!("{token:?}").contains("s3cret"));
     }
 
     #[test]
