@@ -159,13 +159,17 @@ fn file_args(
             continue;
         }
         let long = arg.get_long().expect("flags are found by their long name");
-        set.push(long.to_string());
+        let before = extra.len();
         for text in values(path, key, arg, value)? {
             check_value(path, key, arg, &text)?;
             extra.push(OsString::from(format!("--{long}={text}")));
         }
         if is_switch(arg) && value.as_bool() == Some(true) {
             extra.push(OsString::from(format!("--{long}")));
+        }
+        // A switch set to false (or an empty array) sets nothing.
+        if extra.len() > before {
+            set.push(long.to_string());
         }
     }
     Ok((extra, set))
