@@ -20,6 +20,27 @@ use std::path::PathBuf;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+
+    /// How log lines on stderr look: `text` for people, `json` (one object per line) for
+    /// log collectors. Which lines: RUST_LOG [default: info]; colour only on a terminal and
+    /// never with NO_COLOR set.
+    #[arg(long, global = true, env = "LIVEPIPE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
+    pub log_format: LogFormat,
+
+    /// Read flag values from this TOML file, keys named as the long flags (`workers = 2`,
+    /// `out = "/data/out"`). A flag on the command line wins over its LIVEPIPE_* environment
+    /// variable, which wins over the file.
+    #[arg(long, global = true, env = "LIVEPIPE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line: timestamp, level, message, fields, target.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -34,21 +55,21 @@ pub enum Command {
 pub struct RunArgs {
     /// Read these JSON-lines files to the end, finalize everything, write all outputs and exit.
     /// Each file is one partition with its own watermark, read in file order.
-    #[arg(long, num_args = 1.., value_name = "FILE", conflicts_with = "brokers")]
+    #[arg(long, env = "LIVEPIPE_INPUT", num_args = 1.., value_name = "FILE", conflicts_with = "brokers")]
     pub input: Vec<PathBuf>,
 
     /// Kafka bootstrap servers to read from instead of files.
-    #[arg(long, value_name = "HOST:PORT[,...]")]
+    #[arg(long, env = "LIVEPIPE_BROKERS", value_name = "HOST:PORT[,...]")]
     pub brokers: Option<String>,
 
     /// Kafka only: the topic to read [default: livestream-events].
     // Options without clap defaults, here and for every Kafka-only flag, so
     // that `source` sees whether they were given (see `Source`).
-    #[arg(long, value_name = "TOPIC")]
+    #[arg(long, env = "LIVEPIPE_TOPIC", value_name = "TOPIC")]
     pub topic: Option<String>,
 
     /// Kafka only: where to start reading partitions [default: earliest].
-    #[arg(long, value_enum, value_name = "WHERE")]
+    #[arg(long, env = "LIVEPIPE_START_OFFSETS", value_enum, value_name = "WHERE")]
     pub start_offsets: Option<StartFrom>,
 
     /// Kafka only: a librdkafka property for the consumer, like kcat's -X (repeatable):
@@ -58,58 +79,80 @@ pub struct RunArgs {
 
     /// Kafka only: a file of librdkafka properties, KEY=VALUE per line (like kcat's -F):
     /// keeps secrets off the command line. -X properties apply after it.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, env = "LIVEPIPE_KAFKA_CONFIG", value_name = "FILE")]
     pub kafka_config: Option<PathBuf>,
 
     /// Kafka only: when retention deleted records before they were read (a resume offset
     /// below a partition's log start), go on from the log start and record every lost
     /// range in OUT/gaps.jsonl and the ledger, instead of refusing to start.
-    #[arg(long)]
+    #[arg(long, env = "LIVEPIPE_ACCEPT_DATA_LOSS")]
     pub accept_data_loss: bool,
 
     /// Output directory: billing/ files, ledger.sqlite, live.json and the side outputs.
-    #[arg(long, default_value = "./out", value_name = "DIR")]
+    #[arg(
+        long,
+        env = "LIVEPIPE_OUT",
+        default_value = "./out",
+        value_name = "DIR"
+    )]
     pub out: PathBuf,
 
     /// Timely worker threads in this process [default: the number of cores].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, env = "LIVEPIPE_WORKERS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
 
     /// Address of the HTTP server (dashboard, API, metrics); 127.0.0.1:0 picks a free port
     /// [default: 127.0.0.1:8080 for Kafka and the demo; a file run serves only when given].
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, env = "LIVEPIPE_HTTP", value_name = "ADDR")]
     pub http: Option<SocketAddr>,
 
     /// Serve HTTP only to requests whose Host is one of these names (port stripped), against
     /// DNS rebinding; others get 421. An IP address as Host, and /healthz, are always served.
-    #[arg(long, value_name = "HOST[,HOST...]", value_delimiter = ',', value_parser = allowed_host)]
+    #[arg(long, env = "LIVEPIPE_HTTP_ALLOWED_HOSTS", value_name = "HOST[,HOST...]", value_delimiter = ',', value_parser = allowed_host)]
     pub http_allowed_hosts: Vec<String>,
 
     /// Once the HTTP server listens, write its address (HOST:PORT and a newline) to FILE,
     /// atomically (a temporary file in the same directory, renamed): how scripts and tests
     /// learn the port `--http 127.0.0.1:0` picked without reading the log.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, env = "LIVEPIPE_ADDR_FILE", value_name = "FILE")]
     pub addr_file: Option<PathBuf>,
+
+    /// Require `Authorization: Bearer TOKEN` on every HTTP route but /healthz, TOKEN being
+    /// this file's contents (trailing whitespace ignored); browsers and EventSource may pass
+    /// `?access_token=TOKEN` instead. Others get 401.
+    #[arg(long, env = "LIVEPIPE_HTTP_TOKEN_FILE", value_name = "FILE")]
+    pub http_token_file: Option<PathBuf>,
 
     #[command(flatten)]
     pub rules: RuleArgs,
 
     /// Number of processes of a multi-process timely cluster.
-    #[arg(long, value_name = "N", requires_all = ["process", "hostfile"])]
+    #[arg(long, env = "LIVEPIPE_PROCESSES", value_name = "N", requires_all = ["process", "hostfile"])]
     pub processes: Option<usize>,
 
     /// Index of this process in the cluster (0-based).
-    #[arg(long, value_name = "I", requires = "processes")]
+    #[arg(
+        long,
+        env = "LIVEPIPE_PROCESS",
+        value_name = "I",
+        requires = "processes"
+    )]
     pub process: Option<usize>,
 
     /// File with one host:port per line, one line per process (process 0 first);
     /// each process listens on its own line's port.
-    #[arg(long, value_name = "FILE", requires = "processes")]
+    #[arg(
+        long,
+        env = "LIVEPIPE_HOSTFILE",
+        value_name = "FILE",
+        requires = "processes"
+    )]
     pub hostfile: Option<PathBuf>,
 
     /// How long a cluster process keeps trying to reach the others at start.
     #[arg(
         long,
+        env = "LIVEPIPE_CLUSTER_TIMEOUT",
         default_value_t = 120,
         value_name = "SECS",
         requires = "processes"
@@ -119,7 +162,12 @@ pub struct RunArgs {
     /// File holding the secret every process of the cluster shares (at least 16 bytes,
     /// surrounding whitespace ignored): a process must prove it holds it to join. Required
     /// for a cluster; make one with `head -c 32 /dev/urandom | base64 > FILE`.
-    #[arg(long, value_name = "FILE", requires = "processes")]
+    #[arg(
+        long,
+        env = "LIVEPIPE_CLUSTER_SECRET_FILE",
+        value_name = "FILE",
+        requires = "processes"
+    )]
     pub cluster_secret_file: Option<PathBuf>,
 }
 
@@ -224,33 +272,53 @@ impl RunArgs {
 #[derive(Debug, Args)]
 pub struct RuleArgs {
     /// An ad_progress qualifies with watched_ms at least this.
-    #[arg(long, default_value_t = 2_000, value_name = "MS")]
+    #[arg(
+        long,
+        env = "LIVEPIPE_QUALIFY_MS",
+        default_value_t = 2_000,
+        value_name = "MS"
+    )]
     pub qualify_ms: u64,
 
     /// A qualifying ad_progress has ts within [impression ts, impression ts + this].
-    #[arg(long, default_value_t = 300_000, value_name = "MS")]
+    #[arg(
+        long,
+        env = "LIVEPIPE_QUALIFY_WINDOW_MS",
+        default_value_t = 300_000,
+        value_name = "MS"
+    )]
     pub qualify_window_ms: u64,
 
     /// Per-partition watermark = highest ts seen minus this.
-    #[arg(long, default_value_t = 5_000, value_name = "MS")]
+    #[arg(
+        long,
+        env = "LIVEPIPE_ALLOWED_LATENESS_MS",
+        default_value_t = 5_000,
+        value_name = "MS"
+    )]
     pub allowed_lateness_ms: u64,
 
     /// Length of a billing period (one file each), aligned to the epoch.
-    #[arg(long, default_value_t = 60_000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "LIVEPIPE_BILLING_PERIOD_MS", default_value_t = 60_000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub billing_period_ms: u64,
 
     /// A viewer counts while its latest join/heartbeat/chat is newer than now minus this.
-    #[arg(long, default_value_t = 30_000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "LIVEPIPE_PRESENCE_TTL_MS", default_value_t = 30_000, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
     pub presence_ttl_ms: u64,
 
     /// Kafka only: a caught-up partition with nothing new for this long stops holding the
     /// watermark back [default: 10000].
-    #[arg(long, value_name = "MS")]
+    #[arg(long, env = "LIVEPIPE_IDLE_TIMEOUT_MS", value_name = "MS")]
     pub idle_timeout_ms: Option<u64>,
 
     /// How long billing keeps an impression's records after it is final, to tell late
     /// duplicates and progress apart in the dataflow (the ledger guards beyond that).
-    #[arg(long, default_value_t = 600_000, value_name = "MS")]
+    #[arg(
+        long,
+        env = "LIVEPIPE_STATE_RETENTION_MS",
+        default_value_t = 600_000,
+        value_name = "MS"
+    )]
     pub state_retention_ms: u64,
 }
 
@@ -284,16 +352,21 @@ pub enum StartFrom {
 #[command(group(clap::ArgGroup::new("target").required(true).args(["output", "brokers"])))]
 pub struct GenArgs {
     /// Write JSON lines to this file.
-    #[arg(long, value_name = "FILE.jsonl")]
+    #[arg(long, env = "LIVEPIPE_OUTPUT", value_name = "FILE.jsonl")]
     pub output: Option<PathBuf>,
 
     /// Send to Kafka instead: bootstrap servers.
-    #[arg(long, value_name = "HOST:PORT[,...]", conflicts_with = "output")]
+    #[arg(
+        long,
+        env = "LIVEPIPE_BROKERS",
+        value_name = "HOST:PORT[,...]",
+        conflicts_with = "output"
+    )]
     pub brokers: Option<String>,
 
     /// Kafka topic to send to (created if missing).
     #[arg(
-        long,
+        long, env = "LIVEPIPE_TOPIC",
         default_value = DEFAULT_TOPIC,
         value_name = "TOPIC",
         requires = "brokers"
@@ -301,7 +374,7 @@ pub struct GenArgs {
     pub topic: String,
 
     /// Partitions of the topic, if it has to be created.
-    #[arg(long, default_value_t = 4, value_name = "N", requires = "brokers",
+    #[arg(long, env = "LIVEPIPE_PARTITIONS", default_value_t = 4, value_name = "N", requires = "brokers",
           value_parser = clap::value_parser!(i32).range(1..=10_000))]
     pub partitions: i32,
 
@@ -310,58 +383,78 @@ pub struct GenArgs {
     pub kafka_property: Vec<(String, String)>,
 
     /// A file of librdkafka properties, KEY=VALUE per line; -X applies after it.
-    #[arg(long, value_name = "FILE", requires = "brokers")]
+    #[arg(
+        long,
+        env = "LIVEPIPE_KAFKA_CONFIG",
+        value_name = "FILE",
+        requires = "brokers"
+    )]
     pub kafka_config: Option<PathBuf>,
 
     /// Number of records to write [default: 100000 to a file; unlimited to Kafka
     /// with --duration].
-    #[arg(long, value_name = "N")]
+    #[arg(long, env = "LIVEPIPE_EVENTS", value_name = "N")]
     pub events: Option<u64>,
 
     /// Kafka: stop after this many seconds of sending.
-    #[arg(long, value_name = "SECONDS", requires = "brokers")]
+    #[arg(
+        long,
+        env = "LIVEPIPE_DURATION",
+        value_name = "SECONDS",
+        requires = "brokers"
+    )]
     pub duration: Option<u64>,
 
     /// Seed: the same seed gives the same bytes.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, env = "LIVEPIPE_SEED", default_value_t = 1)]
     pub seed: u64,
 
     /// Records per second of event time; to Kafka, also the send rate.
-    #[arg(long, default_value_t = 2_000, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "LIVEPIPE_RATE", default_value_t = 2_000, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub rate: u64,
 
     /// Kafka: records per second to send [default: --rate]; 0 sends as fast as the
     /// brokers take them (records are still never sent before their ts).
-    #[arg(long, value_name = "N", requires = "brokers")]
+    #[arg(
+        long,
+        env = "LIVEPIPE_SEND_RATE",
+        value_name = "N",
+        requires = "brokers"
+    )]
     pub send_rate: Option<u64>,
 
     /// Event time of the first record (ms since the epoch) [default: 1700000000000 to a
     /// file, now to Kafka].
-    #[arg(long, value_name = "MS")]
+    #[arg(long, env = "LIVEPIPE_START_TS", value_name = "MS")]
     pub start_ts: Option<u64>,
 
     /// Number of live streams.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "LIVEPIPE_STREAMS", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub streams: u32,
 
     /// Fraction of records re-sent as producer retries.
-    #[arg(long, default_value_t = 0.01, value_name = "RATE", value_parser = parse_rate)]
+    #[arg(long, env = "LIVEPIPE_DUPLICATE_RATE", default_value_t = 0.01, value_name = "RATE", value_parser = parse_rate)]
     pub duplicate_rate: f64,
 
     /// Fraction of records sent hours late.
-    #[arg(long, default_value_t = 0.001, value_name = "RATE", value_parser = parse_rate)]
+    #[arg(long, env = "LIVEPIPE_LATE_RATE", default_value_t = 0.001, value_name = "RATE", value_parser = parse_rate)]
     pub late_rate: f64,
 
     /// Fraction of malformed lines.
-    #[arg(long, default_value_t = 0.001, value_name = "RATE", value_parser = parse_rate)]
+    #[arg(long, env = "LIVEPIPE_MALFORMED_RATE", default_value_t = 0.001, value_name = "RATE", value_parser = parse_rate)]
     pub malformed_rate: f64,
 
     /// Fraction of impressions whose watch never qualifies.
-    #[arg(long, default_value_t = 0.3, value_name = "RATE", value_parser = parse_rate)]
+    #[arg(long, env = "LIVEPIPE_NEVER_QUALIFY_RATE", default_value_t = 0.3, value_name = "RATE", value_parser = parse_rate)]
     pub never_qualify_rate: f64,
 
     /// Arrival order is shuffled within this bound (planted late records aside).
-    #[arg(long, default_value_t = 5_000, value_name = "MS")]
+    #[arg(
+        long,
+        env = "LIVEPIPE_ALLOWED_LATENESS_MS",
+        default_value_t = 5_000,
+        value_name = "MS"
+    )]
     pub allowed_lateness_ms: u64,
 }
 
@@ -465,6 +558,30 @@ pub fn kafka_properties(
     Ok(properties)
 }
 
+/// The token of `--http-token-file`: the file's contents without trailing
+/// whitespace (the newline an editor or `echo` adds). Errors name the file,
+/// never its contents.
+pub fn read_http_token(path: &std::path::Path) -> Result<String, String> {
+    let bytes = std::fs::read(path)
+        .map_err(|err| format!("--http-token-file {}: cannot read: {err}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        format!(
+            "--http-token-file {}: not UTF-8 text; write a printable token, e.g. \
+             `head -c 32 /dev/urandom | base64 > FILE`",
+            path.display()
+        )
+    })?;
+    let token = text.trim_end();
+    if token.is_empty() {
+        return Err(format!(
+            "--http-token-file {}: the file is empty; write a token into it, e.g. \
+             `head -c 32 /dev/urandom | base64 > FILE`",
+            path.display()
+        ));
+    }
+    Ok(token.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -529,6 +646,7 @@ mod tests {
         ("--http 127.0.0.1:0", [F, K, D]),
         ("--http-allowed-hosts localhost,dash.example.com", [F, K, D]),
         ("--addr-file a", [F, K, D]),
+        ("--http-token-file t", [F, K, D]),
         ("--qualify-ms 1000", [F, K, D]),
         ("--qualify-window-ms 60000", [F, K, D]),
         ("--allowed-lateness-ms 0", [F, K, D]),

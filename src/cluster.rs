@@ -1433,7 +1433,10 @@ fn report_network_panics(health: Arc<PeerHealth>, stop: Arc<AtomicBool>) {
              to resume exactly once from process 0's ledger"
         );
         tracing::error!("{text}");
-        eprintln!("error: {text}");
+        // Logged already when every line is JSON; otherwise also said plainly.
+        if !crate::logs::json() {
+            eprintln!("error: {text}");
+        }
         std::process::exit(1);
     }));
 }

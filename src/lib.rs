@@ -4,4 +4,6 @@
 
 pub mod cli;
 pub mod cluster;
+pub mod logs;
 pub mod pipeline;
+pub mod settings;

@@ -2,14 +2,16 @@
 //! (0 done, 2 bad usage or config, 1 a fault it could not survive).
 
 use anyhow::Context;
-use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use livepipe::cli::{
-    kafka_properties, Cli, Command, GenArgs, RunArgs, Source, StartFrom, DEFAULT_TOPIC,
+    kafka_properties, read_http_token, Command, GenArgs, RunArgs, Source, StartFrom, DEFAULT_TOPIC,
 };
 use livepipe::cluster::ClusterSpec;
+use livepipe::logs;
 use livepipe::pipeline::{run_job, Input, Job, UsageError};
+use livepipe::settings::{self, ParseFailure, Parsed};
 use livepipe_dataflow::config::PipelineConfig;
+use livepipe_sinks::http::Token;
 use livepipe_sources::file::RECORDS_PER_CHUNK;
 use livepipe_sources::kafka::{KafkaSettings, SetupError, StartOffsets};
 use livepipe_tools::demo::{Demo, DemoSettings};
@@ -30,16 +32,17 @@ use std::time::Duration;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // warp logs every connection a client drops as an error.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,warp::server=off")),
-        )
-        .init();
-    // clap exits 2 on a usage error, 0 for --help / --version.
-    let cli = Cli::parse();
+    // Flags, then LIVEPIPE_* variables, then --config. clap exits 2 on a
+    // usage error, 0 for --help / --version.
+    let Parsed { cli, origins } = match settings::parse_with_origins(std::env::args_os()) {
+        Ok(parsed) => parsed,
+        Err(ParseFailure::Clap(err)) => err.exit(),
+        Err(ParseFailure::Config(message)) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    logs::init(cli.log_format);
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Gen(args) => gen(args),
@@ -47,11 +50,16 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) if err.is::<UsageError>() => {
-            eprintln!("error: {err}");
+            // The flag a message names may not be on the command line.
+            let note = match origins.is_empty() {
+                true => String::new(),
+                false => format!(" (set outside the command line: {})", origins.join(", ")),
+            };
+            logs::exit_error(&format!("{err}{note}"));
             ExitCode::from(2)
         }
         Err(err) => {
-            eprintln!("error: {err:#}");
+            logs::exit_error(&format!("{err:#}"));
             ExitCode::from(1)
         }
     }
@@ -67,6 +75,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // After the cluster flags' own checks (a bad hostfile is named as
     // such), before anything touches --out.
     let source = args.source().map_err(UsageError)?;
+    let http_token = args
+        .http_token_file
+        .as_deref()
+        .map(read_http_token)
+        .transpose()
+        .map_err(UsageError)?
+        .map(|token| Token::new(&token));
     let workers = args
         .workers
         .map(usize::from)
@@ -93,10 +108,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         out: args.out.clone(),
         workers,
         config,
-        progress: bounded && std::io::stderr().is_terminal(),
+        // Not between JSON lines.
+        progress: bounded && std::io::stderr().is_terminal() && !logs::json(),
         live_log: !bounded,
         http,
         http_allowed_hosts: args.http_allowed_hosts.clone(),
+        http_token,
         addr_file: args.addr_file.clone(),
         stop,
         cluster,
@@ -179,7 +196,7 @@ fn start_demo(args: &RunArgs, config: &PipelineConfig) -> anyhow::Result<(Demo, 
     };
     let partitions = settings.partitions;
     let started = Demo::start(settings).map_err(anyhow::Error::msg)?;
-    eprintln!(
+    logs::say(&format!(
         "livepipe demo: an in-process Kafka broker at {} with topic `{DEFAULT_TOPIC}` ({partitions} partitions), \
          fed with live traffic\n  billing files: {}\n  ledger:        {}\n  side outputs:  {}/{{rejected,late,expired}}.jsonl\n\
          Ctrl-C stops.",
@@ -187,7 +204,7 @@ fn start_demo(args: &RunArgs, config: &PipelineConfig) -> anyhow::Result<(Demo, 
         args.out.join("billing").display(),
         args.out.join("ledger.sqlite").display(),
         args.out.display(),
-    );
+    ));
     let settings = KafkaSettings {
         brokers: started.brokers().to_string(),
         topic: DEFAULT_TOPIC.to_string(),
@@ -302,7 +319,7 @@ fn gen_file(config: &GenConfig, output: &std::path::Path) -> anyhow::Result<()> 
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let summary = write_jsonl(config, &mut out)?;
     out.flush()?;
-    eprintln!(
+    logs::say(&format!(
         "wrote {} records to {} ({} impressions, {} retries, {} late, {} malformed)",
         summary.records,
         output.display(),
@@ -310,7 +327,7 @@ fn gen_file(config: &GenConfig, output: &std::path::Path) -> anyhow::Result<()> 
         summary.duplicates,
         summary.late,
         summary.malformed
-    );
+    ));
     Ok(())
 }
 
@@ -337,8 +354,8 @@ fn gen_kafka(config: &GenConfig, brokers: &str, args: &GenArgs) -> anyhow::Resul
         });
     }
     let stats = Arc::new(PublishStats::default());
-    let bar = std::io::stderr()
-        .is_terminal()
+    // Not between JSON lines.
+    let bar = (std::io::stderr().is_terminal() && !logs::json())
         .then(|| progress_bar(config.events, stats.clone()));
     let generator = Generator::new(config);
     let started = std::time::Instant::now();
@@ -367,12 +384,12 @@ fn gen_kafka(config: &GenConfig, brokers: &str, args: &GenArgs) -> anyhow::Resul
     let failed = stats.failed.load(Ordering::Relaxed);
     // Neither acknowledged nor refused when the flush gave up.
     let unconfirmed = sent.saturating_sub(delivered + failed);
-    eprintln!(
+    logs::say(&format!(
         "sent {sent} records to topic `{}` ({partitions} partitions) in {:.1} s: \
          {delivered} delivered, {failed} failed, {unconfirmed} unconfirmed",
         args.topic,
         started.elapsed().as_secs_f64(),
-    );
+    ));
     result.map_err(anyhow::Error::msg)?;
     if failed + unconfirmed > 0 {
         anyhow::bail!("{} records were not delivered", failed + unconfirmed);

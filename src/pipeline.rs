@@ -99,6 +99,9 @@ pub struct Job {
     /// `--http-allowed-hosts`: the only names HTTP requests may give as
     /// `Host` (empty: any).
     pub http_allowed_hosts: Vec<String>,
+    /// `--http-token-file`'s token: when set, every HTTP route but
+    /// `/healthz` wants it. Never logged.
+    pub http_token: Option<http::Token>,
     /// `--addr-file`: where to write the HTTP server's address once it
     /// listens.
     pub addr_file: Option<PathBuf>,
@@ -359,6 +362,7 @@ fn start_http(
             metrics,
             dashboard: first,
             allowed_hosts: job.http_allowed_hosts.clone(),
+            token: job.http_token.clone(),
         },
     )
     .context("starting the HTTP server")?;
@@ -1022,7 +1026,10 @@ const STOP_CHECK: Duration = Duration::from_millis(100);
 /// down, keeps a dropped capability from ever finalizing what is not final.
 fn fail(cause: String) -> ! {
     tracing::error!("{cause}");
-    eprintln!("error: {cause}");
+    // Logged already when every line is JSON; otherwise also said plainly.
+    if !crate::logs::json() {
+        eprintln!("error: {cause}");
+    }
     std::process::exit(1);
 }
 

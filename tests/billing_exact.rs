@@ -182,6 +182,7 @@ fn check(
         live_log: false,
         http: None,
         http_allowed_hosts: Vec::new(),
+        http_token: None,
         addr_file: None,
         stop: Default::default(),
         cluster: None,

@@ -200,6 +200,18 @@ fn a_broker_outage_is_reported_and_loses_nothing() {
         "/healthz to report reading again",
         || health(&addr)["input"] == "reading",
     );
+    // The log says it once each way, not once per reconnect attempt, and
+    // holds no librdkafka statistics dump (those are DEBUG).
+    let log = rig.job.log();
+    let down = log.matches("Kafka: brokers unreachable").count();
+    let up = log.matches("Kafka: brokers reachable again").count();
+    assert!(
+        down >= 1 && up >= 1,
+        "the outage and the recovery logged:\n{log}"
+    );
+    assert!(up <= down && down <= up + 1, "paired changes:\n{log}");
+    assert!(down <= 3, "one line per change, not per retry:\n{log}");
+    assert!(!log.contains("Client stats"), "statistics at INFO:\n{log}");
     rig.finish();
 }
 

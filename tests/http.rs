@@ -98,6 +98,7 @@ fn the_live_api_ticks_every_second_while_billing_is_frozen() {
         status,
         content_type,
         body,
+        ..
     } = get(&base, "/api/live?limit=1");
     assert_eq!(status, 200);
     assert!(content_type.starts_with("application/json"));
@@ -150,6 +151,7 @@ fn the_live_api_ticks_every_second_while_billing_is_frozen() {
         status,
         content_type,
         body: metrics,
+        ..
     } = get(&base, "/metrics");
     assert_eq!(status, 200);
     assert!(content_type.contains("openmetrics-text"), "{content_type}");

@@ -41,6 +41,11 @@
 //! * with `--http-allowed-hosts`, a request naming another host gets 421
 //!   (DNS rebinding: a hostile page whose name resolves to this address
 //!   sends its own name as `Host`).
+//! * with `--http-token-file`, every route but `/healthz` wants the token,
+//!   as `Authorization: Bearer TOKEN` or as `?access_token=TOKEN` (the
+//!   page's `EventSource` cannot set headers); without it a request gets
+//!   401 and `WWW-Authenticate: Bearer`. The token is compared in constant
+//!   time and never logged.
 
 use base64::prelude::{Engine, BASE64_STANDARD};
 use futures_util::{Stream, StreamExt};
@@ -111,6 +116,36 @@ pub struct HttpState {
     /// is always served (DNS rebinding needs a name), and so is
     /// `/healthz` (probes name the pod's address).
     pub allowed_hosts: Vec<String>,
+    /// `--http-token-file`: when set, every route but `/healthz` wants this
+    /// bearer token (see [`token_check`]).
+    pub token: Option<Token>,
+}
+
+/// The bearer token of `--http-token-file`. Its `Debug` shows none of it,
+/// so that no log line or panic message about a struct holding it (the
+/// job's settings) can leak it.
+#[derive(Clone)]
+pub struct Token(Arc<str>);
+
+impl Token {
+    pub fn new(token: &str) -> Token {
+        Token(Arc::from(token))
+    }
+
+    /// Whether `given` is the token. Constant time in the contents (a
+    /// timing difference at the first wrong byte would let a client guess
+    /// the token byte by byte); only the length can leak, which says little
+    /// about a random token.
+    fn matches(&self, given: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        bool::from(self.0.as_bytes().ct_eq(given.as_bytes()))
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
 }
 
 /// A running server; stopped on drop.
@@ -332,6 +367,65 @@ fn host_check(allowed: &[String]) -> warp::filters::BoxedFilter<()> {
         .boxed()
 }
 
+/// A request without the right bearer token (`--http-token-file`).
+#[derive(Debug)]
+struct Unauthorized;
+
+impl warp::reject::Reject for Unauthorized {}
+
+/// Passes requests that carry `token` (and `/healthz`, for probes, which
+/// know no secrets), as `Authorization: Bearer TOKEN` or as the query
+/// parameter `access_token`; rejects the others with [`Unauthorized`].
+/// Everything passes without a token.
+fn token_check(token: Option<Token>) -> warp::filters::BoxedFilter<()> {
+    let Some(token) = token else {
+        return warp::any().boxed();
+    };
+    let query = warp::query::raw().or(warp::any().map(String::new)).unify();
+    warp::path::full()
+        .and(warp::header::optional::<String>("authorization"))
+        .and(query)
+        .and_then(
+            move |path: FullPath, authorization: Option<String>, query: String| {
+                let served = path.as_str() == "/healthz"
+                    || authorization
+                        .as_deref()
+                        .and_then(bearer)
+                        .is_some_and(|given| token.matches(given))
+                    || query_token(&query).is_some_and(|given| token.matches(&given));
+                async move {
+                    if served {
+                        Ok(())
+                    } else {
+                        Err(warp::reject::custom(Unauthorized))
+                    }
+                }
+            },
+        )
+        .untuple_one()
+        .boxed()
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header (the scheme's
+/// case does not matter, RFC 9110).
+fn bearer(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+/// The percent-decoded value of `access_token` in a raw query string.
+fn query_token(query: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let value = pair.strip_prefix("access_token=")?;
+        percent_decode_str(value)
+            .decode_utf8()
+            .ok()
+            .map(|v| v.into_owned())
+    })
+}
+
 /// The page's CSP: nothing but its one inline script and one inline style
 /// (by SHA-256), requests to its own origin only (the API and SSE), no
 /// framing, no `<base>`, no forms.
@@ -429,6 +523,7 @@ fn routes(
         .and(with_state)
         .map(|state: HttpState| health(&state));
     let hosts = host_check(&state.allowed_hosts);
+    let authorized = token_check(state.token.clone());
 
     let own = metrics.or(health).unify();
     let served = if state.dashboard {
@@ -460,6 +555,7 @@ fn routes(
         .or(warp::head())
         .unify()
         .and(hosts)
+        .and(authorized)
         .and(served)
         .recover(|rejection: Rejection| async move {
             Ok::<_, Infallible>(rejection_response(&rejection))
@@ -533,6 +629,17 @@ fn rejection_response(rejection: &Rejection) -> warp::reply::Response {
             "this host is not served here (--http-allowed-hosts)",
             None,
         )
+    } else if rejection.find::<Unauthorized>().is_some() {
+        let mut response = json_error(
+            StatusCode::UNAUTHORIZED,
+            "this server wants its token: `Authorization: Bearer TOKEN`, or \
+             `?access_token=TOKEN` (--http-token-file)",
+            None,
+        );
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        response
     } else {
         json_error(StatusCode::BAD_REQUEST, "bad request", None)
     }
@@ -731,6 +838,25 @@ mod tests {
         assert_eq!(stream_id("a+b").unwrap(), "a+b");
         assert_eq!(stream_id("plain").unwrap(), "plain");
         assert_eq!(stream_id("%FF"), None);
+    }
+
+    #[test]
+    fn tokens_come_as_a_bearer_header_or_a_query_parameter() {
+        assert_eq!(bearer("Bearer s3cret"), Some("s3cret"));
+        assert_eq!(bearer("bearer  s3cret "), Some("s3cret"));
+        assert_eq!(bearer("Basic czNjcmV0"), None);
+        assert_eq!(bearer("s3cret"), None);
+        assert_eq!(
+            query_token("limit=3&access_token=a%2Bb%3D"),
+            Some("a+b=".into())
+        );
+        assert_eq!(query_token("limit=3"), None);
+        let token = Token::new("s3cret");
+        assert!(token.matches("s3cret"));
+        assert!(!token.matches("s3creT"));
+        assert!(!token.matches("s3cre"));
+        assert!(!token.matches(""));
+        assert!(!format!("{token:?}").contains("s3cret"));
     }
 
     #[test]

@@ -49,6 +49,7 @@ use livepipe_dataflow::event::{Ingested, Position, RejectedRecord, RAW_KEEP_BYTE
 use livepipe_dataflow::parse::{check_clock, parse_event};
 use livepipe_dataflow::resume::{Checkpoint, Checkpoints};
 use livepipe_dataflow::time::{coarse, wall_clock_ms, Time};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
@@ -154,9 +155,9 @@ pub fn discover_partitions(
     settings: &KafkaSettings,
     timeout: Duration,
 ) -> Result<Vec<i32>, SetupError> {
-    let consumer: BaseConsumer = settings
+    let consumer: BaseConsumer<SetupContext> = settings
         .consumer_config()
-        .create()
+        .create_with_context(SetupContext)
         .map_err(|err| SetupError::Usage(client_config_error(&err)))?;
     let metadata = consumer
         .fetch_metadata(Some(&settings.topic), timeout)
@@ -215,9 +216,9 @@ pub fn partition_bounds(
     resume: &BTreeMap<i32, u64>,
     timeout: Duration,
 ) -> Result<BTreeMap<i32, (i64, i64)>, SetupError> {
-    let consumer: BaseConsumer = settings
+    let consumer: BaseConsumer<SetupContext> = settings
         .consumer_config()
-        .create()
+        .create_with_context(SetupContext)
         .map_err(|err| SetupError::Usage(client_config_error(&err)))?;
     let mut bounds = BTreeMap::new();
     for (&partition, &offset) in resume {
@@ -288,11 +289,11 @@ fn probe(
 ) -> Result<Option<bool>, SetupError> {
     let unavailable =
         |err: KafkaError| SetupError::Unavailable(format!("probing partition {partition}: {err}"));
-    let consumer: BaseConsumer = settings
+    let consumer: BaseConsumer<SetupContext> = settings
         .consumer_config()
         .set("auto.offset.reset", "error")
         .set("statistics.interval.ms", "0")
-        .create()
+        .create_with_context(SetupContext)
         .map_err(|err| SetupError::Usage(client_config_error(&err)))?;
     let mut assignment = TopicPartitionList::new();
     assignment
@@ -444,20 +445,40 @@ struct StatsContext {
 }
 
 impl ClientContext for StatsContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        // Reaching the end of a partition is how idleness is noticed, not
-        // a problem; librdkafka reports it as a "global error" too.
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
-            return;
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        // A failed connection attempt, once per retry while a broker is
+        // away: the state change is logged once by `set_broker_health`.
+        if facility == "FAIL" {
+            tracing::debug!(target: "librdkafka", "librdkafka: {facility} {message}");
+        } else {
+            DefaultClientContext.log(level, facility, message);
         }
-        tracing::warn!("Kafka: {error}: {reason}");
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            *self.brokers.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(format!("all brokers down: {reason}"));
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let code = error.rdkafka_error_code();
+        match code {
+            // Reaching the end of a partition is how idleness is noticed,
+            // not a problem; librdkafka reports it as a "global error" too.
+            Some(RDKafkaErrorCode::PartitionEOF) => {}
+            // Reported on every reconnect attempt; the state change is
+            // logged once (see `set_broker_health`).
+            Some(RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::Resolve) => {
+                tracing::debug!("Kafka: {error}: {reason}");
+            }
+            Some(RDKafkaErrorCode::AllBrokersDown) => {
+                tracing::debug!("Kafka: {error}: {reason}");
+                self.set_broker_health(Some(format!("all brokers down: {reason}")));
+            }
+            _ => tracing::warn!("Kafka: {error}: {reason}"),
         }
     }
 
     fn stats(&self, statistics: Statistics) {
+        tracing::debug!(
+            brokers = statistics.brokers.len(),
+            "Kafka: client statistics"
+        );
         // Reachable while any real broker (not a bootstrap address) is up.
         let known: Vec<_> = statistics
             .brokers
@@ -466,8 +487,7 @@ impl ClientContext for StatsContext {
             .collect();
         if !known.is_empty() {
             let up = known.iter().any(|b| b.state == "UP");
-            let mut brokers = self.brokers.lock().unwrap_or_else(|p| p.into_inner());
-            *brokers = if up {
+            self.set_broker_health(if up {
                 None
             } else {
                 let states: Vec<String> = known
@@ -475,7 +495,7 @@ impl ClientContext for StatsContext {
                     .map(|b| format!("{} {}", b.nodename, b.state))
                     .collect();
                 Some(format!("no broker is up ({})", states.join(", ")))
-            };
+            });
         }
         let Some(topic) = statistics.topics.get(&self.topic) else {
             return;
@@ -489,6 +509,38 @@ impl ClientContext for StatsContext {
         }
     }
 }
+
+impl StatsContext {
+    /// Records whether the brokers can be reached (`None`: they can), and
+    /// logs one line when that changes: librdkafka retries on its own
+    /// every few hundred ms, and an outage must not flood the log. The
+    /// health is shared by every worker's consumer, so the first one to
+    /// see a change logs it, once per process.
+    fn set_broker_health(&self, problem: Option<String>) {
+        let mut brokers = self.brokers.lock().unwrap_or_else(|p| p.into_inner());
+        match (brokers.is_some(), &problem) {
+            (false, Some(why)) => tracing::warn!(
+                "Kafka: brokers unreachable ({why}); reconnecting, reading resumes where it stopped"
+            ),
+            (true, None) => tracing::info!("Kafka: brokers reachable again"),
+            _ => {}
+        }
+        *brokers = problem;
+    }
+}
+
+/// The context of the short-lived consumers that read metadata and offsets
+/// at start: librdkafka's defaults, but its statistics (every second, from
+/// `consumer_config`) at DEBUG, where the default logs a whole dump at INFO.
+pub struct SetupContext;
+
+impl ClientContext for SetupContext {
+    fn stats(&self, statistics: Statistics) {
+        tracing::debug!("Kafka client statistics: {statistics:?}");
+    }
+}
+
+impl ConsumerContext for SetupContext {}
 
 impl ConsumerContext for StatsContext {}
 

@@ -1,4 +1,5 @@
-//! HTTP for the tests: one GET, and the Prometheus text the job serves.
+//! HTTP for the tests: one GET (with request headers if need be), and the
+//! Prometheus text the job serves.
 
 use std::io::{BufRead, BufReader, Lines, Read};
 use std::time::Duration;
@@ -12,7 +13,19 @@ pub struct Response {
     pub status: u16,
     /// The `Content-Type` header ("" without one).
     pub content_type: String,
+    /// Every header, names lowercase, in the order received.
+    pub headers: Vec<(String, String)>,
     pub body: String,
+}
+
+impl Response {
+    /// The first header named `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
 }
 
 /// An agent that returns error statuses as answers, with a timeout.
@@ -26,16 +39,32 @@ pub fn agent() -> ureq::Agent {
 
 /// `GET http://ADDR/PATH`, or why it got no answer.
 pub fn try_get(addr: &str, path: &str) -> Result<Response, String> {
-    let mut response = agent()
-        .get(&format!("http://{addr}{path}"))
+    try_get_with(addr, path, &[])
+}
+
+/// `GET http://ADDR/PATH` with these request headers (`("Authorization",
+/// "Bearer ...")`), or why it got no answer.
+pub fn try_get_with(addr: &str, path: &str, headers: &[(&str, &str)]) -> Result<Response, String> {
+    let mut request = agent().get(&format!("http://{addr}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let mut response = request
         .call()
         .map_err(|err| format!("GET http://{addr}{path}: {err}"))?;
-    let content_type = response
+    let headers: Vec<(String, String)> = response
         .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+        .iter()
+        .map(|(name, value)| {
+            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            (name.as_str().to_ascii_lowercase(), value)
+        })
+        .collect();
+    let content_type = headers
+        .iter()
+        .find(|(name, _)| name == "content-type")
+        .map(|(_, value)| value.clone())
+        .unwrap_or_default();
     let body = response
         .body_mut()
         .read_to_string()
@@ -43,8 +72,15 @@ pub fn try_get(addr: &str, path: &str) -> Result<Response, String> {
     Ok(Response {
         status: response.status().as_u16(),
         content_type,
+        headers,
         body,
     })
+}
+
+/// `GET http://ADDR/PATH` with these request headers; fails the test
+/// without an answer.
+pub fn get_with(addr: &str, path: &str, headers: &[(&str, &str)]) -> Response {
+    try_get_with(addr, path, headers).unwrap_or_else(|err| panic!("{err}"))
 }
 
 /// The lines of the server-sent events at `http://ADDR/PATH`, once it
