@@ -5,3 +5,4 @@
 pub mod cli;
 pub mod cluster;
 pub mod pipeline;
+pub mod report;

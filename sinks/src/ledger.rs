@@ -8,8 +8,16 @@
 //! written file is recorded with its checksum, and every input partition's
 //! resume position (see `livepipe_dataflow::resume`). Outcomes, files and
 //! positions of one commit go in one transaction.
+//!
+//! Reconciliation (`livepipe report`) reads the ledger alone, so the facts
+//! it needs beyond the files are committed here too, in the same
+//! transaction as the billing they explain: each final impression's
+//! on-time duplicates, and every late record. The schema is versioned with
+//! `PRAGMA user_version`; [`MIGRATIONS`] bring a ledger written by an
+//! earlier livepipe up to date when it is opened for a run, and only ever
+//! add (an earlier livepipe still reads what it knows).
 
-use livepipe_dataflow::billing::Outcome;
+use livepipe_dataflow::billing::{LateRecord, Outcome};
 use livepipe_dataflow::resume::Checkpoint;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
@@ -57,6 +65,29 @@ CREATE TABLE IF NOT EXISTS positions (
     prefix_sha256 TEXT
 );
 ";
+
+/// Schema changes after the first version, in order: migration `n` takes a
+/// ledger from `user_version` n to n + 1. Only additions, so the inserts of
+/// an earlier livepipe still work on a migrated ledger.
+const MIGRATIONS: &[&str] = &[
+    // 1: what reconciliation needs beyond billed rows. Rows written before
+    // have 0 duplicates; their late records were never recorded.
+    "ALTER TABLE finalized ADD COLUMN duplicates INTEGER NOT NULL DEFAULT 0;
+     CREATE TABLE IF NOT EXISTS late (
+         partition INTEGER NOT NULL,
+         record_offset INTEGER NOT NULL,
+         reason TEXT NOT NULL,
+         kind TEXT NOT NULL,
+         impression_id TEXT NOT NULL,
+         ts INTEGER NOT NULL,
+         period_start INTEGER NOT NULL,
+         PRIMARY KEY (partition, record_offset)
+     ) WITHOUT ROWID;
+     CREATE INDEX IF NOT EXISTS late_by_period ON late (period_start);",
+];
+
+/// The schema version this livepipe writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Where a partition resumes after a restart, as committed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,6 +141,7 @@ impl Ledger {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Ledger { conn })
     }
 
@@ -173,6 +205,22 @@ impl Ledger {
     }
 }
 
+/// Applies the [`MIGRATIONS`] a ledger lacks, all in one transaction with
+/// the version bump: a crash leaves the old schema or the new one.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if version >= SCHEMA_VERSION {
+        return Ok(());
+    }
+    let tx = conn.unchecked_transaction()?;
+    for migration in &MIGRATIONS[version.max(0) as usize..] {
+        tx.execute_batch(migration)?;
+    }
+    // PRAGMA takes no parameters; the value is our own constant.
+    tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+    tx.commit()
+}
+
 /// Creates the ledger file empty (a valid new database) and private before
 /// SQLite opens it: SQLite would create it world-readable, and gives its
 /// WAL and shared-memory files the database file's mode. A link in its
@@ -205,8 +253,8 @@ impl Commit<'_> {
         let mut stmt = self.tx.prepare_cached(
             "INSERT OR IGNORE INTO finalized (impression_id, billed, period_start, event_id,
                 ad_id, campaign_id, advertiser_id, stream_id, viewer_id,
-                impression_ts, qualified_ts, price_micros)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                impression_ts, qualified_ts, price_micros, duplicates)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )?;
         let inserted = stmt.execute(params![
             outcome.impression_id,
@@ -221,8 +269,41 @@ impl Commit<'_> {
             imp.ts as i64,
             outcome.qualified_ts.map(|ts| ts as i64),
             ad.price_micros as i64,
+            outcome.duplicates,
         ])?;
         Ok(inserted == 1)
+    }
+
+    /// The `event_id` of the canonical impression recorded for an id, if
+    /// the id is final: an outcome for it with the same event id is the
+    /// same record read again (a replay after a restart), not a late one.
+    pub fn canonical_event_id(&self, impression_id: &str) -> rusqlite::Result<Option<String>> {
+        self.tx
+            .prepare_cached("SELECT event_id FROM finalized WHERE impression_id = ?1")?
+            .query_row([impression_id], |row| row.get(0))
+            .optional()
+    }
+
+    /// Records a late record for reconciliation, in the period of its own
+    /// `ts`. Keyed by its input position: the same record read again after
+    /// a restart is not counted twice (the first reason stands).
+    pub fn record_late(&self, late: &LateRecord, period_start: u64) -> rusqlite::Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO late (partition, record_offset, reason, kind,
+                     impression_id, ts, period_start)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                late.position.partition as i64,
+                late.position.offset as i64,
+                late.reason.code(),
+                late.kind.code(),
+                late.impression_id,
+                late.ts as i64,
+                period_start as i64,
+            ])?;
+        Ok(())
     }
 
     /// The billed rows of one period, sorted by impression id in byte order
