@@ -401,3 +401,49 @@ impl Commit<'_> {
         self.tx.commit()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The schema and insert of the livepipe before [`MIGRATIONS`].
+    const VERSION_0_INSERT: &str = "INSERT INTO finalized (impression_id, billed, period_start,
+        event_id, ad_id, campaign_id, advertiser_id, stream_id, viewer_id, impression_ts,
+        qualified_ts, price_micros) VALUES (?1, 1, 0, 'e', 'ad', 'c', 'adv', 's', 'v', 5, 6, 7)";
+
+    #[test]
+    fn a_version_0_ledger_is_migrated_on_open_and_old_inserts_still_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LEDGER_FILE);
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.execute(VERSION_0_INSERT, ["old"]).unwrap();
+        }
+        let ledger = Ledger::open(&path).unwrap();
+        let version: i64 = ledger
+            .conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let duplicates: i64 = ledger
+            .conn
+            .query_row(
+                "SELECT duplicates FROM finalized WHERE impression_id = 'old'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(duplicates, 0);
+        // An earlier livepipe writing to a migrated ledger still works.
+        ledger.conn.execute(VERSION_0_INSERT, ["older"]).unwrap();
+        drop(ledger);
+        // Opening again changes nothing (the migration ran once).
+        let ledger = Ledger::open(&path).unwrap();
+        let late: i64 = ledger
+            .conn
+            .query_row("SELECT COUNT(*) FROM late", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(late, 0);
+    }
+}
