@@ -315,12 +315,20 @@ fn columns(by: &str) -> Vec<String> {
 }
 
 fn cells(line: &Line) -> Vec<String> {
-    let c = &line.counts;
-    let mut cells = vec![
+    let period = [
         line.period_start_ms.to_string(),
         line.period_end_ms.to_string(),
         line.is_final.to_string(),
         line.key.clone(),
+    ];
+    period
+        .into_iter()
+        .chain(count_cells(&line.counts))
+        .collect()
+}
+
+fn count_cells(c: &Shown) -> Vec<String> {
+    let mut cells = vec![
         c.billed_rows.to_string(),
         c.billed_price_micros.to_string(),
         c.billed_amount.clone(),
@@ -345,25 +353,11 @@ fn write_csv(out: &mut impl Write, report: &Report) -> std::io::Result<()> {
 fn write_table(out: &mut impl Write, report: &Report) -> std::io::Result<()> {
     let header = columns(report.by);
     let mut rows: Vec<Vec<String>> = report.periods.iter().map(cells).collect();
-    let mut total = cells(&Line {
-        period_start_ms: 0,
-        period_end_ms: 0,
-        is_final: true,
-        key: String::new(),
-        counts: Shown::from(&Counts::default()),
-    });
-    let t = &report.total;
-    total[..4].clone_from_slice(&["total".into(), String::new(), String::new(), "".into()]);
-    total[4..9].clone_from_slice(&[
-        t.billed_rows.to_string(),
-        t.billed_price_micros.to_string(),
-        t.billed_amount.clone(),
-        t.expired.to_string(),
-        t.duplicates.to_string(),
-    ]);
-    for (i, reason) in LATE_REASONS.iter().enumerate() {
-        total[9 + i] = t.late[*reason].to_string();
-    }
+    let total = ["total", "", "", ""].map(String::from);
+    let total = total
+        .into_iter()
+        .chain(count_cells(&report.total))
+        .collect();
     rows.push(total);
     let widths: Vec<usize> = (0..header.len())
         .map(|i| {
