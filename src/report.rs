@@ -12,7 +12,8 @@
 
 use clap::{Args, ValueEnum};
 use livepipe_sinks::report::{
-    check_markers, read_markers, Counts, GroupBy, LedgerReader, Mismatch, ReportError, Table,
+    check_markers, read_markers, rejected_by_reason, Counts, GroupBy, LedgerReader, Mismatch,
+    ReportError, Table,
 };
 use serde::Serialize;
 
@@ -94,6 +95,9 @@ struct Report {
     totals: BTreeMap<String, Shown>,
     total: Shown,
     markers: Check,
+    /// Rejected records per reason over the whole output directory (not in
+    /// the ledger, not per period: see [`rejected_by_reason`]).
+    rejected: Option<BTreeMap<String, u64>>,
     notes: Vec<String>,
 }
 
@@ -188,7 +192,7 @@ fn build(args: &ReportArgs) -> Result<Report, ReportError> {
     let (checked, mismatches) = check_markers(&ledger, &markers, from, to)?;
     let mut notes = vec![
         "rejected records are not in the ledger (they have no trusted event time or campaign): \
-         see rejected.jsonl"
+         `rejected` counts rejected.jsonl by reason, each record once, whatever --from/--to"
             .to_string(),
         "late records count in the period of their own ts, under the key of their impression \
          when the ledger holds it final, else under `*`"
@@ -221,6 +225,7 @@ fn build(args: &ReportArgs) -> Result<Report, ReportError> {
             },
             mismatches,
         },
+        rejected: rejected_by_reason(&args.out)?,
         notes,
     })
 }
@@ -375,6 +380,15 @@ fn write_table(out: &mut impl Write, report: &Report) -> std::io::Result<()> {
             .map(|(cell, w)| format!("{cell:<w$}"))
             .collect();
         writeln!(out, "{}", padded.join("  ").trim_end())?;
+    }
+    if let Some(rejected) = &report.rejected {
+        let total: u64 = rejected.values().sum();
+        let reasons: Vec<String> = rejected.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        writeln!(
+            out,
+            "rejected (whole run): {total} ({})",
+            reasons.join(", ")
+        )?;
     }
     for note in &report.notes {
         writeln!(out, "note: {note}")?;

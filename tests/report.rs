@@ -131,6 +131,14 @@ fn report_agrees_with_the_files_the_side_outputs_and_the_markers() {
     assert!(late > 0);
     assert_eq!(late, lines(&out.join("late.jsonl")));
     assert!(total["duplicates"].as_u64().unwrap() > 0);
+    let rejected: u64 = by_campaign["rejected"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert!(rejected > 0);
+    assert_eq!(rejected, lines(&out.join("rejected.jsonl")));
     let micros = total["billed_price_micros"].as_u64().unwrap();
     let amount = format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000);
     assert_eq!(total["billed_amount"], amount.as_str());

@@ -85,6 +85,7 @@ pub enum ReportError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    /// A marker or side output that cannot be read.
     #[error("reading {path}: {cause}")]
     Marker { path: PathBuf, cause: String },
 }
@@ -419,4 +420,42 @@ fn uncovered(
             what: format!("the ledger holds {rows} billed rows but no marker covers the period"),
         })
         .collect())
+}
+
+/// Rejected records per reason code, from `OUT/rejected.jsonl` (`None` if
+/// there is none). They are not in the ledger: a rejected record has no
+/// trusted event time or campaign, so it belongs to no period or key. The
+/// file may repeat lines after a restart; a record is counted once by its
+/// position (source, partition, offset). A line cut short by a crash is
+/// skipped (its record is read again and written whole by the restart).
+pub fn rejected_by_reason(out: &Path) -> Result<Option<BTreeMap<String, u64>>, ReportError> {
+    use std::io::BufRead;
+    let path = out.join("rejected.jsonl");
+    let error = |err: std::io::Error| ReportError::Marker {
+        path: path.clone(),
+        cause: err.to_string(),
+    };
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(error(err)),
+    };
+    #[derive(serde::Deserialize)]
+    struct Line {
+        source: String,
+        partition: u64,
+        offset: u64,
+        reason: String,
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let Ok(line) = serde_json::from_str::<Line>(&line.map_err(error)?) else {
+            continue;
+        };
+        if seen.insert((line.source, line.partition, line.offset)) {
+            *counts.entry(line.reason).or_default() += 1;
+        }
+    }
+    Ok(Some(counts))
 }
