@@ -300,7 +300,9 @@ fn bad_flags_exit_2_saying_what_to_fix() {
 fn downgrade(ledger: &Path) {
     let conn = rusqlite::Connection::open(ledger).unwrap();
     conn.execute_batch(
-        "DROP TABLE late; ALTER TABLE finalized DROP COLUMN duplicates; PRAGMA user_version = 0;",
+        "DROP TABLE late; ALTER TABLE finalized DROP COLUMN duplicates;
+         ALTER TABLE finalized DROP COLUMN partition;
+         ALTER TABLE finalized DROP COLUMN record_offset; PRAGMA user_version = 0;",
     )
     .unwrap();
 }

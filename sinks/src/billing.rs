@@ -312,8 +312,7 @@ impl BillingSink {
             commit.record_late(late, policy.period_start(late.ts))?;
         }
         for late in &recorded.already_final {
-            let canonical = commit.canonical_event_id(&late.impression_id)?;
-            if canonical.as_deref() != Some(late.event_id.as_str()) {
+            if !commit.is_replay(late)? {
                 commit.record_late(late, policy.period_start(late.ts))?;
             }
         }

@@ -71,8 +71,11 @@ CREATE TABLE IF NOT EXISTS positions (
 /// an earlier livepipe still work on a migrated ledger.
 const MIGRATIONS: &[&str] = &[
     // 1: what reconciliation needs beyond billed rows. Rows written before
-    // have 0 duplicates; their late records were never recorded.
+    // have 0 duplicates and no position; their late records were never
+    // recorded.
     "ALTER TABLE finalized ADD COLUMN duplicates INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE finalized ADD COLUMN partition INTEGER;
+     ALTER TABLE finalized ADD COLUMN record_offset INTEGER;
      CREATE TABLE IF NOT EXISTS late (
          partition INTEGER NOT NULL,
          record_offset INTEGER NOT NULL,
@@ -253,8 +256,8 @@ impl Commit<'_> {
         let mut stmt = self.tx.prepare_cached(
             "INSERT OR IGNORE INTO finalized (impression_id, billed, period_start, event_id,
                 ad_id, campaign_id, advertiser_id, stream_id, viewer_id,
-                impression_ts, qualified_ts, price_micros, duplicates)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                impression_ts, qualified_ts, price_micros, duplicates, partition, record_offset)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         )?;
         let inserted = stmt.execute(params![
             outcome.impression_id,
@@ -270,18 +273,33 @@ impl Commit<'_> {
             outcome.qualified_ts.map(|ts| ts as i64),
             ad.price_micros as i64,
             outcome.duplicates,
+            imp.position.partition as i64,
+            imp.position.offset as i64,
         ])?;
         Ok(inserted == 1)
     }
 
-    /// The `event_id` of the canonical impression recorded for an id, if
-    /// the id is final: an outcome for it with the same event id is the
-    /// same record read again (a replay after a restart), not a late one.
-    pub fn canonical_event_id(&self, impression_id: &str) -> rusqlite::Result<Option<String>> {
+    /// Whether `late` (an outcome found already final) is the id's
+    /// canonical record itself, read again after a restart: the same input
+    /// position (and event id), so nothing late happened. A producer retry
+    /// of it has the same event id at another position: late. Rows written
+    /// before positions were recorded compare by event id alone.
+    pub fn is_replay(&self, late: &LateRecord) -> rusqlite::Result<bool> {
         self.tx
-            .prepare_cached("SELECT event_id FROM finalized WHERE impression_id = ?1")?
-            .query_row([impression_id], |row| row.get(0))
-            .optional()
+            .prepare_cached(
+                "SELECT COUNT(*) FROM finalized WHERE impression_id = ?1 AND event_id = ?2
+                     AND (partition IS NULL OR (partition = ?3 AND record_offset = ?4))",
+            )?
+            .query_row(
+                params![
+                    late.impression_id,
+                    late.event_id,
+                    late.position.partition as i64,
+                    late.position.offset as i64,
+                ],
+                |row| row.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)
     }
 
     /// Records a late record for reconciliation, in the period of its own

@@ -284,21 +284,24 @@ fn the_ledger_records_late_records_but_not_replays() {
     sink.accept(outcome("a", 1_100, Some(1_150))).unwrap();
     sink.advance(None).unwrap();
     drop(sink);
-    // The next run reads the canonical record again (a replay), and a
-    // duplicate of it with another event id (late: already final).
+    // The next run reads the canonical record again (a replay), a
+    // duplicate of it with another event id and a producer retry of it
+    // (same event id, another position): the last two are late.
     let mut again = open(dir.path());
     again.accept(outcome("a", 1_100, Some(1_150))).unwrap();
-    let BillingEvent::Final(mut duplicate) = outcome("a", 1_100, Some(1_150)) else {
-        unreachable!()
-    };
-    duplicate.impression.event_id = "e-a-retry".into();
-    duplicate.impression.position.offset = 2;
-    again.accept(BillingEvent::Final(duplicate)).unwrap();
+    for (event_id, offset) in [("e-a-other", 2), ("e-a", 3)] {
+        let BillingEvent::Final(mut duplicate) = outcome("a", 1_100, Some(1_150)) else {
+            unreachable!()
+        };
+        duplicate.impression.event_id = event_id.into();
+        duplicate.impression.position.offset = offset;
+        again.accept(BillingEvent::Final(duplicate)).unwrap();
+    }
     again.advance(None).unwrap();
     drop(again);
     let late = query_strings(
         &dir.path().join(LEDGER_FILE),
-        "SELECT reason || ':' || record_offset FROM late",
+        "SELECT reason || ':' || record_offset FROM late ORDER BY record_offset",
     );
-    assert_eq!(late, ["already_final:2"]);
+    assert_eq!(late, ["already_final:2", "already_final:3"]);
 }
