@@ -49,6 +49,9 @@ pub enum Command {
     Run(RunArgs),
     /// Write synthetic livestream traffic (JSON lines) with planted faults.
     Gen(GenArgs),
+    /// Reconcile an output directory from its ledger: billed, expired, late and duplicates per
+    /// period and campaign (or advertiser, stream), checked against the billing files' markers.
+    Report(crate::report::ReportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -676,7 +679,7 @@ mod tests {
                 run.rules.to_config()?;
                 run.source()
             }
-            Command::Gen(_) => unreachable!("parsed `run`"),
+            Command::Gen(_) | Command::Report(_) => unreachable!("parsed `run`"),
         }
     }
 

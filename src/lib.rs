@@ -7,3 +7,4 @@ pub mod cluster;
 pub mod logs;
 pub mod pipeline;
 pub mod settings;
+pub mod report;

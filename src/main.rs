@@ -46,6 +46,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Gen(args) => gen(args),
+        // Its exit code is the reconciliation's verdict.
+        Command::Report(args) => return livepipe::report::report(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

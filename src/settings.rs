@@ -333,7 +333,7 @@ mod tests {
         let cli = parse_from(["livepipe", "run"].iter().chain(args))?;
         match cli.command {
             Command::Run(run) => Ok(run),
-            Command::Gen(_) => unreachable!("parsed `run`"),
+            _ => unreachable!("parsed `run`"),
         }
     }
 

@@ -62,6 +62,29 @@ pub struct Marker {
     pub total_price_micros: u64,
     /// Lower-case hex SHA-256 of the CSV's bytes.
     pub sha256: String,
+    /// Rows and money per campaign id, so that a reader can reconcile a
+    /// campaign without parsing the CSV. Absent from markers written before
+    /// it existed (then empty).
+    #[serde(default)]
+    pub campaigns: BTreeMap<String, CampaignTotal>,
+}
+
+/// One campaign's share of a billing file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct CampaignTotal {
+    pub rows: u64,
+    pub price_micros: u64,
+}
+
+/// Per-campaign totals of a period's rows, for its marker.
+pub fn campaign_totals(rows: &[BilledRow]) -> BTreeMap<String, CampaignTotal> {
+    let mut totals: BTreeMap<String, CampaignTotal> = BTreeMap::new();
+    for row in rows {
+        let total = totals.entry(row.campaign_id.clone()).or_default();
+        total.rows += 1;
+        total.price_micros += row.price_micros;
+    }
+    totals
 }
 
 /// Counters a caller can read while the job runs.
@@ -109,6 +132,8 @@ pub struct BillingSink {
     /// Source name per partition, for `late.jsonl`.
     sources: Vec<Arc<str>>,
     buffered: Vec<Outcome>,
+    /// Late records already in `late.jsonl`, for the ledger's next commit.
+    late: Vec<LateRecord>,
     coverage: Coverage,
     stats: Arc<BillingStats>,
     /// Where the sources can resume; the safe ones are committed with the
@@ -167,6 +192,7 @@ impl BillingSink {
             side,
             sources,
             buffered: Vec::new(),
+            late: Vec::new(),
             coverage,
             stats,
             checkpoints,
@@ -200,11 +226,14 @@ impl BillingSink {
         Ok(())
     }
 
-    /// Writes a late record to `late.jsonl`.
+    /// Writes a late record to `late.jsonl`; the ledger gets it with the
+    /// next commit (with the positions past it, so a crash before that
+    /// reads it again).
     fn record_late(&mut self, late: &LateRecord) -> Result<(), SinkError> {
         self.side
             .late(source_name(&self.sources, late.position.partition), late)?;
         self.stats.late.fetch_add(1, Ordering::Relaxed);
+        self.late.push(late.clone());
         Ok(())
     }
 
@@ -224,7 +253,7 @@ impl BillingSink {
             .checkpoints
             .safe(self.periods.policy.resume_bound(frontier));
         let positions_moved = !self.checkpoints.holds(&safe);
-        if self.buffered.is_empty() && !period_due && !positions_moved {
+        if self.buffered.is_empty() && self.late.is_empty() && !period_due && !positions_moved {
             self.side.flush()?;
             return Ok(());
         }
@@ -233,6 +262,7 @@ impl BillingSink {
         let commit = self.ledger.begin()?;
         let mut coverage = self.coverage;
         let recorded = self.record_outcomes(&commit, &mut coverage)?;
+        self.record_late_in_ledger(&commit, &recorded)?;
         tracing::debug!(?frontier, ?coverage, "billing commit");
         let files = self.write_final_files(&commit, &mut coverage, frontier)?;
         self.record_positions(&commit, &safe)?;
@@ -264,6 +294,28 @@ impl BillingSink {
         stats.late.fetch_add(again, Ordering::Relaxed);
         self.coverage = coverage;
         self.buffered.clear();
+        self.late.clear();
+        Ok(())
+    }
+
+    /// Records this commit's late records in the ledger: those the dataflow
+    /// reported, and the outcomes found already final, except replays (the
+    /// canonical record itself read again after a restart: nothing late
+    /// happened, and counting it would make the report depend on crashes).
+    fn record_late_in_ledger(
+        &self,
+        commit: &Commit<'_>,
+        recorded: &Recorded<'_>,
+    ) -> Result<(), SinkError> {
+        let policy = &self.periods.policy;
+        for late in &self.late {
+            commit.record_late(late, policy.period_start(late.ts))?;
+        }
+        for late in &recorded.already_final {
+            if !commit.is_replay(late)? {
+                commit.record_late(late, policy.period_start(late.ts))?;
+            }
+        }
         Ok(())
     }
 
@@ -399,6 +451,7 @@ impl PeriodWriter {
             rows: rows.len() as u64,
             total_price_micros,
             sha256: sha256.clone(),
+            campaigns: campaign_totals(rows),
         };
         let mut marker_bytes = serde_json::to_vec_pretty(&marker).map_err(std::io::Error::from)?;
         marker_bytes.push(b'\n');

@@ -8,8 +8,16 @@
 //! written file is recorded with its checksum, and every input partition's
 //! resume position (see `livepipe_dataflow::resume`). Outcomes, files and
 //! positions of one commit go in one transaction.
+//!
+//! Reconciliation (`livepipe report`) reads the ledger alone, so the facts
+//! it needs beyond the files are committed here too, in the same
+//! transaction as the billing they explain: each final impression's
+//! on-time duplicates, and every late record. The schema is versioned with
+//! `PRAGMA user_version`; [`MIGRATIONS`] bring a ledger written by an
+//! earlier livepipe up to date when it is opened for a run, and only ever
+//! add (an earlier livepipe still reads what it knows).
 
-use livepipe_dataflow::billing::Outcome;
+use livepipe_dataflow::billing::{LateRecord, Outcome};
 use livepipe_dataflow::resume::Checkpoint;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
@@ -57,6 +65,32 @@ CREATE TABLE IF NOT EXISTS positions (
     prefix_sha256 TEXT
 );
 ";
+
+/// Schema changes after the first version, in order: migration `n` takes a
+/// ledger from `user_version` n to n + 1. Only additions, so the inserts of
+/// an earlier livepipe still work on a migrated ledger.
+const MIGRATIONS: &[&str] = &[
+    // 1: what reconciliation needs beyond billed rows. Rows written before
+    // have 0 duplicates and no position; their late records were never
+    // recorded.
+    "ALTER TABLE finalized ADD COLUMN duplicates INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE finalized ADD COLUMN partition INTEGER;
+     ALTER TABLE finalized ADD COLUMN record_offset INTEGER;
+     CREATE TABLE IF NOT EXISTS late (
+         partition INTEGER NOT NULL,
+         record_offset INTEGER NOT NULL,
+         reason TEXT NOT NULL,
+         kind TEXT NOT NULL,
+         impression_id TEXT NOT NULL,
+         ts INTEGER NOT NULL,
+         period_start INTEGER NOT NULL,
+         PRIMARY KEY (partition, record_offset)
+     ) WITHOUT ROWID;
+     CREATE INDEX IF NOT EXISTS late_by_period ON late (period_start);",
+];
+
+/// The schema version this livepipe writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Where a partition resumes after a restart, as committed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,6 +144,7 @@ impl Ledger {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(Ledger { conn })
     }
 
@@ -173,6 +208,22 @@ impl Ledger {
     }
 }
 
+/// Applies the [`MIGRATIONS`] a ledger lacks, all in one transaction with
+/// the version bump: a crash leaves the old schema or the new one.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if version >= SCHEMA_VERSION {
+        return Ok(());
+    }
+    let tx = conn.unchecked_transaction()?;
+    for migration in &MIGRATIONS[version.max(0) as usize..] {
+        tx.execute_batch(migration)?;
+    }
+    // PRAGMA takes no parameters; the value is our own constant.
+    tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+    tx.commit()
+}
+
 /// Creates the ledger file empty (a valid new database) and private before
 /// SQLite opens it: SQLite would create it world-readable, and gives its
 /// WAL and shared-memory files the database file's mode. A link in its
@@ -205,8 +256,8 @@ impl Commit<'_> {
         let mut stmt = self.tx.prepare_cached(
             "INSERT OR IGNORE INTO finalized (impression_id, billed, period_start, event_id,
                 ad_id, campaign_id, advertiser_id, stream_id, viewer_id,
-                impression_ts, qualified_ts, price_micros)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                impression_ts, qualified_ts, price_micros, duplicates, partition, record_offset)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         )?;
         let inserted = stmt.execute(params![
             outcome.impression_id.as_str(),
@@ -221,8 +272,56 @@ impl Commit<'_> {
             imp.ts as i64,
             outcome.qualified_ts.map(|ts| ts as i64),
             ad.price_micros as i64,
+            outcome.duplicates,
+            imp.position.partition as i64,
+            imp.position.offset as i64,
         ])?;
         Ok(inserted == 1)
+    }
+
+    /// Whether `late` (an outcome found already final) is the id's
+    /// canonical record itself, read again after a restart: the same input
+    /// position (and event id), so nothing late happened. A producer retry
+    /// of it has the same event id at another position: late. Rows written
+    /// before positions were recorded compare by event id alone.
+    pub fn is_replay(&self, late: &LateRecord) -> rusqlite::Result<bool> {
+        self.tx
+            .prepare_cached(
+                "SELECT COUNT(*) FROM finalized WHERE impression_id = ?1 AND event_id = ?2
+                     AND (partition IS NULL OR (partition = ?3 AND record_offset = ?4))",
+            )?
+            .query_row(
+                params![
+                    late.impression_id.as_str(),
+                    late.event_id.as_str(),
+                    late.position.partition as i64,
+                    late.position.offset as i64,
+                ],
+                |row| row.get::<_, i64>(0),
+            )
+            .map(|n| n > 0)
+    }
+
+    /// Records a late record for reconciliation, in the period of its own
+    /// `ts`. Keyed by its input position: the same record read again after
+    /// a restart is not counted twice (the first reason stands).
+    pub fn record_late(&self, late: &LateRecord, period_start: u64) -> rusqlite::Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT OR IGNORE INTO late (partition, record_offset, reason, kind,
+                     impression_id, ts, period_start)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                late.position.partition as i64,
+                late.position.offset as i64,
+                late.reason.code(),
+                late.kind.code(),
+                late.impression_id.as_str(),
+                late.ts as i64,
+                period_start as i64,
+            ])?;
+        Ok(())
     }
 
     /// The billed rows of one period, sorted by impression id in byte order
@@ -318,5 +417,51 @@ impl Commit<'_> {
 
     pub fn commit(self) -> rusqlite::Result<()> {
         self.tx.commit()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The schema and insert of the livepipe before [`MIGRATIONS`].
+    const VERSION_0_INSERT: &str = "INSERT INTO finalized (impression_id, billed, period_start,
+        event_id, ad_id, campaign_id, advertiser_id, stream_id, viewer_id, impression_ts,
+        qualified_ts, price_micros) VALUES (?1, 1, 0, 'e', 'ad', 'c', 'adv', 's', 'v', 5, 6, 7)";
+
+    #[test]
+    fn a_version_0_ledger_is_migrated_on_open_and_old_inserts_still_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LEDGER_FILE);
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            conn.execute(VERSION_0_INSERT, ["old"]).unwrap();
+        }
+        let ledger = Ledger::open(&path).unwrap();
+        let version: i64 = ledger
+            .conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let duplicates: i64 = ledger
+            .conn
+            .query_row(
+                "SELECT duplicates FROM finalized WHERE impression_id = 'old'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(duplicates, 0);
+        // An earlier livepipe writing to a migrated ledger still works.
+        ledger.conn.execute(VERSION_0_INSERT, ["older"]).unwrap();
+        drop(ledger);
+        // Opening again changes nothing (the migration ran once).
+        let ledger = Ledger::open(&path).unwrap();
+        let late: i64 = ledger
+            .conn
+            .query_row("SELECT COUNT(*) FROM late", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(late, 0);
     }
 }

@@ -4,6 +4,8 @@
 //!   and the SQLite [`ledger`] that makes billing exactly once.
 //! * [`binding`]: what a ledger is bound to (rules, input); [`out_lock`]:
 //!   one job per output directory; [`gaps`]: input records lost unread.
+//! * [`report`]: reconciliation read from the ledger (read-only) and
+//!   checked against the completion markers (`livepipe report`).
 //! * [`side`]: the append-only JSON-lines side outputs (rejected, late,
 //!   expired).
 //! * [`live`]: the latest per-stream snapshots, handed from the dataflow to
@@ -20,4 +22,5 @@ pub mod ledger;
 pub mod live;
 pub mod metrics;
 pub mod out_lock;
+pub mod report;
 pub mod side;

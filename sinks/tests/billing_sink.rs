@@ -261,3 +261,47 @@ fn an_outcome_for_a_period_already_covered_is_late_and_stays_out_of_the_ledger()
     );
     assert_eq!(billed, ["a", "b", "f"]);
 }
+
+#[test]
+fn markers_carry_campaigns_and_old_markers_still_read() {
+    let (dir, mut sink) = fresh();
+    sink.accept(outcome("a", 1_100, Some(1_150))).unwrap();
+    sink.accept(outcome("b", 1_200, Some(1_250))).unwrap();
+    sink.advance(None).unwrap();
+    let written = marker(dir.path(), "billable-1000-2000.csv");
+    let campaign = &written.campaigns["c,1"];
+    assert_eq!((campaign.rows, campaign.price_micros), (2, 14));
+
+    let old = r#"{"file":"billable-0-60000.csv","period_start_ms":0,"period_end_ms":60000,
+        "rows":0,"total_price_micros":0,"sha256":"00"}"#;
+    let old: Marker = serde_json::from_str(old).unwrap();
+    assert!(old.campaigns.is_empty());
+}
+
+#[test]
+fn the_ledger_records_late_records_but_not_replays() {
+    let (dir, mut sink) = fresh();
+    sink.accept(outcome("a", 1_100, Some(1_150))).unwrap();
+    sink.advance(None).unwrap();
+    drop(sink);
+    // The next run reads the canonical record again (a replay), a
+    // duplicate of it with another event id and a producer retry of it
+    // (same event id, another position): the last two are late.
+    let mut again = open(dir.path());
+    again.accept(outcome("a", 1_100, Some(1_150))).unwrap();
+    for (event_id, offset) in [("e-a-other", 2), ("e-a", 3)] {
+        let BillingEvent::Final(mut duplicate) = outcome("a", 1_100, Some(1_150)) else {
+            unreachable!()
+        };
+        duplicate.impression.event_id = event_id.into();
+        duplicate.impression.position.offset = offset;
+        again.accept(BillingEvent::Final(duplicate)).unwrap();
+    }
+    again.advance(None).unwrap();
+    drop(again);
+    let late = query_strings(
+        &dir.path().join(LEDGER_FILE),
+        "SELECT reason || ':' || record_offset FROM late ORDER BY record_offset",
+    );
+    assert_eq!(late, ["already_final:2", "already_final:3"]);
+}
