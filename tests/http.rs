@@ -158,7 +158,7 @@ fn the_live_api_ticks_every_second_while_billing_is_frozen() {
         "livepipe_events_in_total{type=\"join\"}",
         "livepipe_pending_impressions 1",
         "livepipe_billed_total 0",
-        "livepipe_partition_offset{partition=\"1\"} 1",
+        "livepipe_partition_offset{topic=\"events\",partition=\"1\"} 1",
         "livepipe_live_ticks_total",
         "livepipe_sse_clients",
     ] {

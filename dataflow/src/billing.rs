@@ -295,6 +295,7 @@ fn admit<'s>(
                 event,
                 position,
                 watermark,
+                ..
             } = record;
             match event.kind {
                 EventKind::Impression(imp) => {

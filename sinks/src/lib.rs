@@ -9,7 +9,8 @@
 //! * [`live`]: the latest per-stream snapshots, handed from the dataflow to
 //!   readers (the HTTP server, `live.json`) without ever blocking a worker.
 //! * [`http`]: the dashboard, JSON API, SSE, `/metrics` and `/healthz`,
-//!   served from a thread of its own; [`metrics`] renders the job's numbers.
+//!   served from a thread of its own; [`metrics`] renders the job's numbers
+//!   ([`process`]: the process's own CPU, memory and files).
 
 pub mod billing;
 pub mod binding;
@@ -20,4 +21,5 @@ pub mod ledger;
 pub mod live;
 pub mod metrics;
 pub mod out_lock;
+pub mod process;
 pub mod side;
