@@ -343,12 +343,12 @@ impl JobMetrics {
             "1 while the billing output refuses writes (billing retries; /healthz says why).",
             i64::from(stall.is_some()),
         )?;
-        gauge(
+        seconds_gauge(
             encoder,
-            "billing_stalled_seconds",
+            "billing_stalled",
             "How long billing has been stalled (0 when it is not).",
-            stall.map_or(0, |s| {
-                (wall_clock_ms().saturating_sub(s.since_ms) / 1000) as i64
+            stall.map_or(0.0, |s| {
+                wall_clock_ms().saturating_sub(s.since_ms) as f64 / 1000.0
             }),
         )
     }
@@ -656,6 +656,11 @@ mod tests {
             .unwrap();
         }
         assert_eq!(got, expected);
+        // And it is OpenMetrics to the letter.
+        let text = known().render().unwrap();
+        if let Err(why) = testkit::exposition::parse(&text) {
+            panic!("{why}\n{text}");
+        }
     }
 
     /// Before a watermark, with no partitions (files) and nothing stalled:
@@ -675,7 +680,7 @@ mod tests {
         assert!(text.contains("\nlivepipe_input_unreachable 0\n"), "{text}");
         assert!(text.contains("\nlivepipe_billing_stalled 0\n"), "{text}");
         assert!(
-            text.contains("\nlivepipe_billing_stalled_seconds 0\n"),
+            text.contains("\nlivepipe_billing_stalled_seconds 0.0\n"),
             "{text}"
         );
         assert!(text.contains("\nlivepipe_billed_total 0\n"), "{text}");
