@@ -9,6 +9,7 @@
 //! * [`live`]: the latest per-stream snapshots, handed from the dataflow to
 //!   readers (the HTTP server, `live.json`) without ever blocking a worker.
 //! * [`http`]: the dashboard, JSON API, SSE, `/metrics` and `/healthz`,
+//!   with each stream's last minutes kept by [`history`] for the page,
 //!   served from a thread of its own; [`metrics`] renders the job's numbers
 //!   ([`process`]: the process's own CPU, memory and files).
 
@@ -16,6 +17,7 @@ pub mod billing;
 pub mod binding;
 pub mod fsutil;
 pub mod gaps;
+pub mod history;
 pub mod http;
 pub mod ledger;
 pub mod live;
