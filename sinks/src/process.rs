@@ -100,8 +100,10 @@ fn max_fds() -> Option<u64> {
         rlim_max: 0,
     };
     // SAFETY: getrlimit only writes the struct it is given.
-    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0)
-        .then_some(limit.rlim_cur as u64)
+    let read = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    // rlim_t is not u64 on every target.
+    #[allow(clippy::unnecessary_cast)]
+    read.then_some(limit.rlim_cur as u64)
 }
 
 #[cfg(test)]

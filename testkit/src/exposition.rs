@@ -198,7 +198,7 @@ impl Parser {
                 family.kind
             ));
         }
-        if family.kind == Kind::Counter && !(sample.value >= 0.0) {
+        if family.kind == Kind::Counter && (sample.value.is_nan() || sample.value < 0.0) {
             return Err("a counter below zero or NaN".into());
         }
         let key = (
@@ -349,10 +349,13 @@ fn parse_value(word: &str) -> Result<f64, String> {
     }
 }
 
+/// A sample's labels (without `le`), as a key.
+type LabelSet = Vec<(String, String)>;
+
 /// Buckets with `le`, growing, ending at `+Inf` equal to `_count`, per
 /// label set.
 fn check_histogram(name: &str, family: &Family) -> Result<(), String> {
-    let mut by_labels: BTreeMap<Vec<(String, String)>, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut by_labels: BTreeMap<LabelSet, Vec<(f64, f64)>> = BTreeMap::new();
     let mut counts = BTreeMap::new();
     for sample in &family.samples {
         let mut labels = sample.labels.clone();
