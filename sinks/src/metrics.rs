@@ -645,6 +645,8 @@ mod tests {
         // The whole exposition, byte for byte: names, help, types, order.
         let expected = include_str!("testdata/known_metrics.txt");
         let got = render_masked(&known());
+        // After a deliberate change, `LIVEPIPE_BLESS=1 cargo test -p
+        // livepipe-sinks --lib metrics` rewrites the fixture; review its diff.
         if std::env::var_os("LIVEPIPE_BLESS").is_some() {
             std::fs::write(
                 concat!(
