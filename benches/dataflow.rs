@@ -70,6 +70,7 @@ fn ingested(events: u64) -> Vec<(Time, Ingested)> {
                 offset: line as u64 + 1,
             },
             watermark,
+            ingested_at_ms: 0,
         };
         Some((coarse(watermark, config.time_granularity_ms), record))
     })

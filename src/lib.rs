@@ -6,5 +6,5 @@ pub mod cli;
 pub mod cluster;
 pub mod logs;
 pub mod pipeline;
-pub mod settings;
 pub mod report;
+pub mod settings;

@@ -34,11 +34,13 @@ use livepipe_sinks::ledger::ResumePosition;
 use livepipe_sinks::live::LiveBoard;
 use livepipe_sinks::metrics::{EventsIn, JobMetrics, PartitionRow, RejectedByReason};
 use livepipe_sinks::out_lock::{LockError, OutDirLock, LOCK_FILE};
+use livepipe_sinks::process::ProcessStats;
 use livepipe_sinks::side::SideOutputs;
 use livepipe_sources::file::{check_inputs, file_source, FileSourceContext};
 use livepipe_sources::kafka::{
-    check_resume_offsets, discover_partitions, kafka_source, partition_bounds, BrokerHealth,
-    KafkaSettings, KafkaSourceContext, KafkaStatus, SetupError,
+    check_resume_offsets, discover_partitions, kafka_source, partition_bounds,
+    spawn_high_watermarks, BrokerHealth, KafkaSettings, KafkaSourceContext, KafkaStatus,
+    SetupError,
 };
 use livepipe_sources::prefix::prefix_digest;
 use livepipe_sources::SourceContext;
@@ -188,7 +190,7 @@ fn run_dataflow(
     let (sink_input, sink_thread) = spawn_sink(outputs.sink, &job.stop);
     let board = LiveBoard::default();
     let gauges = Gauges::new(job.workers);
-    let metrics = job_metrics(&gauges, &board, &billing_stats, outputs.lost_records);
+    let metrics = job_metrics(&job, &gauges, &board, &billing_stats, outputs.lost_records);
     let _server = start_http(listener, &job, first, &board, metrics)?;
     let context = source_context(&job, &gauges, &side, outputs.ledger_positions);
     let comm = connect(&job)?;
@@ -304,6 +306,7 @@ fn bind_http(job: &Job) -> anyhow::Result<Option<std::net::TcpListener>> {
 /// The metrics read through views of the shared cells, so that serving
 /// them never waits on a worker.
 fn job_metrics(
+    job: &Job,
     gauges: &Gauges,
     board: &LiveBoard,
     billing_stats: &Arc<BillingStats>,
@@ -316,14 +319,19 @@ fn job_metrics(
         probes: gauges.probes.clone(),
         partitions: {
             let status = gauges.kafka_status.clone();
+            let topic: Arc<str> = match &job.input {
+                Input::Kafka(settings) | Input::Demo(settings) => settings.topic.as_str().into(),
+                Input::Files { .. } => "".into(),
+            };
             Arc::new(move || {
                 let status = status.lock().unwrap_or_else(|p| p.into_inner());
                 status
                     .iter()
                     .map(|(partition, s)| PartitionRow {
+                        topic: topic.clone(),
                         partition: *partition,
-                        offset: s.next_offset,
-                        lag: s.lag,
+                        offset: (s.next_offset >= 0).then_some(s.next_offset),
+                        high_watermark: (s.high_watermark >= 0).then_some(s.high_watermark),
                         idle: s.idle,
                     })
                     .collect()
@@ -340,6 +348,7 @@ fn job_metrics(
             Arc::new(move || brokers.lock().unwrap_or_else(|p| p.into_inner()).clone())
         },
         lost_records,
+        process: Arc::new(ProcessStats::current),
     }
 }
 
@@ -490,6 +499,15 @@ fn spawn_reporters(
     });
     let live_logger = (job.live_log && first)
         .then(|| spawn_live_log(wiring.board.clone(), billing_stats.clone(), done.clone()));
+    // Not joined: its thread ends on its own once `done` is set, and a
+    // stop must not wait on a broker's answer.
+    if let Input::Kafka(settings) | Input::Demo(settings) = &job.input {
+        if let Err(err) =
+            spawn_high_watermarks(settings, wiring.gauges.kafka_status.clone(), done.clone())
+        {
+            tracing::warn!("partition lag will not be reported: {err}");
+        }
+    }
     let peer_watch = health.map(|health| {
         let probes = wiring.gauges.probes.clone();
         let stop = job.stop.clone();

@@ -25,7 +25,12 @@ use std::process::ExitCode;
 #[derive(Debug, Args)]
 pub struct ReportArgs {
     /// The output directory of a run (its ledger.sqlite and billing/).
-    #[arg(long, env = "LIVEPIPE_OUT", default_value = "./out", value_name = "DIR")]
+    #[arg(
+        long,
+        env = "LIVEPIPE_OUT",
+        default_value = "./out",
+        value_name = "DIR"
+    )]
     pub out: PathBuf,
 
     /// Only periods starting at or after this event time (RFC 3339, e.g.

@@ -1,6 +1,7 @@
 //! The dashboard in a real headless Chromium (Debian's package, driven over
 //! the DevTools protocol; nothing is downloaded): the demo's page shows
-//! streams, and its numbers change between two reads.
+//! streams, its numbers change between two reads, and after a reload its
+//! chart is drawn from the server's history at once.
 
 use testkit::browser::{chromium_or_skip, Browser};
 use testkit::{demo_args, Job};
@@ -51,6 +52,33 @@ fn the_dashboard_shows_live_streams_in_a_real_browser() {
         browser.eval("document.getElementById('status').textContent"),
         "LIVE"
     );
+    chart_is_full_at_once_after_a_reload(&mut browser, &base);
     drop(browser);
     job.stop();
+}
+
+/// Points the chart must have before the reload; live ticks alone add
+/// one a second, so right after a reload only the history can give these.
+const HISTORY_POINTS: u64 = 12;
+
+/// Waits until the selected stream's chart holds [`HISTORY_POINTS`],
+/// reloads, and checks that the chart holds them again as soon as the
+/// page has its history (`data-history`, set once it is merged and drawn),
+/// not a point a second from then on.
+fn chart_is_full_at_once_after_a_reload(browser: &mut Browser, base: &str) {
+    let points = "Number(document.getElementById('chart').dataset.points || 0)";
+    browser.wait_for(
+        &format!("{points} >= {HISTORY_POINTS}"),
+        Duration::from_secs(60),
+    );
+    browser.navigate(&format!("http://{base}/"));
+    browser.wait_for(
+        "document.getElementById('chart').dataset.history !== undefined",
+        Duration::from_secs(30),
+    );
+    let drawn = browser.eval(points).as_f64().unwrap();
+    assert!(
+        drawn >= (HISTORY_POINTS - 1) as f64,
+        "the chart had {drawn} points right after the reload"
+    );
 }

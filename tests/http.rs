@@ -160,7 +160,7 @@ fn the_live_api_ticks_every_second_while_billing_is_frozen() {
         "livepipe_events_in_total{type=\"join\"}",
         "livepipe_pending_impressions 1",
         "livepipe_billed_total 0",
-        "livepipe_partition_offset{partition=\"1\"} 1",
+        "livepipe_partition_offset{topic=\"events\",partition=\"1\"} 1",
         "livepipe_live_ticks_total",
         "livepipe_sse_clients",
     ] {
@@ -183,5 +183,74 @@ fn the_live_api_ticks_every_second_while_billing_is_frozen() {
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(500));
+    job.stop();
+}
+
+/// `(status, body)` of a stream's history, the body parsed.
+fn history(base: &str, stream: &str) -> (u16, Value) {
+    let response = get(base, &format!("/api/live/{stream}/history"));
+    assert!(
+        response.content_type.starts_with("application/json"),
+        "{}",
+        response.content_type
+    );
+    (
+        response.status,
+        serde_json::from_str(&response.body).unwrap(),
+    )
+}
+
+#[test]
+fn a_streams_history_grows_a_tick_at_a_time_oldest_first() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("events", 1, 1).expect("topic");
+    let brokers = cluster.bootstrap_servers();
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("producer");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut args = topic_args(&brokers, "events", &out);
+    args.extend(["--workers", "2"]);
+    let mut job = Job::start(&args, &dir.path().join("job.log"));
+    send(&producer, 0, join("s1", "v1", now_ms()));
+    let base = job.addr();
+
+    let mut points = Vec::new();
+    wait_for(&mut job, LIMIT, "three ticks of history", || {
+        let (status, body) = history(&base, "s1");
+        points = body.as_array().cloned().unwrap_or_default();
+        status == 200 && points.len() >= 3
+    });
+    let ticks = |points: &[Value]| -> Vec<u64> {
+        points
+            .iter()
+            .map(|p| p["emitted_at"].as_u64().unwrap())
+            .collect()
+    };
+    let first = ticks(&points);
+    // Each tick once (two workers publish their parts of it), oldest first.
+    assert!(first.windows(2).all(|w| w[0] < w[1]), "{first:?}");
+    assert!(points.iter().all(|p| p["stream_id"] == "s1"), "{points:?}");
+    assert_eq!(points[0]["viewers"], 1, "{points:?}");
+
+    // More ticks, more points: the old ones stay, in front.
+    send(&producer, 0, join("s1", "v2", now_ms()));
+    let mut later = Vec::new();
+    wait_for(&mut job, LIMIT, "more history", || {
+        later = ticks(history(&base, "s1").1.as_array().unwrap());
+        later.len() >= first.len() + 2
+    });
+    assert_eq!(&later[..first.len()], &first[..], "{later:?}");
+    // One point per tick at most: never more points than seconds of ticks.
+    let span = (later.last().unwrap() - later[0]) / 1000 + 2;
+    assert!(later.len() as u64 <= span, "{later:?}");
+
+    let response = get(&base, "/api/live/no-such-stream/history");
+    assert_eq!(response.status, 404);
+    let error: Value = serde_json::from_str(&response.body).unwrap();
+    assert_eq!(error["error"], "unknown stream");
+    assert_eq!(error["stream_id"], "no-such-stream");
     job.stop();
 }

@@ -294,6 +294,7 @@ fn admit<'s>(
                 event,
                 position,
                 watermark,
+                ..
             } = record;
             match event.kind {
                 EventKind::Impression(imp) => {

@@ -94,6 +94,9 @@ pub struct Ingested {
     pub event: Event,
     pub position: Position,
     pub watermark: u64,
+    /// Wall-clock ms when its source stamped it (read it from the broker or
+    /// the file): where the live path's event-to-tick latency starts.
+    pub ingested_at_ms: u64,
 }
 
 /// A record the parser refused, on its way to the dead-letter output.

@@ -134,6 +134,8 @@ struct Signal {
     viewer_id: Text,
     ts: u64,
     kind: SignalKind,
+    /// When its source stamped it (wall-clock ms), for the latency probe.
+    ingested_at_ms: u64,
 }
 
 /// What a live event says about its viewer.
@@ -588,6 +590,7 @@ impl Signal {
             viewer_id: record.event.viewer_id,
             ts: record.event.ts,
             kind,
+            ingested_at_ms: record.ingested_at_ms,
         })
     }
 }
@@ -598,6 +601,9 @@ struct Ticker {
     tick: Duration,
     next_tick: Instant,
     probes: Arc<Probes>,
+    /// The newest stamp (wall-clock ms) of the events counted since the
+    /// last tick; 0 when none came.
+    newest_ingested_ms: u64,
 }
 
 impl Ticker {
@@ -606,6 +612,7 @@ impl Ticker {
             tick,
             next_tick: Instant::now() + tick,
             probes,
+            newest_ingested_ms: 0,
         }
     }
 
@@ -613,16 +620,32 @@ impl Ticker {
         now >= self.next_tick
     }
 
+    /// Notes an event counted now, stamped by its source at `ingested_at_ms`.
+    fn counted(&mut self, ingested_at_ms: u64) {
+        self.newest_ingested_ms = self.newest_ingested_ms.max(ingested_at_ms);
+    }
+
     /// Records a tick that started at `started` and was stamped
     /// `emitted_at`; returns how long until the next one. Ticks are on a
     /// fixed grid: a slow worker skips to the next slot.
     fn ticked(&mut self, started: Instant, emitted_at: u64) -> Duration {
-        let micros = started.elapsed().as_micros() as u64;
+        let elapsed = started.elapsed();
         let probes = &self.probes;
         probes.ticks.fetch_add(1, Ordering::Relaxed);
-        probes.tick_micros.fetch_add(micros, Ordering::Relaxed);
-        probes.tick_micros_max.fetch_max(micros, Ordering::Relaxed);
+        probes.tick_duration.observe(elapsed.as_secs_f64());
+        probes
+            .tick_micros_max
+            .fetch_max(elapsed.as_micros() as u64, Ordering::Relaxed);
         probes.last_tick_ms.fetch_max(emitted_at, Ordering::Relaxed);
+        // A tick that counted nothing new has no latency to tell: the
+        // age of old events would only measure how quiet the input is.
+        if self.newest_ingested_ms > 0 {
+            let latency_ms = emitted_at.saturating_sub(self.newest_ingested_ms);
+            probes
+                .event_to_tick_latency
+                .observe(latency_ms as f64 / 1000.0);
+            self.newest_ingested_ms = 0;
+        }
         while self.next_tick <= started {
             self.next_tick += self.tick;
         }
@@ -679,7 +702,9 @@ pub fn live<'s>(
                             viewer_id,
                             ts,
                             kind,
+                            ingested_at_ms,
                         } = signal;
+                        ticker.counted(ingested_at_ms);
                         streams.apply(stream_id, viewer_id, ts, kind, now);
                     }
                 });

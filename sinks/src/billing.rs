@@ -91,6 +91,8 @@ pub fn campaign_totals(rows: &[BilledRow]) -> BTreeMap<String, CampaignTotal> {
 #[derive(Default, Debug)]
 pub struct BillingStats {
     pub billed: AtomicU64,
+    /// The `price_micros` of the billed impressions, summed.
+    pub billed_micros: AtomicU64,
     pub expired: AtomicU64,
     pub late: AtomicU64,
     pub duplicates: AtomicU64,
@@ -284,6 +286,9 @@ impl BillingSink {
         let stats = &self.stats;
         stats.billed.fetch_add(recorded.billed, Ordering::Relaxed);
         stats
+            .billed_micros
+            .fetch_add(recorded.billed_micros, Ordering::Relaxed);
+        stats
             .expired
             .fetch_add(recorded.expired.len() as u64, Ordering::Relaxed);
         stats.files.fetch_add(files, Ordering::Relaxed);
@@ -345,6 +350,7 @@ impl BillingSink {
             coverage.saw(period);
             if outcome.is_billed() {
                 recorded.billed += 1;
+                recorded.billed_micros += outcome.impression.ad.price_micros;
             } else {
                 recorded.expired.push(outcome);
             }
@@ -418,6 +424,7 @@ impl BillingSink {
 #[derive(Default)]
 struct Recorded<'a> {
     billed: u64,
+    billed_micros: u64,
     duplicates: u64,
     expired: Vec<&'a Outcome>,
     /// Outcomes whose id or period was already final: late.

@@ -14,6 +14,7 @@
 //! | `GET /api/live?limit=N` | latest snapshots, most viewers first (500 without `limit`) |
 //! | `GET /api/live/{stream_id}` | one stream's latest snapshot, or a JSON 404 |
 //! | `GET /api/live/{stream_id}/events` | SSE, one `snapshot` event per tick |
+//! | `GET /api/live/{stream_id}/history` | the stream's last 5 minutes of snapshots, oldest first ([`crate::history`]) |
 //! | `GET /api/board/events` | SSE, per tick a `totals` event, then a `board` event (the top 500) |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /healthz` | 200 while both paths run, 503 with the reason otherwise |
@@ -71,6 +72,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
+use crate::history::History;
 use crate::live::{Board, LiveBoard};
 use crate::metrics::JobMetrics;
 
@@ -197,7 +199,11 @@ pub fn serve(listener: TcpListener, state: HttpState) -> io::Result<HttpServer> 
         "HTTP: at most {max} open connections; request heads within {} s",
         HEADER_READ_TIMEOUT.as_secs()
     );
-    runtime.spawn(accept(listener, routes(state), max));
+    let history = History::default();
+    if state.dashboard {
+        runtime.spawn(history.clone().follow(state.board.clone()));
+    }
+    runtime.spawn(accept(listener, routes(state, history), max));
     Ok(HttpServer {
         addr,
         runtime: Some(runtime),
@@ -490,6 +496,7 @@ impl Totals {
 
 fn routes(
     state: HttpState,
+    history: History,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone {
     let with_state = {
         let state = state.clone();
@@ -515,6 +522,11 @@ fn routes(
     let stream_events = warp::path!("api" / "live" / String / "events")
         .and(with_state.clone())
         .map(one_stream_events);
+    let stream_history = warp::path!("api" / "live" / String / "history")
+        .and(with_state.clone())
+        .map(move |segment: String, state: HttpState| {
+            one_stream_history(segment, &state, &history)
+        });
     let metrics = warp::path!("metrics")
         .and(with_state.clone())
         .map(|state: HttpState| metrics_text(&state));
@@ -535,6 +547,8 @@ fn routes(
             .or(one)
             .unify()
             .or(stream_events)
+            .unify()
+            .or(stream_history)
             .unify()
             .or(own)
             .unify()
@@ -595,6 +609,26 @@ fn one_stream_events(segment: String, state: HttpState) -> warp::reply::Response
         return json_error(StatusCode::NOT_FOUND, "unknown stream", Some(&stream_id));
     }
     sse(&state, stream_snapshots(state.board.subscribe(), stream_id))
+}
+
+/// `/api/live/{segment}/history`: the stream's recorded ticks, oldest
+/// first; just its latest snapshot if it is on the board without a history
+/// (below the recorded top), a JSON 404 if it is neither.
+fn one_stream_history(
+    segment: String,
+    state: &HttpState,
+    history: &History,
+) -> warp::reply::Response {
+    let Some(stream_id) = stream_id(&segment) else {
+        return not_utf8();
+    };
+    let points = history
+        .get(&stream_id)
+        .or_else(|| state.board.get(&stream_id).map(|latest| vec![latest]));
+    match points {
+        Some(points) => warp::reply::json(&points).into_response(),
+        None => json_error(StatusCode::NOT_FOUND, "unknown stream", Some(&stream_id)),
+    }
 }
 
 fn metrics_text(state: &HttpState) -> warp::reply::Response {

@@ -11,16 +11,20 @@
 //! * [`live`]: the latest per-stream snapshots, handed from the dataflow to
 //!   readers (the HTTP server, `live.json`) without ever blocking a worker.
 //! * [`http`]: the dashboard, JSON API, SSE, `/metrics` and `/healthz`,
-//!   served from a thread of its own; [`metrics`] renders the job's numbers.
+//!   with each stream's last minutes kept by [`history`] for the page,
+//!   served from a thread of its own; [`metrics`] renders the job's numbers
+//!   ([`process`]: the process's own CPU, memory and files).
 
 pub mod billing;
 pub mod binding;
 pub mod fsutil;
 pub mod gaps;
+pub mod history;
 pub mod http;
 pub mod ledger;
 pub mod live;
 pub mod metrics;
 pub mod out_lock;
+pub mod process;
 pub mod report;
 pub mod side;

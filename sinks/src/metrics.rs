@@ -1,10 +1,16 @@
-//! `/metrics`: the job's numbers in Prometheus text format.
+//! `/metrics`: the job's numbers in OpenMetrics text, Prometheus naming.
 //!
 //! The numbers themselves live where they are produced, as plain atomics
 //! (per-worker event counters, the billing sink's stats, the dataflow's
 //! probes, the Kafka source's partition status): the hot path never takes
 //! a lock or touches a registry. A `prometheus-client` collector reads them
 //! on each scrape and the crate does the encoding.
+//!
+//! Naming follows Prometheus: base units with the unit as suffix (and an
+//! OpenMetrics `# UNIT` line), `_total` on counters, `_timestamp_seconds`
+//! on instants. Every metric, with its type, unit, labels and meaning, is
+//! listed in docs/operations.md, Metrics; `testdata/known_metrics.txt` is
+//! the whole exposition for known values.
 
 use livepipe_dataflow::event::EventKind;
 use livepipe_dataflow::probe::Probes;
@@ -13,8 +19,9 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::info::Info;
 use prometheus_client::metrics::MetricType;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -22,6 +29,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::billing::BillingStats;
+use crate::process::ProcessStats;
 
 /// The wire names of event types, in [`EventsIn`] slot order.
 pub const EVENT_TYPES: [&str; 6] = [
@@ -83,12 +91,26 @@ pub type RejectedByReason = Arc<Mutex<BTreeMap<String, u64>>>;
 /// What is known about one source partition.
 #[derive(Clone, Debug, Default)]
 pub struct PartitionRow {
+    /// The Kafka topic it belongs to.
+    pub topic: Arc<str>,
     pub partition: i32,
-    /// Next offset to read (-1 before the first record).
-    pub offset: i64,
-    /// Records behind the broker's high watermark (-1 unknown).
-    pub lag: i64,
+    /// The position: the next offset to consume (`None` until known: a
+    /// record read, or the ledger's resume offset).
+    pub offset: Option<i64>,
+    /// The broker's high watermark as last fetched (`None` before the
+    /// first answer).
+    pub high_watermark: Option<i64>,
     pub idle: bool,
+}
+
+impl PartitionRow {
+    /// Records on the broker not consumed yet: high watermark minus
+    /// position, once both are known. The two are read at different
+    /// moments, so a position just past an older high watermark reads 0,
+    /// never a negative lag.
+    pub fn lag(&self) -> Option<i64> {
+        Some((self.high_watermark? - self.offset?).max(0))
+    }
 }
 
 /// Everything `/metrics` reports, by reference.
@@ -111,6 +133,8 @@ pub struct JobMetrics {
     /// Input records deleted before they were read, over the ledger's life
     /// (accepted with `--accept-data-loss`; see `gaps`).
     pub lost_records: u64,
+    /// The process's CPU, memory and files ([`ProcessStats::current`]).
+    pub process: Arc<dyn Fn() -> ProcessStats + Send + Sync>,
 }
 
 impl fmt::Debug for JobMetrics {
@@ -119,18 +143,26 @@ impl fmt::Debug for JobMetrics {
     }
 }
 
+/// The version `livepipe_build_info` reports.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 impl JobMetrics {
-    /// The registry to encode on each scrape.
+    /// The registry of the job's own metrics (prefixed `livepipe_`).
     pub fn registry(&self) -> Registry {
         let mut registry = Registry::with_prefix("livepipe");
         registry.register_collector(Box::new(self.clone()));
         registry
     }
 
-    /// The text exposition of every metric.
+    /// The text exposition of every metric: the job's, then the standard
+    /// `process_*` ones (which carry no prefix), then `# EOF`.
     pub fn render(&self) -> Result<String, fmt::Error> {
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry())?;
+        prometheus_client::encoding::text::encode_registry(&mut text, &self.registry())?;
+        let mut process = Registry::default();
+        process.register_collector(Box::new(ProcessCollector(self.process.clone())));
+        prometheus_client::encoding::text::encode_registry(&mut text, &process)?;
+        prometheus_client::encoding::text::encode_eof(&mut text)?;
         Ok(text)
     }
 }
@@ -145,18 +177,36 @@ fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64) ->
     metric.encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)
 }
 
-/// One gauge family with a sample per partition.
+/// A gauge in seconds: `name` gets the `_seconds` suffix and a `# UNIT`.
+fn seconds_gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: f64,
+) -> fmt::Result {
+    let metric = ConstGauge::new(value);
+    metric.encode(encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Gauge)?)
+}
+
+/// One gauge family with a sample per partition that has a value.
 fn partition_gauge(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     rows: &[PartitionRow],
-    value: impl Fn(&PartitionRow) -> i64,
+    value: impl Fn(&PartitionRow) -> Option<i64>,
 ) -> fmt::Result {
+    if rows.iter().all(|row| value(row).is_none()) {
+        return Ok(());
+    }
     let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
     for row in rows {
-        let labels = [("partition", row.partition.to_string())];
-        ConstGauge::new(value(row)).encode(family.encode_family(&labels)?)?;
+        let Some(value) = value(row) else { continue };
+        let labels = [
+            ("topic", row.topic.to_string()),
+            ("partition", row.partition.to_string()),
+        ];
+        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
     }
     Ok(())
 }
@@ -164,6 +214,7 @@ fn partition_gauge(
 impl Collector for JobMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         // The order is the exposition's order: keep it.
+        self.encode_build(&mut encoder)?;
         self.encode_events(&mut encoder)?;
         self.encode_billing_counts(&mut encoder)?;
         self.encode_health(&mut encoder)?;
@@ -178,6 +229,17 @@ fn load(a: &AtomicU64) -> u64 {
 }
 
 impl JobMetrics {
+    /// `livepipe_build_info{version} 1`: which build is running.
+    fn encode_build(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
+        let info = Info::new([("version", VERSION)]);
+        info.encode(encoder.encode_descriptor(
+            "build",
+            "The running build: its version.",
+            None,
+            MetricType::Info,
+        )?)
+    }
+
     /// Records in: valid events by type, rejections by reason, and input
     /// lost before it was read.
     fn encode_events(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
@@ -238,6 +300,13 @@ impl JobMetrics {
         )?;
         counter(
             encoder,
+            "billed_price_micros",
+            "Money billed: price_micros of the billed impressions, summed (millionths of \
+             the currency unit).",
+            load(&billing.billed_micros),
+        )?;
+        counter(
+            encoder,
             "expired",
             "Impressions final without a qualifying watch.",
             load(&billing.expired),
@@ -274,12 +343,12 @@ impl JobMetrics {
             "1 while the billing output refuses writes (billing retries; /healthz says why).",
             i64::from(stall.is_some()),
         )?;
-        gauge(
+        seconds_gauge(
             encoder,
-            "billing_stalled_seconds",
+            "billing_stalled",
             "How long billing has been stalled (0 when it is not).",
-            stall.map_or(0, |s| {
-                (wall_clock_ms().saturating_sub(s.since_ms) / 1000) as i64
+            stall.map_or(0.0, |s| {
+                wall_clock_ms().saturating_sub(s.since_ms) as f64 / 1000.0
             }),
         )
     }
@@ -289,22 +358,23 @@ impl JobMetrics {
         let Some(watermark) = self.billing.watermark() else {
             return Ok(());
         };
-        gauge(
+        seconds_gauge(
             encoder,
-            "watermark_ms",
-            "Billing's event-time watermark (ms since the epoch): every impression with \
+            "watermark_timestamp",
+            "Billing's event-time watermark (seconds since the epoch): every impression with \
              ts + window below it is final.",
-            watermark as i64,
+            watermark as f64 / 1000.0,
         )?;
-        gauge(
+        seconds_gauge(
             encoder,
-            "watermark_lag_ms",
+            "watermark_lag",
             "Wall clock minus the watermark.",
-            wall_clock_ms() as i64 - watermark as i64,
+            (wall_clock_ms() as f64 - watermark as f64) / 1000.0,
         )
     }
 
-    /// Per-partition positions of the source (none for files).
+    /// Per-partition positions of the source (none for files); a series
+    /// is left out until its value is known.
     fn encode_partitions(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         let partitions = (self.partitions)();
         if partitions.is_empty() {
@@ -313,27 +383,36 @@ impl JobMetrics {
         partition_gauge(
             encoder,
             "partition_offset",
-            "Next offset to read, per source partition.",
+            "Position per source partition: the next offset to consume.",
             &partitions,
             |row| row.offset,
         )?;
         partition_gauge(
             encoder,
-            "partition_lag",
-            "Records behind the broker's high watermark, per partition (-1 unknown).",
+            "partition_high_watermark",
+            "The broker's high watermark per partition (the offset after its last record), \
+             fetched every second.",
             &partitions,
-            |row| row.lag,
+            |row| row.high_watermark,
+        )?;
+        partition_gauge(
+            encoder,
+            "partition_lag",
+            "Records not consumed yet per partition: high watermark minus position.",
+            &partitions,
+            PartitionRow::lag,
         )?;
         partition_gauge(
             encoder,
             "partition_idle",
             "1 when the partition is idle and not holding the watermark back.",
             &partitions,
-            |row| row.idle as i64,
+            |row| Some(row.idle as i64),
         )
     }
 
-    /// The live path: tick counts and times, streams, SSE connections.
+    /// The live path: tick counts and times, latency, streams, SSE
+    /// connections.
     fn encode_live(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
         let probes = &self.probes;
         counter(
@@ -342,23 +421,27 @@ impl JobMetrics {
             "Live ticks computed (per worker, summed).",
             load(&probes.ticks),
         )?;
-        let seconds = |micros: u64| micros as f64 / 1e6;
-        ConstCounter::new(seconds(load(&probes.tick_micros))).encode(
-            encoder.encode_descriptor(
-                "live_tick_seconds",
-                "Time spent computing live ticks; divide by live_ticks_total for the mean.",
-                None,
-                MetricType::Counter,
-            )?,
+        probes.tick_duration.encode(encoder.encode_descriptor(
+            "tick_duration",
+            "Time to compute one live tick (per worker).",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?)?;
+        seconds_gauge(
+            encoder,
+            "live_tick_max",
+            "The longest live tick so far.",
+            load(&probes.tick_micros_max) as f64 / 1e6,
         )?;
-        ConstGauge::new(seconds(load(&probes.tick_micros_max))).encode(
-            encoder.encode_descriptor(
-                "live_tick_max_seconds",
-                "The longest live tick so far.",
-                None,
-                MetricType::Gauge,
-            )?,
-        )?;
+        probes
+            .event_to_tick_latency
+            .encode(encoder.encode_descriptor(
+                "event_to_tick_latency",
+                "Per tick that counted new events: the tick's wall clock minus the wall clock at \
+             which the newest of them was read from its source.",
+                Some(&Unit::Seconds),
+                MetricType::Histogram,
+            )?)?;
         gauge(
             encoder,
             "live_streams",
@@ -377,6 +460,74 @@ impl JobMetrics {
             "Open Server-Sent Events connections.",
             self.sse_clients.load(Ordering::Relaxed) as i64,
         )
+    }
+}
+
+/// The standard `process_*` metrics (no prefix), those that could be read.
+#[derive(Clone)]
+struct ProcessCollector(Arc<dyn Fn() -> ProcessStats + Send + Sync>);
+
+impl fmt::Debug for ProcessCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProcessCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let stats = (self.0)();
+        if let Some(cpu) = stats.cpu_seconds {
+            ConstCounter::new(cpu).encode(encoder.encode_descriptor(
+                "process_cpu",
+                "User and system CPU time spent.",
+                Some(&Unit::Seconds),
+                MetricType::Counter,
+            )?)?;
+        }
+        let bytes = [
+            (
+                "process_resident_memory",
+                "Resident memory size.",
+                stats.resident_bytes,
+            ),
+            (
+                "process_virtual_memory",
+                "Virtual memory size.",
+                stats.virtual_bytes,
+            ),
+        ];
+        for (name, help, value) in bytes {
+            if let Some(value) = value {
+                ConstGauge::new(value as i64).encode(encoder.encode_descriptor(
+                    name,
+                    help,
+                    Some(&Unit::Bytes),
+                    MetricType::Gauge,
+                )?)?;
+            }
+        }
+        if let Some(start) = stats.start_time_seconds {
+            seconds_gauge(
+                &mut encoder,
+                "process_start_time",
+                "Start time of the process since the epoch.",
+                start,
+            )?;
+        }
+        let fds = [
+            ("process_open_fds", "Open file descriptors.", stats.open_fds),
+            (
+                "process_max_fds",
+                "The limit on open file descriptors.",
+                stats.max_fds,
+            ),
+        ];
+        for (name, help, value) in fds {
+            if let Some(value) = value {
+                gauge(&mut encoder, name, help, value.min(i64::MAX as u64) as i64)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -400,6 +551,7 @@ mod tests {
             BTreeMap::from([("bad_json".to_string(), 3), ("unknown_type".to_string(), 1)]);
         let billing = BillingStats {
             billed: AtomicU64::new(7),
+            billed_micros: AtomicU64::new(3_500_000),
             expired: AtomicU64::new(2),
             late: AtomicU64::new(1),
             duplicates: AtomicU64::new(4),
@@ -413,10 +565,15 @@ mod tests {
         let probes = Probes {
             pending_impressions: AtomicI64::new(6),
             ticks: AtomicU64::new(8),
-            tick_micros: AtomicU64::new(1_500_000),
             tick_micros_max: AtomicU64::new(250_000),
             ..Probes::default()
         };
+        for seconds in [0.0002, 0.003, 0.25] {
+            probes.tick_duration.observe(seconds);
+        }
+        for seconds in [0.2, 1.5] {
+            probes.event_to_tick_latency.observe(seconds);
+        }
         JobMetrics {
             events_in: Arc::new(events_in),
             rejected: Arc::new(Mutex::new(rejected)),
@@ -425,16 +582,25 @@ mod tests {
             partitions: Arc::new(|| {
                 vec![
                     PartitionRow {
+                        topic: "events".into(),
                         partition: 0,
-                        offset: 42,
-                        lag: 3,
+                        offset: Some(42),
+                        high_watermark: Some(45),
                         idle: false,
                     },
                     PartitionRow {
+                        topic: "events".into(),
                         partition: 1,
-                        offset: -1,
-                        lag: -1,
+                        offset: None,
+                        high_watermark: None,
                         idle: true,
+                    },
+                    PartitionRow {
+                        topic: "events".into(),
+                        partition: 2,
+                        offset: Some(9),
+                        high_watermark: Some(7),
+                        idle: false,
                     },
                 ]
             }),
@@ -443,22 +609,31 @@ mod tests {
             live_streams_dropped: Arc::new(AtomicU64::new(1)),
             input_problem: Arc::new(|| Some("no broker".to_string())),
             lost_records: 11,
+            process: Arc::new(|| ProcessStats {
+                cpu_seconds: Some(1.25),
+                resident_bytes: Some(50 << 20),
+                virtual_bytes: Some(1 << 30),
+                start_time_seconds: Some(1_700_000_000.5),
+                open_fds: Some(12),
+                max_fds: Some(1024),
+            }),
         }
     }
 
     /// The rendering with the one clock-dependent value (the watermark's
-    /// lag behind the wall clock) checked and replaced by `LAG`.
+    /// lag behind the wall clock) checked and replaced by `LAG`, and the
+    /// version by `VERSION`.
     fn render_masked(metrics: &JobMetrics) -> String {
         let text = metrics.render().unwrap();
         let mut out = String::new();
         for line in text.lines() {
-            match line.strip_prefix("livepipe_watermark_lag_ms ") {
+            match line.strip_prefix("livepipe_watermark_lag_seconds ") {
                 Some(value) => {
-                    let lag: i64 = value.parse().unwrap();
-                    assert!(lag > 0, "{line}");
-                    out.push_str("livepipe_watermark_lag_ms LAG");
+                    let lag: f64 = value.parse().unwrap();
+                    assert!(lag > 0.0, "{line}");
+                    out.push_str("livepipe_watermark_lag_seconds LAG");
                 }
-                None => out.push_str(line),
+                None => out.push_str(&line.replace(VERSION, "VERSION")),
             }
             out.push('\n');
         }
@@ -469,7 +644,25 @@ mod tests {
     fn renders_known_values() {
         // The whole exposition, byte for byte: names, help, types, order.
         let expected = include_str!("testdata/known_metrics.txt");
-        assert_eq!(render_masked(&known()), expected);
+        let got = render_masked(&known());
+        // After a deliberate change, `LIVEPIPE_BLESS=1 cargo test -p
+        // livepipe-sinks --lib metrics` rewrites the fixture; review its diff.
+        if std::env::var_os("LIVEPIPE_BLESS").is_some() {
+            std::fs::write(
+                concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/src/testdata/known_metrics.txt"
+                ),
+                &got,
+            )
+            .unwrap();
+        }
+        assert_eq!(got, expected);
+        // And it is OpenMetrics to the letter.
+        let text = known().render().unwrap();
+        if let Err(why) = testkit::exposition::parse(&text) {
+            panic!("{why}\n{text}");
+        }
     }
 
     /// Before a watermark, with no partitions (files) and nothing stalled:
@@ -480,6 +673,7 @@ mod tests {
             billing: Arc::new(BillingStats::default()),
             partitions: Arc::new(Vec::new),
             input_problem: Arc::new(|| None),
+            process: Arc::new(ProcessStats::default),
             ..known()
         };
         let text = metrics.render().unwrap();
@@ -488,10 +682,11 @@ mod tests {
         assert!(text.contains("\nlivepipe_input_unreachable 0\n"), "{text}");
         assert!(text.contains("\nlivepipe_billing_stalled 0\n"), "{text}");
         assert!(
-            text.contains("\nlivepipe_billing_stalled_seconds 0\n"),
+            text.contains("\nlivepipe_billing_stalled_seconds 0.0\n"),
             "{text}"
         );
         assert!(text.contains("\nlivepipe_billed_total 0\n"), "{text}");
         assert!(text.ends_with("livepipe_sse_clients 2\n# EOF\n"), "{text}");
+        assert!(!text.contains("process_"), "{text}");
     }
 }

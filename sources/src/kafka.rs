@@ -63,7 +63,7 @@ use timely::dataflow::{Scope, StreamVec};
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -126,7 +126,7 @@ impl KafkaSettings {
             // The live path wants records within a second: don't let the
             // broker sit on a fetch for the default 500 ms.
             .set("fetch.wait.max.ms", "100")
-            // Lag and high watermarks per partition, for logs and metrics.
+            // Whether any broker is up, for /healthz and metrics.
             .set("statistics.interval.ms", "1000")
             // Bounds what librdkafka buffers ahead of the dataflow.
             .set("queued.max.messages.kbytes", "65536")
@@ -397,17 +397,104 @@ pub fn check_resume_offsets(
 /// What is known about one partition, for logs and `/metrics`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PartitionStatus {
-    /// The next offset to read.
+    /// The next offset to read (-1 until known: a record read, or the
+    /// ledger's resume offset).
     pub next_offset: i64,
-    /// The broker's high watermark as last reported (-1 unknown).
+    /// The broker's high watermark as last fetched by
+    /// [`spawn_high_watermarks`] (-1 before its first answer).
     pub high_watermark: i64,
-    /// Records behind the high watermark as last reported (-1 unknown).
-    pub lag: i64,
     /// Records read from it.
     pub records: u64,
     pub idle: bool,
     /// The partition's watermark (ms).
     pub watermark: u64,
+}
+
+impl PartitionStatus {
+    /// Records on the broker not read yet (high watermark minus the next
+    /// offset), once both are known; never negative (the two are taken at
+    /// different moments).
+    pub fn lag(&self) -> Option<i64> {
+        (self.next_offset >= 0 && self.high_watermark >= 0)
+            .then(|| (self.high_watermark - self.next_offset).max(0))
+    }
+}
+
+/// How often [`spawn_high_watermarks`] asks the brokers.
+pub const HIGH_WATERMARK_EVERY: Duration = Duration::from_secs(1);
+/// How long one partition's answer may take before the round goes on
+/// without it (the last value stays).
+const HIGH_WATERMARK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Keeps the high watermark of every partition in `status` fresh, asking
+/// the brokers (a ListOffsets request per partition) every
+/// [`HIGH_WATERMARK_EVERY`] from a thread and consumer of its own, until
+/// `done` is set.
+///
+/// Why not librdkafka's statistics (`hi_offset`, `consumer_lag`): they come
+/// from fetch responses, so they go stale exactly when the consumer stops
+/// fetching a partition (its local queue full, i.e. when the job is behind),
+/// and `consumer_lag` counts from the group's committed offset, which this
+/// job commits from the ledger, not from what it has read. And not on a
+/// worker: the request blocks for a round trip.
+pub fn spawn_high_watermarks(
+    settings: &KafkaSettings,
+    status: KafkaStatus,
+    done: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    let consumer: BaseConsumer = settings
+        .consumer_config()
+        .set("statistics.interval.ms", "0")
+        .create()
+        .map_err(|err| {
+            format!(
+                "creating the high-watermark consumer: {}",
+                client_config_error(&err)
+            )
+        })?;
+    let topic = settings.topic.clone();
+    std::thread::Builder::new()
+        .name("kafka-high-watermarks".into())
+        .spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                let round = Instant::now();
+                fetch_high_watermarks(&consumer, &topic, &status, &done);
+                while round.elapsed() < HIGH_WATERMARK_EVERY && !done.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        })
+        .map_err(|err| format!("starting the high-watermark thread: {err}"))
+}
+
+/// One round of [`spawn_high_watermarks`]: each partition's high watermark
+/// into `status`; a partition whose answer fails keeps its last value.
+fn fetch_high_watermarks(
+    consumer: &BaseConsumer,
+    topic: &str,
+    status: &KafkaStatus,
+    done: &AtomicBool,
+) {
+    let partitions: Vec<i32> = status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .keys()
+        .copied()
+        .collect();
+    for partition in partitions {
+        if done.load(Ordering::Relaxed) {
+            return;
+        }
+        match consumer.fetch_watermarks(topic, partition, HIGH_WATERMARK_TIMEOUT) {
+            Ok((_low, high)) => {
+                let mut status = status.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(entry) = status.get_mut(&partition) {
+                    entry.high_watermark = high;
+                }
+            }
+            Err(err) => tracing::debug!(topic, partition, "fetching the high watermark: {err}"),
+        }
+    }
 }
 
 /// Per-partition status of every partition this process reads.
@@ -436,11 +523,9 @@ pub fn client_config_error(err: &KafkaError) -> String {
 /// they are away, the job just waits.
 pub type BrokerHealth = Arc<Mutex<Option<String>>>;
 
-/// Keeps librdkafka's per-partition statistics (lag, high watermark) and
-/// whether any broker is up.
+/// Keeps whether any broker is up, from librdkafka's statistics and errors
+/// (the partitions' high watermarks come from [`spawn_high_watermarks`]).
 struct StatsContext {
-    topic: String,
-    status: KafkaStatus,
     brokers: BrokerHealth,
 }
 
@@ -496,16 +581,6 @@ impl ClientContext for StatsContext {
                     .collect();
                 Some(format!("no broker is up ({})", states.join(", ")))
             });
-        }
-        let Some(topic) = statistics.topics.get(&self.topic) else {
-            return;
-        };
-        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        for (id, partition) in &topic.partitions {
-            if let Some(entry) = status.get_mut(id) {
-                entry.high_watermark = partition.hi_offset;
-                entry.lag = partition.consumer_lag;
-            }
         }
     }
 }
@@ -1050,8 +1125,6 @@ fn open_consumer(
     let mut consumer: BaseConsumer<StatsContext> = settings
         .consumer_config()
         .create_with_context(StatsContext {
-            topic: settings.topic.clone(),
-            status: context.status.clone(),
             brokers: context.brokers.clone(),
         })
         .map_err(|err| format!("creating the Kafka consumer: {}", client_config_error(&err)))?;
@@ -1077,7 +1150,6 @@ fn open_consumer(
                 PartitionStatus {
                     next_offset: -1,
                     high_watermark: -1,
-                    lag: -1,
                     ..PartitionStatus::default()
                 },
             );
@@ -1140,10 +1212,12 @@ fn log_positions(
         .keys()
         .filter_map(|id| status.get(id).map(|s| (id, s)))
         .map(|(id, s)| {
+            let lag = s
+                .lag()
+                .map_or_else(|| "unknown".to_string(), |lag| lag.to_string());
             format!(
-                "{id}: offset {} lag {}{}",
+                "{id}: offset {} lag {lag}{}",
                 s.next_offset,
-                s.lag,
                 if s.idle { " idle" } else { "" }
             )
         })

@@ -100,6 +100,7 @@ impl PartitionClock {
             event,
             position,
             watermark,
+            ingested_at_ms: wall_ms,
         };
         (time, ingested)
     }

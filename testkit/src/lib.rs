@@ -4,6 +4,7 @@
 //!   with a deadline on every wait; its HTTP address comes from
 //!   `--addr-file`, never from its log.
 //! - [`http`]: one HTTP GET and the Prometheus metric parser.
+//! - [`exposition`]: a strict parser of the OpenMetrics text `/metrics` serves.
 //! - [`kafka`]: librdkafka's mock cluster, loading topics, generated
 //!   traffic, the separate broker.
 //! - [`reference`] and [`outputs`]: the independent billing reference and
@@ -15,6 +16,7 @@
 //! publisher, demo).
 
 pub mod browser;
+pub mod exposition;
 pub mod http;
 pub mod job;
 pub mod kafka;
