@@ -7,6 +7,12 @@
 //! then written to `live.json`. A Kafka run goes on until it is stopped
 //! (SIGINT/SIGTERM), and stopping finalizes nothing that is not final.
 //!
+//! `--paths` ([`RunPaths`]) builds one of the two sub-graphs only, so that
+//! each path can run as its own job on the same topic: a live-only job
+//! opens nothing under `--out` (no lock, ledger, billing files or side
+//! outputs; `live.json` alone at the end of a finite input), a
+//! billing-only job serves no dashboard.
+//!
 //! In a cluster ([`crate::cluster`]) worker 0 lives in process 0, so that
 //! process alone holds the billing output, the ledger, `live.json` and the
 //! dashboard; what the others need from the ledger (where to resume) reaches
