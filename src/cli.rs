@@ -691,6 +691,8 @@ mod tests {
         // Everywhere.
         ("--out d", [F, K, D]),
         ("--workers 2", [F, K, D]),
+        ("--paths live", [F, K, D]),
+        ("--paths billing", [F, K, D]),
         ("--http 127.0.0.1:0", [F, K, D]),
         ("--http-allowed-hosts localhost,dash.example.com", [F, K, D]),
         ("--addr-file a", [F, K, D]),
