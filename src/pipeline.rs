@@ -1181,3 +1181,47 @@ fn spawn_live_log(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{job_shape, Input, Job, RunPaths};
+    use livepipe_dataflow::config::PipelineConfig;
+
+    fn job(paths: RunPaths) -> Job {
+        Job {
+            input: Input::Files {
+                paths: vec!["a.jsonl".into()],
+                records_per_chunk: 1,
+            },
+            out: "out".into(),
+            workers: 2,
+            config: PipelineConfig::default(),
+            progress: false,
+            live_log: false,
+            http: None,
+            http_allowed_hosts: Vec::new(),
+            http_token: None,
+            addr_file: None,
+            stop: Default::default(),
+            cluster: None,
+            paths,
+        }
+    }
+
+    /// Processes of one cluster compare shapes: a mode mixed in is named.
+    #[test]
+    fn the_paths_are_part_of_the_cluster_shape() {
+        let all = job_shape(&job(RunPaths::All));
+        assert_eq!(all["--paths"], "all");
+        for other in [RunPaths::Live, RunPaths::Billing] {
+            let shape = job_shape(&job(other));
+            assert_ne!(shape, all);
+            assert_eq!(shape["--paths"], other.name());
+            let mut same = shape.clone();
+            same.remove("--paths");
+            let mut all_but = all.clone();
+            all_but.remove("--paths");
+            assert_eq!(same, all_but, "nothing else differs");
+        }
+    }
+}
