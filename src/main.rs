@@ -203,14 +203,20 @@ fn start_demo(args: &RunArgs, config: &PipelineConfig) -> anyhow::Result<(Demo, 
     };
     let partitions = settings.partitions;
     let started = Demo::start(settings).map_err(anyhow::Error::msg)?;
+    // A live-only demo writes nothing under --out: no paths to show.
+    let outputs = match args.paths.billing() {
+        true => format!(
+            "\n  billing files: {}\n  ledger:        {}\n  side outputs:  {}/{{rejected,late,expired}}.jsonl",
+            args.out.join("billing").display(),
+            args.out.join("ledger.sqlite").display(),
+            args.out.display(),
+        ),
+        false => String::new(),
+    };
     logs::say(&format!(
         "livepipe demo: an in-process Kafka broker at {} with topic `{DEFAULT_TOPIC}` ({partitions} partitions), \
-         fed with live traffic\n  billing files: {}\n  ledger:        {}\n  side outputs:  {}/{{rejected,late,expired}}.jsonl\n\
-         Ctrl-C stops.",
+         fed with live traffic{outputs}\nCtrl-C stops.",
         started.brokers(),
-        args.out.join("billing").display(),
-        args.out.join("ledger.sqlite").display(),
-        args.out.display(),
     ));
     let settings = KafkaSettings {
         brokers: started.brokers().to_string(),
