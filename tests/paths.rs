@@ -334,3 +334,32 @@ fn a_live_only_job_reads_no_records_older_than_its_window() {
     let cluster = mock_cluster("window", 2);
     starts_at_the_window(&cluster.bootstrap_servers(), "window");
 }
+
+/// `--paths` also comes from `LIVEPIPE_PATHS` and from the `--config` file,
+/// like every flag.
+#[test]
+fn the_mode_comes_from_the_environment_and_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    write_jsonl(&input, &generated_traffic(2_000, 47));
+    let from_env = dir.path().join("out-env");
+    testkit::Livepipe::new()
+        .log("warn")
+        .env("LIVEPIPE_PATHS", "live")
+        .args(testkit::input_args(&input, &from_env))
+        .success();
+    assert!(from_env.join("live.json").exists());
+    assert!(!from_env.join("ledger.sqlite").exists(), "live-only by env");
+
+    let config = dir.path().join("livepipe.toml");
+    std::fs::write(&config, "paths = \"billing\"\n").unwrap();
+    let from_file = dir.path().join("out-file");
+    let mut args = testkit::input_args(&input, &from_file);
+    args.extend(["--config", config.to_str().unwrap()]);
+    testkit::run_ok(&args);
+    assert!(from_file.join("ledger.sqlite").exists());
+    assert!(
+        !from_file.join("live.json").exists(),
+        "billing-only by file"
+    );
+}
