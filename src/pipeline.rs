@@ -5,7 +5,9 @@
 //! final outcomes go to the [`BillingSink`] on worker 0. A file run ends when
 //! every file is read and every impression final; the last snapshots are
 //! then written to `live.json`. A Kafka run goes on until it is stopped
-//! (SIGINT/SIGTERM), and stopping finalizes nothing that is not final.
+//! (SIGINT/SIGTERM), and stopping finalizes nothing that is not final. In a
+//! cluster a signal to any process stops every process at the same point
+//! ([`crate::stop`]).
 //!
 //! In a cluster ([`crate::cluster`]) worker 0 lives in process 0, so that
 //! process alone holds the billing output, the ledger, `live.json` and the
