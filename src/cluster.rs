@@ -30,8 +30,11 @@
 //!   timely's shutdown message), the process says which peer it lost and
 //!   exits 1; a peer that leaves cleanly while the job still runs is
 //!   reported the same way after a grace period (see [`watch_peers`]).
-//!   Outputs are crash-safe, so dying is safe; restarting every process
-//!   resumes exactly once from process 0's ledger.
+//!   A peer that was stopped (SIGINT/SIGTERM) is not lost: it announces
+//!   the stop through the dataflow before it closes anything, and this
+//!   process then stops with it (`crate::stop`), so its leaving is
+//!   expected. Outputs are crash-safe, so dying is safe; restarting every
+//!   process resumes exactly once from process 0's ledger.
 //!
 //! After the handshake the traffic is timely's, neither encrypted nor
 //! authenticated per message: the cluster port belongs on a private
@@ -1354,8 +1357,9 @@ impl PeerHealth {
 /// How long a peer that left cleanly may be gone while this process still
 /// runs before that counts as losing it. A peer leaves cleanly when its
 /// input ended (then this process's input has ended too and the job is
-/// completing: nothing to do) or when it was stopped on its own (then this
-/// process would wait for it forever).
+/// completing: nothing to do) or when it stopped (then this process heard
+/// of it first and is stopping too, see `crate::stop`); anything else
+/// would leave this process waiting for it forever.
 const LEAVE_GRACE: Duration = Duration::from_secs(10);
 
 /// Watches for a peer that left cleanly while this process still runs (a
@@ -1377,8 +1381,8 @@ pub fn watch_peers(
             }
             lost(format!(
                 "lost {}: it left the cluster ({}) while this process was running, \
-                 perhaps stopped on its own. A cluster stops together: signal every process. \
-                 Restart every process to resume from process 0's ledger",
+                 without announcing a stop (a process stopped by a signal tells its peers \
+                 first). Restart every process to resume from process 0's ledger",
                 health.describe(gone.process),
                 gone.cause
             ));

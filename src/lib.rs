@@ -8,3 +8,4 @@ pub mod logs;
 pub mod pipeline;
 pub mod report;
 pub mod settings;
+pub mod stop;

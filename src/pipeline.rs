@@ -5,7 +5,9 @@
 //! final outcomes go to the [`BillingSink`] on worker 0. A file run ends when
 //! every file is read and every impression final; the last snapshots are
 //! then written to `live.json`. A Kafka run goes on until it is stopped
-//! (SIGINT/SIGTERM), and stopping finalizes nothing that is not final.
+//! (SIGINT/SIGTERM), and stopping finalizes nothing that is not final. In a
+//! cluster a signal to any process stops every process at the same point
+//! ([`crate::stop`]).
 //!
 //! `--paths` ([`RunPaths`]) builds one of the two sub-graphs only, so that
 //! each path can run as its own job on the same topic: a live-only job
@@ -23,6 +25,7 @@
 
 use crate::cli::RunPaths;
 use crate::cluster::{self, ClusterSpec, JobShape};
+use crate::stop::{step_until_done, StopAgreement, STOP_CHECK};
 use anyhow::Context;
 use livepipe_dataflow::billing::billing;
 use livepipe_dataflow::config::PipelineConfig;
@@ -223,6 +226,7 @@ fn run_dataflow(
         sink_input: Arc::new(Mutex::new(sink_input)),
         stop: job.stop.clone(),
         paths: job.paths,
+        cluster: job.cluster.clone().map(Arc::new),
     };
     let done = Arc::new(AtomicBool::new(false));
     let reporters = spawn_reporters(&job, first, &wiring, &billing_stats, comm.health, &done);
@@ -235,8 +239,12 @@ fn run_dataflow(
         move |worker| {
             let index = worker.index();
             let resume = share_resume(worker, &wiring.resume);
+            let mut agreement = StopAgreement::install(worker);
+            let main = worker.next_dataflow_index();
             worker.dataflow::<Time, _, _>(|scope| build_dataflow(scope, index, resume, &wiring));
-            step_until_done(worker, &wiring.stop);
+            step_until_done(worker, main, &mut agreement, &wiring.stop, |announcer| {
+                wiring.heard_stop(announcer)
+            });
         },
     )
     .map_err(|err| anyhow::anyhow!("starting timely workers: {err}"))?;
@@ -266,6 +274,25 @@ struct Wiring {
     stop: Arc<AtomicBool>,
     /// Which sub-graphs [`build_dataflow`] builds.
     paths: RunPaths,
+    /// Who the peers are, to name the one that announced a stop.
+    cluster: Option<Arc<ClusterSpec>>,
+}
+
+impl Wiring {
+    /// This process learnt from worker `announcer` that the job is
+    /// stopping: said once, so that an operator reading this process's log
+    /// knows why it stopped although nobody signalled it.
+    fn heard_stop(&self, announcer: usize) {
+        let process = announcer / self.workers.max(1);
+        let who = self
+            .cluster
+            .as_ref()
+            .map_or_else(|| format!("process {process}"), |c| c.describe(process));
+        tracing::info!(
+            "{who} was told to stop (SIGINT/SIGTERM): the whole cluster stops with it; \
+             nothing pending is finalized, and a restart of every process resumes"
+        );
+    }
 }
 
 /// The counters and status cells shared by sources, workers, reporters and
@@ -629,22 +656,6 @@ fn read_input<'s>(
                 brokers: wiring.gauges.brokers.clone(),
             },
         ),
-    }
-}
-
-/// Steps until the input ends (files) or we are told to stop. The
-/// timeout only bounds how late a stop is noticed.
-fn step_until_done(worker: &mut Worker, stop: &AtomicBool) {
-    while worker.has_dataflows() {
-        if stop.load(Ordering::Relaxed) {
-            // Dropping the dataflow, unlike letting its sources end,
-            // never empties a frontier: nothing pending is finalized.
-            for dataflow in worker.installed_dataflows() {
-                worker.drop_dataflow(dataflow);
-            }
-            break;
-        }
-        worker.step_or_park(Some(STOP_CHECK));
     }
 }
 
@@ -1090,9 +1101,6 @@ fn resume_kafka(
     }
     Ok(gaps)
 }
-
-/// How often a parked worker looks at the stop flag.
-const STOP_CHECK: Duration = Duration::from_millis(100);
 
 /// A fault the job cannot survive (an input that cannot be read any more,
 /// a dead-letter file that refuses writes, a lost cluster peer): say why

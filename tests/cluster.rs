@@ -1,9 +1,11 @@
 //! The job as a multi-process timely cluster on loopback: two processes of
 //! one worker each read a file or a topic, and process 0's `--out` must hold
 //! billing files identical to one process's and to the independent
-//! reference. Then the failure behaviour: a killed process takes the other
-//! down with a message naming it, a process stopped alone does too, and a
-//! full restart resumes exactly once from process 0's ledger. Also the
+//! reference. Then stopping and failing: SIGTERM to either process stops
+//! both as one (nothing finalized that was not final, no lost peer
+//! reported), a killed process takes the other down with a message naming
+//! it, and a full restart resumes exactly once from process 0's ledger,
+//! the billing files the reference's byte for byte. Also the
 //! start-up mistakes: a missing peer, a peer of another job, a missing or
 //! short secret. And the cluster port under attack: clients without the
 //! secret (garbage, a hello with the right settings, a wrong proof, a byte
@@ -16,7 +18,7 @@ use testkit::kafka::{generated_traffic, loaded_mock_topic};
 use testkit::outputs::{
     assert_ledger_matches, assert_reference, billing_files, reference, wait_for_all_files,
 };
-use testkit::reference::expected_live;
+use testkit::reference::{expected, expected_live, Expected, Rules};
 use testkit::{http_get, run_input, wait_for, Job, Livepipe};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -321,28 +323,21 @@ fn two_processes_read_a_topic_like_the_reference() {
 fn a_lost_process_stops_the_other_and_a_full_restart_bills_exactly_once() {
     let topic = TopicCluster::new(60_000, 63);
     let (want, out0) = (&topic.want, &topic.out[0]);
-    let formed = |log: &Path| lines(log).iter().any(|l| l.contains("cluster formed"));
 
-    // Each process in turn is killed (SIGKILL) mid-run; the survivor exits 1
-    // naming it. Then process 1 alone is stopped (SIGTERM): it exits 0, and
-    // process 0, left waiting for it, exits 1 naming it.
-    for (round, victim) in [(0, 1usize), (1, 0), (2, 1)] {
+    // Each process in turn is killed (SIGKILL) mid-run, without a word to
+    // its peer: the survivor exits 1 naming it.
+    for (round, victim) in [(0, 1usize), (1, 0)] {
         let mut jobs = vec![
             topic.start(0, &format!("r{round}-p0")),
             topic.start(1, &format!("r{round}-p1")),
         ];
         for job in jobs.iter_mut() {
-            let path = job.stderr.clone();
-            wait_for(job, LIMIT, "the cluster to form", || formed(&path));
+            wait_formed(job);
         }
         std::thread::sleep(Duration::from_millis(1_500));
         let survivor = jobs.remove(1 - victim);
         let mut victim_job = jobs.remove(0);
-        let graceful = round == 2;
-        let status = victim_job.signal(if graceful { "TERM" } else { "KILL" });
-        if graceful {
-            assert!(status.success(), "a stopped process exits 0: {status}");
-        }
+        victim_job.signal("KILL");
         let (status, said) = survivor.finish(LIMIT);
         assert_eq!(
             status.code(),
@@ -367,14 +362,167 @@ fn a_lost_process_stops_the_other_and_a_full_restart_bills_exactly_once() {
     // already, and a stop before a process is up is not the stop this
     // tests.
     for job in [&mut zero, &mut one] {
-        let path = job.stderr.clone();
-        wait_for(job, LIMIT, "the cluster to form", || formed(&path));
+        wait_formed(job);
     }
     wait_for_all_files(&mut zero, out0, want, LIMIT);
     stop_together(vec![zero, one]);
     let files = billing_files(out0);
     assert_reference(&files, want);
     assert_ledger_matches(out0, &files);
+}
+
+/// Waits until `job` has logged that the cluster formed.
+fn wait_formed(job: &mut Job) {
+    let path = job.stderr.clone();
+    wait_for(job, LIMIT, "the cluster to form", || {
+        lines(&path).iter().any(|l| l.contains("cluster formed"))
+    });
+}
+
+/// Every billing CSV in `out` so far is the reference's, byte for byte: a
+/// stop finalized nothing that was not final. (A CSV may still lack its
+/// marker; it is whole all the same, renamed into place.)
+fn assert_only_final(out: &Path, want: &Expected, round: &str) {
+    let files = billing_files(out);
+    let csvs: Vec<&String> = files.keys().filter(|n| n.ends_with(".csv")).collect();
+    for name in &csvs {
+        assert!(
+            want.files.get(*name) == Some(&files[*name]),
+            "{round}: {name} is not the reference's"
+        );
+    }
+    eprintln!("{round}: {} billing files so far", csvs.len());
+}
+
+/// After a stop that one process got: the signalled process and its peer
+/// both exit with `code`, the peer saying who stopped it and neither
+/// reporting a lost peer.
+fn assert_stopped_as_one(jobs: Vec<Job>, victim: usize, code: i32, round: &str) {
+    for (process, job) in jobs.into_iter().enumerate() {
+        let (status, said) = job.finish(LIMIT);
+        assert_eq!(
+            status.code(),
+            Some(code),
+            "{round}: process {process} exit\n{said}"
+        );
+        assert!(
+            !said.contains("lost process"),
+            "{round}: process {process}\n{said}"
+        );
+        if process != victim {
+            let told = format!("process {victim} (127.0.0.1:");
+            assert!(
+                said.contains(&told) && said.contains("was told to stop"),
+                "{round}: process {process} names who stopped it\n{said}"
+            );
+        }
+    }
+}
+
+/// An orchestrator stops a cluster's pods one at a time: SIGTERM to either
+/// process stops both, each exiting 0 as if it had been signalled itself,
+/// with nothing finalized that was not final; a full restart resumes and
+/// the billing files are the reference's.
+#[test]
+fn sigterm_to_either_process_stops_a_topic_cluster_as_one() {
+    let topic = TopicCluster::new(60_000, 66);
+    let (want, out0) = (&topic.want, &topic.out[0]);
+    for (round, victim) in [(0, 1usize), (1, 0)] {
+        let round = format!("round {round}, SIGTERM to process {victim}");
+        let mut jobs = vec![topic.start(0, "p0"), topic.start(1, "p1")];
+        for job in jobs.iter_mut() {
+            wait_formed(job);
+        }
+        // A topic never ends: any moment is mid-run. The first round waits
+        // for billing to be under way; the second has little left to bill
+        // (the loaded topic's watermark stops where it ends), so it only
+        // lets the cluster read for a moment.
+        if round.starts_with("round 0") {
+            wait_for(&mut jobs[0], LIMIT, "the first billing file", || {
+                !billing_files(out0).is_empty()
+            });
+        } else {
+            std::thread::sleep(Duration::from_millis(1_500));
+        }
+        jobs[victim].send("TERM");
+        assert_stopped_as_one(jobs, victim, 0, &round);
+        assert_only_final(out0, want, &round);
+    }
+
+    let mut zero = topic.start(0, "final-p0");
+    let mut one = topic.start(1, "final-p1");
+    for job in [&mut zero, &mut one] {
+        wait_formed(job);
+    }
+    wait_for_all_files(&mut zero, out0, want, LIMIT);
+    stop_together(vec![zero, one]);
+    let files = billing_files(out0);
+    assert_reference(&files, want);
+    assert_ledger_matches(out0, &files);
+}
+
+/// The same on a file input, stopped mid-run: both processes stop as one,
+/// each exiting 1 like a single process whose file run is stopped before
+/// its end (exit 0 would say the input was finished), neither reporting a
+/// lost peer. A restart of both reads the files to their end, and the
+/// billing files equal the reference byte for byte.
+#[test]
+fn sigterm_to_either_process_stops_a_file_cluster_as_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = generated_traffic(200_000, 67);
+    let input = dir.path().join("events.jsonl");
+    write_records(&input, &records);
+    // 50 ms periods: some 2,000 files, each fsynced, so that the run is
+    // long enough to be stopped in the middle.
+    let rules = Rules {
+        period: 50,
+        ..Rules::DEFAULTS
+    };
+    let lines_in: Vec<&[u8]> = records.iter().map(|r| &r[..]).collect();
+    let want = expected(&lines_in, rules);
+    let args = [
+        "--input",
+        input.to_str().unwrap(),
+        "--billing-period-ms",
+        "50",
+    ];
+    let layout = Layout::new(dir.path());
+    let out = [dir.path().join("out0"), dir.path().join("out1")];
+    let start = |process: usize, log: &str| {
+        let log = dir.path().join(format!("{log}.log"));
+        layout.start(process, &args, &out[process], &log)
+    };
+    for (round, victim) in [(0, 1usize), (1, 0)] {
+        let round = format!("round {round}, SIGTERM to process {victim}");
+        let mut jobs = vec![start(0, "p0"), start(1, "p1")];
+        for job in jobs.iter_mut() {
+            wait_formed(job);
+        }
+        // Mid-run means while the workers still read: the billing files
+        // trail the dataflow (the sink works off its backlog after every
+        // impression is final), so only the first round waits for one.
+        if round.starts_with("round 0") {
+            wait_for(&mut jobs[0], LIMIT, "the first billing file", || {
+                !billing_files(&out[0]).is_empty()
+            });
+        }
+        jobs[victim].send("TERM");
+        assert_stopped_as_one(jobs, victim, 1, &round);
+        assert_only_final(&out[0], &want, &round);
+    }
+
+    for job in [start(0, "final-p0"), start(1, "final-p1")] {
+        let (status, said) = job.finish(LIMIT);
+        assert!(status.success(), "restart: {status}\n{said}");
+    }
+    assert_eq!(
+        billing_files(&out[0])
+            .into_iter()
+            .filter(|(n, _)| n.ends_with(".csv"))
+            .collect::<BTreeMap<_, _>>(),
+        want.files
+    );
+    assert_ledger_matches(&out[0], &billing_files(&out[0]));
 }
 
 #[test]
