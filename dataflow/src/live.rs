@@ -79,6 +79,7 @@ use crate::event::{EventKind, Ingested, Text};
 use crate::probe::Probes;
 use crate::route::RouteKey;
 use crate::time::{wall_clock_ms, Time};
+use crate::turns::{Path, Slice};
 
 /// Chat rate is counted over this much event time.
 pub const CHAT_WINDOW_MS: u64 = 60_000;
@@ -93,6 +94,11 @@ pub const CHAT_WINDOW_MS: u64 = 60_000;
 /// one dashboard process serves; past it new streams wait (see the module
 /// doc) and are counted, the streams already shown keep their numbers.
 pub const MAX_LIVE_STREAMS: usize = 100_000;
+
+/// At most this many signals are applied per invocation of the live
+/// operator (and at most [`crate::turns::SLICE_TIME`]); a burst beyond it
+/// waits, in arrival order, for the next invocation.
+const LIVE_SLICE_SIGNALS: usize = 8 * 1024;
 
 /// Width of an expiry-queue bucket, in event-time ms. A bucket is retired
 /// once all of it is past, so a stream retires at most this much event
@@ -686,32 +692,48 @@ pub fn live<'s>(
             let mut capability: Option<Capability<Time>> = Some(capability);
             let mut streams = LiveStreams::new(ttl, max_streams);
             let mut now: u64 = 0;
+            let timed = probes.clone();
             let mut ticker = Ticker::new(tick, probes);
             activator.activate_after(tick);
+            let mut pending: VecDeque<Signal> = VecDeque::new();
             move |(input, frontier), (clock, clock_frontier), output| {
+                let _turn = timed.turns.time(Path::Live);
                 clock.for_each_stamp(|_, batches| {
                     for batch in batches {
                         now = batch.drain(..).fold(now, u64::max);
                     }
                 });
+                // Taking the input is a move per signal; applying it is the
+                // work, and a burst is applied a slice per turn.
                 input.for_each_stamp(|_, batches| {
-                    for signal in batches.flat_map(|batch| batch.drain(..)) {
-                        // The id moves into the state: no copy per event.
-                        let Signal {
-                            stream_id,
-                            viewer_id,
-                            ts,
-                            kind,
-                            ingested_at_ms,
-                        } = signal;
-                        ticker.counted(ingested_at_ms);
-                        streams.apply(stream_id, viewer_id, ts, kind, now);
+                    for batch in batches {
+                        pending.extend(batch.drain(..));
                     }
                 });
+                let mut slice = Slice::new(LIVE_SLICE_SIGNALS);
+                while slice.take() {
+                    let Some(signal) = pending.pop_front() else {
+                        break;
+                    };
+                    // The id moves into the state: no copy per event.
+                    let Signal {
+                        stream_id,
+                        viewer_id,
+                        ts,
+                        kind,
+                        ingested_at_ms,
+                    } = signal;
+                    ticker.counted(ingested_at_ms);
+                    streams.apply(stream_id, viewer_id, ts, kind, now);
+                }
+                if !pending.is_empty() {
+                    activator.activate();
+                }
                 let Some(cap) = capability.as_mut() else {
                     return;
                 };
-                let finished = frontier.is_empty() && clock_frontier.is_empty();
+                let finished =
+                    frontier.is_empty() && clock_frontier.is_empty() && pending.is_empty();
                 let started = Instant::now();
                 if finished || ticker.is_due(started) {
                     let emitted_at = wall_clock_ms();
