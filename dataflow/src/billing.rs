@@ -301,7 +301,7 @@ fn admit<'s>(
                 EventKind::Impression(imp) => {
                     let fact = Fact::Impression(ImpressionFact {
                         ts: event.ts,
-                        event_id: event.event_id.into(),
+                        event_id: event.event_id,
                         watermark,
                         position,
                         ad: Arc::new(AdDetails {
@@ -329,7 +329,7 @@ fn admit<'s>(
                 EventKind::AdProgress(progress) if progress.watched_ms >= qualify_ms => {
                     let fact = Fact::Progress(ProgressFact {
                         ts: event.ts,
-                        event_id: event.event_id.into(),
+                        event_id: event.event_id,
                         watermark,
                         position,
                     });

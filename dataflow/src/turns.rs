@@ -56,7 +56,10 @@ impl Slice {
         if self.done >= self.max {
             return false;
         }
-        if self.done > 0 && self.done % CHECK_EVERY == 0 && self.started.elapsed() >= self.time {
+        if self.done > 0
+            && self.done.is_multiple_of(CHECK_EVERY)
+            && self.started.elapsed() >= self.time
+        {
             self.max = self.done;
             return false;
         }
