@@ -35,7 +35,8 @@
 //!    their usual rate) and a chat and join storm (the same for chat and
 //!    joins), with a phase as long before, between and after. Per phase:
 //!    live latency and billing finality as in part 4, the longest operator
-//!    invocation per path so far, pending impressions. Only with
+//!    invocation per path in the phase (from the histogram), pending
+//!    impressions. Only with
 //!    `LIVEPIPE_E2E_ONLY=spikes` (it takes 5 phases and a warm-up).
 //!
 //! `LIVEPIPE_E2E_ONLY=file|kafka|growth|live|soak|spikes` runs one part
@@ -47,7 +48,7 @@ use livepipe_tools::generator::{write_jsonl, GenConfig};
 
 use common::kafka_replay::{consume_floor, done_markers, livepipe_replay, LoadedTopic};
 use common::live::{percentile, FinalityWatch, Job, Prober};
-use common::spikes::{phases, print_table, windows, Row, SpikedTraffic};
+use common::spikes::{phases, print_table, windows, Invocations, Row, SpikedTraffic};
 use livepipe_tools::generator::spike::SpikeKind;
 use testkit::kafka::mock_cluster;
 use testkit::kafka::Traffic;
@@ -363,8 +364,9 @@ fn spikes() {
     let rows: Vec<Row> = phases
         .iter()
         .map(|(name, _)| {
+            let start = Invocations::read(&job);
             let live = prober.phase(length, || finality.look());
-            Row::measure(name, live, &mut finality, &job)
+            Row::measure(name, live, &mut finality, &job, &start)
         })
         .collect();
     drop(job);

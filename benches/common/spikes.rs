@@ -13,6 +13,7 @@ use livepipe_tools::generator::spike::{Spike, SpikeKind, Spiked};
 use livepipe_tools::generator::{GenConfig, Generator};
 use livepipe_tools::publish::{producer_config, publish, Pace, PublishStats};
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,28 +107,82 @@ pub fn windows(
         .collect()
 }
 
+/// Cumulative bucket counts of `livepipe_operator_invocation_seconds`, by
+/// path and bound (`+Inf` as infinity), from a `/metrics` text.
+pub struct Invocations(BTreeMap<(String, u64), f64>);
+
+impl Invocations {
+    pub fn read(job: &Job) -> Invocations {
+        let text = job.get("/metrics");
+        let mut buckets = BTreeMap::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("livepipe_operator_invocation_seconds_bucket{le=\"")
+            else {
+                continue;
+            };
+            let parsed = (|| {
+                let (le, rest) = rest.split_once("\",path=\"")?;
+                let (path, count) = rest.split_once("\"} ")?;
+                let le: f64 = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some(((path.to_string(), le.to_bits()), count.trim().parse().ok()?))
+            })();
+            buckets.extend(parsed);
+        }
+        Invocations(buckets)
+    }
+
+    /// Per path, in `source, live, billing` order: the least bucket bound
+    /// (ms) under which every invocation since `earlier` fell, i.e. the
+    /// longest invocation in between, rounded up to a bucket bound.
+    pub fn longest_since(&self, earlier: &Invocations) -> [f64; 3] {
+        ["source", "live", "billing"].map(|path| {
+            let delta = |bits: u64| {
+                let key = (path.to_string(), bits);
+                self.0.get(&key).unwrap_or(&0.0) - earlier.0.get(&key).unwrap_or(&0.0)
+            };
+            let all = delta(f64::INFINITY.to_bits());
+            let mut bounds: Vec<f64> = (self.0.keys())
+                .filter(|(p, _)| p == path)
+                .map(|(_, bits)| f64::from_bits(*bits))
+                .collect();
+            bounds.sort_by(f64::total_cmp);
+            bounds
+                .into_iter()
+                .find(|le| delta(le.to_bits()) >= all)
+                .map_or(f64::NAN, |le| le * 1e3)
+        })
+    }
+}
+
 /// One row of the table: what a phase measured.
 pub struct Row {
     pub phase: String,
     pub live: Phase,
     pub finality_ms: Vec<f64>,
-    /// `livepipe_operator_invocation_max_seconds` per path at the end of the
-    /// phase (a maximum since the start), in ms.
-    pub max_invocation_ms: [f64; 3],
+    /// The longest operator invocation per path during the phase, as the
+    /// histogram's bucket bound at or above it (ms).
+    pub longest_invocation_ms: [f64; 3],
     pub pending: f64,
 }
 
 impl Row {
-    pub fn measure(phase: &str, live: Phase, finality: &mut FinalityWatch, job: &Job) -> Row {
-        let max_invocation_ms = ["source", "live", "billing"].map(|path| {
-            let name = format!("livepipe_operator_invocation_max_seconds{{path=\"{path}\"}}");
-            job.metric(&name).unwrap_or(f64::NAN) * 1e3
-        });
+    /// The row of a phase that ran from `start` (the histogram then) to now.
+    pub fn measure(
+        phase: &str,
+        live: Phase,
+        finality: &mut FinalityWatch,
+        job: &Job,
+        start: &Invocations,
+    ) -> Row {
         Row {
             phase: phase.to_string(),
             live,
             finality_ms: finality.drain_ms(),
-            max_invocation_ms,
+            longest_invocation_ms: Invocations::read(job).longest_since(start),
             pending: job
                 .metric("livepipe_pending_impressions")
                 .unwrap_or(f64::NAN),
@@ -139,16 +194,16 @@ impl Row {
 pub fn print_table(rows: &[Row]) {
     println!(
         "| phase | live samples | live p50 ms | live p99 ms | live max ms | finality samples \
-         | finality p50 ms | finality p99 ms | finality max ms | max invocation ms \
-         source/live/billing (since start) | pending impressions |"
+         | finality p50 ms | finality p99 ms | finality max ms | longest invocation ms \
+         source/live/billing (<= bucket bound) | pending impressions at the end |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for row in rows {
         let l = &row.live.latencies_ms;
         let f = &row.finality_ms;
-        let [source, live, billing] = row.max_invocation_ms;
+        let [source, live, billing] = row.longest_invocation_ms;
         println!(
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {source:.1} / {live:.1} / {billing:.1} | {:.0} |",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {source} / {live} / {billing} | {:.0} |",
             row.phase,
             l.len(),
             percentile(l, 0.5),
