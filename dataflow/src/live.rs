@@ -57,6 +57,16 @@
 //! ever seen), and the end of a finite input emits one last snapshot of
 //! every stream still held (not retired), at the final `now`, deciding
 //! retirement exactly.
+//!
+//! # Bounded turns
+//!
+//! The live operator shares its worker with billing, and billing shares it
+//! with the live operator: neither may hold it long (see
+//! [`crate::turns`]). A burst of signals is taken off the input at once (a
+//! move each) and applied [`LIVE_SLICE_SIGNALS`] at a time, in arrival
+//! order, one slice per invocation; a due tick follows the slice, so it is
+//! at most a slice late and counts what the slice brought. The end of the
+//! input is decided only once no signal is left to apply.
 
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
@@ -776,6 +786,63 @@ pub fn live<'s>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A burst of several slices' worth of signals, then the end of the
+    /// input at once: the end waits for the slices, and the last snapshot
+    /// counts every signal.
+    #[test]
+    fn a_burst_is_applied_in_slices_and_all_of_it_counts() {
+        use crate::event::{Event, Position};
+        use std::cell::RefCell;
+        use std::rc::Rc;
+        use timely::dataflow::operators::{Input, Inspect, Probe};
+
+        let n = 3 * LIVE_SLICE_SIGNALS as u64 + 11;
+        let ts = 1_700_000_000_000;
+        timely::execute_directly(move |worker| {
+            let seen = Rc::new(RefCell::new(Vec::new()));
+            let sink = seen.clone();
+            let config = PipelineConfig::default();
+            let (mut input, mut clock, probe) = worker.dataflow::<Time, _, _>(|scope| {
+                let (input, stream) = scope.new_input::<Vec<Ingested>>();
+                let (clock, ticks) = scope.new_input::<Vec<u64>>();
+                let probes = Arc::new(Probes::default());
+                let probe = live(stream, ticks, &config, RouteKey::new([1, 2]), probes)
+                    .inspect(move |update: &LiveUpdate| sink.borrow_mut().push(update.clone()))
+                    .probe()
+                    .0;
+                (input, clock, probe)
+            });
+            clock.send(ts);
+            for i in 0..n {
+                input.send(Ingested {
+                    event: Event {
+                        ts,
+                        event_id: format!("e{i}").into(),
+                        stream_id: "s".into(),
+                        viewer_id: format!("v{i}").into(),
+                        kind: EventKind::Join,
+                    },
+                    position: Position {
+                        partition: 0,
+                        offset: i,
+                    },
+                    watermark: ts,
+                    ingested_at_ms: 0,
+                });
+            }
+            input.close();
+            clock.close();
+            while !probe.done() {
+                worker.step();
+            }
+            let last = seen.borrow().iter().rev().find_map(|update| match update {
+                LiveUpdate::Snapshot(s) => Some(s.viewers),
+                _ => None,
+            });
+            assert_eq!(last, Some(n));
+        });
+    }
 
     #[test]
     fn leave_on_equal_ts_wins_and_ttl_expires() {
