@@ -76,6 +76,11 @@ impl<I: Iterator<Item = Vec<u8>>> Spiked<I> {
         }
     }
 
+    /// The records under the spikes (a generator, for its summary).
+    pub fn inner(&self) -> &I {
+        &self.records
+    }
+
     /// Queues the copies `record` gets, if any.
     fn copy(&mut self, record: &[u8]) {
         let Ok(serde_json::Value::Object(event)) = serde_json::from_slice(record) else {
