@@ -526,19 +526,12 @@ fn decide<'s>(
                         .expect("the received batches end at a batch boundary");
                     let (mut cursor, storage) = cursor_list(batches);
                     let mut session = output.session(&backlog.cap);
-                    let mut facts = Vec::new();
-                    while backlog.pending() && slice.take() {
-                        let key = backlog.keys[backlog.next].clone();
-                        backlog.next += 1;
-                        cursor.seek_key(&storage, &key);
-                        if cursor.get_key(&storage) != Some(&key) {
-                            continue;
-                        }
-                        facts_at(&mut cursor, &storage, backlog.bucket, &mut facts);
-                        session.give_iterator(decider.settled(key, &facts, backlog.bucket));
-                    }
+                    let ids = &mut backlog.ids;
+                    decider.settle_slice(ids, &mut cursor, &storage, &mut slice, |event| {
+                        session.give(event)
+                    });
                     drop(session);
-                    if backlog.pending() {
+                    if backlog.ids.pending() {
                         // The rest in a later turn: a live tick may be due.
                         decider.backlog = Some(backlog);
                         activator.activate();
@@ -575,15 +568,20 @@ const RETIRE_SLICE_FACTS: usize = 16 * 1024;
 /// trace's logical compaction stays at or before `bucket`, so the
 /// accumulations read at the bucket stay what they were.
 struct Backlog {
-    bucket: Time,
     cap: Capability<Time>,
+    ids: DueIds,
+}
+
+/// The ids of a passed bucket, and how far settling them has come.
+struct DueIds {
+    bucket: Time,
     /// Sorted, distinct and undecided when taken.
     keys: Vec<ImpressionKey>,
     /// How many of `keys` have been settled.
     next: usize,
 }
 
-impl Backlog {
+impl DueIds {
     fn pending(&self) -> bool {
         self.next < self.keys.len()
     }
@@ -760,15 +758,46 @@ impl Decider {
             keys.dedup();
             keys.retain(|key| !self.decided.contains_key(key));
             if !keys.is_empty() {
-                return Some(Backlog {
+                let ids = DueIds {
                     bucket,
-                    cap,
                     keys,
                     next: 0,
-                });
+                };
+                return Some(Backlog { cap, ids });
             }
         }
         None
+    }
+
+    /// Settles the ids of `ids` in turn while `slice` allows, reading
+    /// their facts with `cursor` (over the trace through `seen_upper`);
+    /// `emit` gets the events.
+    fn settle_slice<C>(
+        &mut self,
+        ids: &mut DueIds,
+        cursor: &mut C,
+        storage: &C::Storage,
+        slice: &mut Slice,
+        mut emit: impl FnMut(BillingEvent),
+    ) where
+        C: for<'a> Cursor<
+            Key<'a> = &'a ImpressionKey,
+            Val<'a> = &'a Fact,
+            TimeGat<'a> = &'a Time,
+            DiffGat<'a> = &'a isize,
+        >,
+    {
+        let mut facts = Vec::new();
+        while ids.pending() && slice.take() {
+            let key = ids.keys[ids.next].clone();
+            ids.next += 1;
+            cursor.seek_key(storage, &key);
+            if cursor.get_key(storage) != Some(&key) {
+                continue;
+            }
+            facts_at(cursor, storage, ids.bucket, &mut facts);
+            self.settled(key, &facts, ids.bucket).for_each(&mut emit);
+        }
     }
 
     /// Decides `key` from the `facts` read at `bucket`, if its deadline's

@@ -669,6 +669,32 @@ impl Ticker {
     }
 }
 
+/// Applies signals from the front of `pending`, in arrival order, while a
+/// [`Slice`] of [`LIVE_SLICE_SIGNALS`] allows.
+fn apply_slice(
+    pending: &mut VecDeque<Signal>,
+    streams: &mut LiveStreams,
+    ticker: &mut Ticker,
+    now: u64,
+) {
+    let mut slice = Slice::new(LIVE_SLICE_SIGNALS);
+    while slice.take() {
+        let Some(signal) = pending.pop_front() else {
+            break;
+        };
+        // The id moves into the state: no copy per event.
+        let Signal {
+            stream_id,
+            viewer_id,
+            ts,
+            kind,
+            ingested_at_ms,
+        } = signal;
+        ticker.counted(ingested_at_ms);
+        streams.apply(stream_id, viewer_id, ts, kind, now);
+    }
+}
+
 /// Builds the live sub-graph over the live events and the event clock (the
 /// highest `ts` seen anywhere, as [`crate::route::split_paths`] gives it).
 /// The returned stream carries, per tick, a snapshot of every active stream
@@ -720,22 +746,7 @@ pub fn live<'s>(
                         pending.extend(batch.drain(..));
                     }
                 });
-                let mut slice = Slice::new(LIVE_SLICE_SIGNALS);
-                while slice.take() {
-                    let Some(signal) = pending.pop_front() else {
-                        break;
-                    };
-                    // The id moves into the state: no copy per event.
-                    let Signal {
-                        stream_id,
-                        viewer_id,
-                        ts,
-                        kind,
-                        ingested_at_ms,
-                    } = signal;
-                    ticker.counted(ingested_at_ms);
-                    streams.apply(stream_id, viewer_id, ts, kind, now);
-                }
+                apply_slice(&mut pending, &mut streams, &mut ticker, now);
                 if !pending.is_empty() {
                     activator.activate();
                 }
