@@ -127,6 +127,14 @@ pub struct RunArgs {
     #[arg(long, env = "LIVEPIPE_HTTP_TOKEN_FILE", value_name = "FILE")]
     pub http_token_file: Option<PathBuf>,
 
+    /// Which paths this job runs: `all` (live and billing), `live` (viewer and chat counts and
+    /// the dashboard only: no ledger, no billing files; on Kafka it starts at the records of
+    /// the last max(presence TTL, 60 s)) or `billing` (billing files and ledger only; serves
+    /// /metrics and /healthz). Two jobs, one per path, can share a topic; each single-path mode
+    /// has its own consumer group.
+    #[arg(long, env = "LIVEPIPE_PATHS", value_enum, default_value_t = RunPaths::All, value_name = "PATHS")]
+    pub paths: RunPaths,
+
     #[command(flatten)]
     pub rules: RuleArgs,
 
@@ -341,6 +349,43 @@ impl RuleArgs {
         };
         config.validate()?;
         Ok(config)
+    }
+}
+
+/// `--paths`: which of the two paths a job runs (docs/contract.md, "One
+/// path per job"). They share only ingest, so either can run alone, as its
+/// own job on the same topic, when one path's load must never slow the
+/// other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunPaths {
+    /// Only the live path: counts, dashboard, live API.
+    Live,
+    /// Only the billing path: billing files and ledger.
+    Billing,
+    /// Both paths in one job.
+    #[default]
+    All,
+}
+
+impl RunPaths {
+    /// Whether the live path runs.
+    pub fn live(self) -> bool {
+        self != RunPaths::Billing
+    }
+
+    /// Whether the billing path (and so the ledger and `--out`'s billing
+    /// files) runs.
+    pub fn billing(self) -> bool {
+        self != RunPaths::Live
+    }
+
+    /// As the flag spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            RunPaths::Live => "live",
+            RunPaths::Billing => "billing",
+            RunPaths::All => "all",
+        }
     }
 }
 
@@ -705,6 +750,8 @@ mod tests {
         // Everywhere.
         ("--out d", [F, K, D]),
         ("--workers 2", [F, K, D]),
+        ("--paths live", [F, K, D]),
+        ("--paths billing", [F, K, D]),
         ("--http 127.0.0.1:0", [F, K, D]),
         ("--http-allowed-hosts localhost,dash.example.com", [F, K, D]),
         ("--addr-file a", [F, K, D]),

@@ -4,7 +4,8 @@
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
 use livepipe::cli::{
-    kafka_properties, read_http_token, Command, GenArgs, RunArgs, Source, StartFrom, DEFAULT_TOPIC,
+    kafka_properties, read_http_token, Command, GenArgs, RunArgs, RunPaths, Source, StartFrom,
+    DEFAULT_TOPIC,
 };
 use livepipe::cluster::ClusterSpec;
 use livepipe::logs;
@@ -13,7 +14,7 @@ use livepipe::settings::{self, ParseFailure, Parsed};
 use livepipe_dataflow::config::PipelineConfig;
 use livepipe_sinks::http::Token;
 use livepipe_sources::file::RECORDS_PER_CHUNK;
-use livepipe_sources::kafka::{KafkaSettings, SetupError, StartOffsets};
+use livepipe_sources::kafka::{group_id, KafkaSettings, SetupError, StartOffsets};
 use livepipe_tools::demo::{Demo, DemoSettings};
 use livepipe_tools::generator::spike::{Spike, Spiked};
 use livepipe_tools::generator::{write_jsonl, GenConfig, Generator};
@@ -120,6 +121,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         addr_file: args.addr_file.clone(),
         stop,
         cluster,
+        paths: args.paths,
     });
     // The consumers are gone: the demo broker may go too.
     if let Some(demo) = demo {
@@ -132,10 +134,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             args.out.display()
         );
     }
-    tracing::info!(
-        billing = %args.out.join("billing").display(),
-        "outputs written"
-    );
+    if args.paths.billing() {
+        tracing::info!(
+            billing = %args.out.join("billing").display(),
+            "outputs written"
+        );
+    }
     Ok(())
 }
 
@@ -177,9 +181,10 @@ fn open_input(
             Input::Kafka(KafkaSettings {
                 brokers,
                 topic,
-                start: start_offsets(start),
+                start: start_offsets(start, args, config),
                 overrides,
                 accept_data_loss: args.accept_data_loss,
+                group_id: group_id(args.paths.name()),
             })
         }
         Source::Demo => {
@@ -199,14 +204,20 @@ fn start_demo(args: &RunArgs, config: &PipelineConfig) -> anyhow::Result<(Demo, 
     };
     let partitions = settings.partitions;
     let started = Demo::start(settings).map_err(anyhow::Error::msg)?;
+    // A live-only demo writes nothing under --out: no paths to show.
+    let outputs = match args.paths.billing() {
+        true => format!(
+            "\n  billing files: {}\n  ledger:        {}\n  side outputs:  {}/{{rejected,late,expired}}.jsonl",
+            args.out.join("billing").display(),
+            args.out.join("ledger.sqlite").display(),
+            args.out.display(),
+        ),
+        false => String::new(),
+    };
     logs::say(&format!(
         "livepipe demo: an in-process Kafka broker at {} with topic `{DEFAULT_TOPIC}` ({partitions} partitions), \
-         fed with live traffic\n  billing files: {}\n  ledger:        {}\n  side outputs:  {}/{{rejected,late,expired}}.jsonl\n\
-         Ctrl-C stops.",
+         fed with live traffic{outputs}\nCtrl-C stops.",
         started.brokers(),
-        args.out.join("billing").display(),
-        args.out.join("ledger.sqlite").display(),
-        args.out.display(),
     ));
     let settings = KafkaSettings {
         brokers: started.brokers().to_string(),
@@ -214,15 +225,31 @@ fn start_demo(args: &RunArgs, config: &PipelineConfig) -> anyhow::Result<(Demo, 
         start: StartOffsets::Earliest,
         overrides: Vec::new(),
         accept_data_loss: false,
+        group_id: group_id(args.paths.name()),
     };
     Ok((started, settings))
 }
 
-fn start_offsets(start: StartFrom) -> StartOffsets {
+/// Where partitions without a ledger position start: as `--start-offsets`
+/// says, or for a live-only job that was not told, at the records of the
+/// last max(presence TTL, 60 s): enough history for every viewer still
+/// present to be counted within a second of the start, and no more to
+/// read (docs/contract.md, "One path per job").
+fn start_offsets(start: StartFrom, args: &RunArgs, config: &PipelineConfig) -> StartOffsets {
+    if args.paths == RunPaths::Live && args.start_offsets.is_none() {
+        return StartOffsets::Since {
+            back_ms: live_window_ms(config.presence_ttl_ms),
+        };
+    }
     match start {
         StartFrom::Earliest => StartOffsets::Earliest,
         StartFrom::Latest => StartOffsets::Latest,
     }
+}
+
+/// How far back a live-only job starts reading: max(presence TTL, 60 s).
+fn live_window_ms(presence_ttl_ms: u64) -> u64 {
+    presence_ttl_ms.max(60_000)
 }
 
 /// Where the dashboard is served by default: loopback only (docs/contract.md, Live path), port

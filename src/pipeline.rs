@@ -7,6 +7,12 @@
 //! then written to `live.json`. A Kafka run goes on until it is stopped
 //! (SIGINT/SIGTERM), and stopping finalizes nothing that is not final.
 //!
+//! `--paths` ([`RunPaths`]) builds one of the two sub-graphs only, so that
+//! each path can run as its own job on the same topic: a live-only job
+//! opens nothing under `--out` (no lock, ledger, billing files or side
+//! outputs; `live.json` alone at the end of a finite input), a
+//! billing-only job serves no dashboard.
+//!
 //! In a cluster ([`crate::cluster`]) worker 0 lives in process 0, so that
 //! process alone holds the billing output, the ledger, `live.json` and the
 //! dashboard; what the others need from the ledger (where to resume) reaches
@@ -15,6 +21,7 @@
 //! its own workers reject: process 0 into `--out`, process `i` into
 //! `--out/process-i/`.
 
+use crate::cli::RunPaths;
 use crate::cluster::{self, ClusterSpec, JobShape};
 use anyhow::Context;
 use livepipe_dataflow::billing::billing;
@@ -113,6 +120,9 @@ pub struct Job {
     pub stop: Arc<AtomicBool>,
     /// This process's place in a multi-process cluster (`None`: alone).
     pub cluster: Option<ClusterSpec>,
+    /// `--paths`: which paths run. A live-only job never touches the
+    /// ledger, the billing files or the side outputs.
+    pub paths: RunPaths,
 }
 
 /// What a finished run did.
@@ -185,13 +195,19 @@ fn run_dataflow(
     let first = process == 0;
     let listener = bind_http(&job)?;
     // Its lock is held until the run ends, with `outputs`.
-    let outputs = open_outputs(&job, process, &sources, &partitions)?;
+    let outputs = match job.paths.billing() {
+        true => open_outputs(&job, process, &sources, &partitions)?,
+        false => Outputs::live_only(),
+    };
     let (side, billing_stats) = (outputs.side, outputs.billing_stats);
     let (sink_input, sink_thread) = spawn_sink(outputs.sink, &job.stop);
     let board = LiveBoard::default();
     let gauges = Gauges::new(job.workers);
     let metrics = job_metrics(&job, &gauges, &board, &billing_stats, outputs.lost_records);
     let _server = start_http(listener, &job, first, &board, metrics)?;
+    if !job.paths.billing() {
+        tracing::info!("live path only (--paths live): no ledger, no billing files");
+    }
     let context = source_context(&job, &gauges, &side, outputs.ledger_positions);
     let comm = connect(&job)?;
     let wiring = Wiring {
@@ -206,6 +222,7 @@ fn run_dataflow(
         board: board.clone(),
         sink_input: Arc::new(Mutex::new(sink_input)),
         stop: job.stop.clone(),
+        paths: job.paths,
     };
     let done = Arc::new(AtomicBool::new(false));
     let reporters = spawn_reporters(&job, first, &wiring, &billing_stats, comm.health, &done);
@@ -224,7 +241,8 @@ fn run_dataflow(
     )
     .map_err(|err| anyhow::anyhow!("starting timely workers: {err}"))?;
     wind_down(guards, sink_thread, &done, reporters)?;
-    finish(&job, first, &side, &board, &gauges, &billing_stats, started)
+    let side = side.as_deref();
+    finish(&job, first, side, &board, &gauges, &billing_stats, started)
 }
 
 /// What every worker closure needs, in one handle: timely hands the same
@@ -246,6 +264,8 @@ struct Wiring {
     /// Taken by worker 0; the sink thread ends once it is dropped.
     sink_input: Arc<Mutex<Option<SinkInput>>>,
     stop: Arc<AtomicBool>,
+    /// Which sub-graphs [`build_dataflow`] builds.
+    paths: RunPaths,
 }
 
 /// The counters and status cells shared by sources, workers, reporters and
@@ -369,14 +389,18 @@ fn start_http(
         HttpState {
             board: board.clone(),
             metrics,
-            dashboard: first,
+            dashboard: first && job.paths.live(),
+            live_path: job.paths.live(),
+            billing_path: job.paths.billing(),
             allowed_hosts: job.http_allowed_hosts.clone(),
             token: job.http_token.clone(),
         },
     )
     .context("starting the HTTP server")?;
-    if first {
+    if first && job.paths.live() {
         tracing::info!(addr = %server.addr(), "serving the dashboard at http://{}/", server.addr());
+    } else if !job.paths.live() {
+        tracing::info!(addr = %server.addr(), "serving /healthz and /metrics (--paths billing: no dashboard)");
     } else {
         tracing::info!(addr = %server.addr(), "serving /healthz and /metrics (the dashboard is process 0's)");
     }
@@ -408,7 +432,7 @@ fn write_addr_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
 fn source_context(
     job: &Job,
     gauges: &Gauges,
-    side: &Arc<SideOutputs>,
+    side: &Option<Arc<SideOutputs>>,
     ledger_positions: Arc<Checkpoints>,
 ) -> SourceContext {
     SourceContext {
@@ -427,7 +451,8 @@ fn source_context(
                     .unwrap_or_else(|p| p.into_inner())
                     .entry(record.reason.clone())
                     .or_default() += 1;
-                if let Err(err) = side.rejected(&record) {
+                // A live-only job writes no side outputs: counted only.
+                if let Some(Err(err)) = side.as_ref().map(|side| side.rejected(&record)) {
                     fail(format!("writing rejected.jsonl: {err}"));
                 }
             })
@@ -498,7 +523,7 @@ fn spawn_reporters(
             done.clone(),
         )
     });
-    let live_logger = (job.live_log && first)
+    let live_logger = (job.live_log && first && job.paths.live())
         .then(|| spawn_live_log(wiring.board.clone(), billing_stats.clone(), done.clone()));
     // Not joined: its thread ends on its own once `done` is set, and a
     // stop must not wait on a broker's answer.
@@ -548,17 +573,24 @@ fn build_dataflow(
         counts.worker(local).count(kind)
     });
 
-    let snapshots = live(
-        paths.live,
-        paths.clock,
-        &wiring.config,
-        wiring.route,
-        probes.clone(),
-    );
-    livepipe_sinks::live::attach(snapshots, (index == 0).then(|| wiring.board.clone()));
-
-    let outcomes = billing(paths.billing, &wiring.config, wiring.route, probes.clone());
+    // The path not run gets nothing: its stream ends here, unread.
+    if wiring.paths.live() {
+        let snapshots = live(
+            paths.live,
+            paths.clock,
+            &wiring.config,
+            wiring.route,
+            probes.clone(),
+        );
+        livepipe_sinks::live::attach(snapshots, (index == 0).then(|| wiring.board.clone()));
+    }
+    // Shipped either way: it drains the sources' outbox, which would grow
+    // without end in a live-only job.
     let checkpoints = ship_checkpoints(scope, outbox);
+    if !wiring.paths.billing() {
+        return;
+    }
+    let outcomes = billing(paths.billing, &wiring.config, wiring.route, probes.clone());
     let sink = if index == 0 {
         wiring
             .sink_input
@@ -648,20 +680,25 @@ fn wind_down(
 fn finish(
     job: &Job,
     first: bool,
-    side: &SideOutputs,
+    side: Option<&SideOutputs>,
     board: &LiveBoard,
     gauges: &Gauges,
     billing_stats: &BillingStats,
     started: Instant,
 ) -> anyhow::Result<RunSummary> {
-    side.flush().context("flushing side outputs")?;
+    if let Some(side) = side {
+        side.flush().context("flushing side outputs")?;
+    }
     let stopped = job.stop.load(Ordering::Relaxed);
     // live.json is the final word of a finite input; a stopped or
     // unbounded run has no final word. A run that read nothing (a finished
     // job run again) has no new word: the last one stands.
     let read_nothing = gauges.records_read.load(Ordering::Relaxed) == 0;
     let live_json = job.out.join("live.json");
-    if !stopped && first && !(read_nothing && live_json.exists()) {
+    if !stopped && first && job.paths.live() && !(read_nothing && live_json.exists()) {
+        // A live-only job has taken nothing else under --out.
+        std::fs::create_dir_all(&job.out)
+            .with_context(|| format!("creating {}", job.out.display()))?;
         board.write_json(&live_json).context("writing live.json")?;
     }
 
@@ -734,6 +771,9 @@ fn job_shape(job: &Job) -> JobShape {
         shape.insert(flag.to_string(), value);
     };
     set("--workers", job.workers.to_string());
+    // A cluster runs one mode: a process without the billing path would
+    // drop the impressions routed to its workers.
+    set("--paths", job.paths.name().to_string());
     match &job.input {
         Input::Files { paths, .. } => {
             let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
@@ -761,9 +801,10 @@ fn job_shape(job: &Job) -> JobShape {
 /// checked against this job (process 0), the side outputs and the billing
 /// sink.
 struct Outputs {
-    /// Held until the run ends (dropped with the rest of `Outputs`).
-    _lock: OutDirLock,
-    side: Arc<SideOutputs>,
+    /// Held until the run ends (dropped with the rest of `Outputs`);
+    /// none for a live-only job, which takes nothing under `--out`.
+    _lock: Option<OutDirLock>,
+    side: Option<Arc<SideOutputs>>,
     sink: Option<BillingSink>,
     billing_stats: Arc<BillingStats>,
     /// Where each partition resumes: process 0's ledger (empty elsewhere).
@@ -772,6 +813,23 @@ struct Outputs {
     lost_records: u64,
     /// The positions the sink commits, for sources that report them.
     ledger_positions: Arc<Checkpoints>,
+}
+
+impl Outputs {
+    /// A live-only job's: nothing opened, locked or created under `--out`
+    /// (two live-only jobs, or a live-only and a billing job, may share
+    /// it); rejected records are only counted.
+    fn live_only() -> Outputs {
+        Outputs {
+            _lock: None,
+            side: None,
+            sink: None,
+            billing_stats: Arc::new(BillingStats::default()),
+            resume: BTreeMap::new(),
+            lost_records: 0,
+            ledger_positions: Arc::new(Checkpoints::default()),
+        }
+    }
 }
 
 /// Opens this process's outputs in the order that keeps a refused job
@@ -834,8 +892,8 @@ fn open_outputs(
         (None, Arc::new(BillingStats::default()))
     };
     Ok(Outputs {
-        _lock: lock,
-        side,
+        _lock: Some(lock),
+        side: Some(side),
         sink,
         billing_stats,
         resume,
@@ -1125,4 +1183,48 @@ fn spawn_live_log(
             );
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{job_shape, Input, Job, RunPaths};
+    use livepipe_dataflow::config::PipelineConfig;
+
+    fn job(paths: RunPaths) -> Job {
+        Job {
+            input: Input::Files {
+                paths: vec!["a.jsonl".into()],
+                records_per_chunk: 1,
+            },
+            out: "out".into(),
+            workers: 2,
+            config: PipelineConfig::default(),
+            progress: false,
+            live_log: false,
+            http: None,
+            http_allowed_hosts: Vec::new(),
+            http_token: None,
+            addr_file: None,
+            stop: Default::default(),
+            cluster: None,
+            paths,
+        }
+    }
+
+    /// Processes of one cluster compare shapes: a mode mixed in is named.
+    #[test]
+    fn the_paths_are_part_of_the_cluster_shape() {
+        let all = job_shape(&job(RunPaths::All));
+        assert_eq!(all["--paths"], "all");
+        for other in [RunPaths::Live, RunPaths::Billing] {
+            let shape = job_shape(&job(other));
+            assert_ne!(shape, all);
+            assert_eq!(shape["--paths"], other.name());
+            let mut same = shape.clone();
+            same.remove("--paths");
+            let mut all_but = all.clone();
+            all_but.remove("--paths");
+            assert_eq!(same, all_but, "nothing else differs");
+        }
+    }
 }

@@ -186,6 +186,7 @@ fn check(
         addr_file: None,
         stop: Default::default(),
         cluster: None,
+        paths: Default::default(),
     })
     .unwrap();
 

@@ -87,6 +87,7 @@ pub fn consume_floor(topic: &LoadedTopic, threads: u32) -> f64 {
                     start: StartOffsets::Earliest,
                     overrides: Vec::new(),
                     accept_data_loss: false,
+                    group_id: "livepipe-e2e-floor".to_string(),
                 }
                 .consumer_config()
                 .set("group.id", "livepipe-e2e-floor")

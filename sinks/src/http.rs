@@ -17,7 +17,7 @@
 //! | `GET /api/live/{stream_id}/history` | the stream's last 5 minutes of snapshots, oldest first ([`crate::history`]) |
 //! | `GET /api/board/events` | SSE, per tick a `totals` event, then a `board` event (the top 500) |
 //! | `GET /metrics` | Prometheus text |
-//! | `GET /healthz` | 200 while both paths run, 503 with the reason otherwise |
+//! | `GET /healthz` | 200 while the paths the job runs run (`--paths`), 503 with the reason otherwise |
 //!
 //! `HEAD` is served wherever `GET` is; `{stream_id}` is one percent-encoded
 //! path segment (`%2F` for `/`, UTF-8 bytes for the rest).
@@ -113,6 +113,11 @@ pub struct HttpState {
     /// Serve the dashboard and the live API. In a cluster only process 0
     /// has the live board; the others serve `/healthz` and `/metrics`.
     pub dashboard: bool,
+    /// The job runs the live path (not `--paths billing`): `/healthz`
+    /// then wants its ticks; without it, the dashboard is not served.
+    pub live_path: bool,
+    /// The job runs the billing path (not `--paths live`).
+    pub billing_path: bool,
     /// `--http-allowed-hosts`: when not empty, a request whose `Host` (port
     /// stripped) is none of these names gets 421. An IP address as `Host`
     /// is always served (DNS rebinding needs a name), and so is
@@ -554,13 +559,11 @@ fn routes(
             .unify()
             .boxed()
     } else {
-        let elsewhere = warp::any().map(|| {
-            json_error(
-                StatusCode::NOT_FOUND,
-                "not served here: the dashboard and live API are on process 0 of the cluster",
-                None,
-            )
-        });
+        let why = match state.live_path {
+            true => "not served here: the dashboard and live API are on process 0 of the cluster",
+            false => "not served here: this job runs only the billing path (--paths billing)",
+        };
+        let elsewhere = warp::any().map(move || json_error(StatusCode::NOT_FOUND, why, None));
         own.or(elsewhere).unify().boxed()
     };
     // hyper sends a HEAD response's headers and drops its body (an SSE
@@ -692,16 +695,13 @@ struct Health<'a> {
 /// brokers are unreachable: a restart would fix neither a full disk nor a
 /// broker outage, and would stop the live path too. 503 when the live path
 /// does not tick.
+///
+/// A billing-only job (`--paths billing`) has no ticks to watch: it answers
+/// 200 with `"live":"not run here"` for as long as it serves, degraded on
+/// the same causes.
 fn health(state: &HttpState) -> warp::reply::Response {
-    let last_tick = state.metrics.probes.last_tick_ms.load(Ordering::Relaxed);
     let now = wall_clock_ms();
-    let started = last_tick > 0;
-    let fresh = started && now.saturating_sub(last_tick) <= TICK_STALE.as_millis() as u64;
-    let (status, live) = match (started, fresh) {
-        (true, true) => (StatusCode::OK, "ticking"),
-        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "starting: no tick yet"),
-        (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "stalled: no tick for 5 s"),
-    };
+    let (status, live) = live_health(state, now);
     let stall = state.metrics.billing.stall();
     let billing = match &stall {
         Some(stall) => format!(
@@ -709,6 +709,7 @@ fn health(state: &HttpState) -> warp::reply::Response {
             now.saturating_sub(stall.since_ms) / 1000,
             stall.cause
         ),
+        None if !state.billing_path => "not run here (--paths live)".to_string(),
         None => "running".to_string(),
     };
     let input_problem = (state.metrics.input_problem)();
@@ -724,6 +725,21 @@ fn health(state: &HttpState) -> warp::reply::Response {
         input: input_problem.map_or_else(|| "reading".to_string(), |why| format!("waiting: {why}")),
     };
     warp::reply::with_status(warp::reply::json(&body), status).into_response()
+}
+
+/// The live path's part of `/healthz`: its status and how it stands.
+fn live_health(state: &HttpState, now: u64) -> (StatusCode, &'static str) {
+    if !state.live_path {
+        return (StatusCode::OK, "not run here (--paths billing)");
+    }
+    let last_tick = state.metrics.probes.last_tick_ms.load(Ordering::Relaxed);
+    let started = last_tick > 0;
+    let fresh = started && now.saturating_sub(last_tick) <= TICK_STALE.as_millis() as u64;
+    match (started, fresh) {
+        (true, true) => (StatusCode::OK, "ticking"),
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "starting: no tick yet"),
+        (true, false) => (StatusCode::SERVICE_UNAVAILABLE, "stalled: no tick for 5 s"),
+    }
 }
 
 /// Counts an SSE connection for as long as its stream lives.

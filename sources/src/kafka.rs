@@ -34,7 +34,8 @@
 //! records are judged exactly as the first time. Checkpoints are recorded
 //! after every poll; the billing sink commits the safe ones. The same
 //! offsets are committed to the consumer group (`group.id`, default
-//! `livepipe`) every few seconds for lag tools; the ledger stays the truth.
+//! `livepipe`, see [`group_id`]) every few seconds for lag tools; the ledger
+//! stays the truth.
 //!
 //! # Staying responsive
 //!
@@ -89,6 +90,12 @@ pub enum StartOffsets {
     Earliest,
     /// Only records produced from now on.
     Latest,
+    /// The records of the last `back_ms` of wall clock, by their Kafka
+    /// timestamps, found with `offsets_for_times` as the consumer opens
+    /// (so again at every restart); a partition with no record that recent
+    /// starts at its end. What a live-only job needs: the presence TTL's
+    /// worth of history and no more.
+    Since { back_ms: u64 },
 }
 
 /// How to reach and read the topic.
@@ -104,6 +111,8 @@ pub struct KafkaSettings {
     /// Resume below a partition's log start (records deleted unread) from
     /// the log start, recording the lost range, instead of refusing.
     pub accept_data_loss: bool,
+    /// `group.id` unless `-X group.id=...` says otherwise ([`group_id`]).
+    pub group_id: String,
 }
 
 /// Consumer group used for committed offsets unless `-X group.id=...`
@@ -111,13 +120,25 @@ pub struct KafkaSettings {
 /// where offsets are kept.
 pub const DEFAULT_GROUP_ID: &str = "livepipe";
 
+/// The default consumer group of a job that runs `paths` (`all`, `live`
+/// or `billing`): `livepipe` for both paths, so that existing deployments
+/// keep their committed offsets, and `livepipe-live` / `livepipe-billing`
+/// for one path alone, so that two jobs on one topic never share a group
+/// (lag tools then show each job's own position). `-X group.id` still wins.
+pub fn group_id(paths: &str) -> String {
+    match paths {
+        "all" => DEFAULT_GROUP_ID.to_string(),
+        one => format!("{DEFAULT_GROUP_ID}-{one}"),
+    }
+}
+
 impl KafkaSettings {
     /// The consumer configuration: ours, then the `-X` overrides.
     pub fn consumer_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", &self.brokers)
-            .set("group.id", DEFAULT_GROUP_ID)
+            .set("group.id", &self.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             // Caught-up detection (idle partitions) without trusting the
@@ -1131,14 +1152,11 @@ fn open_consumer(
             brokers: context.brokers.clone(),
         })
         .map_err(|err| format!("creating the Kafka consumer: {}", client_config_error(&err)))?;
-    let start = match settings.start {
-        StartOffsets::Earliest => Offset::Beginning,
-        StartOffsets::Latest => Offset::End,
-    };
+    let starts = start_offsets(&consumer, settings, owned)?;
     let mut assignment = TopicPartitionList::new();
     {
         let mut status = context.status.lock().unwrap_or_else(|p| p.into_inner());
-        for &partition in owned {
+        for (&partition, &start) in owned.iter().zip(&starts) {
             // The ledger's position wins over --start-offsets.
             let offset = context
                 .source
@@ -1170,6 +1188,64 @@ fn open_consumer(
     });
     tracing::info!(topic = %settings.topic, partitions = ?owned, "reading Kafka partitions");
     Ok(consumer)
+}
+
+/// How long `offsets_for_times` may take at start.
+const OFFSETS_FOR_TIMES_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Where each of `owned` starts without a ledger position, in order.
+fn start_offsets(
+    consumer: &BaseConsumer<StatsContext>,
+    settings: &KafkaSettings,
+    owned: &[i32],
+) -> Result<Vec<Offset>, String> {
+    let back_ms = match settings.start {
+        StartOffsets::Earliest => return Ok(vec![Offset::Beginning; owned.len()]),
+        StartOffsets::Latest => return Ok(vec![Offset::End; owned.len()]),
+        StartOffsets::Since { back_ms } => back_ms,
+    };
+    let since = wall_clock_ms().saturating_sub(back_ms);
+    let mut query = TopicPartitionList::new();
+    for &partition in owned {
+        query
+            .add_partition_offset(&settings.topic, partition, Offset::Offset(since as i64))
+            .map_err(|err| format!("asking for partition {partition}'s offsets: {err}"))?;
+    }
+    let found = consumer
+        .offsets_for_times(query, OFFSETS_FOR_TIMES_TIMEOUT)
+        .map_err(|err| {
+            format!(
+                "finding the offsets of `{}` at {since} ms (now - {back_ms} ms): {err}",
+                settings.topic
+            )
+        })?;
+    let starts: Vec<Offset> = owned
+        .iter()
+        .map(|&partition| {
+            let answer = found
+                .find_partition(&settings.topic, partition)
+                .map(|elem| elem.offset());
+            window_start(answer)
+        })
+        .collect();
+    tracing::info!(
+        topic = %settings.topic,
+        since_ms = since,
+        starts = ?owned.iter().zip(&starts).collect::<Vec<_>>(),
+        "starting at the records of the last {back_ms} ms"
+    );
+    Ok(starts)
+}
+
+/// Where a partition starts given the broker's answer to
+/// `offsets_for_times`: at the first record at or after the time, or at
+/// the end when it has none that recent (the broker answers -1, which
+/// librdkafka gives as `End`), or gave no answer for it.
+fn window_start(answer: Option<Offset>) -> Offset {
+    match answer {
+        Some(Offset::Offset(offset)) if offset >= 0 => Offset::Offset(offset),
+        _ => Offset::End,
+    }
 }
 
 /// Commits the ledger's resume offsets as the consumer group's offsets, so
@@ -1230,7 +1306,11 @@ fn log_positions(
 
 #[cfg(test)]
 mod tests {
-    use super::{check_resume_offsets, worker_watermark, LostRange, ResumeCheck, ResumeSeek};
+    use super::{
+        check_resume_offsets, group_id, window_start, worker_watermark, LostRange, ResumeCheck,
+        ResumeSeek, DEFAULT_GROUP_ID,
+    };
+    use rdkafka::Offset;
     use std::collections::BTreeMap;
 
     #[test]
@@ -1325,6 +1405,23 @@ mod tests {
     }
 
     const WALL: u64 = 1_000_000;
+
+    #[test]
+    fn a_window_starts_at_the_found_offset_or_else_at_the_end() {
+        assert_eq!(window_start(Some(Offset::Offset(42))), Offset::Offset(42));
+        assert_eq!(window_start(Some(Offset::Offset(0))), Offset::Offset(0));
+        // No record at or after the time: the broker says -1.
+        assert_eq!(window_start(Some(Offset::End)), Offset::End);
+        assert_eq!(window_start(Some(Offset::Invalid)), Offset::End);
+        assert_eq!(window_start(None), Offset::End);
+    }
+
+    #[test]
+    fn each_single_path_mode_has_its_own_group() {
+        assert_eq!(group_id("all"), DEFAULT_GROUP_ID);
+        assert_eq!(group_id("live"), "livepipe-live");
+        assert_eq!(group_id("billing"), "livepipe-billing");
+    }
 
     #[test]
     fn the_least_busy_partition_holds_the_watermark() {
