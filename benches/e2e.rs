@@ -28,7 +28,19 @@
 //!    `LIVEPIPE_SOAK_MINUTES` (default 30; 0 skips): RSS, pending
 //!    impressions and present viewers every minute.
 //!
-//! `LIVEPIPE_E2E_ONLY=file|kafka|growth|live|soak` runs one part alone.
+//! 6. **Spikes.** The mock cluster with generated traffic at
+//!    `LIVEPIPE_SPIKE_RATE` records/s (default 1,000; `ts` = now), then for
+//!    `LIVEPIPE_SPIKE_SECONDS` (default 60) each: an ad spike (impressions
+//!    and `ad_progress` at `LIVEPIPE_SPIKE_MULTIPLIER`, default 10, times
+//!    their usual rate) and a chat and join storm (the same for chat and
+//!    joins), with a phase as long before, between and after. Per phase:
+//!    live latency and billing finality as in part 4, the longest operator
+//!    invocation per path in the phase (from the histogram), pending
+//!    impressions. Only with
+//!    `LIVEPIPE_E2E_ONLY=spikes` (it takes 5 phases and a warm-up).
+//!
+//! `LIVEPIPE_E2E_ONLY=file|kafka|growth|live|soak|spikes` runs one part
+//! alone.
 
 mod common;
 
@@ -36,6 +48,8 @@ use livepipe_tools::generator::{write_jsonl, GenConfig};
 
 use common::kafka_replay::{consume_floor, done_markers, livepipe_replay, LoadedTopic};
 use common::live::{percentile, FinalityWatch, Job, Prober};
+use common::spikes::{phases, print_table, windows, Invocations, Row, SpikedTraffic};
+use livepipe_tools::generator::spike::SpikeKind;
 use testkit::kafka::mock_cluster;
 use testkit::kafka::Traffic;
 use testkit::Livepipe;
@@ -314,6 +328,60 @@ fn soak() {
     }
 }
 
+/// Part 6; see the module docs. The phases follow the spike windows laid
+/// out in event time (the wall clock) when the traffic starts.
+fn spikes() {
+    let rate = env_or("LIVEPIPE_SPIKE_RATE", 1_000);
+    let length = Duration::from_secs(env_or("LIVEPIPE_SPIKE_SECONDS", 60));
+    let multiplier = env_or("LIVEPIPE_SPIKE_MULTIPLIER", 10) as u32;
+    let warm_up = Duration::from_secs(15);
+    let phases = phases(&[SpikeKind::Ads, SpikeKind::ChatJoin]);
+    let first_phase_ms = testkit::now_ms() + warm_up.as_millis() as u64;
+    let spikes = windows(&phases, first_phase_ms, length, multiplier);
+    let cluster = mock_cluster("events", 4);
+    let brokers = cluster.bootstrap_servers();
+    let _traffic = SpikedTraffic::start(&brokers, "events", rate, spikes);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-spikes");
+    let (period, window) = (
+        FINALITY_PERIOD_MS.to_string(),
+        FINALITY_WINDOW_MS.to_string(),
+    );
+    let job = Job::start(
+        &brokers,
+        "events",
+        &dir,
+        &[
+            "--billing-period-ms",
+            &period,
+            "--qualify-window-ms",
+            &window,
+        ],
+    );
+    let mut prober = Prober::new(&brokers, "events", &job.base);
+    let until_first = first_phase_ms.saturating_sub(testkit::now_ms());
+    let _ = prober.phase(Duration::from_millis(until_first), || {});
+    let mut finality = FinalityWatch::new(&job.out, FINALITY_WINDOW_MS, LATENESS_MS);
+    let rows: Vec<Row> = phases
+        .iter()
+        .map(|(name, _)| {
+            let start = Invocations::read(&job);
+            let live = prober.phase(length, || finality.look());
+            Row::measure(name, live, &mut finality, &job, &start)
+        })
+        .collect();
+    drop(job);
+    println!("\n## Spikes\n");
+    println!(
+        "{rate} records/s of steady traffic (ts = now) into the mock cluster, 2 workers; \
+         phases of {} s; spikes at {multiplier}x the usual rate of their kinds; a probe join \
+         every 250 ms; {FINALITY_PERIOD_MS} ms periods, {FINALITY_WINDOW_MS} ms window, \
+         {LATENESS_MS} ms lateness (a period's marker is counted in the phase it appears in, \
+         about window + lateness after the period ends)\n",
+        length.as_secs()
+    );
+    print_table(&rows);
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; parts are chosen by the environment.
     let only = std::env::var("LIVEPIPE_E2E_ONLY").unwrap_or_default();
@@ -332,5 +400,9 @@ fn main() {
     }
     if run("soak") {
         soak();
+    }
+    // Long, and only meaningful on a quiet machine: never part of a full run.
+    if only == "spikes" {
+        spikes();
     }
 }

@@ -4,6 +4,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use livepipe_dataflow::config::PipelineConfig;
+use livepipe_tools::generator::spike::{Spike, SpikeKind};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -504,6 +505,64 @@ pub struct GenArgs {
         value_name = "MS"
     )]
     pub allowed_lateness_ms: u64,
+
+    /// A spike: from --spike-at for --spike-duration seconds of event time, `ads`
+    /// (impressions and their ad_progress) or `chat` (chat and joins, from new viewers) come
+    /// --spike-multiplier times as often, as copies with fresh ids; the rest is unchanged
+    /// (--events counts the records before the copies). To Kafka, the send rate then follows
+    /// the clock [default --send-rate: 0].
+    #[arg(long, env = "LIVEPIPE_SPIKE", value_enum, value_name = "KIND")]
+    pub spike: Option<SpikeArg>,
+
+    /// Seconds of event time after the first record at which the spike starts.
+    #[arg(
+        long,
+        env = "LIVEPIPE_SPIKE_AT",
+        default_value_t = 60,
+        value_name = "SECONDS"
+    )]
+    pub spike_at: u64,
+
+    /// Seconds of event time the spike lasts.
+    #[arg(
+        long,
+        env = "LIVEPIPE_SPIKE_DURATION",
+        default_value_t = 60,
+        value_name = "SECONDS"
+    )]
+    pub spike_duration: u64,
+
+    /// How many times their usual rate the spiked kinds come.
+    #[arg(long, env = "LIVEPIPE_SPIKE_MULTIPLIER", default_value_t = 10, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub spike_multiplier: u32,
+}
+
+/// What `livepipe gen --spike` multiplies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SpikeArg {
+    /// Impressions and their ad_progress.
+    Ads,
+    /// Chat and joins.
+    Chat,
+}
+
+impl GenArgs {
+    /// The spike asked for, laid out from the first record's `start_ts`.
+    pub fn spikes(&self, start_ts: u64) -> Vec<Spike> {
+        let Some(kind) = self.spike else {
+            return Vec::new();
+        };
+        let from_ts = start_ts.saturating_add(self.spike_at.saturating_mul(1000));
+        vec![Spike {
+            kind: match kind {
+                SpikeArg::Ads => SpikeKind::Ads,
+                SpikeArg::Chat => SpikeKind::ChatJoin,
+            },
+            multiplier: self.spike_multiplier,
+            from_ts,
+            until_ts: from_ts.saturating_add(self.spike_duration.saturating_mul(1000)),
+        }]
+    }
 }
 
 /// `KEY=VALUE` of a `-X` librdkafka property. A malformed one is refused

@@ -16,6 +16,7 @@ use livepipe_sinks::http::Token;
 use livepipe_sources::file::RECORDS_PER_CHUNK;
 use livepipe_sources::kafka::{group_id, KafkaSettings, SetupError, StartOffsets};
 use livepipe_tools::demo::{Demo, DemoSettings};
+use livepipe_tools::generator::spike::{Spike, Spiked};
 use livepipe_tools::generator::{write_jsonl, GenConfig, Generator};
 use livepipe_tools::publish::{ensure_topic, producer_config, publish, Pace, PublishStats};
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -327,9 +328,10 @@ fn gen(args: GenArgs) -> anyhow::Result<()> {
         never_qualify_rate: args.never_qualify_rate,
         allowed_lateness_ms: args.allowed_lateness_ms,
     };
+    let spikes = args.spikes(start_ts);
     match (&args.output, &args.brokers) {
-        (Some(output), _) => gen_file(&config, output),
-        (None, Some(brokers)) => gen_kafka(&config, brokers, &args),
+        (Some(output), _) => gen_file(&config, output, spikes),
+        (None, Some(brokers)) => gen_kafka(&config, brokers, &args, spikes),
         (None, None) => unreachable!("clap requires --output or --brokers"),
     }
 }
@@ -338,7 +340,11 @@ fn gen(args: GenArgs) -> anyhow::Result<()> {
 /// names the same bytes on every machine and day.
 const DEFAULT_FILE_START_TS: u64 = 1_700_000_000_000;
 
-fn gen_file(config: &GenConfig, output: &std::path::Path) -> anyhow::Result<()> {
+fn gen_file(
+    config: &GenConfig,
+    output: &std::path::Path,
+    spikes: Vec<Spike>,
+) -> anyhow::Result<()> {
     let file = File::create(output).map_err(|err| {
         UsageError(format!(
             "--output {}: cannot create: {err}",
@@ -346,7 +352,17 @@ fn gen_file(config: &GenConfig, output: &std::path::Path) -> anyhow::Result<()> 
         ))
     })?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
-    let summary = write_jsonl(config, &mut out)?;
+    let summary = if spikes.is_empty() {
+        write_jsonl(config, &mut out)?
+    } else {
+        // The summary counts the traffic under the spike, not its copies.
+        let mut records = Spiked::new(Generator::new(config), spikes);
+        for record in records.by_ref() {
+            out.write_all(&record)?;
+            out.write_all(b"\n")?;
+        }
+        records.inner().summary()
+    };
     out.flush()?;
     logs::say(&format!(
         "wrote {} records to {} ({} impressions, {} retries, {} late, {} malformed)",
@@ -360,7 +376,12 @@ fn gen_file(config: &GenConfig, output: &std::path::Path) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn gen_kafka(config: &GenConfig, brokers: &str, args: &GenArgs) -> anyhow::Result<()> {
+fn gen_kafka(
+    config: &GenConfig,
+    brokers: &str,
+    args: &GenArgs,
+    spikes: Vec<Spike>,
+) -> anyhow::Result<()> {
     let properties =
         kafka_properties(args.kafka_config.as_deref(), &args.kafka_property).map_err(UsageError)?;
     let producer = producer_config(brokers, &properties);
@@ -386,7 +407,10 @@ fn gen_kafka(config: &GenConfig, brokers: &str, args: &GenArgs) -> anyhow::Resul
     // Not between JSON lines.
     let bar = (std::io::stderr().is_terminal() && !logs::json())
         .then(|| progress_bar(config.events, stats.clone()));
-    let generator = Generator::new(config);
+    // A spike adds records to the same event time: capping the send rate at
+    // --rate would make it fall behind the clock.
+    let default_send_rate = spikes.is_empty().then_some(args.rate);
+    let generator = Spiked::new(Generator::new(config), spikes);
     let started = std::time::Instant::now();
     let result = publish(
         &producer,
@@ -396,7 +420,7 @@ fn gen_kafka(config: &GenConfig, brokers: &str, args: &GenArgs) -> anyhow::Resul
             max_rate: match args.send_rate {
                 Some(0) => None,
                 Some(rate) => Some(rate),
-                None => Some(args.rate),
+                None => default_send_rate,
             },
             follow_clock: true,
         },

@@ -463,6 +463,7 @@ fn source_context(
     ledger_positions: Arc<Checkpoints>,
 ) -> SourceContext {
     SourceContext {
+        probes: gauges.probes.clone(),
         allowed_lateness_ms: job.config.allowed_lateness_ms,
         time_granularity_ms: job.config.time_granularity_ms,
         records_read: gauges.records_read.clone(),
@@ -594,10 +595,12 @@ fn build_dataflow(
     // Counters are per process, one slot per local worker.
     let counts = wiring.gauges.events_in.clone();
     let local = index % wiring.workers;
-    let paths = split_paths(ingested, move |kind| counts.worker(local).count(kind));
+    let probes = &wiring.gauges.probes;
+    let paths = split_paths(ingested, probes.clone(), move |kind| {
+        counts.worker(local).count(kind)
+    });
 
     // The path not run gets nothing: its stream ends here, unread.
-    let probes = &wiring.gauges.probes;
     if wiring.paths.live() {
         let snapshots = live(
             paths.live,

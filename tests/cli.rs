@@ -481,3 +481,39 @@ fn addr_file_holds_the_address_the_server_listens_on() {
         "no temporary file left: {names:?}"
     );
 }
+
+/// `gen --spike`: the same traffic as without it, plus copies with fresh
+/// ids of the spiked kinds inside the window only.
+#[test]
+fn a_generated_spike_adds_copies_and_changes_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, spiked) = (
+        dir.path().join("plain.jsonl"),
+        dir.path().join("spiked.jsonl"),
+    );
+    let common = ["--events", "20000", "--seed", "4"];
+    gen_file(&plain, &common);
+    let spike = ["--spike", "ads", "--spike-at", "2", "--spike-duration", "3"];
+    gen_file(&spiked, &[&common[..], &spike[..]].concat());
+    let plain = std::fs::read(&plain).unwrap();
+    let spiked = std::fs::read(&spiked).unwrap();
+    let (copies, rest): (Vec<&[u8]>, Vec<&[u8]>) = spiked
+        .split(|&b| b == b'\n')
+        .partition(|line| line.windows(2).any(|w| w == b"~s"));
+    let plain_lines: Vec<&[u8]> = plain.split(|&b| b == b'\n').collect();
+    assert_eq!(
+        rest, plain_lines,
+        "the traffic under the spike is unchanged"
+    );
+    let start = 1_700_000_000_000u64;
+    for copy in &copies {
+        let event: serde_json::Value = serde_json::from_slice(copy).unwrap();
+        let kind = event["type"].as_str().unwrap();
+        assert!(kind == "impression" || kind == "ad_progress", "{kind}");
+        if kind == "impression" {
+            let ts = event["ts"].as_u64().unwrap();
+            assert!((start + 2_000..start + 5_000).contains(&ts), "{ts}");
+        }
+    }
+    assert!(copies.len() > 100, "{} copies", copies.len());
+}

@@ -219,6 +219,8 @@ pub struct FinalityWatch {
     /// less the period end: `window + lateness`.
     delay_ms: u64,
     seen: BTreeMap<String, f64>,
+    /// Latencies noted since the last [`FinalityWatch::drain_ms`].
+    fresh: Vec<f64>,
     started_ms: u64,
 }
 
@@ -228,6 +230,7 @@ impl FinalityWatch {
             billing: out.join("billing"),
             delay_ms: window_ms + lateness_ms,
             seen: BTreeMap::new(),
+            fresh: Vec::new(),
             started_ms: now_ms(),
         }
     }
@@ -253,9 +256,18 @@ impl FinalityWatch {
             let due = end - 1 + self.delay_ms;
             // Only periods whose whole window ran while we watched.
             if end > self.started_ms {
-                self.seen.insert(name, now as f64 - due as f64);
+                let latency = now as f64 - due as f64;
+                self.seen.insert(name, latency);
+                self.fresh.push(latency);
             }
         }
+    }
+
+    /// Finality latencies in ms noted since the last call, sorted.
+    pub fn drain_ms(&mut self) -> Vec<f64> {
+        let mut fresh = std::mem::take(&mut self.fresh);
+        fresh.sort_by(f64::total_cmp);
+        fresh
     }
 
     /// Finality latencies in ms, sorted.

@@ -4,6 +4,7 @@
 
 pub mod kafka_replay;
 pub mod live;
+pub mod spikes;
 
 use serde::Deserialize;
 

@@ -72,6 +72,7 @@ use crate::event::{EventKind, Ingested, Position};
 use crate::probe::Probes;
 use crate::route::RouteKey;
 use crate::time::{after, coarse, Time};
+use crate::turns::{Path, Slice};
 
 /// Facts are cloned at every merge of an arrangement: their text is
 /// inline or shared (see [`Text`]), never copied from the heap.
@@ -386,12 +387,17 @@ impl Retirement {
 }
 
 /// Every fact enters at its arrival time and leaves again once it can no
-/// longer matter (see [`Retirement`]).
+/// longer matter (see [`Retirement`]). A frontier jump can make many
+/// retirements due at once: at most [`RETIRE_SLICE_FACTS`] are released per
+/// invocation, the rest wait under the held capability for the next.
 fn enter_and_retire<'s>(
     facts: StreamVec<'s, Time, (ImpressionKey, Fact)>,
     retirement: Retirement,
+    probes: Arc<Probes>,
 ) -> StreamVec<'s, Time, ((ImpressionKey, Fact), Time, isize)> {
-    facts.unary_frontier(Pipeline, "EnterAndRetire", move |_, _| {
+    let scope = facts.scope();
+    facts.unary_frontier(Pipeline, "EnterAndRetire", move |_, info| {
+        let activator = scope.activator_for(info.address);
         // Retractions wait here, by retire time, until the frontier reaches
         // them. Handing them to differential up front would park them in the
         // arrangement's batcher, which re-sorts every pending future update
@@ -399,6 +405,7 @@ fn enter_and_retire<'s>(
         let mut retiring: BTreeMap<Time, Vec<(ImpressionKey, Fact)>> = BTreeMap::new();
         let mut retire_cap: Option<Capability<Time>> = None;
         move |(input, frontier), output| {
+            let _turn = probes.turns.time(Path::Billing);
             input.for_each_stamp(|cap, batches| {
                 let Some(&time) = cap.least() else { return };
                 let mut session = output.session(&cap);
@@ -414,8 +421,10 @@ fn enter_and_retire<'s>(
                     }
                 }
             });
-            // Release every retirement the frontier has reached.
-            while let Some(entry) = retiring.first_entry() {
+            // Release the retirements the frontier has reached, a slice
+            // at a time: their order within a time does not matter.
+            let mut slice = Slice::new(RETIRE_SLICE_FACTS);
+            while let Some(mut entry) = retiring.first_entry() {
                 let retire = *entry.key();
                 if frontier.less_than(&retire) {
                     break;
@@ -425,9 +434,16 @@ fn enter_and_retire<'s>(
                     .expect("a capability for pending retirements")
                     .delayed(&retire);
                 let mut session = output.session(&cap);
-                for (id, fact) in entry.remove() {
+                let facts = entry.get_mut();
+                while !facts.is_empty() && slice.take() {
+                    let (id, fact) = facts.pop().expect("not empty");
                     session.give(((id, fact), retire, -1isize));
                 }
+                if !facts.is_empty() {
+                    activator.activate();
+                    break;
+                }
+                entry.remove();
             }
             match (retiring.keys().next(), retire_cap.as_mut()) {
                 (Some(next), Some(cap)) => cap.downgrade(next),
@@ -450,60 +466,76 @@ struct Tombstone {
 
 /// The differential part: facts arranged by impression id, and one operator
 /// that reads an id's facts once, when the frontier passes its deadline.
+///
+/// A frontier jump can make a whole period's ids due at once. The operator
+/// settles a [`Slice`] of them per invocation and keeps the rest, with the
+/// bucket's capability, in [`Backlog`]; while a backlog is pending it reads
+/// no input and leaves the trace's compaction where it was, so the rest is
+/// decided from exactly the facts the first slice saw (see [`Backlog`]).
 fn decide<'s>(
     facts: StreamVec<'s, Time, (ImpressionKey, Fact)>,
     config: &PipelineConfig,
     probes: Arc<Probes>,
 ) -> StreamVec<'s, Time, BillingEvent> {
     let retirement = Retirement::new(config);
-    let arranged = enter_and_retire(facts, retirement)
+    let scope = facts.scope();
+    let arranged = enter_and_retire(facts, retirement, probes.clone())
         .as_collection()
         .arrange_by_key_named("ImpressionFacts");
     let mut trace = Some(arranged.trace);
     let mut decider = Decider::new(config, retirement, probes);
     arranged
         .stream
-        .unary_frontier(Pipeline, "DecideImpression", move |_, _| {
+        .unary_frontier(Pipeline, "DecideImpression", move |_, info| {
+            let activator = scope.activator_for(info.address);
             move |(input, frontier), output| {
-                input.for_each_stamp(|cap, spans| {
-                    let least = cap.least().copied();
-                    for span in spans.flat_map(|spans| spans.drain(..)) {
-                        decider.seen_upper.clone_from(span.upper());
-                        let (Some(batch), Some(least)) = (span.inner, least) else {
-                            continue;
-                        };
-                        let mut cursor = batch.cursor();
-                        let mut arrived = Vec::new();
-                        while let Some(key) = cursor.get_key(&batch) {
-                            arrivals(&mut cursor, &batch, least, &mut arrived);
-                            for &(time, fact) in &arrived {
-                                if let Some(late) = decider.arrive(key, time, fact, &cap) {
-                                    let late = BillingEvent::Late(late);
-                                    output.session(&cap.delayed(&time, 0)).give(late);
-                                }
+                let probes = decider.probes.clone();
+                let _turn = probes.turns.time(Path::Billing);
+                let mut slice = Slice::new(SETTLE_SLICE_IDS);
+                let mut read = false;
+                loop {
+                    if decider.backlog.is_none() && !read {
+                        read = true;
+                        input.for_each_stamp(|cap, spans| {
+                            for span in spans.flat_map(|spans| spans.drain(..)) {
+                                decider.seen_upper.clone_from(span.upper());
+                                let (Some(batch), Some(&least)) = (span.inner, cap.least()) else {
+                                    continue;
+                                };
+                                let mut cursor = batch.cursor();
+                                decider.arrive_all(
+                                    &mut cursor,
+                                    &batch,
+                                    least,
+                                    &cap,
+                                    |time, late| output.session(&cap.delayed(&time, 0)).give(late),
+                                );
                             }
-                            cursor.step_key(&batch);
-                        }
+                        });
                     }
-                });
-                while let Some((bucket, cap, keys)) =
-                    decider.next_due(|bucket| !frontier.less_equal(bucket))
-                {
+                    if decider.backlog.is_none() {
+                        decider.backlog = decider.next_due(|bucket| !frontier.less_equal(bucket));
+                    }
+                    let Some(mut backlog) = decider.backlog.take() else {
+                        break;
+                    };
                     let batches = trace
                         .as_mut()
                         .expect("the trace is held while ids are due")
                         .batches_through(decider.seen_upper.borrow())
                         .expect("the received batches end at a batch boundary");
                     let (mut cursor, storage) = cursor_list(batches);
-                    let mut session = output.session(&cap);
-                    let mut facts = Vec::new();
-                    for key in keys {
-                        cursor.seek_key(&storage, &key);
-                        if cursor.get_key(&storage) != Some(&key) {
-                            continue;
-                        }
-                        facts_at(&mut cursor, &storage, bucket, &mut facts);
-                        decider.settle(key, &facts, bucket, |event| session.give(event));
+                    let mut session = output.session(&backlog.cap);
+                    let ids = &mut backlog.ids;
+                    decider.settle_slice(ids, &mut cursor, &storage, &mut slice, |event| {
+                        session.give(event)
+                    });
+                    drop(session);
+                    if backlog.ids.pending() {
+                        // The rest in a later turn: a live tick may be due.
+                        decider.backlog = Some(backlog);
+                        activator.activate();
+                        return;
                     }
                 }
                 decider.forget_expired(|expiry| !frontier.less_than(expiry));
@@ -517,6 +549,42 @@ fn decide<'s>(
                 }
             }
         })
+}
+
+/// At most this many ids are settled per invocation of `DecideImpression`
+/// (and at most [`crate::turns::SLICE_TIME`]): a few microseconds each.
+const SETTLE_SLICE_IDS: usize = 1024;
+
+/// At most this many retractions are released per invocation of
+/// `EnterAndRetire`.
+const RETIRE_SLICE_FACTS: usize = 16 * 1024;
+
+/// The ids of one passed bucket not settled yet, for later invocations.
+///
+/// Exactness is kept by making the slices indistinguishable from one long
+/// invocation: `cap` holds the bucket, so nothing downstream sees it pass
+/// before its last outcome; no input is read until the backlog is done, so
+/// `seen_upper` (the facts the decisions read) does not move; and the
+/// trace's logical compaction stays at or before `bucket`, so the
+/// accumulations read at the bucket stay what they were.
+struct Backlog {
+    cap: Capability<Time>,
+    ids: DueIds,
+}
+
+/// The ids of a passed bucket, and how far settling them has come.
+struct DueIds {
+    bucket: Time,
+    /// Sorted, distinct and undecided when taken.
+    keys: Vec<ImpressionKey>,
+    /// How many of `keys` have been settled.
+    next: usize,
+}
+
+impl DueIds {
+    fn pending(&self) -> bool {
+        self.next < self.keys.len()
+    }
 }
 
 /// One id's arrivals in a batch (the cursor at its key), in time order: a
@@ -585,6 +653,8 @@ struct Decider {
     /// The upper bound of the batches received so far: the trace through
     /// it holds exactly the facts this operator has seen.
     seen_upper: Antichain<Time>,
+    /// The bucket being settled over several invocations, if any.
+    backlog: Option<Backlog>,
 }
 
 impl Decider {
@@ -598,6 +668,7 @@ impl Decider {
             decided: HashMap::new(),
             expiring: BTreeMap::new(),
             seen_upper: Antichain::from_elem(0),
+            backlog: None,
         }
     }
 
@@ -645,12 +716,38 @@ impl Decider {
         }
     }
 
+    /// Every arrival in a received batch (`cursor` over it, times before
+    /// `least` read as `least`): `late` gets the late ones with their time.
+    fn arrive_all<C>(
+        &mut self,
+        cursor: &mut C,
+        batch: &C::Storage,
+        least: Time,
+        cap: &InputCapability<Time>,
+        mut late: impl FnMut(Time, BillingEvent),
+    ) where
+        C: for<'a> Cursor<
+            Key<'a> = &'a ImpressionKey,
+            Val<'a> = &'a Fact,
+            TimeGat<'a> = &'a Time,
+            DiffGat<'a> = &'a isize,
+        >,
+    {
+        let mut arrived = Vec::new();
+        while let Some(key) = cursor.get_key(batch) {
+            arrivals(cursor, batch, least, &mut arrived);
+            for &(time, fact) in &arrived {
+                if let Some(record) = self.arrive(key, time, fact, cap) {
+                    late(time, BillingEvent::Late(record));
+                }
+            }
+            cursor.step_key(batch);
+        }
+    }
+
     /// The next bucket the frontier has `passed`, with its capability and
     /// its ids not decided yet (each once).
-    fn next_due(
-        &mut self,
-        passed: impl Fn(&Time) -> bool,
-    ) -> Option<(Time, Capability<Time>, Vec<ImpressionKey>)> {
+    fn next_due(&mut self, passed: impl Fn(&Time) -> bool) -> Option<Backlog> {
         while let Some(entry) = self.due.first_entry() {
             let bucket = *entry.key();
             if !passed(&bucket) {
@@ -661,29 +758,64 @@ impl Decider {
             keys.dedup();
             keys.retain(|key| !self.decided.contains_key(key));
             if !keys.is_empty() {
-                return Some((bucket, cap, keys));
+                let ids = DueIds {
+                    bucket,
+                    keys,
+                    next: 0,
+                };
+                return Some(Backlog { cap, ids });
             }
         }
         None
     }
 
+    /// Settles the ids of `ids` in turn while `slice` allows, reading
+    /// their facts with `cursor` (over the trace through `seen_upper`);
+    /// `emit` gets the events.
+    fn settle_slice<C>(
+        &mut self,
+        ids: &mut DueIds,
+        cursor: &mut C,
+        storage: &C::Storage,
+        slice: &mut Slice,
+        mut emit: impl FnMut(BillingEvent),
+    ) where
+        C: for<'a> Cursor<
+            Key<'a> = &'a ImpressionKey,
+            Val<'a> = &'a Fact,
+            TimeGat<'a> = &'a Time,
+            DiffGat<'a> = &'a isize,
+        >,
+    {
+        let mut facts = Vec::new();
+        while ids.pending() && slice.take() {
+            let key = ids.keys[ids.next].clone();
+            ids.next += 1;
+            cursor.seek_key(storage, &key);
+            if cursor.get_key(storage) != Some(&key) {
+                continue;
+            }
+            facts_at(cursor, storage, ids.bucket, &mut facts);
+            self.settled(key, &facts, ids.bucket).for_each(&mut emit);
+        }
+    }
+
     /// Decides `key` from the `facts` read at `bucket`, if its deadline's
-    /// bucket is this one (or passed): `emit` gets its outcome, then the
-    /// facts that came after it was final; a tombstone stays.
-    fn settle(
+    /// bucket is this one (or passed): its outcome, then the facts that came
+    /// after it was final; a tombstone stays.
+    fn settled(
         &mut self,
         key: ImpressionKey,
         facts: &[&Fact],
         bucket: Time,
-        mut emit: impl FnMut(BillingEvent),
-    ) {
+    ) -> impl Iterator<Item = BillingEvent> {
         let (Some(outcome), late) = decide_impression(&key.id, facts, self.window) else {
-            return;
+            return None.into_iter().chain(Vec::new());
         };
         let deadline = outcome.impression.ts + self.window;
         if coarse(deadline, self.granularity) > bucket {
             // Not final yet: the bucket of its deadline decides it.
-            return;
+            return None.into_iter().chain(Vec::new());
         }
         // Every admitted impression record is the canonical one or a
         // duplicate of exactly one final outcome, or late.
@@ -703,8 +835,8 @@ impl Decider {
         self.decided
             .insert(key.clone(), Tombstone { deadline, expiry });
         self.expiring.entry(expiry).or_default().push(key);
-        emit(BillingEvent::Final(outcome));
-        late.into_iter().map(BillingEvent::Late).for_each(emit);
+        let late: Vec<BillingEvent> = late.into_iter().map(BillingEvent::Late).collect();
+        Some(BillingEvent::Final(outcome)).into_iter().chain(late)
     }
 
     /// Forgets tombstones once every fact they stood for has retired (the
@@ -931,6 +1063,105 @@ mod tests {
                 assert_eq!(l.impression_id, "imp-1", "{}", case.name);
             }
         }
+    }
+
+    fn ingested(id: &str, ts: u64, kind: EventKind) -> Ingested {
+        use crate::event::Event;
+        Ingested {
+            event: Event {
+                ts,
+                event_id: format!("{id}-{}", kind.name()).into(),
+                stream_id: "s".into(),
+                viewer_id: "v".into(),
+                kind,
+            },
+            position: Position {
+                partition: 0,
+                offset: 0,
+            },
+            watermark: ts,
+            ingested_at_ms: 0,
+        }
+    }
+
+    /// Several slices' worth of ids due in one bucket when the input ends
+    /// at once: every outcome comes out once, over several invocations,
+    /// and the bucket's time is held until the last of them is out.
+    #[test]
+    fn a_frontier_jump_is_settled_in_slices_holding_the_bucket() {
+        use crate::event::{AdProgress, Impression};
+        use std::cell::RefCell;
+        use std::rc::Rc;
+        use timely::dataflow::operators::{Input, Inspect, Probe};
+
+        let n = 3 * SETTLE_SLICE_IDS + 7;
+        let config = PipelineConfig::default();
+        let ts = 1_700_000_000_000;
+        let bucket = coarse(ts + config.qualify_window_ms, config.time_granularity_ms);
+        timely::execute_directly(move |worker| {
+            let seen = Rc::new(RefCell::new(Vec::new()));
+            let sink = seen.clone();
+            let (mut input, probe) = worker.dataflow::<Time, _, _>(|scope| {
+                let (input, stream) = scope.new_input::<Vec<Ingested>>();
+                let route = RouteKey::new([1, 2]);
+                let out = billing(stream, &config, route, Arc::new(Probes::default()));
+                let probe = out
+                    .inspect(move |event: &BillingEvent| sink.borrow_mut().push(event.clone()))
+                    .probe()
+                    .0;
+                (input, probe)
+            });
+            input.advance_to(coarse(ts, config.time_granularity_ms));
+            for i in 0..n {
+                let id = format!("imp-{i}");
+                let ad: Text = "a".into();
+                let impression = Impression {
+                    impression_id: id.as_str().into(),
+                    ad_id: ad.clone(),
+                    campaign_id: ad.clone(),
+                    advertiser_id: ad,
+                    price_micros: 1,
+                };
+                input.send(ingested(
+                    &id,
+                    ts,
+                    EventKind::Impression(Box::new(impression)),
+                ));
+                if i % 2 == 0 {
+                    let watch = AdProgress {
+                        impression_id: id.as_str().into(),
+                        watched_ms: 5_000,
+                    };
+                    input.send(ingested(&id, ts + 1_000, EventKind::AdProgress(watch)));
+                }
+            }
+            input.close();
+            let mut steps_with_outcomes = 0;
+            while !probe.done() {
+                let before = seen.borrow().len();
+                worker.step();
+                let after = seen.borrow().len();
+                steps_with_outcomes += usize::from(after > before);
+                if !probe.less_equal(&bucket) {
+                    assert_eq!(after, n, "the bucket passed before all its outcomes");
+                }
+            }
+            let seen = seen.borrow();
+            let ids: std::collections::BTreeSet<&str> = seen
+                .iter()
+                .map(|event| match event {
+                    BillingEvent::Final(outcome) => outcome.impression_id.as_str(),
+                    BillingEvent::Late(late) => panic!("nothing is late: {late:?}"),
+                })
+                .collect();
+            assert_eq!((seen.len(), ids.len()), (n, n));
+            let billed = seen
+                .iter()
+                .filter(|e| matches!(e, BillingEvent::Final(o) if o.is_billed()))
+                .count();
+            assert_eq!(billed, n.div_ceil(2));
+            assert!(steps_with_outcomes >= 3, "{steps_with_outcomes} turns");
+        });
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //!   counts on a one-second wall-clock tick, whatever the frontier says.
 //! * [`billing`]: a differential sub-graph that deduplicates impressions,
 //!   joins qualifying watches and releases only final outcomes.
+//! * [`turns`]: bounded operator invocations, and their timing per path.
 //! * [`policy`]: what the billing sink does with them: which periods are
 //!   final, which files cover them, where sources may resume.
 //!
@@ -23,3 +24,4 @@ pub mod probe;
 pub mod resume;
 pub mod route;
 pub mod time;
+pub mod turns;

@@ -57,6 +57,16 @@
 //! ever seen), and the end of a finite input emits one last snapshot of
 //! every stream still held (not retired), at the final `now`, deciding
 //! retirement exactly.
+//!
+//! # Bounded turns
+//!
+//! The live operator shares its worker with billing, and billing shares it
+//! with the live operator: neither may hold it long (see
+//! [`crate::turns`]). A burst of signals is taken off the input at once (a
+//! move each) and applied [`LIVE_SLICE_SIGNALS`] at a time, in arrival
+//! order, one slice per invocation; a due tick follows the slice, so it is
+//! at most a slice late and counts what the slice brought. The end of the
+//! input is decided only once no signal is left to apply.
 
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
@@ -79,6 +89,7 @@ use crate::event::{EventKind, Ingested, Text};
 use crate::probe::Probes;
 use crate::route::RouteKey;
 use crate::time::{wall_clock_ms, Time};
+use crate::turns::{Path, Slice};
 
 /// Chat rate is counted over this much event time.
 pub const CHAT_WINDOW_MS: u64 = 60_000;
@@ -93,6 +104,11 @@ pub const CHAT_WINDOW_MS: u64 = 60_000;
 /// one dashboard process serves; past it new streams wait (see the module
 /// doc) and are counted, the streams already shown keep their numbers.
 pub const MAX_LIVE_STREAMS: usize = 100_000;
+
+/// At most this many signals are applied per invocation of the live
+/// operator (and at most [`crate::turns::SLICE_TIME`]); a burst beyond it
+/// waits, in arrival order, for the next invocation.
+const LIVE_SLICE_SIGNALS: usize = 8 * 1024;
 
 /// Width of an expiry-queue bucket, in event-time ms. A bucket is retired
 /// once all of it is past, so a stream retires at most this much event
@@ -653,6 +669,32 @@ impl Ticker {
     }
 }
 
+/// Applies signals from the front of `pending`, in arrival order, while a
+/// [`Slice`] of [`LIVE_SLICE_SIGNALS`] allows.
+fn apply_slice(
+    pending: &mut VecDeque<Signal>,
+    streams: &mut LiveStreams,
+    ticker: &mut Ticker,
+    now: u64,
+) {
+    let mut slice = Slice::new(LIVE_SLICE_SIGNALS);
+    while slice.take() {
+        let Some(signal) = pending.pop_front() else {
+            break;
+        };
+        // The id moves into the state: no copy per event.
+        let Signal {
+            stream_id,
+            viewer_id,
+            ts,
+            kind,
+            ingested_at_ms,
+        } = signal;
+        ticker.counted(ingested_at_ms);
+        streams.apply(stream_id, viewer_id, ts, kind, now);
+    }
+}
+
 /// Builds the live sub-graph over the live events and the event clock (the
 /// highest `ts` seen anywhere, as [`crate::route::split_paths`] gives it).
 /// The returned stream carries, per tick, a snapshot of every active stream
@@ -686,32 +728,33 @@ pub fn live<'s>(
             let mut capability: Option<Capability<Time>> = Some(capability);
             let mut streams = LiveStreams::new(ttl, max_streams);
             let mut now: u64 = 0;
+            let timed = probes.clone();
             let mut ticker = Ticker::new(tick, probes);
             activator.activate_after(tick);
+            let mut pending: VecDeque<Signal> = VecDeque::new();
             move |(input, frontier), (clock, clock_frontier), output| {
+                let _turn = timed.turns.time(Path::Live);
                 clock.for_each_stamp(|_, batches| {
                     for batch in batches {
                         now = batch.drain(..).fold(now, u64::max);
                     }
                 });
+                // Taking the input is a move per signal; applying it is the
+                // work, and a burst is applied a slice per turn.
                 input.for_each_stamp(|_, batches| {
-                    for signal in batches.flat_map(|batch| batch.drain(..)) {
-                        // The id moves into the state: no copy per event.
-                        let Signal {
-                            stream_id,
-                            viewer_id,
-                            ts,
-                            kind,
-                            ingested_at_ms,
-                        } = signal;
-                        ticker.counted(ingested_at_ms);
-                        streams.apply(stream_id, viewer_id, ts, kind, now);
+                    for batch in batches {
+                        pending.extend(batch.drain(..));
                     }
                 });
+                apply_slice(&mut pending, &mut streams, &mut ticker, now);
+                if !pending.is_empty() {
+                    activator.activate();
+                }
                 let Some(cap) = capability.as_mut() else {
                     return;
                 };
-                let finished = frontier.is_empty() && clock_frontier.is_empty();
+                let finished =
+                    frontier.is_empty() && clock_frontier.is_empty() && pending.is_empty();
                 let started = Instant::now();
                 if finished || ticker.is_due(started) {
                     let emitted_at = wall_clock_ms();
@@ -754,6 +797,63 @@ pub fn live<'s>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A burst of several slices' worth of signals, then the end of the
+    /// input at once: the end waits for the slices, and the last snapshot
+    /// counts every signal.
+    #[test]
+    fn a_burst_is_applied_in_slices_and_all_of_it_counts() {
+        use crate::event::{Event, Position};
+        use std::cell::RefCell;
+        use std::rc::Rc;
+        use timely::dataflow::operators::{Input, Inspect, Probe};
+
+        let n = 3 * LIVE_SLICE_SIGNALS as u64 + 11;
+        let ts = 1_700_000_000_000;
+        timely::execute_directly(move |worker| {
+            let seen = Rc::new(RefCell::new(Vec::new()));
+            let sink = seen.clone();
+            let config = PipelineConfig::default();
+            let (mut input, mut clock, probe) = worker.dataflow::<Time, _, _>(|scope| {
+                let (input, stream) = scope.new_input::<Vec<Ingested>>();
+                let (clock, ticks) = scope.new_input::<Vec<u64>>();
+                let probes = Arc::new(Probes::default());
+                let probe = live(stream, ticks, &config, RouteKey::new([1, 2]), probes)
+                    .inspect(move |update: &LiveUpdate| sink.borrow_mut().push(update.clone()))
+                    .probe()
+                    .0;
+                (input, clock, probe)
+            });
+            clock.send(ts);
+            for i in 0..n {
+                input.send(Ingested {
+                    event: Event {
+                        ts,
+                        event_id: format!("e{i}").into(),
+                        stream_id: "s".into(),
+                        viewer_id: format!("v{i}").into(),
+                        kind: EventKind::Join,
+                    },
+                    position: Position {
+                        partition: 0,
+                        offset: i,
+                    },
+                    watermark: ts,
+                    ingested_at_ms: 0,
+                });
+            }
+            input.close();
+            clock.close();
+            while !probe.done() {
+                worker.step();
+            }
+            let last = seen.borrow().iter().rev().find_map(|update| match update {
+                LiveUpdate::Snapshot(s) => Some(s.viewers),
+                _ => None,
+            });
+            assert_eq!(last, Some(n));
+        });
+    }
 
     #[test]
     fn leave_on_equal_ts_wins_and_ttl_expires() {

@@ -11,6 +11,8 @@ use prometheus_client::metrics::histogram::Histogram;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
 
+use crate::turns::Turns;
+
 /// Bucket bounds (seconds) of [`Probes::tick_duration`]: a tick of a
 /// small board takes well under a millisecond, a tick near the stream
 /// bound tens of milliseconds, and one near a second is a problem.
@@ -44,6 +46,8 @@ pub struct Probes {
     /// Every input of the job has ended (a finite input read to its end):
     /// the dataflow is completing, not waiting for anything.
     pub inputs_ended: AtomicBool,
+    /// How long operator invocations take, per path (see [`crate::turns`]).
+    pub turns: Turns,
 }
 
 impl Default for Probes {
@@ -56,6 +60,7 @@ impl Default for Probes {
             event_to_tick_latency: Histogram::new(LATENCY_BUCKETS),
             last_tick_ms: AtomicU64::default(),
             inputs_ended: AtomicBool::default(),
+            turns: Turns::default(),
         }
     }
 }

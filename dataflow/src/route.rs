@@ -15,9 +15,12 @@ use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::StreamVec;
 
 use crate::event::{EventKind, Ingested};
+use crate::probe::Probes;
 use crate::time::Time;
+use crate::turns::Path;
 
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 /// The job's key for hashing producers' ids (stream ids, impression ids)
 /// to workers and arrangement keys.
@@ -67,6 +70,7 @@ pub struct Paths<'s> {
 /// every event once, on the worker that ingested it (for counters).
 pub fn split_paths<'s>(
     ingested: StreamVec<'s, Time, Ingested>,
+    probes: Arc<Probes>,
     mut on_event: impl FnMut(&EventKind) + 'static,
 ) -> Paths<'s> {
     let mut builder = OperatorBuilder::new("SplitPaths".to_owned(), ingested.scope());
@@ -80,6 +84,8 @@ pub fn split_paths<'s>(
     builder.build(move |_capabilities| {
         let mut reported: u64 = 0;
         move |_frontiers| {
+            // Ingest is timed as the source's: it is shared by both paths.
+            let _turn = probes.turns.time(Path::Source);
             let mut live = live.activate();
             let mut clock = clock.activate();
             let mut billing = billing.activate();

@@ -15,6 +15,7 @@
 use livepipe_dataflow::event::EventKind;
 use livepipe_dataflow::probe::Probes;
 use livepipe_dataflow::time::wall_clock_ms;
+use livepipe_dataflow::turns::Path;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -220,6 +221,7 @@ impl Collector for JobMetrics {
         self.encode_health(&mut encoder)?;
         self.encode_watermark(&mut encoder)?;
         self.encode_partitions(&mut encoder)?;
+        self.encode_turns(&mut encoder)?;
         self.encode_live(&mut encoder)
     }
 }
@@ -411,6 +413,36 @@ impl JobMetrics {
         )
     }
 
+    /// How long the operators of each path hold a worker per invocation:
+    /// the longest since the start, and all of them as a histogram.
+    fn encode_turns(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
+        let turns = &self.probes.turns;
+        let mut family = encoder.encode_descriptor(
+            "operator_invocation_max",
+            "The longest single invocation of an operator of the path since the start (every \
+             worker's).",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        for path in Path::ALL {
+            let labels = [("path", path.label())];
+            ConstGauge::new(turns.max_seconds(path)).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "operator_invocation",
+            "Time one invocation of an operator of the path held its worker (every worker's).",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for path in Path::ALL {
+            let labels = [("path", path.label())];
+            turns
+                .histogram(path)
+                .encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
     /// The live path: tick counts and times, latency, streams, SSE
     /// connections.
     fn encode_live(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
@@ -536,6 +568,7 @@ mod tests {
     use super::*;
     use crate::billing::Stall;
     use std::sync::atomic::AtomicI64;
+    use std::time::Duration;
 
     /// A `JobMetrics` with small known values in every field. The stall's
     /// `since_ms` is in the future so that its age is 0 whatever the clock.
@@ -574,6 +607,11 @@ mod tests {
         for seconds in [0.2, 1.5] {
             probes.event_to_tick_latency.observe(seconds);
         }
+        let turns = &probes.turns;
+        turns.record(Path::Source, Duration::from_micros(40));
+        turns.record(Path::Live, Duration::from_micros(300));
+        turns.record(Path::Live, Duration::from_micros(1_500));
+        turns.record(Path::Billing, Duration::from_millis(2));
         JobMetrics {
             events_in: Arc::new(events_in),
             rejected: Arc::new(Mutex::new(rejected)),

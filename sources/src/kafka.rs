@@ -50,6 +50,7 @@ use livepipe_dataflow::event::{Ingested, Position, RejectedRecord, RAW_KEEP_BYTE
 use livepipe_dataflow::parse::{check_clock, parse_event};
 use livepipe_dataflow::resume::{Checkpoint, Checkpoints};
 use livepipe_dataflow::time::{coarse, wall_clock_ms, Time};
+use livepipe_dataflow::turns::Path;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
@@ -865,8 +866,10 @@ pub fn kafka_source<'s>(
         let activator = scope.activator_for(info.address.clone());
         let wake = scope.worker().sync_activator_for(info.address.to_vec());
         let mut capability = Some(capability);
+        let probes = context.source.probes.clone();
         let mut reader = KafkaReader::start(context, index, &owned, wake, &mut capability);
         move |output| {
+            let _turn = probes.turns.time(Path::Source);
             let (Some(cap), Some(reader)) = (capability.as_mut(), reader.as_mut()) else {
                 return;
             };

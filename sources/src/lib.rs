@@ -18,6 +18,7 @@ pub mod prefix;
 pub mod stamp;
 
 use livepipe_dataflow::event::RejectedRecord;
+use livepipe_dataflow::probe::Probes;
 use livepipe_dataflow::resume::{Checkpoint, CheckpointOutbox, Checkpoints};
 
 use std::collections::BTreeMap;
@@ -45,4 +46,7 @@ pub struct SourceContext {
     /// Where each partition starts: the positions an earlier run committed
     /// (partitions not in it start from the beginning, or as configured).
     pub resume: Arc<BTreeMap<u32, Checkpoint>>,
+    /// Where the sources' operators time their invocations (the `source`
+    /// path of `livepipe_operator_invocation_*`).
+    pub probes: Arc<Probes>,
 }

@@ -38,6 +38,7 @@ use livepipe_dataflow::event::{Ingested, Position, RejectedRecord, RAW_KEEP_BYTE
 use livepipe_dataflow::parse::{check_clock, parse_event, Rejection};
 use livepipe_dataflow::resume::Checkpoint;
 use livepipe_dataflow::time::{coarse, wall_clock_ms, Time};
+use livepipe_dataflow::turns::Path;
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::core::OkErr;
@@ -203,7 +204,9 @@ fn read_chunks<'s>(
             .filter(|readers| !readers.is_empty())
             .map(|readers| Feed::spawn(readers, context.records_per_chunk, wake));
         let mut capability = Some(capability);
+        let probes = context.source.probes.clone();
         move |output| {
+            let _turn = probes.turns.time(Path::Source);
             let Some(cap) = capability.as_mut() else {
                 return;
             };
@@ -313,6 +316,7 @@ fn parse_chunks<'s>(
         "ParseChunks",
         move |_, _| {
             move |input, output| {
+                let _turn = context.source.probes.turns.time(Path::Source);
                 input.for_each_stamp(|cap, batches| {
                     let mut session = output.session(&cap);
                     for batch in batches {
@@ -399,6 +403,7 @@ fn clock_in_file_order<'s>(
     progress: Rc<RefCell<Progress>>,
 ) -> StreamVec<'s, Time, ChunkClock> {
     let rules = stamp_rules(context);
+    let probes = context.source.probes.clone();
     let checkpoints = context.source.checkpoints.clone();
     times.unary(
         Exchange::new(|times: &ChunkTimes| times.partition as u64),
@@ -408,6 +413,7 @@ fn clock_in_file_order<'s>(
             // they came with (the reader's time when it sent them).
             let mut waiting: BTreeMap<(u32, u64), (Capability<Time>, ChunkTimes)> = BTreeMap::new();
             move |input, output| {
+                let _turn = probes.turns.time(Path::Source);
                 input.for_each_stamp(|cap, batches| {
                     for batch in batches {
                         for times in batch.drain(..) {
@@ -477,6 +483,7 @@ fn stamp_where_parsed<'s>(
     context: &FileSourceContext,
 ) -> StreamVec<'s, Time, Ingested> {
     let rules = stamp_rules(context);
+    let probes = context.source.probes.clone();
     events.binary(
         clocks,
         Pipeline,
@@ -488,6 +495,7 @@ fn stamp_where_parsed<'s>(
             let mut events: HashMap<(u32, u64), (Capability<Time>, ParsedChunk)> = HashMap::new();
             let mut clocks: HashMap<(u32, u64), ChunkClock> = HashMap::new();
             move |input_events, input_clocks, output| {
+                let _turn = probes.turns.time(Path::Source);
                 input_events.for_each_stamp(|cap, batches| {
                     for chunk in batches.flat_map(|batch| batch.drain(..)) {
                         let held = cap.retain_least(0).expect("totally ordered time");

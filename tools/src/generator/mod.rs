@@ -21,6 +21,8 @@
 //!   impression cases billing has to get right, in every block of 10 000.
 //! * `malformed.rs`: the kinds of malformed line, each a small function.
 //! * `encoding.rs`: valid events as JSON bytes.
+//! * `spike.rs`: some kinds of event at a multiple of their rate for a
+//!   window, as a transform of the records (the benches' spikes).
 //!
 //! The parser's limits (`livepipe_dataflow::parse`) are imported, not
 //! copied: the malformed lines step exactly one past them.
@@ -31,6 +33,7 @@ mod faults;
 mod malformed;
 mod pacing;
 mod simulation;
+pub mod spike;
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
