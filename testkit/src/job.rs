@@ -406,17 +406,18 @@ pub fn wait_for(job: &mut Job, limit: Duration, what: &str, mut done: impl FnMut
 }
 
 /// File name -> bytes of every file in `dir` (none if it does not exist).
+/// A running job may rename a temporary file between the listing and the
+/// read: such a file is left out (the next poll sees its final name).
 pub fn dir_bytes(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Default::default();
     };
     entries
         .map(|e| e.unwrap().path())
-        .map(|p| {
-            (
-                p.file_name().unwrap().to_string_lossy().to_string(),
-                std::fs::read(&p).unwrap(),
-            )
+        .filter_map(|p| match std::fs::read(&p) {
+            Ok(bytes) => Some((p.file_name().unwrap().to_string_lossy().to_string(), bytes)),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+            Err(err) => panic!("reading {}: {err}", p.display()),
         })
         .collect()
 }
