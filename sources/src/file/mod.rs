@@ -219,37 +219,16 @@ fn read_chunks<'s>(
             let progress = progress.borrow();
             if let Some(Ok(feed)) = feed.as_mut() {
                 while let Some(fed) = feed.next_if(|fed| has_room(fed, &files, &progress.files)) {
-                    match fed {
-                        Fed::Chunk(chunk) => {
-                            let file = files.iter_mut().find(|f| f.partition == chunk.partition);
-                            file.expect("a file of this worker").sent += 1;
-                            output.session(&*cap).give(chunk);
-                        }
-                        Fed::End { partition } => {
-                            let file = files.iter_mut().find(|f| f.partition == partition);
-                            file.expect("a file of this worker").ended = true;
-                        }
-                        Fed::Failed { error, .. } => {
-                            (context.source.on_fatal)(error);
-                            return;
-                        }
+                    if let Err(error) =
+                        let_in(fed, &mut files, |chunk| output.session(&*cap).give(chunk))
+                    {
+                        (context.source.on_fatal)(error);
+                        return;
                     }
                 }
             }
-            // Hold time at the least watermark of the files not yet stamped
-            // to their end: the stamper emits at or after it.
             let granularity = context.source.time_granularity_ms;
-            let least = files
-                .iter()
-                .filter(|f| !f.ended || progress.files[f.partition as usize].chunks < f.sent)
-                .map(|f| {
-                    coarse(
-                        progress.files[f.partition as usize].clock.watermark(),
-                        granularity,
-                    )
-                })
-                .min();
-            match least {
+            match least_watermark(&files, &progress.files, granularity) {
                 Some(time) => cap.downgrade(&time),
                 None => {
                     // Every file of this worker is stamped to its end, and
@@ -261,6 +240,37 @@ fn read_chunks<'s>(
             }
         }
     })
+}
+
+/// Lets one message of the reading thread into the dataflow (`send`) or
+/// notes a file's end; a failed read is returned.
+fn let_in(fed: Fed, files: &mut [Feeding], send: impl FnOnce(Chunk)) -> Result<(), String> {
+    fn file(files: &mut [Feeding], partition: u32) -> &mut Feeding {
+        files
+            .iter_mut()
+            .find(|f| f.partition == partition)
+            .expect("a file of this worker")
+    }
+    match fed {
+        Fed::Chunk(chunk) => {
+            file(files, chunk.partition).sent += 1;
+            send(chunk);
+        }
+        Fed::End { partition } => file(files, partition).ended = true,
+        Fed::Failed { error } => return Err(error),
+    }
+    Ok(())
+}
+
+/// Where `ReadFiles` holds time: the least coarse watermark of the files
+/// not yet clocked to their end (the stampers emit at or after it); `None`
+/// once every file is.
+fn least_watermark(files: &[Feeding], stamped: &[Stamped], granularity: u64) -> Option<Time> {
+    files
+        .iter()
+        .filter(|f| !f.ended || stamped[f.partition as usize].chunks < f.sent)
+        .map(|f| coarse(stamped[f.partition as usize].clock.watermark(), granularity))
+        .min()
 }
 
 /// What parsing a chunk yields: the `ts`s of its valid records, for its
