@@ -587,6 +587,27 @@ impl DueIds {
     }
 }
 
+/// A cursor over the arranged facts: the trace's, or one batch's.
+trait FactCursor:
+    for<'a> Cursor<
+    Key<'a> = &'a ImpressionKey,
+    Val<'a> = &'a Fact,
+    TimeGat<'a> = &'a Time,
+    DiffGat<'a> = &'a isize,
+>
+{
+}
+
+impl<C> FactCursor for C where
+    C: for<'a> Cursor<
+        Key<'a> = &'a ImpressionKey,
+        Val<'a> = &'a Fact,
+        TimeGat<'a> = &'a Time,
+        DiffGat<'a> = &'a isize,
+    >
+{
+}
+
 /// One id's arrivals in a batch (the cursor at its key), in time order: a
 /// fact arriving after everything about a decided id retired starts it
 /// afresh, one arriving before is late. Retractions only shrink the
@@ -726,12 +747,7 @@ impl Decider {
         cap: &InputCapability<Time>,
         mut late: impl FnMut(Time, BillingEvent),
     ) where
-        C: for<'a> Cursor<
-            Key<'a> = &'a ImpressionKey,
-            Val<'a> = &'a Fact,
-            TimeGat<'a> = &'a Time,
-            DiffGat<'a> = &'a isize,
-        >,
+        C: FactCursor,
     {
         let mut arrived = Vec::new();
         while let Some(key) = cursor.get_key(batch) {
@@ -780,12 +796,7 @@ impl Decider {
         slice: &mut Slice,
         mut emit: impl FnMut(BillingEvent),
     ) where
-        C: for<'a> Cursor<
-            Key<'a> = &'a ImpressionKey,
-            Val<'a> = &'a Fact,
-            TimeGat<'a> = &'a Time,
-            DiffGat<'a> = &'a isize,
-        >,
+        C: FactCursor,
     {
         let mut facts = Vec::new();
         while ids.pending() && slice.take() {
