@@ -48,7 +48,7 @@ use livepipe_tools::generator::{write_jsonl, GenConfig};
 
 use common::kafka_replay::{consume_floor, done_markers, livepipe_replay, LoadedTopic};
 use common::live::{percentile, FinalityWatch, Job, Prober};
-use common::spikes::{phases, print_table, windows, Invocations, Row, SpikedTraffic};
+use common::spikes::{phases, print_table, windows, Invocations, Row};
 use livepipe_tools::generator::spike::SpikeKind;
 use testkit::kafka::mock_cluster;
 use testkit::kafka::Traffic;
@@ -340,7 +340,7 @@ fn spikes() {
     let spikes = windows(&phases, first_phase_ms, length, multiplier);
     let cluster = mock_cluster("events", 4);
     let brokers = cluster.bootstrap_servers();
-    let _traffic = SpikedTraffic::start(&brokers, "events", rate, spikes);
+    let _traffic = testkit::kafka::Traffic::with_spikes(&brokers, "events", rate, spikes);
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-spikes");
     let (period, window) = (
         FINALITY_PERIOD_MS.to_string(),

@@ -2,72 +2,19 @@
 //! a chat and join storm, and what creators and billing feel before,
 //! during and after each.
 //!
-//! Traffic is the generator at a steady total rate with `ts` = now (as
-//! [`testkit::kafka::Traffic`], which it mirrors), passed through
-//! [`Spiked`]: the spiked kinds come at `multiplier` times their usual rate
+//! Traffic is the generator at a steady total rate with `ts` = now
+//! ([`testkit::kafka::Traffic::with_spikes`]), passed through the
+//! generator's `Spiked`: the spiked kinds come at `multiplier` times their usual rate
 //! inside each window, everything else is unchanged. The windows are in
 //! event time, which is the wall clock here, so they are laid out before
 //! the traffic starts and the phases of the measurement follow them.
 
-use livepipe_tools::generator::spike::{Spike, SpikeKind, Spiked};
-use livepipe_tools::generator::{GenConfig, Generator};
-use livepipe_tools::publish::{producer_config, publish, Pace, PublishStats};
+use livepipe_tools::generator::spike::{Spike, SpikeKind};
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use testkit::now_ms;
-
 use super::live::{percentile, FinalityWatch, Job, Phase};
-
-/// Spiked traffic into a topic until dropped.
-pub struct SpikedTraffic {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl SpikedTraffic {
-    pub fn start(brokers: &str, topic: &str, rate: u64, spikes: Vec<Spike>) -> SpikedTraffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (brokers, topic, flag) = (brokers.to_string(), topic.to_string(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let records = Generator::new(&GenConfig {
-                events: u64::MAX,
-                start_ts: now_ms(),
-                rate,
-                ..GenConfig::default()
-            });
-            publish(
-                &producer_config(&brokers, &[]),
-                &topic,
-                Spiked::new(records, spikes),
-                Pace {
-                    max_rate: None,
-                    follow_clock: true,
-                },
-                &flag,
-                Arc::new(PublishStats::default()),
-                Duration::from_secs(5),
-            )
-            .expect("spiked traffic");
-        });
-        SpikedTraffic {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for SpikedTraffic {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
 
 /// The phases of a run, in order: a name and the spike it runs under.
 pub fn phases(kinds: &[SpikeKind]) -> Vec<(String, Option<SpikeKind>)> {

@@ -3,6 +3,7 @@
 //! process (`LIVEPIPE_TEST_KAFKA`, started by `.ci/run`).
 
 use crate::now_ms;
+use livepipe_tools::generator::spike::{Spike, Spiked};
 use livepipe_tools::generator::{GenConfig, Generator};
 use livepipe_tools::publish::{ensure_topic, producer_config, publish, Pace, PublishStats};
 
@@ -123,6 +124,12 @@ pub struct Traffic {
 
 impl Traffic {
     pub fn start(brokers: &str, topic: &str, rate: u64) -> Traffic {
+        Traffic::with_spikes(brokers, topic, rate, Vec::new())
+    }
+
+    /// The same traffic with the kinds of `spikes` at their multiplier
+    /// inside each spike's window of event time (the spike bench).
+    pub fn with_spikes(brokers: &str, topic: &str, rate: u64, spikes: Vec<Spike>) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (brokers, topic, stop) = (brokers.to_string(), topic.to_string(), stop.clone());
@@ -136,7 +143,7 @@ impl Traffic {
                 publish(
                     &producer_config(&brokers, &[]),
                     &topic,
-                    records,
+                    Spiked::new(records, spikes),
                     Pace {
                         max_rate: None,
                         follow_clock: true,
