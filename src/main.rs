@@ -261,12 +261,20 @@ fn default_http(process: usize) -> std::net::SocketAddr {
 
 /// The flag that SIGINT and SIGTERM set for a graceful stop; a second
 /// signal ends the process at once (exit 1).
+///
+/// The job also sets the returned flag when a peer of its cluster
+/// announces a stop, so a second signal is counted on a flag of its own:
+/// an orchestrator that signals every process at once must not turn the
+/// stop a process heard from its peer into a forced exit.
 fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
+    let signalled = Arc::new(AtomicBool::new(false));
     for signal in [SIGINT, SIGTERM] {
         // Order matters: the conditional shutdown sees the flag set by an
         // earlier signal before this one sets it again.
-        signal_hook::flag::register_conditional_shutdown(signal, 1, stop.clone())
+        signal_hook::flag::register_conditional_shutdown(signal, 1, signalled.clone())
+            .context("installing signal handlers")?;
+        signal_hook::flag::register(signal, signalled.clone())
             .context("installing signal handlers")?;
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
     }
