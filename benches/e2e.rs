@@ -205,6 +205,20 @@ fn growth() {
     }
 }
 
+/// The job the live and spike parts measure: short billing periods and
+/// window, so that several periods finalize within a phase.
+fn finality_job(brokers: &str, dir: &Path) -> Job {
+    let period = FINALITY_PERIOD_MS.to_string();
+    let window = FINALITY_WINDOW_MS.to_string();
+    let flags = [
+        "--billing-period-ms",
+        &period,
+        "--qualify-window-ms",
+        &window,
+    ];
+    Job::start(brokers, "events", dir, &flags)
+}
+
 fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut values: Vec<f64> = values.collect();
     values.sort_by(f64::total_cmp);
@@ -223,19 +237,7 @@ fn live_and_finality() {
     let brokers = cluster.bootstrap_servers();
     let _traffic = Traffic::start(&brokers, "events", 1_000);
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-live");
-    let period = FINALITY_PERIOD_MS.to_string();
-    let window = FINALITY_WINDOW_MS.to_string();
-    let job = Job::start(
-        &brokers,
-        "events",
-        &dir,
-        &[
-            "--billing-period-ms",
-            &period,
-            "--qualify-window-ms",
-            &window,
-        ],
-    );
+    let job = finality_job(&brokers, &dir);
     let mut prober = Prober::new(&brokers, "events", &job.base);
     // Steady state first.
     let _ = prober.phase(Duration::from_secs(10), || {});
@@ -342,21 +344,7 @@ fn spikes() {
     let brokers = cluster.bootstrap_servers();
     let _traffic = testkit::kafka::Traffic::with_spikes(&brokers, "events", rate, spikes);
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-spikes");
-    let (period, window) = (
-        FINALITY_PERIOD_MS.to_string(),
-        FINALITY_WINDOW_MS.to_string(),
-    );
-    let job = Job::start(
-        &brokers,
-        "events",
-        &dir,
-        &[
-            "--billing-period-ms",
-            &period,
-            "--qualify-window-ms",
-            &window,
-        ],
-    );
+    let job = finality_job(&brokers, &dir);
     let mut prober = Prober::new(&brokers, "events", &job.base);
     let until_first = first_phase_ms.saturating_sub(testkit::now_ms());
     let _ = prober.phase(Duration::from_millis(until_first), || {});
