@@ -27,8 +27,9 @@ use timely::dataflow::{Scope, StreamVec};
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
+use timely::scheduling::SyncActivator;
 
 /// A record boundary in one partition.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +131,10 @@ pub struct CheckpointOutbox {
     queue: Mutex<Vec<(u32, Checkpoint)>>,
     /// Set by the worker's sources once they will record nothing more.
     closed: AtomicBool,
+    /// Wakes [`ship_checkpoints`] on close, so the end of an input is seen
+    /// at once rather than at its next poll (a finite run would otherwise
+    /// idle up to `SHIP_EVERY` before it can end).
+    wake: OnceLock<SyncActivator>,
 }
 
 impl CheckpointOutbox {
@@ -145,6 +150,10 @@ impl CheckpointOutbox {
     /// No more checkpoints will come from this worker (its inputs ended).
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
+        if let Some(wake) = self.wake.get() {
+            // An error means the worker is gone; nothing is left to wake.
+            let _ = wake.activate();
+        }
     }
 
     fn take(&self) -> Vec<(u32, Checkpoint)> {
@@ -167,6 +176,9 @@ pub fn ship_checkpoints<'s>(
     outbox: std::sync::Arc<CheckpointOutbox>,
 ) -> StreamVec<'s, Time, (u32, Checkpoint)> {
     source(scope, "ShipCheckpoints", move |capability, info| {
+        let _ = outbox
+            .wake
+            .set(scope.worker().sync_activator_for(info.address.to_vec()));
         let activator = scope.activator_for(info.address);
         let mut capability = Some(capability);
         activator.activate();
