@@ -52,7 +52,7 @@ use livepipe_sources::kafka::{
     spawn_high_watermarks, BrokerHealth, KafkaSettings, KafkaSourceContext, KafkaStatus,
     SetupError,
 };
-use livepipe_sources::prefix::prefix_digest;
+use livepipe_sources::prefix::{prefix_digest, prefix_sha256};
 use livepipe_sources::SourceContext;
 use timely::communication::AllocatorBuilder;
 use timely::dataflow::operators::vec::Broadcast;
@@ -949,7 +949,7 @@ fn prepare_ledger(
         .collect();
     let gaps = match &job.input {
         Input::Files { paths, .. } => {
-            check_file_prefixes(&job.out, paths, &positions)?;
+            check_file_prefixes(&job.out, paths, &positions, &mut resume)?;
             Vec::new()
         }
         Input::Kafka(settings) => resume_kafka(settings, partitions, &mut resume)?,
@@ -1006,11 +1006,15 @@ fn replace_earlier_demo(out: &std::path::Path) -> anyhow::Result<()> {
 
 /// Every file must still start with the bytes the ledger's position was
 /// taken on (its digest is in the position): a file that grew resumes,
-/// another file under the same name is another input.
+/// another file under the same name is another input. A position digested
+/// with SHA-256 (an older ledger) is checked with it, and its checkpoint in
+/// `resume` is given the BLAKE3 digest of the same bytes, the one the file
+/// source compares and records from then on.
 fn check_file_prefixes(
     out: &std::path::Path,
     paths: &[PathBuf],
     positions: &BTreeMap<u32, ResumePosition>,
+    resume: &mut BTreeMap<u32, Checkpoint>,
 ) -> anyhow::Result<()> {
     let mut differ = Vec::new();
     for (&partition, position) in positions {
@@ -1020,9 +1024,22 @@ fn check_file_prefixes(
         if checkpoint.byte == 0 {
             continue;
         }
-        let digest = prefix_digest(path, checkpoint.byte)
-            .map_err(|err| UsageError(format!("--input {}: cannot read: {err}", path.display())))?;
-        if digest.is_none() || digest != checkpoint.prefix_sha256 {
+        let cannot_read = |err: std::io::Error| {
+            UsageError(format!("--input {}: cannot read: {err}", path.display()))
+        };
+        let digest = prefix_digest(path, checkpoint.byte).map_err(cannot_read)?;
+        let same = match position.prefix_sha256 {
+            Some(sha256) => {
+                let same =
+                    prefix_sha256(path, checkpoint.byte).map_err(cannot_read)? == Some(sha256);
+                if let Some(resumed) = resume.get_mut(&partition).filter(|_| same) {
+                    resumed.prefix_blake3 = digest;
+                }
+                same
+            }
+            None => digest.is_some() && digest == checkpoint.prefix_blake3,
+        };
+        if !same {
             differ.push(format!(
                 "{}: its first {} bytes ({} lines) are not the ones the ledger read from `{}`{}",
                 path.display(),

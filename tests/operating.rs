@@ -13,7 +13,8 @@ use livepipe_tools::generator::{GenConfig, Generator};
 use rdkafka::mocking::MockCluster;
 use testkit::kafka::{generated_traffic, loaded_mock_topic, publish_all};
 use testkit::outputs::{
-    assert_ledger_matches, billing_files, query_strings, reference, wait_for_all_files,
+    assert_ledger_matches, billing_files, positions_as_sha256, query_strings, reference,
+    wait_for_all_files,
 };
 use testkit::{http_get, livepipe, topic_args, topic_job, wait_for, write_jsonl, Job};
 
@@ -171,6 +172,54 @@ fn another_file_under_the_same_name_is_refused_and_an_appended_one_resumes() {
     );
     assert_coverage_without_holes(&files);
     assert_ledger_matches(&out, &files);
+}
+
+#[test]
+fn positions_an_earlier_livepipe_digested_with_sha256_are_still_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (file, out) = (dir.path().join("x.jsonl"), dir.path().join("out"));
+    let first = traffic(20_000, 65, START);
+    write_jsonl(&file, &first);
+    assert_exit(&run_file(&file, &out, &["--workers", "2"]), 0);
+    positions_as_sha256(&out.join("ledger.sqlite"), &file);
+    let before = state(&out);
+
+    write_jsonl(&file, &traffic(20_000, 66, START));
+    let refused = run_file(&file, &out, &[]);
+    assert_exit(&refused, 2);
+    assert!(
+        said(&refused).contains("belongs to another input"),
+        "{}",
+        said(&refused)
+    );
+    assert_eq!(state(&out), before, "nothing under --out changed");
+
+    let end = START + 20_000 / 400 * 1_000;
+    let mut grown = first.clone();
+    grown.extend(traffic(20_000, 67, end + 3_600_000));
+    write_jsonl(&file, &grown);
+    assert_exit(&run_file(&file, &out, &["--workers", "2"]), 0);
+    let files = billing_files(&out);
+    assert_eq!(
+        billed_rows(&files),
+        billed_rows(&reference(&grown).files),
+        "billed as if the whole file had been read at once"
+    );
+    // The positions written since carry BLAKE3, and a third run on the
+    // same file checks it and changes nothing.
+    let conn = rusqlite::Connection::open(out.join("ledger.sqlite")).unwrap();
+    let (sha256, blake3): (Option<String>, Option<String>) = conn
+        .query_row(
+            "SELECT prefix_sha256, prefix_blake3 FROM positions",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(sha256, None);
+    assert_eq!(blake3.map(|hex| hex.len()), Some(64));
+    let grown_state = state(&out);
+    assert_exit(&run_file(&file, &out, &[]), 0);
+    assert_eq!(state(&out), grown_state);
 }
 
 /// Markers cover consecutive periods, one after the other.

@@ -295,9 +295,11 @@ fn bad_flags_exit_2_saying_what_to_fix() {
     }
 }
 
-/// Takes a ledger back to the schema of the previous livepipe (version 0:
-/// no duplicates column, no late table), as if that version wrote it.
-fn downgrade(ledger: &Path) {
+/// Takes a ledger back to the schema of the livepipe before the report
+/// (version 0: no duplicates column, no late table, SHA-256 positions), as
+/// if that version wrote it.
+fn downgrade(ledger: &Path, input: &Path) {
+    testkit::outputs::positions_as_sha256(ledger, input);
     let conn = rusqlite::Connection::open(ledger).unwrap();
     conn.execute_batch(
         "DROP TABLE late; ALTER TABLE finalized DROP COLUMN duplicates;
@@ -312,7 +314,7 @@ fn a_ledger_of_the_previous_schema_is_reported_and_resumed() {
     let dir = tempfile::tempdir().unwrap();
     let out = generated_run(dir.path());
     let before = report_json(&out, &[]);
-    downgrade(&out.join("ledger.sqlite"));
+    downgrade(&out.join("ledger.sqlite"), &dir.path().join("events.jsonl"));
 
     let old = report_json(&out, &[]);
     assert_eq!(report_sums(&old), report_sums(&before));
@@ -327,7 +329,7 @@ fn a_ledger_of_the_previous_schema_is_reported_and_resumed() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 1);
+    assert_eq!(version, 2);
     let after = report_json(&out, &[]);
     assert_eq!(report_sums(&after), report_sums(&before));
     assert!(!after["notes"].to_string().contains("earlier livepipe"));

@@ -41,12 +41,12 @@ pub struct Checkpoint {
     pub byte: u64,
     /// Highest valid `ts` of the partition's records before `offset`.
     pub max_ts: Option<u64>,
-    /// Files: SHA-256 of the file's bytes before `byte`, its identity up to
+    /// Files: BLAKE3 of the file's bytes before `byte`, its identity up to
     /// here. A resumed run checks it, so that another file under the same
     /// name is refused rather than read from the middle (docs/operations.md,
     /// "Changing rules, inputs and topics safely").
     /// Kafka: `None` (a topic's identity is checked through its offsets).
-    pub prefix_sha256: Option<[u8; 32]>,
+    pub prefix_blake3: Option<[u8; 32]>,
 }
 
 /// Recent checkpoints of every partition, kept by the billing sink (which
@@ -211,7 +211,7 @@ mod tests {
             offset,
             byte: offset * 10,
             max_ts: Some(max_ts),
-            prefix_sha256: None,
+            prefix_blake3: None,
         }
     }
 

@@ -413,6 +413,7 @@ impl BillingSink {
             let position = ResumePosition {
                 source: source_name(&self.sources, partition).to_string(),
                 checkpoint: *checkpoint,
+                prefix_sha256: None,
             };
             commit.set_position(partition, &position)?;
         }

@@ -87,6 +87,11 @@ const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (partition, record_offset)
      ) WITHOUT ROWID;
      CREATE INDEX IF NOT EXISTS late_by_period ON late (period_start);",
+    // 2: file prefixes are digested with BLAKE3. This livepipe writes
+    // `prefix_blake3` and clears `prefix_sha256`; a position that still has
+    // a SHA-256 (written before, or by an earlier livepipe since) is
+    // checked with SHA-256 (see `ResumePosition::prefix_sha256`).
+    "ALTER TABLE positions ADD COLUMN prefix_blake3 TEXT;",
 ];
 
 /// The schema version this livepipe writes.
@@ -98,6 +103,10 @@ pub struct ResumePosition {
     /// The file path or topic the partition belongs to.
     pub source: String,
     pub checkpoint: Checkpoint,
+    /// A file position recorded with SHA-256 (by a livepipe before schema
+    /// version 2): its `checkpoint` has no BLAKE3 digest; the file's prefix
+    /// is checked against this one instead.
+    pub prefix_sha256: Option<[u8; 32]>,
 }
 
 /// One row of a billing file, in file column order.
@@ -169,12 +178,33 @@ impl Ledger {
             .map(|end| end.map(|end| end as u64))
     }
 
+    fn has_column(&self, table: &str, column: &str) -> bool {
+        // Both names are our own constants, never input.
+        self.conn
+            .prepare(&format!("SELECT {column} FROM {table} LIMIT 0"))
+            .is_ok()
+    }
+
     /// The committed resume position of every partition.
     pub fn positions(&self) -> rusqlite::Result<BTreeMap<u32, ResumePosition>> {
         let mut stmt = self
             .conn
-            .prepare("SELECT partition, source, next_offset, byte_offset, max_ts, prefix_sha256 FROM positions")?;
+            .prepare(if self.has_column("positions", "prefix_blake3") {
+                "SELECT partition, source, next_offset, byte_offset, max_ts, prefix_sha256,
+                     prefix_blake3 FROM positions"
+            } else {
+                // Not migrated yet: the job checks a ledger before it
+                // changes anything in it, migrations included.
+                "SELECT partition, source, next_offset, byte_offset, max_ts, prefix_sha256,
+                     NULL FROM positions"
+            })?;
+        let digest =
+            |text: Option<String>| -> Option<[u8; 32]> { hex::decode(text?).ok()?.try_into().ok() };
         let rows = stmt.query_map([], |row| {
+            let prefix_sha256 = digest(row.get(5)?);
+            // A SHA-256 wins: this livepipe clears it whenever it writes a
+            // position, so one that is set was written after any BLAKE3.
+            let prefix_blake3 = digest(row.get(6)?).filter(|_| prefix_sha256.is_none());
             Ok((
                 row.get::<_, i64>(0)? as u32,
                 ResumePosition {
@@ -183,11 +213,9 @@ impl Ledger {
                         offset: row.get::<_, i64>(2)? as u64,
                         byte: row.get::<_, i64>(3)? as u64,
                         max_ts: row.get::<_, Option<i64>>(4)?.map(|ts| ts as u64),
-                        prefix_sha256: row
-                            .get::<_, Option<String>>(5)?
-                            .and_then(|text| hex::decode(text).ok())
-                            .and_then(|bytes| bytes.try_into().ok()),
+                        prefix_blake3,
                     },
+                    prefix_sha256,
                 },
             ))
         })?;
@@ -399,10 +427,10 @@ impl Commit<'_> {
         self.tx
             .prepare_cached(
                 "INSERT INTO positions (partition, source, next_offset, byte_offset, max_ts,
-                     prefix_sha256)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     prefix_blake3, prefix_sha256)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT (partition) DO UPDATE SET source = ?2, next_offset = ?3,
-                     byte_offset = ?4, max_ts = ?5, prefix_sha256 = ?6",
+                     byte_offset = ?4, max_ts = ?5, prefix_blake3 = ?6, prefix_sha256 = ?7",
             )?
             .execute(params![
                 partition as i64,
@@ -410,7 +438,8 @@ impl Commit<'_> {
                 checkpoint.offset as i64,
                 checkpoint.byte as i64,
                 checkpoint.max_ts.map(|ts| ts as i64),
-                checkpoint.prefix_sha256.map(hex::encode),
+                checkpoint.prefix_blake3.map(hex::encode),
+                position.prefix_sha256.map(hex::encode),
             ])?;
         Ok(())
     }

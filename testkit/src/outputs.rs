@@ -152,3 +152,28 @@ fn parse_lines(text: &str) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// Takes a file job's ledger resume positions back to what a livepipe before
+/// schema version 2 wrote: SHA-256 prefix digests, no BLAKE3 column.
+pub fn positions_as_sha256(ledger: &Path, input: &Path) {
+    use sha2::Digest;
+    let conn = rusqlite::Connection::open(ledger).unwrap();
+    let positions: Vec<(i64, i64)> = conn
+        .prepare("SELECT partition, byte_offset FROM positions")
+        .unwrap()
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let bytes = std::fs::read(input).unwrap();
+    for (partition, byte) in positions {
+        let digest = hex::encode(sha2::Sha256::digest(&bytes[..byte as usize]));
+        conn.execute(
+            "UPDATE positions SET prefix_sha256 = ?1 WHERE partition = ?2",
+            rusqlite::params![digest, partition],
+        )
+        .unwrap();
+    }
+    conn.execute_batch("ALTER TABLE positions DROP COLUMN prefix_blake3; PRAGMA user_version = 1;")
+        .unwrap();
+}

@@ -99,7 +99,7 @@ struct ParsedChunk {
     events: Vec<(u64, livepipe_dataflow::event::Event)>,
     next_line: u64,
     end_byte: u64,
-    prefix_sha256: [u8; 32],
+    prefix_blake3: [u8; 32],
 }
 
 /// How far the stamper has got with each file; shared with the reader.
@@ -293,7 +293,7 @@ struct ChunkTimes {
     ts: Vec<u64>,
     next_line: u64,
     end_byte: u64,
-    prefix_sha256: [u8; 32],
+    prefix_blake3: [u8; 32],
 }
 
 /// The file's clock just before a chunk, sent back to the worker holding
@@ -386,7 +386,7 @@ fn parse_chunk(chunk: Chunk, names: &[Arc<str>], context: &FileSourceContext) ->
         events,
         next_line: chunk.next_line,
         end_byte: chunk.end_byte,
-        prefix_sha256: chunk.prefix_sha256,
+        prefix_blake3: chunk.prefix_blake3,
     }
 }
 
@@ -399,7 +399,7 @@ impl ParsedChunk {
             ts: self.events.iter().map(|(_, event)| event.ts).collect(),
             next_line: self.next_line,
             end_byte: self.end_byte,
-            prefix_sha256: self.prefix_sha256,
+            prefix_blake3: self.prefix_blake3,
         }
     }
 }
@@ -480,7 +480,7 @@ fn run_clock(
         offset: times.next_line,
         byte: times.end_byte,
         max_ts: clock.max_ts(),
-        prefix_sha256: Some(times.prefix_sha256),
+        prefix_blake3: Some(times.prefix_blake3),
     };
     (before, checkpoint)
 }

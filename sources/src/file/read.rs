@@ -41,8 +41,8 @@ pub(super) struct Chunk {
     /// resumes once this chunk is stamped.
     pub next_line: u64,
     pub end_byte: u64,
-    /// SHA-256 of the file's bytes before `end_byte`.
-    pub prefix_sha256: [u8; 32],
+    /// BLAKE3 of the file's bytes before `end_byte`.
+    pub prefix_blake3: [u8; 32],
 }
 
 /// What a reading thread hands its worker.
@@ -95,7 +95,7 @@ impl Reader {
             path: path.to_path_buf(),
             partition,
             reader: None,
-            start_digest: start.prefix_sha256,
+            start_digest: start.prefix_blake3,
             line: start.offset - 1,
             byte: start.byte,
             chunks_sent: 0,
@@ -228,7 +228,7 @@ fn read_chunk(reader: &mut Reader, records_per_chunk: usize) -> io::Result<Optio
     reader.last_chunk_bytes = chunk.bytes.len();
     chunk.next_line = reader.line + 1;
     chunk.end_byte = reader.byte;
-    chunk.prefix_sha256 = digest;
+    chunk.prefix_blake3 = digest;
     reader.chunks_sent += 1;
     Ok(Some(chunk))
 }
