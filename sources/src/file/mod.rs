@@ -24,6 +24,10 @@
 //!    the very arithmetic the owner ran, so every record gets exactly the
 //!    watermark it would have had if one thread had read the file.
 //!
+//! A process of one worker has its reading thread parse too (step 2 moves
+//! into step 1, see [`FileSourceContext::parse_while_reading`]); the rest
+//! is the same.
+//!
 //! The reader's capability follows the file clocks (they share them, being
 //! on the same worker), so a stamper may always emit at the coarse
 //! watermark. A file stops holding time back once it is read and clocked to
@@ -69,6 +73,12 @@ pub struct FileSourceContext {
     pub source: SourceContext,
     /// Records per chunk dealt out for parsing ([`RECORDS_PER_CHUNK`]).
     pub records_per_chunk: usize,
+    /// The reading thread parses the chunks it reads, instead of the
+    /// workers. For a process of one worker: that worker is the job's
+    /// bottleneck, and without this the reading thread leaves most of a
+    /// second core idle. With more workers the parsing is spread over them,
+    /// and one reading thread parsing a whole file would be the bottleneck.
+    pub parse_while_reading: bool,
 }
 
 /// Checks up front that every input can be opened, so a typo is a usage
@@ -92,7 +102,7 @@ pub fn check_inputs(paths: &[PathBuf]) -> Result<(), String> {
 }
 
 /// The valid events of one chunk, with their line numbers.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct ParsedChunk {
     partition: u32,
     seq: u64,
@@ -142,8 +152,8 @@ pub fn file_source<'s>(
         files,
         wake_reader: None,
     }));
-    let chunks = read_chunks(scope, paths, &context, progress.clone());
-    let (times, events) = parse_chunks(chunks, names, &context);
+    let chunks = read_chunks(scope, paths, &names, &context, progress.clone());
+    let (times, events) = parse_chunks(chunks, ChunkParser::new(&names, &context.source));
     let clocks = clock_in_file_order(times, &context, progress);
     stamp_where_parsed(events, clocks, &context)
 }
@@ -175,6 +185,7 @@ fn has_room(fed: &Fed, files: &[Feeding], stamped: &[Stamped]) -> bool {
 fn read_chunks<'s>(
     scope: Scope<'s, Time>,
     paths: &[PathBuf],
+    names: &[Arc<str>],
     context: &FileSourceContext,
     progress: Rc<RefCell<Progress>>,
 ) -> StreamVec<'s, Time, Chunk> {
@@ -200,9 +211,12 @@ fn read_chunks<'s>(
         // capability follows it, and a file held back may go on.
         progress.borrow_mut().wake_reader = Some(scope.activator_for(info.address.clone()));
         let wake = scope.worker().sync_activator_for(info.address.to_vec());
+        let parser = context
+            .parse_while_reading
+            .then(|| ChunkParser::new(names, &context.source));
         let mut feed = Some(readers)
             .filter(|readers| !readers.is_empty())
-            .map(|readers| Feed::spawn(readers, context.records_per_chunk, wake));
+            .map(|readers| Feed::spawn(readers, context.records_per_chunk, parser, wake));
         let mut capability = Some(capability);
         let probes = context.source.probes.clone();
         move |output| {
@@ -309,30 +323,33 @@ struct ChunkClock {
     wall_ms: u64,
 }
 
-/// Stage 2: any worker parses a chunk; rejections go out from here.
+/// Stage 2: any worker parses a chunk (unless its reading thread did);
+/// rejections go out from here.
 fn parse_chunks<'s>(
     chunks: StreamVec<'s, Time, Chunk>,
-    names: Vec<Arc<str>>,
-    context: &FileSourceContext,
+    parser: ChunkParser,
 ) -> (
     StreamVec<'s, Time, ChunkTimes>,
     StreamVec<'s, Time, ParsedChunk>,
 ) {
-    let context = context.clone();
-    let parser = chunks.scope().index();
+    let worker = chunks.scope().index();
+    let probes = parser.probes.clone();
     let parsed: StreamVec<'s, Time, Parsed> = chunks.unary(
         // Deal chunks round-robin over the workers.
         Exchange::new(|chunk: &Chunk| chunk.seq.wrapping_add(chunk.partition as u64)),
         "ParseChunks",
         move |_, _| {
             move |input, output| {
-                let _turn = context.source.probes.turns.time(Path::Source);
+                let _turn = probes.turns.time(Path::Source);
                 input.for_each_stamp(|cap, batches| {
                     let mut session = output.session(&cap);
                     for batch in batches {
-                        for chunk in batch.drain(..) {
-                            let events = parse_chunk(chunk, &names, &context);
-                            session.give(Parsed::Times(events.times(parser)));
+                        for mut chunk in batch.drain(..) {
+                            let events = match chunk.parsed.take() {
+                                Some(parsed) => *parsed,
+                                None => parser.parse(chunk),
+                            };
+                            session.give(Parsed::Times(events.times(worker)));
                             session.give(Parsed::Events(events));
                         }
                     }
@@ -346,47 +363,66 @@ fn parse_chunks<'s>(
     })
 }
 
-fn parse_chunk(chunk: Chunk, names: &[Arc<str>], context: &FileSourceContext) -> ParsedChunk {
-    // Event time is never in the future, whatever the source: a `ts` more
-    // than 10 minutes ahead of the wall clock (read once per chunk) is
-    // rejected, so it cannot drag the file's watermark forward.
-    let wall_ms = wall_clock_ms();
-    let mut events = Vec::with_capacity(chunk.ends.len());
-    let mut start = 0usize;
-    let mut oversized = chunk.oversized.iter().peekable();
-    for (i, &end) in chunk.ends.iter().enumerate() {
-        let record = &chunk.bytes[start..end as usize];
-        start = end as usize;
-        let offset = chunk.first_line + i as u64;
-        let parsed = if oversized.next_if_eq(&&(i as u32)).is_some() {
-            Err(Rejection::TooLarge)
-        } else {
-            parse_event(record).and_then(|event| check_clock(event.ts, wall_ms).map(|_| event))
-        };
-        match parsed {
-            Ok(event) => events.push((offset, event)),
-            Err(rejection) => (context.source.on_reject)(RejectedRecord {
-                source: names[chunk.partition as usize].clone(),
-                position: Position {
-                    partition: chunk.partition,
-                    offset,
-                },
-                reason: rejection.code(),
-                raw: record[..record.len().min(RAW_KEEP_BYTES)].to_vec(),
-            }),
+/// Parses chunks into events, and sends their rejected records to the
+/// dead-letter output: on a worker, or on a reading thread.
+struct ChunkParser {
+    /// Each file's name, by partition, for the dead-letter records.
+    names: Vec<Arc<str>>,
+    on_reject: Arc<dyn Fn(RejectedRecord) + Send + Sync>,
+    records_read: Arc<std::sync::atomic::AtomicU64>,
+    probes: Arc<livepipe_dataflow::probe::Probes>,
+}
+
+impl ChunkParser {
+    fn new(names: &[Arc<str>], source: &SourceContext) -> Self {
+        ChunkParser {
+            names: names.to_vec(),
+            on_reject: source.on_reject.clone(),
+            records_read: source.records_read.clone(),
+            probes: source.probes.clone(),
         }
     }
-    context
-        .source
-        .records_read
-        .fetch_add(chunk.ends.len() as u64, Ordering::Relaxed);
-    ParsedChunk {
-        partition: chunk.partition,
-        seq: chunk.seq,
-        events,
-        next_line: chunk.next_line,
-        end_byte: chunk.end_byte,
-        prefix_blake3: chunk.prefix_blake3,
+
+    fn parse(&self, chunk: Chunk) -> ParsedChunk {
+        // Event time is never in the future, whatever the source: a `ts`
+        // more than 10 minutes ahead of the wall clock (read once per chunk)
+        // is rejected, so it cannot drag the file's watermark forward.
+        let wall_ms = wall_clock_ms();
+        let mut events = Vec::with_capacity(chunk.ends.len());
+        let mut start = 0usize;
+        let mut oversized = chunk.oversized.iter().peekable();
+        for (i, &end) in chunk.ends.iter().enumerate() {
+            let record = &chunk.bytes[start..end as usize];
+            start = end as usize;
+            let offset = chunk.first_line + i as u64;
+            let parsed = if oversized.next_if_eq(&&(i as u32)).is_some() {
+                Err(Rejection::TooLarge)
+            } else {
+                parse_event(record).and_then(|event| check_clock(event.ts, wall_ms).map(|_| event))
+            };
+            match parsed {
+                Ok(event) => events.push((offset, event)),
+                Err(rejection) => (self.on_reject)(RejectedRecord {
+                    source: self.names[chunk.partition as usize].clone(),
+                    position: Position {
+                        partition: chunk.partition,
+                        offset,
+                    },
+                    reason: rejection.code(),
+                    raw: record[..record.len().min(RAW_KEEP_BYTES)].to_vec(),
+                }),
+            }
+        }
+        self.records_read
+            .fetch_add(chunk.ends.len() as u64, Ordering::Relaxed);
+        ParsedChunk {
+            partition: chunk.partition,
+            seq: chunk.seq,
+            events,
+            next_line: chunk.next_line,
+            end_byte: chunk.end_byte,
+            prefix_blake3: chunk.prefix_blake3,
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 //! by at most [`FEED_DEPTH`] chunks; the worker decides how many of them
 //! enter the dataflow (see `CHUNKS_IN_FLIGHT` in the parent module).
 
+use super::{ChunkParser, ParsedChunk};
 use crate::prefix::DigestingReader;
 use crate::SourceContext;
 use livepipe_dataflow::lines::append_record;
@@ -43,6 +44,9 @@ pub(super) struct Chunk {
     pub end_byte: u64,
     /// BLAKE3 of the file's bytes before `end_byte`.
     pub prefix_blake3: [u8; 32],
+    /// The chunk as its reading thread parsed it (then `bytes` and `ends`
+    /// are empty), when it parses (`FileSourceContext::parse_while_reading`).
+    pub parsed: Option<Box<ParsedChunk>>,
 }
 
 /// What a reading thread hands its worker.
@@ -137,6 +141,7 @@ impl Feed {
     pub fn spawn(
         mut readers: Vec<Reader>,
         records_per_chunk: usize,
+        parser: Option<ChunkParser>,
         wake: SyncActivator,
     ) -> io::Result<Self> {
         let (sender, receiver) = sync_channel(FEED_DEPTH);
@@ -146,7 +151,17 @@ impl Feed {
                 while !readers.is_empty() {
                     let mut finished = Vec::new();
                     for (i, reader) in readers.iter_mut().enumerate() {
-                        let fed = reader.next(records_per_chunk);
+                        let mut fed = reader.next(records_per_chunk);
+                        if let (Fed::Chunk(chunk), Some(parser)) = (&mut fed, &parser) {
+                            let (partition, seq) = (chunk.partition, chunk.seq);
+                            let parsed = parser.parse(std::mem::take(chunk));
+                            *chunk = Chunk {
+                                partition,
+                                seq,
+                                parsed: Some(Box::new(parsed)),
+                                ..Chunk::default()
+                            };
+                        }
                         if !matches!(fed, Fed::Chunk(_)) {
                             finished.push(i);
                         }
