@@ -190,20 +190,28 @@ struct StreamState {
 }
 
 impl StreamState {
-    fn apply(&mut self, viewer_id: Text, ts: u64, kind: SignalKind) {
+    fn apply(&mut self, viewer_id: Text, ts: u64, kind: SignalKind, now: u64) {
         let viewer = self.viewers.entry(viewer_id).or_default();
         match kind {
             SignalKind::Leave => viewer.leave = viewer.leave.max(ts),
             SignalKind::Presence | SignalKind::Chat => {
                 viewer.presence = viewer.presence.max(ts);
                 if kind == SignalKind::Chat {
-                    self.chat(ts);
+                    self.chat(ts, now);
                 }
             }
         }
     }
 
-    fn chat(&mut self, ts: u64) {
+    /// Counts a chat at `ts`, `now` being the event clock.
+    fn chat(&mut self, ts: u64, now: u64) {
+        // What the next snapshot would drop (its `now` is at least this
+        // one) goes now: a replay moves the clock minutes between two
+        // ticks, and the window must not grow with it.
+        let chat_floor = now.saturating_sub(CHAT_WINDOW_MS);
+        while self.chats.front().is_some_and(|&(t, _)| t <= chat_floor) {
+            self.chats.pop_front();
+        }
         match self.chats.back_mut() {
             Some((last, n)) if *last == ts => *n += 1,
             Some((last, _)) if *last > ts => {
@@ -347,7 +355,7 @@ impl LiveStreams {
                 held
             }
         };
-        held.state.apply(viewer_id, ts, kind);
+        held.state.apply(viewer_id, ts, kind, now);
         held.quiet_at = held.quiet_at.max(until);
         if !held.active {
             held.active = true;
@@ -859,10 +867,10 @@ mod tests {
     #[test]
     fn leave_on_equal_ts_wins_and_ttl_expires() {
         let mut state = StreamState::default();
-        state.apply("a".into(), 1_000, SignalKind::Presence);
-        state.apply("a".into(), 1_000, SignalKind::Leave);
-        state.apply("b".into(), 1_000, SignalKind::Presence);
-        state.apply("c".into(), 5_000, SignalKind::Chat);
+        state.apply("a".into(), 1_000, SignalKind::Presence, 0);
+        state.apply("a".into(), 1_000, SignalKind::Leave, 0);
+        state.apply("b".into(), 1_000, SignalKind::Presence, 0);
+        state.apply("c".into(), 5_000, SignalKind::Chat, 0);
         assert_eq!(state.snapshot(5_000, 30_000), (2, 1));
         // b's presence at 1000 is no longer newer than 31_000 - 30_000.
         assert_eq!(state.snapshot(31_000, 30_000), (1, 1));
@@ -877,7 +885,7 @@ mod tests {
         for ts in [
             70_000, 10_000, 70_000, 40_000, 10_000, 90_000, 5_000, 130_000,
         ] {
-            state.apply("v".into(), ts, SignalKind::Chat);
+            state.apply("v".into(), ts, SignalKind::Chat, 0);
         }
         let ms: Vec<u64> = state.chats.iter().map(|&(t, _)| t).collect();
         assert_eq!(ms, [5_000, 10_000, 40_000, 70_000, 90_000, 130_000]);
@@ -890,13 +898,29 @@ mod tests {
     }
 
     #[test]
+    fn chats_are_pruned_as_the_clock_moves_and_count_the_same() {
+        let (mut pruned, mut kept) = (StreamState::default(), StreamState::default());
+        let mut now = 0;
+        for step in 0..600u64 {
+            // Nearly in order, one in five a little late.
+            let ts = 1_000 * step - if step % 5 == 4 { 3_500 } else { 0 };
+            now = now.max(ts);
+            pruned.apply("v".into(), ts, SignalKind::Chat, now);
+            kept.apply("v".into(), ts, SignalKind::Chat, 0);
+        }
+        assert!(pruned.chats.len() <= 62, "{}", pruned.chats.len());
+        assert_eq!(pruned.snapshot(now, 30_000), kept.snapshot(now, 30_000));
+        assert_eq!(pruned.chats, kept.chats);
+    }
+
+    #[test]
     fn late_presence_after_leave_does_not_resurrect() {
         let mut state = StreamState::default();
-        state.apply("a".into(), 2_000, SignalKind::Presence);
-        state.apply("a".into(), 3_000, SignalKind::Leave);
-        state.apply("a".into(), 2_500, SignalKind::Presence);
+        state.apply("a".into(), 2_000, SignalKind::Presence, 0);
+        state.apply("a".into(), 3_000, SignalKind::Leave, 0);
+        state.apply("a".into(), 2_500, SignalKind::Presence, 0);
         assert_eq!(state.snapshot(3_000, 30_000).0, 0);
-        state.apply("a".into(), 4_000, SignalKind::Presence);
+        state.apply("a".into(), 4_000, SignalKind::Presence, 0);
         assert_eq!(state.snapshot(4_000, 30_000).0, 1);
     }
 
