@@ -119,10 +119,17 @@ pub struct Batch<'c> {
 
 impl<'c> Batch<'c> {
     pub fn new(cap: &'c Capability<Time>) -> Self {
+        Self::with_capacity(cap, 0)
+    }
+
+    /// A batch for about `records` records: most of a chunk's records
+    /// travel at one time, so it is sent without growing (and copying) its
+    /// buffer on the way.
+    pub fn with_capacity(cap: &'c Capability<Time>, records: usize) -> Self {
         Batch {
             cap,
             time: *cap.time(),
-            events: Vec::new(),
+            events: Vec::with_capacity(records),
         }
     }
 

@@ -584,7 +584,7 @@ fn stamp_chunk(
     output: &mut Output<'_>,
 ) {
     let mut clock = before.clock;
-    let mut batch = Batch::new(cap);
+    let mut batch = Batch::with_capacity(cap, chunk.events.len());
     for (offset, event) in chunk.events {
         let position = Position {
             partition: chunk.partition,
