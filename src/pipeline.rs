@@ -646,7 +646,6 @@ fn read_input<'s>(
             FileSourceContext {
                 source: context,
                 records_per_chunk: *records_per_chunk,
-                parse_while_reading: wiring.workers == 1,
             },
         ),
         Input::Kafka(settings) | Input::Demo(settings) => kafka_source(

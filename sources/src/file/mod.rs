@@ -24,9 +24,12 @@
 //!    the very arithmetic the owner ran, so every record gets exactly the
 //!    watermark it would have had if one thread had read the file.
 //!
-//! A process of one worker has its reading thread parse too (step 2 moves
-//! into step 1, see [`FileSourceContext::parse_while_reading`]); the rest
-//! is the same.
+//! A job of one worker has its reading thread parse too (step 2 moves into
+//! step 1): that worker is the bottleneck, and the reading thread would
+//! otherwise leave most of a second core idle. With more workers, in one
+//! process or across a cluster, parsing stays spread over all of them (one
+//! thread parsing a whole file would be the bottleneck). The rest is the
+//! same.
 //!
 //! The reader's capability follows the file clocks (they share them, being
 //! on the same worker), so a stamper may always emit at the coarse
@@ -73,12 +76,6 @@ pub struct FileSourceContext {
     pub source: SourceContext,
     /// Records per chunk dealt out for parsing ([`RECORDS_PER_CHUNK`]).
     pub records_per_chunk: usize,
-    /// The reading thread parses the chunks it reads, instead of the
-    /// workers. For a process of one worker: that worker is the job's
-    /// bottleneck, and without this the reading thread leaves most of a
-    /// second core idle. With more workers the parsing is spread over them,
-    /// and one reading thread parsing a whole file would be the bottleneck.
-    pub parse_while_reading: bool,
 }
 
 /// Checks up front that every input can be opened, so a typo is a usage
@@ -211,9 +208,7 @@ fn read_chunks<'s>(
         // capability follows it, and a file held back may go on.
         progress.borrow_mut().wake_reader = Some(scope.activator_for(info.address.clone()));
         let wake = scope.worker().sync_activator_for(info.address.to_vec());
-        let parser = context
-            .parse_while_reading
-            .then(|| ChunkParser::new(names, &context.source));
+        let parser = (peers == 1).then(|| ChunkParser::new(names, &context.source));
         let mut feed = Some(readers)
             .filter(|readers| !readers.is_empty())
             .map(|readers| Feed::spawn(readers, context.records_per_chunk, parser, wake));
