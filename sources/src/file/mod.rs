@@ -99,7 +99,7 @@ pub fn check_inputs(paths: &[PathBuf]) -> Result<(), String> {
 }
 
 /// The valid events of one chunk, with their line numbers.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct ParsedChunk {
     partition: u32,
     seq: u64,
