@@ -97,9 +97,6 @@ const MIGRATIONS: &[&str] = &[
 /// The ledger connection's page cache, in KiB (SQLite's default: 2,000).
 const LEDGER_CACHE_KIB: i64 = 32 * 1024;
 
-/// WAL pages between two automatic checkpoints (SQLite's default: 1,000).
-const LEDGER_CHECKPOINT_PAGES: i64 = 8_000;
-
 /// The schema version this livepipe writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
@@ -163,11 +160,6 @@ impl Ledger {
         // of a large run read their leaf page back from the OS first.
         // Pages are only taken as the ledger grows.
         conn.pragma_update(None, "cache_size", -LEDGER_CACHE_KIB)?;
-        // Checkpoint the WAL every ~32 MiB rather than every 4 MiB: a page
-        // dirtied by many commits in between is copied into the database
-        // once (billing-sink CPU -8% to -15%). The WAL is folded in and
-        // removed when the job ends, and replayed by SQLite after a crash.
-        conn.pragma_update(None, "wal_autocheckpoint", LEDGER_CHECKPOINT_PAGES)?;
         conn.execute_batch(SCHEMA)?;
         migrate(&conn)?;
         Ok(Ledger { conn })
