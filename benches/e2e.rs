@@ -74,12 +74,11 @@ fn input(events: u64) -> PathBuf {
 }
 
 /// Lines per second of the bare typed parse on 2 threads, file read
-/// included: the same program as the parse-floor tool the targets are
-/// stated against.
+/// included (`testkit::floor`; `examples/parse_floor.rs` runs it alone).
 fn parse_floor(path: &Path) -> f64 {
     let started = Instant::now();
     let bytes = std::fs::read(path).unwrap();
-    let lines = common::bare_parse_file(&bytes, 2);
+    let lines = testkit::floor::bare_parse_file(&bytes, 2);
     assert!(lines > 0);
     lines as f64 / started.elapsed().as_secs_f64()
 }

@@ -1,12 +1,10 @@
 //! Parser throughput (criterion): the strict parser against a bare typed
 //! serde_json parse of the same records, the floor it cannot beat.
 
-mod common;
-
-use common::Bare;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use livepipe_dataflow::parse::parse_event;
 use livepipe_tools::generator::{GenConfig, Generator};
+use testkit::floor::Bare;
 
 fn records() -> Vec<Vec<u8>> {
     let config = GenConfig {

@@ -10,6 +10,7 @@
 //! - [`reference`] and [`outputs`]: the independent billing reference and
 //!   the checks of a job's output against it.
 //! - [`browser`]: a headless chromium over DevTools.
+//! - [`floor`]: the parse floor that throughput is a ratio of.
 //! - [`now_ms`]: the wall clock, the job's own.
 //!
 //! The traffic they drive comes from `livepipe-tools` (generator,
@@ -17,6 +18,7 @@
 
 pub mod browser;
 pub mod exposition;
+pub mod floor;
 pub mod http;
 pub mod job;
 pub mod kafka;
