@@ -258,6 +258,26 @@ impl TopicCluster {
         let log = self.dir.path().join(format!("{log}.log"));
         self.layout.start(process, &args, &self.out[process], &log)
     }
+
+    /// Both processes started afresh on the `--out`s of the earlier runs:
+    /// they resume from process 0's ledger, and once stopped together the
+    /// billing files and the ledger are the reference's.
+    fn restart_to_the_reference(&self) {
+        let (want, out0) = (&self.want, &self.out[0]);
+        let mut zero = self.start(0, "final-p0");
+        let mut one = self.start(1, "final-p1");
+        // Formed before anything else: the earlier rounds' files may all be
+        // there already, and a stop before a process is up is not the stop
+        // this checks.
+        for job in [&mut zero, &mut one] {
+            wait_formed(job);
+        }
+        wait_for_all_files(&mut zero, out0, want, LIMIT);
+        stop_together(vec![zero, one]);
+        let files = billing_files(out0);
+        assert_reference(&files, want);
+        assert_ledger_matches(out0, &files);
+    }
 }
 
 /// SIGTERM to every process at once, as an orchestrator stops a cluster:
@@ -322,7 +342,7 @@ fn two_processes_read_a_topic_like_the_reference() {
 #[test]
 fn a_lost_process_stops_the_other_and_a_full_restart_bills_exactly_once() {
     let topic = TopicCluster::new(60_000, 63);
-    let (want, out0) = (&topic.want, &topic.out[0]);
+    let out0 = &topic.out[0];
 
     // Each process in turn is killed (SIGKILL) mid-run, without a word to
     // its peer: the survivor exits 1 naming it.
@@ -356,19 +376,7 @@ fn a_lost_process_stops_the_other_and_a_full_restart_bills_exactly_once() {
     }
 
     // A full restart resumes from process 0's ledger and bills exactly once.
-    let mut zero = topic.start(0, "final-p0");
-    let mut one = topic.start(1, "final-p1");
-    // Formed before anything else: the earlier rounds' files are all there
-    // already, and a stop before a process is up is not the stop this
-    // tests.
-    for job in [&mut zero, &mut one] {
-        wait_formed(job);
-    }
-    wait_for_all_files(&mut zero, out0, want, LIMIT);
-    stop_together(vec![zero, one]);
-    let files = billing_files(out0);
-    assert_reference(&files, want);
-    assert_ledger_matches(out0, &files);
+    topic.restart_to_the_reference();
 }
 
 /// Waits until `job` has logged that the cluster formed.
@@ -448,17 +456,7 @@ fn sigterm_to_either_process_stops_a_topic_cluster_as_one() {
         assert_stopped_as_one(jobs, victim, 0, &round);
         assert_only_final(out0, want, &round);
     }
-
-    let mut zero = topic.start(0, "final-p0");
-    let mut one = topic.start(1, "final-p1");
-    for job in [&mut zero, &mut one] {
-        wait_formed(job);
-    }
-    wait_for_all_files(&mut zero, out0, want, LIMIT);
-    stop_together(vec![zero, one]);
-    let files = billing_files(out0);
-    assert_reference(&files, want);
-    assert_ledger_matches(out0, &files);
+    topic.restart_to_the_reference();
 }
 
 /// The same on a file input, stopped mid-run: both processes stop as one,

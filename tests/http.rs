@@ -2,17 +2,24 @@
 //! `/metrics` and `/healthz`, while billing is frozen by a partition that
 //! never advances — the creator path does not wait for the frontier.
 
-use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
 use testkit::http::{get, sse_lines, Response, HTTP_TIMEOUT};
+use testkit::kafka::mock_cluster;
 use testkit::now_ms;
 use testkit::{topic_args, wait_for, Job};
 
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(120);
+
+fn producer(brokers: &str) -> ThreadedProducer<DefaultProducerContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("producer")
+}
 
 fn send(producer: &ThreadedProducer<DefaultProducerContext>, partition: i32, record: String) {
     producer
@@ -52,13 +59,9 @@ fn snapshots(base: &str, path: &str, n: usize) -> Vec<Value> {
 
 #[test]
 fn the_live_api_ticks_every_second_while_billing_is_frozen() {
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("events", 2, 1).expect("topic");
+    let cluster = mock_cluster("events", 2);
     let brokers = cluster.bootstrap_servers();
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .expect("producer");
+    let producer = producer(&brokers);
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("job.log");
     let out = dir.path().join("out");
@@ -202,13 +205,9 @@ fn history(base: &str, stream: &str) -> (u16, Value) {
 
 #[test]
 fn a_streams_history_grows_a_tick_at_a_time_oldest_first() {
-    let cluster = MockCluster::new(1).expect("mock cluster");
-    cluster.create_topic("events", 1, 1).expect("topic");
+    let cluster = mock_cluster("events", 1);
     let brokers = cluster.bootstrap_servers();
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .expect("producer");
+    let producer = producer(&brokers);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let mut args = topic_args(&brokers, "events", &out);
