@@ -211,6 +211,26 @@ fn every_reason_code_reaches_the_dead_letter_file_with_its_line() {
 }
 
 #[test]
+fn a_character_cut_by_a_line_end_is_bad_utf8_on_both_lines() {
+    // Each half alone is not UTF-8, though side by side in the reader's
+    // buffer (which holds records without their `\n`) they spell "é".
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("cut.jsonl");
+    let good = r#"{"type":"join","event_id":"e1","ts":1000,"stream_id":"s","viewer_id":"v"}"#;
+    let mut content = format!("{good}\n").into_bytes();
+    content.extend_from_slice(b"{\"type\":\"join\",\"event_id\":\"\xC3\n\xA9\"}\n");
+    content.extend_from_slice(format!("{good}\n").as_bytes());
+    std::fs::write(&input, &content).unwrap();
+    for workers in ["1", "2"] {
+        let out = dir.path().join(format!("out-{workers}"));
+        run_input(&input, &out, &["--workers", workers]);
+        let mut got = offsets_and_reasons(&out.join("rejected.jsonl"));
+        got.sort();
+        assert_eq!(got, [(2, "bad_utf8".into()), (3, "bad_utf8".into())]);
+    }
+}
+
+#[test]
 fn usage_errors_exit_2_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing.jsonl");

@@ -71,6 +71,8 @@ use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
 use crate::event::{AdProgress, Event, EventKind, Impression, Text};
 
+mod flat;
+
 /// Records longer than this many bytes are rejected as `too_large` without
 /// being parsed.
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
@@ -264,8 +266,25 @@ pub fn parse_event(raw: &[u8]) -> Result<Event, Rejection> {
         return Err(Rejection::TooLarge);
     }
     let text = std::str::from_utf8(raw).map_err(|_| Rejection::BadUtf8)?;
-    let mut slots = Slots([const { Slot::Missing }; FIELD_COUNT]);
-    json_pass(text, &mut slots)?;
+    parse_text(text)
+}
+
+/// [`parse_event`] for a record already known to be UTF-8: a reader that
+/// validates a whole buffer of records at once (long runs validate several
+/// times faster than short ones) skips the check per record.
+pub fn parse_event_str(text: &str) -> Result<Event, Rejection> {
+    if text.len() > MAX_RECORD_BYTES {
+        return Err(Rejection::TooLarge);
+    }
+    parse_text(text)
+}
+
+fn parse_text(text: &str) -> Result<Event, Rejection> {
+    let mut slots = Slots::missing();
+    if !flat::scan(text, &mut slots) {
+        slots = Slots::missing();
+        json_pass(text, &mut slots)?;
+    }
     build(text, &mut slots)
 }
 
@@ -274,7 +293,7 @@ pub fn parse_event(raw: &[u8]) -> Result<Event, Rejection> {
 // captures the top-level values of known keys.
 
 /// A top-level value of a known key, as captured by the JSON pass.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 enum Slot<'de> {
     /// The key did not occur.
     #[default]
@@ -294,9 +313,15 @@ enum Slot<'de> {
 }
 
 /// One slot per [`Field`], indexed by `Field as usize`.
+#[derive(Debug, PartialEq)]
 struct Slots<'de>([Slot<'de>; FIELD_COUNT]);
 
 impl<'de> Slots<'de> {
+    #[inline]
+    fn missing() -> Self {
+        Slots([const { Slot::Missing }; FIELD_COUNT])
+    }
+
     #[inline]
     fn take(&mut self, field: Field) -> Slot<'de> {
         std::mem::take(&mut self.0[field as usize])
@@ -1610,6 +1635,172 @@ mod tests {
                 Some(e) => prop_assert_eq!(got, Ok(e)),
                 None => prop_assert!(matches!(got, Err(Rejection::TooLong(_)))),
             }
+        }
+    }
+
+    /// The flat scanner's verdict on `text` and the general pass's slots:
+    /// where the scanner takes a record, the general pass must accept it
+    /// and capture the same slots.
+    fn check_flat_against_general(text: &str) -> Result<(), TestCaseError> {
+        let mut fast = Slots::missing();
+        if flat::scan(text, &mut fast) {
+            let mut general = Slots::missing();
+            prop_assert_eq!(json_pass(text, &mut general), Ok(()), "{:?}", text);
+            prop_assert_eq!(fast, general, "{:?}", text);
+        }
+        Ok(())
+    }
+
+    /// Keys the scanner must take, refuse or leave to the general pass.
+    const KEYS: &[&str] = &[
+        r#""type""#,
+        r#""event_id""#,
+        r#""ts""#,
+        r#""stream_id""#,
+        r#""viewer_id""#,
+        r#""impression_id""#,
+        r#""price_micros""#,
+        r#""watched_ms""#,
+        r#""x""#,
+        r#""t\u0079pe""#,
+        r#""typ""#,
+        r#""""#,
+        r#"type"#,
+        r#""ts"#,
+    ];
+
+    /// Values of every JSON form, valid or not.
+    const VALUES: &[&str] = &[
+        r#""join""#,
+        r#""impression""#,
+        r#""a""#,
+        r#""""#,
+        r#""é😀""#,
+        r#""a\"b""#,
+        r#""a\u0000""#,
+        r#""\ud800""#,
+        "\"a\u{1}b\"",
+        "\"tab\there\"",
+        r#""unterminated"#,
+        "0",
+        "00",
+        "01",
+        "7",
+        "1700000000000",
+        "-1",
+        "-0",
+        "1.5",
+        "1e3",
+        "2E3",
+        "1.",
+        "9999999999999999999",
+        "10000000000000000000",
+        "18446744073709551615",
+        "18446744073709551616",
+        "1x",
+        "true",
+        "false",
+        "null",
+        "nul",
+        "{}",
+        r#"{"a":1,"a":2}"#,
+        "[1,[2]]",
+        "[",
+        "",
+    ];
+
+    /// Separators and whitespace, JSON's own and others.
+    const GAPS: &[&str] = &["", " ", "\t", "\r\n", "\u{a0}", "\u{c}", ",", ":", "}"];
+
+    /// Mostly what the scanner takes, so that it takes many whole records.
+    fn gap() -> impl Strategy<Value = &'static str> {
+        prop_oneof![6 => Just(""), 2 => Just(" "), 1 => proptest::sample::select(GAPS)]
+    }
+
+    fn key() -> impl Strategy<Value = &'static str> {
+        prop_oneof![
+            4 => proptest::sample::select(&KEYS[..8]),
+            1 => proptest::sample::select(KEYS),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = &'static str> {
+        prop_oneof![
+            2 => proptest::sample::select(&VALUES[..5]),
+            1 => proptest::sample::select(&VALUES[11..16]),
+            1 => Just("9999999999999999999"),
+            2 => proptest::sample::select(VALUES),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        #[test]
+        fn the_flat_scanner_agrees_with_the_general_pass_on_built_objects(
+            members in proptest::collection::vec(
+                (key(), gap(), gap(), value(), gap()),
+                0..8,
+            ),
+            open in gap(),
+            close in prop_oneof![
+                6 => Just("}"),
+                1 => Just("} \r\n"),
+                1 => proptest::sample::select(&[",}", "", "}}", "}x", "]"][..]),
+            ],
+        ) {
+            let body: Vec<String> = members
+                .iter()
+                .map(|(k, g1, g2, v, g3)| format!("{g1}{k}{g2}:{v}{g3}"))
+                .collect();
+            let text = format!("{open}{{{}{close}", body.join(","));
+            check_flat_against_general(&text)?;
+        }
+
+        #[test]
+        fn the_flat_scanner_agrees_with_the_general_pass_on_mutated_records(
+            base in prop_oneof![Just(JOIN), Just(IMPRESSION), Just(AD_PROGRESS)],
+            at in 0usize..300,
+            cut in 0usize..4,
+            insert in r#"[{}\[\]":,0-9\\u.eE\- \t\n\x00-\x1fé]{0,6}"#,
+        ) {
+            let mut bytes = base.as_bytes().to_vec();
+            let at = at.min(bytes.len());
+            let end = (at + cut).min(bytes.len());
+            bytes.splice(at..end, insert.bytes());
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                check_flat_against_general(text)?;
+                // And the whole parse, with or without the fast path, agrees.
+                let mut general = Slots::missing();
+                let expected = json_pass(text, &mut general).and_then(|()| build(text, &mut general));
+                prop_assert_eq!(parse_event(&bytes), expected);
+            }
+        }
+    }
+
+    #[test]
+    fn the_flat_scanner_takes_records_as_producers_write_them() {
+        for record in [JOIN, IMPRESSION, AD_PROGRESS] {
+            let mut slots = Slots::missing();
+            assert!(flat::scan(record, &mut slots), "{record}");
+            let padded = format!(" \t{}\r\n", record.replace(',', " ,\n ").replace(':', ": "));
+            assert!(flat::scan(&padded, &mut Slots::missing()), "{padded}");
+        }
+        // What it leaves to the general pass.
+        for record in [
+            r#"{}"#,
+            r#"{"type":"join","x":1}"#,
+            r#"{"type":"jo\u0069n"}"#,
+            r#"{"type":"join","type":"join"}"#,
+            r#"{"ts":-0}"#,
+            r#"{"ts":1.0}"#,
+            r#"{"ts":01}"#,
+            r#"{"ts":12345678901234567890}"#,
+            r#"{"ts":null}"#,
+            r#"{"ts":1,}"#,
+            r#"{"ts":1} x"#,
+        ] {
+            assert!(!flat::scan(record, &mut Slots::missing()), "{record}");
         }
     }
 }

@@ -42,7 +42,7 @@ mod read;
 use crate::stamp::{Batch, Output, PartitionClock, StampRules};
 use crate::SourceContext;
 use livepipe_dataflow::event::{Ingested, Position, RejectedRecord, RAW_KEEP_BYTES};
-use livepipe_dataflow::parse::{check_clock, parse_event, Rejection};
+use livepipe_dataflow::parse::{check_clock, parse_event, parse_event_str, Rejection};
 use livepipe_dataflow::resume::Checkpoint;
 use livepipe_dataflow::time::{coarse, wall_clock_ms, Time};
 use livepipe_dataflow::turns::Path;
@@ -384,16 +384,27 @@ impl ChunkParser {
         // is rejected, so it cannot drag the file's watermark forward.
         let wall_ms = wall_clock_ms();
         let mut events = Vec::with_capacity(chunk.ends.len());
+        // One UTF-8 check of the whole chunk instead of one per record: long
+        // runs validate several times faster, and per record it was a third
+        // of the parser's time. A record is a piece of the valid chunk only
+        // if it starts and ends on character boundaries (`str::get` checks
+        // that); if not, or if the chunk is not UTF-8, it is checked alone.
+        let whole = std::str::from_utf8(&chunk.bytes).ok();
         let mut start = 0usize;
         let mut oversized = chunk.oversized.iter().peekable();
         for (i, &end) in chunk.ends.iter().enumerate() {
-            let record = &chunk.bytes[start..end as usize];
+            let range = start..end as usize;
+            let record = &chunk.bytes[range.clone()];
             start = end as usize;
             let offset = chunk.first_line + i as u64;
             let parsed = if oversized.next_if_eq(&&(i as u32)).is_some() {
                 Err(Rejection::TooLarge)
             } else {
-                parse_event(record).and_then(|event| check_clock(event.ts, wall_ms).map(|_| event))
+                match whole.and_then(|text| text.get(range)) {
+                    Some(text) => parse_event_str(text),
+                    None => parse_event(record),
+                }
+                .and_then(|event| check_clock(event.ts, wall_ms).map(|_| event))
             };
             match parsed {
                 Ok(event) => events.push((offset, event)),
