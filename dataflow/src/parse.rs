@@ -29,7 +29,11 @@
 //! the JSON pass (syntax / duplicate key / not an object, whichever comes
 //! first in the text), `type`, then the used fields in [`Field`] order.
 //!
-//! **Fast.** This is the hot path of ingest. There is one pass of
+//! **Fast.** This is the hot path of ingest. Records as producers write
+//! them (a flat object of known keys, strings without escapes, small
+//! non-negative integers) are captured by a scanner made for exactly that
+//! (the `flat` module), which gives up on anything else. Everything else gets one
+//! pass of
 //! `serde_json` over the borrowed `&str` with hand-written visitors: known
 //! keys land in a fixed array of slots holding borrowed strings (`Cow`, owned
 //! only when the string had escapes), duplicate known keys are caught with a
