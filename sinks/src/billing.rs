@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use crate::fsutil::{create_private_dir, sync_dir, write_atomic, TEMP_PREFIX};
+use crate::fsutil::{create_private_dir, sync_dir, StagedFiles, TEMP_PREFIX};
 use crate::ledger::{BilledRow, Commit, FileRecord, Ledger, ResumePosition, LEDGER_FILE};
 use crate::side::SideOutputs;
 
@@ -369,7 +369,11 @@ impl BillingSink {
         frontier: Option<Time>,
     ) -> Result<u64, SinkError> {
         let mut files = 0;
+        let mut staged = StagedFiles::default();
         while let Some(due) = coverage.due(&self.periods.policy, frontier) {
+            if staged.len() >= MAX_STAGED_FILES {
+                std::mem::take(&mut staged).install()?;
+            }
             if self.stop.load(Ordering::Relaxed) {
                 // Abandon: dropping `commit` rolls the transaction back, so
                 // none of this attempt counts. Files it already renamed into
@@ -387,15 +391,16 @@ impl BillingSink {
                 break;
             };
             if let Some((start, end)) = next.empty_run {
-                self.periods.write(commit, start, end, &[])?;
+                self.periods.write(commit, &mut staged, start, end, &[])?;
                 files += 1;
             }
             if let Some((start, end)) = next.billed {
                 let rows = commit.billed_rows(start)?;
-                self.periods.write(commit, start, end, &rows)?;
+                self.periods.write(commit, &mut staged, start, end, &rows)?;
                 files += 1;
             }
         }
+        staged.install()?;
         if files > 0 {
             sync_dir(&self.periods.billing_dir)?;
         }
@@ -439,11 +444,12 @@ fn source_name(sources: &[Arc<str>], partition: u32) -> &str {
 }
 
 impl PeriodWriter {
-    /// Writes the file covering `[start, end)`: one period and its billed
-    /// rows, or a run of periods without any (no rows).
+    /// Stages the file covering `[start, end)` (one period and its billed
+    /// rows, or a run of periods without any: no rows), then its marker.
     fn write(
         &self,
         commit: &Commit<'_>,
+        staged: &mut StagedFiles,
         start: u64,
         end: u64,
         rows: &[BilledRow],
@@ -451,7 +457,7 @@ impl PeriodWriter {
         let (csv, total_price_micros) = render_csv(rows)?;
         let name = format!("billable-{start}-{end}.csv");
         let sha256 = hex::encode(Sha256::digest(&csv));
-        write_atomic(&self.billing_dir.join(&name), &csv)?;
+        staged.stage(&self.billing_dir.join(&name), &csv)?;
         let marker = Marker {
             file: name.clone(),
             period_start_ms: start,
@@ -463,7 +469,7 @@ impl PeriodWriter {
         };
         let mut marker_bytes = serde_json::to_vec_pretty(&marker).map_err(std::io::Error::from)?;
         marker_bytes.push(b'\n');
-        write_atomic(
+        staged.stage(
             &self.billing_dir.join(format!("{name}.done")),
             &marker_bytes,
         )?;
@@ -540,6 +546,11 @@ pub struct SinkInput {
 pub struct SinkThread {
     thread: std::thread::JoinHandle<()>,
 }
+
+/// Period files (and markers) written before they are made durable and
+/// renamed into place together: bounds the open descriptors of a commit
+/// that completes many periods at once.
+const MAX_STAGED_FILES: usize = 128;
 
 /// Longest pause between attempts while the billing output refuses writes.
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(10);
