@@ -69,18 +69,24 @@ impl StagedFiles {
             .file_name()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
         let temp = dir.join(format!("{TEMP_PREFIX}{}", name.to_string_lossy()));
-        // A leftover (a crash mid-write) or a planted file or link: removing
-        // a link removes the link, never what it points to.
-        match fs::remove_file(&temp) {
-            Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
-            _ => {}
-        }
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(FILE_MODE)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&temp)?;
+        let create = || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(FILE_MODE)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&temp)
+        };
+        let mut file = match create() {
+            // A leftover (a crash mid-write) or a planted file or link
+            // (`O_EXCL` refuses even a dangling one): removing a link
+            // removes the link, never what it points to.
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+                fs::remove_file(&temp)?;
+                create()?
+            }
+            created => created?,
+        };
         if let Err(err) = file.write_all(bytes) {
             let _ = fs::remove_file(&temp);
             return Err(err);
