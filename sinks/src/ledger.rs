@@ -412,9 +412,10 @@ impl Commit<'_> {
     }
 
     pub fn record_file(&self, file: &FileRecord) -> rusqlite::Result<()> {
-        self.tx.execute(
+        self.tx.prepare_cached(
             "INSERT INTO files (name, period_start, period_end, rows, total_price_micros, sha256, written_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?.execute(
             params![
                 file.name,
                 file.period_start as i64,
