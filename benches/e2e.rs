@@ -1,8 +1,10 @@
 //! End-to-end harness: `cargo bench --bench e2e`. One run prints every
 //! table `BENCHMARKS.md` keeps for issue-level targets:
 //!
-//! 1. **File replay.** A realistic generated file (`LIVEPIPE_BENCH_EVENTS`,
-//!    default 1M records); the parse floor (a bare program parsing every
+//! 1. **File replay.** Realistic generated files (`LIVEPIPE_BENCH_EVENTS`,
+//!    default 1M records) at two rates of event time: dense (2,000
+//!    records/s, ~8 minutes) and sparse (70 records/s, ~4 hours: 30 times
+//!    the timestamps and billing periods per record); the parse floor (a bare program parsing every
 //!    line into a typed struct on 2 threads); the release binary on the
 //!    file with 1 and 2 workers: events/s, ratio to the floor, peak RSS
 //!    (`/usr/bin/time`). Medians of `LIVEPIPE_BENCH_RUNS` (default 3) runs.
@@ -58,13 +60,28 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// The generator's dense default rate of event time: 1M records span ~8
+/// minutes.
+const DENSE_RATE: u64 = 2_000;
+/// A sparse rate: 1M records span about four hours, so timestamps, billing
+/// periods and their files are 30 times as many per record.
+const SPARSE_RATE: u64 = 70;
+
 fn input(events: u64) -> PathBuf {
+    input_at(events, DENSE_RATE)
+}
+
+fn input_at(events: u64, rate: u64) -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-data");
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("e2e-{events}.jsonl"));
+    let path = match rate {
+        DENSE_RATE => dir.join(format!("e2e-{events}.jsonl")),
+        _ => dir.join(format!("e2e-{events}-at-{rate}.jsonl")),
+    };
     if !path.exists() {
         let config = GenConfig {
             events,
+            rate,
             ..GenConfig::default()
         };
         let file = std::fs::File::create(&path).unwrap();
@@ -132,10 +149,16 @@ fn env_or(name: &str, default: u64) -> u64 {
 fn file_replay() {
     let events = env_or("LIVEPIPE_BENCH_EVENTS", 1_000_000);
     let runs = env_or("LIVEPIPE_BENCH_RUNS", 3).max(1);
-    let path = input(events);
-    let floor = median((0..runs).map(|_| parse_floor(&path)));
     println!("\n## File replay\n");
-    println!("{events} records, parse floor (2 threads, typed serde_json): {floor:.0} lines/s; medians of {runs} runs\n");
+    for rate in [DENSE_RATE, SPARSE_RATE] {
+        replay_file(events, rate, runs);
+    }
+}
+
+fn replay_file(events: u64, rate: u64, runs: u64) {
+    let path = input_at(events, rate);
+    let floor = median((0..runs).map(|_| parse_floor(&path)));
+    println!("{events} records at {rate} records/s of event time, parse floor (2 threads, typed serde_json): {floor:.0} lines/s; medians of {runs} runs\n");
     println!("| workers | events/s | ratio to floor | peak RSS |");
     println!("|---|---|---|---|");
     for workers in [1, 2] {
@@ -151,6 +174,7 @@ fn file_replay() {
             median_run.events_per_sec / floor
         );
     }
+    println!();
 }
 
 fn kafka_replay() {
