@@ -471,9 +471,12 @@ fn sigterm_to_either_process_stops_a_file_cluster_as_one() {
     let input = dir.path().join("events.jsonl");
     write_records(&input, &records);
     // 50 ms periods: some 2,000 files, each fsynced, so that the run is
-    // long enough to be stopped in the middle.
+    // long enough to be stopped in the middle; a 10 s window, so that
+    // impressions become final (and files are written) from the first
+    // seconds of the file's 500 s on, while the workers still read.
     let rules = Rules {
         period: 50,
+        window: 10_000,
         ..Rules::DEFAULTS
     };
     let lines_in: Vec<&[u8]> = records.iter().map(|r| &r[..]).collect();
@@ -483,6 +486,8 @@ fn sigterm_to_either_process_stops_a_file_cluster_as_one() {
         input.to_str().unwrap(),
         "--billing-period-ms",
         "50",
+        "--qualify-window-ms",
+        "10000",
     ];
     let layout = Layout::new(dir.path());
     let out = [dir.path().join("out0"), dir.path().join("out1")];
