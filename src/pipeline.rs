@@ -646,6 +646,7 @@ fn read_input<'s>(
             FileSourceContext {
                 source: context,
                 records_per_chunk: *records_per_chunk,
+                workers_per_process: wiring.workers,
             },
         ),
         Input::Kafka(settings) | Input::Demo(settings) => kafka_source(

@@ -283,6 +283,19 @@ pub fn parse_event_str(text: &str) -> Result<Event, Rejection> {
     parse_text(text)
 }
 
+/// [`parse_event`] with the general pass alone, the flat scanner skipped:
+/// what the fuzz target compares the two against.
+#[doc(hidden)]
+pub fn parse_event_general(raw: &[u8]) -> Result<Event, Rejection> {
+    if raw.len() > MAX_RECORD_BYTES {
+        return Err(Rejection::TooLarge);
+    }
+    let text = std::str::from_utf8(raw).map_err(|_| Rejection::BadUtf8)?;
+    let mut slots = Slots::missing();
+    json_pass(text, &mut slots)?;
+    build(text, &mut slots)
+}
+
 fn parse_text(text: &str) -> Result<Event, Rejection> {
     let mut slots = Slots::missing();
     if !flat::scan(text, &mut slots) {

@@ -45,7 +45,7 @@ pub(super) struct Chunk {
     /// BLAKE3 of the file's bytes before `end_byte`.
     pub prefix_blake3: [u8; 32],
     /// The chunk as its reading thread parsed it (then `bytes` and `ends`
-    /// are empty): in a job of one worker (see the module docs).
+    /// are empty): in a job of one process (see the module docs).
     pub parsed: Option<Box<ParsedChunk>>,
 }
 
