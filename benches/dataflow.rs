@@ -72,7 +72,7 @@ fn ingested(events: u64) -> Vec<(Time, Ingested)> {
             watermark,
             ingested_at_ms: 0,
         };
-        Some((coarse(watermark, config.time_granularity_ms), record))
+        Some((coarse(watermark, config.time_granularity_ms()), record))
     })
     .collect()
 }

@@ -3,7 +3,7 @@
 //! the flag, before anything runs.
 
 use clap::{Args, Parser, Subcommand};
-use livepipe_dataflow::config::{granularity_for, PipelineConfig};
+use livepipe_dataflow::config::PipelineConfig;
 use livepipe_tools::generator::spike::{Spike, SpikeKind};
 
 use std::net::SocketAddr;
@@ -345,7 +345,6 @@ impl RuleArgs {
             presence_ttl_ms: self.presence_ttl_ms,
             idle_timeout_ms: self.idle_timeout_ms.unwrap_or(defaults.idle_timeout_ms),
             state_retention_ms: self.state_retention_ms,
-            time_granularity_ms: granularity_for(self.qualify_window_ms),
             ..defaults
         };
         config.validate()?;

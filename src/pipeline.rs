@@ -465,7 +465,7 @@ fn source_context(
     SourceContext {
         probes: gauges.probes.clone(),
         allowed_lateness_ms: job.config.allowed_lateness_ms,
-        time_granularity_ms: job.config.time_granularity_ms,
+        time_granularity_ms: job.config.time_granularity_ms(),
         records_read: gauges.records_read.clone(),
         on_reject: {
             let side = side.clone();

@@ -356,7 +356,7 @@ struct Retirement {
 
 impl Retirement {
     fn new(config: &PipelineConfig) -> Self {
-        let granularity = config.time_granularity_ms;
+        let granularity = config.time_granularity_ms();
         let retention = config.state_retention_ms;
         Retirement {
             window: config.qualify_window_ms,
@@ -682,7 +682,7 @@ impl Decider {
     fn new(config: &PipelineConfig, retirement: Retirement, probes: Arc<Probes>) -> Self {
         Decider {
             window: config.qualify_window_ms,
-            granularity: config.time_granularity_ms,
+            granularity: config.time_granularity_ms(),
             retirement,
             probes,
             due: BTreeMap::new(),
@@ -1108,7 +1108,7 @@ mod tests {
         let n = 3 * SETTLE_SLICE_IDS + 7;
         let config = PipelineConfig::default();
         let ts = 1_700_000_000_000;
-        let bucket = coarse(ts + config.qualify_window_ms, config.time_granularity_ms);
+        let bucket = coarse(ts + config.qualify_window_ms, config.time_granularity_ms());
         timely::execute_directly(move |worker| {
             let seen = Rc::new(RefCell::new(Vec::new()));
             let sink = seen.clone();
@@ -1122,7 +1122,7 @@ mod tests {
                     .0;
                 (input, probe)
             });
-            input.advance_to(coarse(ts, config.time_granularity_ms));
+            input.advance_to(coarse(ts, config.time_granularity_ms()));
             for i in 0..n {
                 let id = format!("imp-{i}");
                 let ad: Text = "a".into();

@@ -19,9 +19,12 @@ pub struct PipelineConfig {
     /// A caught-up partition with nothing new for this long stops holding
     /// the watermark back (Kafka only; a file at its end stops at once).
     pub idle_timeout_ms: u64,
-    /// Granularity of timely timestamps. Exact milliseconds stay in the data;
-    /// progress tracking only sees coarse times (see [`crate::time`]).
-    pub time_granularity_ms: u64,
+    /// Granularity of timely timestamps, if not the one the qualify window
+    /// implies ([`granularity_for`]; read it with
+    /// [`PipelineConfig::time_granularity_ms`]). Exact milliseconds stay in
+    /// the data; progress tracking only sees coarse times (see
+    /// [`crate::time`]).
+    pub time_granularity: Option<u64>,
     /// How long billing keeps an impression's records after it is final, so
     /// late duplicates and late progress are recognised as late in the
     /// dataflow. Past this the ledger is the guard (see `billing`).
@@ -39,7 +42,7 @@ impl Default for PipelineConfig {
             billing_period_ms: 60_000,
             presence_ttl_ms: 30_000,
             idle_timeout_ms: 10_000,
-            time_granularity_ms: granularity_for(300_000),
+            time_granularity: None,
             state_retention_ms: 600_000,
             tick_ms: 1_000,
         }
@@ -60,6 +63,13 @@ pub fn granularity_for(qualify_window_ms: u64) -> u64 {
 }
 
 impl PipelineConfig {
+    /// Granularity of timely timestamps: the one set, or a thirtieth of the
+    /// qualify window.
+    pub fn time_granularity_ms(&self) -> u64 {
+        self.time_granularity
+            .unwrap_or_else(|| granularity_for(self.qualify_window_ms))
+    }
+
     /// Checks the values that would make the pipeline meaningless, with a
     /// message naming the flag to fix.
     pub fn validate(&self) -> Result<(), String> {
@@ -69,7 +79,7 @@ impl PipelineConfig {
         if self.presence_ttl_ms == 0 {
             return Err("--presence-ttl-ms must be at least 1".into());
         }
-        if self.time_granularity_ms == 0 {
+        if self.time_granularity == Some(0) {
             return Err("the time granularity must be at least 1 ms".into());
         }
         if self.tick_ms == 0 {
@@ -108,6 +118,17 @@ mod tests {
         ] {
             assert_eq!(granularity_for(window), granularity, "window {window}");
         }
-        assert_eq!(PipelineConfig::default().time_granularity_ms, 10_000);
+        assert_eq!(PipelineConfig::default().time_granularity_ms(), 10_000);
+        // Derived from the window it is set with, unless set itself.
+        let short = PipelineConfig {
+            qualify_window_ms: 2_000,
+            ..PipelineConfig::default()
+        };
+        assert_eq!(short.time_granularity_ms(), 1_000);
+        let fixed = PipelineConfig {
+            time_granularity: Some(100),
+            ..short
+        };
+        assert_eq!(fixed.time_granularity_ms(), 100);
     }
 }

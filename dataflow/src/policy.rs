@@ -26,7 +26,7 @@ impl BillingPolicy {
             billing_period_ms: config.billing_period_ms,
             qualify_window_ms: config.qualify_window_ms,
             allowed_lateness_ms: config.allowed_lateness_ms,
-            time_granularity_ms: config.time_granularity_ms,
+            time_granularity_ms: config.time_granularity_ms(),
         }
     }
 
@@ -162,7 +162,7 @@ mod tests {
             billing_period_ms: 60_000,
             qualify_window_ms: 300_000,
             allowed_lateness_ms: 5_000,
-            time_granularity_ms: 1_000,
+            time_granularity: Some(1_000),
             ..PipelineConfig::default()
         })
     }

@@ -754,7 +754,7 @@ mod tests {
         let config = PipelineConfig {
             billing_period_ms: 1_000,
             qualify_window_ms: 500,
-            time_granularity_ms: 100,
+            time_granularity: Some(100),
             ..PipelineConfig::default()
         };
         let side = Arc::new(SideOutputs::open(out).unwrap());

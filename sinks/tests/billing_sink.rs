@@ -20,7 +20,7 @@ fn config() -> PipelineConfig {
     PipelineConfig {
         billing_period_ms: PERIOD,
         qualify_window_ms: WINDOW,
-        time_granularity_ms: 100,
+        time_granularity: Some(100),
         ..PipelineConfig::default()
     }
 }
