@@ -32,13 +32,12 @@
 //! **Fast.** This is the hot path of ingest. Records as producers write
 //! them (a flat object of known keys, strings without escapes, small
 //! non-negative integers) are captured by a scanner made for exactly that
-//! (the `flat` module), which gives up on anything else. Everything else gets one
-//! pass of
-//! `serde_json` over the borrowed `&str` with hand-written visitors: known
-//! keys land in a fixed array of slots holding borrowed strings (`Cow`, owned
-//! only when the string had escapes), duplicate known keys are caught with a
-//! bitmask and unknown keys with a small list of names (a hash set only once
-//! an object has many keys). There is no `serde_json::Value` and no per-record
+//! (the `flat` module), which gives up on anything else. Everything else
+//! gets one pass of `serde_json` over the borrowed `&str` with hand-written
+//! visitors: known keys land in a fixed array of slots holding borrowed
+//! strings (`Cow`, owned only when the string had escapes), duplicate known
+//! keys are caught with a bitmask and unknown keys with a small list of
+//! names (a hash set only once an object has many keys). There is no `serde_json::Value` and no per-record
 //! map; the only allocations on the happy path are the `String`s of the
 //! resulting [`Event`]. `serde::de::IgnoredAny` is deliberately not used
 //! for ignored values: it does not validate `\u` surrogates nor see

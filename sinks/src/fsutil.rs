@@ -102,8 +102,14 @@ impl StagedFiles {
         for (_, _, file) in &self.files {
             file.sync_all()?;
         }
-        for (temp, path, _) in std::mem::take(&mut self.files) {
-            fs::rename(&temp, &path)?;
+        // Renamed files leave the list as they go, so that a failed rename
+        // leaves only the temp files not yet renamed for `drop` to remove.
+        self.files.reverse();
+        while let Some((temp, path, file)) = self.files.pop() {
+            if let Err(err) = fs::rename(&temp, &path) {
+                self.files.push((temp, path, file));
+                return Err(err);
+            }
         }
         Ok(())
     }
@@ -221,6 +227,18 @@ mod tests {
         abandoned.stage(&dir.path().join("c"), b"c").unwrap();
         drop(abandoned);
         assert_eq!(names(dir.path()), ["a", "b"]);
+
+        // A rename that fails (a directory is in the way) stops the install;
+        // what was renamed stays, no temp file is left behind.
+        fs::create_dir(dir.path().join("d")).unwrap();
+        fs::write(dir.path().join("d").join("x"), b"x").unwrap();
+        let mut blocked = StagedFiles::default();
+        blocked.stage(&dir.path().join("c"), b"c").unwrap();
+        blocked.stage(&dir.path().join("d"), b"d").unwrap();
+        blocked.stage(&dir.path().join("e"), b"e").unwrap();
+        assert!(blocked.install().is_err());
+        assert_eq!(names(dir.path()), ["a", "b", "c", "d"]);
+        assert!(dir.path().join("d").is_dir());
     }
 
     #[test]
