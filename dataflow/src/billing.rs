@@ -31,7 +31,7 @@
 //!   at or before `coarse(D)`). The operator reads the id's facts once,
 //!   from the trace through the upper bound of the batches it has received,
 //!   decides, emits the final outcome and the late records among them, and
-//!   leaves a tombstone: the deadline, until all the id's facts retire;
+//!   leaves a tombstone: the deadline, for the retention (see below);
 //! * a fact of a decided id received later is late (its watermark is above
 //!   `D`, or it would have been read) and is reported on arrival.
 //!
@@ -43,13 +43,14 @@
 //! Every admitted impression record leaves `pending_impressions` once: as
 //! the canonical one, a duplicate, or late.
 //!
-//! State stays bounded: each record leaves the arrangement again
-//! `state_retention_ms` after the latest deadline it can influence, and a
-//! tombstone goes with the last of its id's records. The trace is compacted
-//! up to the frontier (every undecided bucket is at or after it, so what
-//! the decisions read stays exact). A fact of an id whose records have all
-//! retired starts the id afresh; a second outcome for the id is rejected by
-//! the billing sink's ledger (every finalized id, forever).
+//! State stays bounded: each record leaves the arrangement once the latest
+//! deadline it can influence has passed, and a tombstone stays
+//! `state_retention_ms` longer than the latest of its id's records (see
+//! [`Retirement`]). The trace is compacted up to the frontier (every
+//! undecided bucket is at or after it, so what the decisions read stays
+//! exact). A fact of an id whose tombstone has gone starts the id afresh
+//! (none of its earlier records is left); a second outcome for the id is
+//! rejected by the billing sink's ledger (every finalized id, forever).
 
 use differential_dataflow::trace::cursor::cursor_list;
 use differential_dataflow::trace::{Cursor, Navigable, TraceReader};
@@ -344,44 +345,70 @@ fn admit<'s>(
     (facts.flat_map(|fact| fact), late)
 }
 
-/// When a fact leaves billing state: `state_retention_ms` after the latest
-/// deadline it can influence, on a grid.
+/// When billing lets go of a fact, in two steps.
+///
+/// The arrangement holds a fact only until the latest deadline it can
+/// influence has passed ([`Retirement::leaves`]): no decision reads it
+/// after that. What a decided id leaves behind, its [`Tombstone`], stays
+/// `state_retention_ms` longer ([`Retirement::forgotten`]), so that a retry
+/// arriving within the retention is still late against the first decision.
+/// Keeping the facts themselves for the retention (as livepipe did before)
+/// tripled the arrangement, and every merge of it, for nothing read.
 #[derive(Clone, Copy, Debug)]
 struct Retirement {
     window: u64,
     granularity: u64,
     retention: u64,
-    grid: u64,
+    leave_grid: u64,
+    forget_grid: u64,
 }
 
 impl Retirement {
     fn new(config: &PipelineConfig) -> Self {
         let granularity = config.time_granularity_ms();
+        let window = config.qualify_window_ms;
         let retention = config.state_retention_ms;
+        // Both times are rounded up to a grid of a tenth of what they add:
+        // the records of one impression (its retries, its progress) then
+        // mostly leave at one time. Each lives at most a tenth longer.
+        let grid = |span: u64| (span / 10).next_multiple_of(granularity).max(granularity);
         Retirement {
-            window: config.qualify_window_ms,
+            window,
             granularity,
             retention,
-            // Retirements are rounded up to a grid of a tenth of the
-            // retention: the records of one impression (its retries, its
-            // progress) then mostly leave at one time. State lives at most a
-            // tenth longer.
-            grid: (retention / 10)
-                .next_multiple_of(granularity)
-                .max(granularity),
+            leave_grid: grid(window),
+            forget_grid: grid(retention),
         }
     }
 
-    /// The time `fact` leaves the arrangement. The latest deadline it can
-    /// influence is its own `ts + window` (for an impression: its own
-    /// deadline; for progress: the deadline of an impression at
-    /// `ts - window` or later). It must still be present when the frontier
-    /// passes that deadline, and may leave `retention` later.
-    fn at(&self, fact: &Fact) -> Time {
+    /// The latest deadline `fact` can influence is its own `ts + window`
+    /// (for an impression: its own deadline; for progress: the deadline of
+    /// an impression at `ts - window` or later); a fact arriving later
+    /// than that is read (as late) by the decision it arrived after. The
+    /// first timely time past both.
+    fn last_read(&self, fact: &Fact) -> Time {
         let last_useful = fact.watermark().max(fact.ts() + self.window);
         after(last_useful, self.granularity)
+    }
+
+    /// The time `fact` leaves the arrangement: it is present at every
+    /// bucket whose decision can read it.
+    fn leaves(&self, fact: &Fact) -> Time {
+        let leaves = self
+            .last_read(fact)
+            .checked_next_multiple_of(self.leave_grid)
+            .unwrap_or(u64::MAX);
+        // Never after the tombstone it may leave goes: an id that starts
+        // afresh must find none of its earlier facts.
+        leaves.min(self.forgotten(fact))
+    }
+
+    /// The time from which `fact` no longer keeps its decided id's
+    /// tombstone: `retention` after it left, on a grid.
+    fn forgotten(&self, fact: &Fact) -> Time {
+        self.last_read(fact)
             .saturating_add(self.retention)
-            .checked_next_multiple_of(self.grid)
+            .checked_next_multiple_of(self.forget_grid)
             .unwrap_or(u64::MAX)
     }
 }
@@ -411,7 +438,7 @@ fn enter_and_retire<'s>(
                 let mut session = output.session(&cap);
                 for batch in batches {
                     for (id, fact) in batch.drain(..) {
-                        let retire = retirement.at(&fact);
+                        let retire = retirement.leaves(&fact);
                         debug_assert!(retire > time);
                         if retire_cap.as_ref().is_none_or(|c| retire < *c.time()) {
                             retire_cap = Some(cap.delayed(&retire, 0));
@@ -459,8 +486,9 @@ fn enter_and_retire<'s>(
 struct Tombstone {
     /// The decided impression's deadline `D`.
     deadline: u64,
-    /// The latest retire time of the id's facts: facts arriving at or after
-    /// it meet an arrangement without the id, and start afresh.
+    /// The latest [`Retirement::forgotten`] of the id's facts: facts
+    /// arriving at or after it meet an arrangement without the id, and
+    /// start afresh.
     expiry: Time,
 }
 
@@ -708,7 +736,7 @@ impl Decider {
                 // It was not read at the decision, and every fact with
                 // `watermark <= D` was (its time is at most `coarse(D)`).
                 debug_assert!(fact.watermark() > tomb.deadline);
-                let retire = self.retirement.at(fact);
+                let retire = self.retirement.forgotten(fact);
                 if retire > tomb.expiry {
                     tomb.expiry = retire;
                     self.expiring.entry(retire).or_default().push(key.clone());
@@ -721,8 +749,8 @@ impl Decider {
                 Some(LateRecord::of(fact, &key.id, LateReason::ImpressionFinal))
             }
             _ => {
-                // Everything the tombstone stood for has retired: the id
-                // starts afresh.
+                // The tombstone's retention is over (and every fact it
+                // stood for has left the arrangement): the id starts afresh.
                 self.decided.remove(key);
                 if let Fact::Impression(imp) = fact {
                     let bucket = coarse(imp.ts + self.window, self.granularity).max(time);
@@ -840,7 +868,7 @@ impl Decider {
             .fetch_sub(records, Ordering::Relaxed);
         let expiry = facts
             .iter()
-            .map(|fact| self.retirement.at(fact))
+            .map(|fact| self.retirement.forgotten(fact))
             .max()
             .unwrap_or(0);
         self.decided
@@ -850,8 +878,8 @@ impl Decider {
         Some(BillingEvent::Final(outcome)).into_iter().chain(late)
     }
 
-    /// Forgets tombstones once every fact they stood for has retired (the
-    /// frontier `passed` their expiry).
+    /// Forgets tombstones once the frontier `passed` their expiry (every
+    /// fact they stood for left the arrangement before).
     fn forget_expired(&mut self, passed: impl Fn(&Time) -> bool) {
         while let Some(entry) = self.expiring.first_entry() {
             let expiry = *entry.key();
@@ -957,6 +985,34 @@ mod tests {
                 offset: ts,
             },
         })
+    }
+
+    #[test]
+    fn a_fact_stays_for_every_decision_that_reads_it_and_leaves_before_its_tombstone() {
+        for (window, retention) in [(300_000, 600_000), (10_000, 0), (60_000, 20_000)] {
+            let config = PipelineConfig {
+                qualify_window_ms: window,
+                state_retention_ms: retention,
+                ..PipelineConfig::default()
+            };
+            let granularity = config.time_granularity_ms();
+            let retirement = Retirement::new(&config);
+            let ts = 1_700_000_123_456;
+            for watermark in [ts - 5_000, ts + window - 1, ts + window + 7_777] {
+                for fact in [imp("i", ts, watermark), prog("p", ts, watermark)] {
+                    let leaves = retirement.leaves(&fact);
+                    // Present at the bucket of the latest deadline it can
+                    // influence (`ts + window`) and at its own arrival.
+                    assert!(leaves > coarse(ts + window, granularity), "{fact:?}");
+                    assert!(leaves > coarse(watermark, granularity), "{fact:?}");
+                    // Gone before its id can start afresh, and the
+                    // tombstone holds the retention past its last read.
+                    let forgotten = retirement.forgotten(&fact);
+                    assert!(leaves <= forgotten, "{fact:?}");
+                    assert!(forgotten >= after(watermark.max(ts + window), granularity) + retention);
+                }
+            }
+        }
     }
 
     /// One case: an id's facts; the canonical event id, `qualified_ts`,
