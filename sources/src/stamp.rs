@@ -115,6 +115,9 @@ pub struct Batch<'c> {
     cap: &'c Capability<Time>,
     time: Time,
     events: Vec<Ingested>,
+    /// How many more records are expected: the size of the buffer to take
+    /// when a flush has left it without one.
+    expected: usize,
 }
 
 impl<'c> Batch<'c> {
@@ -130,6 +133,7 @@ impl<'c> Batch<'c> {
             cap,
             time: *cap.time(),
             events: Vec::with_capacity(records),
+            expected: records,
         }
     }
 
@@ -139,6 +143,12 @@ impl<'c> Batch<'c> {
             self.flush(output);
         }
         self.time = time;
+        if self.events.capacity() == 0 {
+            // Sending took the buffer: the rest of the records in one
+            // allocation, not one doubling at a time.
+            self.events.reserve(self.expected);
+        }
+        self.expected = self.expected.saturating_sub(1);
         self.events.push(event);
     }
 
