@@ -1009,7 +1009,9 @@ mod tests {
                     // tombstone holds the retention past its last read.
                     let forgotten = retirement.forgotten(&fact);
                     assert!(leaves <= forgotten, "{fact:?}");
-                    assert!(forgotten >= after(watermark.max(ts + window), granularity) + retention);
+                    assert!(
+                        forgotten >= after(watermark.max(ts + window), granularity) + retention
+                    );
                 }
             }
         }
