@@ -404,7 +404,7 @@ impl Retirement {
     }
 
     /// The time from which `fact` no longer keeps its decided id's
-    /// tombstone: `retention` after it left, on a grid.
+    /// tombstone: `retention` after its last read, on a grid.
     fn forgotten(&self, fact: &Fact) -> Time {
         self.last_read(fact)
             .saturating_add(self.retention)

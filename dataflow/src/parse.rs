@@ -1261,6 +1261,15 @@ mod tests {
     }
 
     #[test]
+    fn the_longest_inline_text_is_one_smol_str_keeps_inline() {
+        // `Text::new_inline` panics past its inline capacity: an upgrade
+        // of smol_str that shrank it must fail here, not on input.
+        let longest = "x".repeat(INLINE_TEXT_BYTES);
+        assert!(!Text::new_inline(&longest).is_heap_allocated());
+        assert!(Text::new("x".repeat(INLINE_TEXT_BYTES + 1)).is_heap_allocated());
+    }
+
+    #[test]
     fn string_lengths_after_unescaping() {
         let sid = |raw: String| code(&with(JOIN, "stream_id", Some(&raw)));
         // (the JSON string's contents, whether its value fits in 128 bytes)
