@@ -394,19 +394,24 @@ impl Retirement {
     /// The time `fact` leaves the arrangement: it is present at every
     /// bucket whose decision can read it.
     fn leaves(&self, fact: &Fact) -> Time {
-        let leaves = self
-            .last_read(fact)
+        let last_read = self.last_read(fact);
+        let leaves = last_read
             .checked_next_multiple_of(self.leave_grid)
             .unwrap_or(u64::MAX);
         // Never after the tombstone it may leave goes: an id that starts
         // afresh must find none of its earlier facts.
-        leaves.min(self.forgotten(fact))
+        leaves.min(self.forgotten_after(last_read))
     }
 
     /// The time from which `fact` no longer keeps its decided id's
-    /// tombstone: `retention` after its last read, on a grid.
+    /// tombstone.
     fn forgotten(&self, fact: &Fact) -> Time {
-        self.last_read(fact)
+        self.forgotten_after(self.last_read(fact))
+    }
+
+    /// `retention` after a fact's last read, on a grid.
+    fn forgotten_after(&self, last_read: Time) -> Time {
+        last_read
             .saturating_add(self.retention)
             .checked_next_multiple_of(self.forget_grid)
             .unwrap_or(u64::MAX)
