@@ -58,6 +58,7 @@ use testkit::Livepipe;
 
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// The generator's dense default rate of event time: 1M records span ~8
@@ -107,9 +108,41 @@ struct Run {
     out: PathBuf,
 }
 
+/// A new output directory for every run, all removed when the harness
+/// ends ([`remove_run_outputs`]). Deleting a run's outputs right before the
+/// next run slowed that run: ext4 without a journal skips inodes deleted in
+/// the last seconds when it allocates new ones, and a run over the sparse
+/// file creates 480 files (~12% of its time, see BENCHMARKS.md).
+fn new_run_output(workers: u32) -> PathBuf {
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let n = RUNS.fetch_add(1, Ordering::Relaxed);
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "{RUN_OUTPUT_PREFIX}{}-{n}-w{workers}",
+        std::process::id()
+    ))
+}
+
+const RUN_OUTPUT_PREFIX: &str = "bench-out-";
+
+/// Removes the run outputs of this harness and of any earlier one that
+/// was interrupted.
+fn remove_run_outputs() {
+    let Ok(entries) = std::fs::read_dir(env!("CARGO_TARGET_TMPDIR")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(RUN_OUTPUT_PREFIX)
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 fn run(path: &Path, workers: u32, events: u64) -> Run {
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bench-out-{workers}"));
-    let _ = std::fs::remove_dir_all(&out);
+    let out = new_run_output(workers);
     let time = Path::new("/usr/bin/time");
     let mut livepipe = Livepipe::new();
     if time.exists() {
@@ -427,4 +460,5 @@ fn main() {
     if only == "spikes" {
         spikes();
     }
+    remove_run_outputs();
 }
