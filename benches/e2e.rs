@@ -4,9 +4,10 @@
 //! 1. **File replay.** Realistic generated files (`LIVEPIPE_BENCH_EVENTS`,
 //!    default 1M records) at two rates of event time: dense (2,000
 //!    records/s, ~8 minutes) and sparse (70 records/s, ~4 hours: 30 times
-//!    the timestamps and billing periods per record); the parse floor (a bare program parsing every
-//!    line into a typed struct on 2 threads); the release binary on the
-//!    file with 1 and 2 workers: events/s, ratio to the floor, peak RSS
+//!    the timestamps and billing periods per record); the parse floor (a
+//!    bare program parsing every line into a typed struct on 2 threads);
+//!    the release binary on each file with 1 and 2 workers, each run into
+//!    a new output directory: events/s, ratio to the floor, peak RSS
 //!    (`/usr/bin/time`). Medians of `LIVEPIPE_BENCH_RUNS` (default 3) runs.
 //! 2. **Kafka replay.** The same records in a 4-partition topic (the
 //!    separate broker if `LIVEPIPE_TEST_KAFKA` is set, else the mock
@@ -124,8 +125,8 @@ fn new_run_output(workers: u32) -> PathBuf {
 
 const RUN_OUTPUT_PREFIX: &str = "bench-out-";
 
-/// Removes the run outputs of this harness and of any earlier one that
-/// was interrupted.
+/// Removes the run outputs of this harness, and any an interrupted earlier
+/// one left behind.
 fn remove_run_outputs() {
     let Ok(entries) = std::fs::read_dir(env!("CARGO_TARGET_TMPDIR")) else {
         return;

@@ -37,11 +37,13 @@
 //! visitors: known keys land in a fixed array of slots holding borrowed
 //! strings (`Cow`, owned only when the string had escapes), duplicate known
 //! keys are caught with a bitmask and unknown keys with a small list of
-//! names (a hash set only once an object has many keys). There is no `serde_json::Value` and no per-record
-//! map; the only allocations on the happy path are the `String`s of the
-//! resulting [`Event`]. `serde::de::IgnoredAny` is deliberately not used
-//! for ignored values: it does not validate `\u` surrogates nor see
-//! duplicate keys, so ignored values go through a validating visitor instead.
+//! names (a hash set only once an object has many keys). There is no
+//! `serde_json::Value` and no per-record map; the only allocations on the
+//! happy path are an impression's box and any text of the resulting
+//! [`Event`] longer than a [`Text`] keeps inline (23 bytes).
+//! `serde::de::IgnoredAny` is deliberately not used for ignored values: it
+//! does not validate `\u` surrogates nor see duplicate keys, so ignored
+//! values go through a validating visitor instead.
 //!
 //! **Robust.** It never panics; memory is O(input) (records over
 //! [`MAX_RECORD_BYTES`] are refused before parsing); nesting is bounded by
@@ -270,19 +272,23 @@ pub fn parse_event(raw: &[u8]) -> Result<Event, Rejection> {
 
 /// The record as text: within the size bound, and UTF-8.
 fn record_text(raw: &[u8]) -> Result<&str, Rejection> {
-    if raw.len() > MAX_RECORD_BYTES {
+    within_size(raw.len())?;
+    std::str::from_utf8(raw).map_err(|_| Rejection::BadUtf8)
+}
+
+/// The size bound, checked before anything else.
+fn within_size(bytes: usize) -> Result<(), Rejection> {
+    if bytes > MAX_RECORD_BYTES {
         return Err(Rejection::TooLarge);
     }
-    std::str::from_utf8(raw).map_err(|_| Rejection::BadUtf8)
+    Ok(())
 }
 
 /// [`parse_event`] for a record already known to be UTF-8: a reader that
 /// validates a whole buffer of records at once (long runs validate several
 /// times faster than short ones) skips the check per record.
 pub fn parse_event_str(text: &str) -> Result<Event, Rejection> {
-    if text.len() > MAX_RECORD_BYTES {
-        return Err(Rejection::TooLarge);
-    }
+    within_size(text.len())?;
     parse_text(text)
 }
 

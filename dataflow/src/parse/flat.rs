@@ -14,8 +14,9 @@
 //! and the record goes through the general pass from its first byte. So
 //! every rejection still comes from that one pass, and on what the scanner
 //! does accept, its slots are exactly the ones the general pass captures
-//! (`tests::the_flat_scanner_agrees_with_the_general_pass` checks this on
-//! generated, mutated and hostile records).
+//! (the `the_flat_scanner_agrees_with_the_general_pass_*` property tests
+//! in `parse.rs` check this on built, mutated and hostile records, and the
+//! `parse_event` fuzz target on whole parses).
 
 use std::borrow::Cow;
 
