@@ -109,6 +109,13 @@ impl Coverage {
         self.files_started && self.next.is_some_and(|next| period < next)
     }
 
+    /// The first period no file covers (before the first file: the least
+    /// period finalized so far), if any impression was finalized: billed
+    /// rows from here on are not in a file yet.
+    pub fn first_uncovered(&self) -> Option<u64> {
+        self.next
+    }
+
     /// Notes a period that holds a newly finalized impression.
     pub fn saw(&mut self, period: u64) {
         if !self.files_started {

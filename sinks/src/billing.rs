@@ -44,7 +44,9 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use crate::fsutil::{create_private_dir, sync_dir, StagedFiles, TEMP_PREFIX};
-use crate::ledger::{BilledRow, Commit, FileRecord, Ledger, ResumePosition, LEDGER_FILE};
+use crate::ledger::{
+    sort_rows, BilledRow, Commit, FileRecord, Ledger, ResumePosition, RowsByPeriod, LEDGER_FILE,
+};
 use crate::side::SideOutputs;
 
 pub const CSV_HEADER: &str = "impression_id,ad_id,campaign_id,advertiser_id,stream_id,viewer_id,impression_ts,qualified_ts,price_micros";
@@ -80,7 +82,7 @@ pub struct CampaignTotal {
 pub fn campaign_totals(rows: &[BilledRow]) -> BTreeMap<String, CampaignTotal> {
     let mut totals: BTreeMap<String, CampaignTotal> = BTreeMap::new();
     for row in rows {
-        let total = totals.entry(row.campaign_id.clone()).or_default();
+        let total = totals.entry(row.campaign_id.to_string()).or_default();
         total.rows += 1;
         total.price_micros += row.price_micros;
     }
@@ -137,6 +139,11 @@ pub struct BillingSink {
     /// Late records already in `late.jsonl`, for the ledger's next commit.
     late: Vec<LateRecord>,
     coverage: Coverage,
+    /// The committed billed rows of the periods no file covers yet: what
+    /// their files will list. Kept here as they are committed (and read
+    /// from the ledger at open), so a file is rendered without reading its
+    /// rows back from SQLite.
+    unwritten: RowsByPeriod,
     stats: Arc<BillingStats>,
     /// Where the sources can resume; the safe ones are committed with the
     /// outcomes.
@@ -184,6 +191,10 @@ impl BillingSink {
         }
         let ledger = Ledger::open(&out_dir.join(LEDGER_FILE))?;
         let coverage = Coverage::resumed(ledger.next_unwritten_period()?, ledger.period_range()?);
+        let unwritten = match coverage.first_uncovered() {
+            Some(period) => ledger.billed_rows_from(period)?,
+            None => RowsByPeriod::new(),
+        };
         let stats = Arc::<BillingStats>::default();
         Ok(BillingSink {
             ledger,
@@ -196,6 +207,7 @@ impl BillingSink {
             buffered: Vec::new(),
             late: Vec::new(),
             coverage,
+            unwritten,
             stats,
             checkpoints,
             stop: Arc::default(),
@@ -263,10 +275,11 @@ impl BillingSink {
         // a failed attempt (disk full, say) can simply be tried again.
         let commit = self.ledger.begin()?;
         let mut coverage = self.coverage;
-        let recorded = self.record_outcomes(&commit, &mut coverage)?;
+        let mut recorded = self.record_outcomes(&commit, &mut coverage)?;
         self.record_late_in_ledger(&commit, &recorded)?;
         tracing::debug!(?frontier, ?coverage, "billing commit");
-        let files = self.write_final_files(&commit, &mut coverage, frontier)?;
+        let files =
+            self.write_final_files(&commit, &mut coverage, frontier, &recorded.billed_rows)?;
         self.record_positions(&commit, &safe)?;
         // Side lines go out, and every rejected line so far is flushed,
         // before the commit: a crash right after it then loses none (the
@@ -282,6 +295,7 @@ impl BillingSink {
         self.side.flush()?;
         commit.commit()?;
 
+        let billed_rows = std::mem::take(&mut recorded.billed_rows);
         self.checkpoints.mark_committed(&safe);
         let stats = &self.stats;
         stats.billed.fetch_add(recorded.billed, Ordering::Relaxed);
@@ -298,9 +312,21 @@ impl BillingSink {
             .fetch_add(recorded.duplicates + again, Ordering::Relaxed);
         stats.late.fetch_add(again, Ordering::Relaxed);
         self.coverage = coverage;
+        self.keep_unwritten(billed_rows);
         self.buffered.clear();
         self.late.clear();
         Ok(())
+    }
+
+    /// After a commit: adds its billed rows to those waiting for a file,
+    /// and lets go of the periods the commit wrote.
+    fn keep_unwritten(&mut self, committed: RowsByPeriod) {
+        for (period, rows) in committed {
+            self.unwritten.entry(period).or_default().extend(rows);
+        }
+        if let Some(first) = self.coverage.first_uncovered() {
+            self.unwritten = self.unwritten.split_off(&first);
+        }
     }
 
     /// Records this commit's late records in the ledger: those the dataflow
@@ -332,6 +358,7 @@ impl BillingSink {
         coverage: &mut Coverage,
     ) -> Result<Recorded<'a>, SinkError> {
         let mut recorded = Recorded::default();
+        let mut finalizer = commit.finalizer()?;
         for (n, outcome) in self.buffered.iter().enumerate() {
             if n % 4096 == 4095 && self.stop.load(Ordering::Relaxed) {
                 // Dropping `commit` rolls the transaction back.
@@ -339,7 +366,7 @@ impl BillingSink {
             }
             let period = self.periods.policy.period_start(outcome.impression.ts);
             recorded.duplicates += u64::from(outcome.duplicates);
-            if coverage.covers(period) || !commit.finalize(outcome, period)? {
+            if coverage.covers(period) || !finalizer.finalize(outcome, period)? {
                 // Already final (state retired long ago, or a replay), or
                 // its period is: the first answer stands.
                 recorded
@@ -348,9 +375,10 @@ impl BillingSink {
                 continue;
             }
             coverage.saw(period);
-            if outcome.is_billed() {
+            if let Some(row) = BilledRow::of(outcome) {
                 recorded.billed += 1;
-                recorded.billed_micros += outcome.impression.ad.price_micros;
+                recorded.billed_micros += row.price_micros;
+                recorded.billed_rows.entry(period).or_default().push(row);
             } else {
                 recorded.expired.push(outcome);
             }
@@ -359,14 +387,17 @@ impl BillingSink {
     }
 
     /// Writes the files [`Coverage`] says are due at `frontier` and records
-    /// them in `commit`. Returns how many. The ledger finds each next
-    /// billable period in one index seek, so a commit's work follows the
-    /// files it writes, not the number of periods it passes.
+    /// them in `commit`. Returns how many. A period's rows are those
+    /// committed before ([`BillingSink::unwritten`]) and this commit's
+    /// (`billed`); the next billable period is one map seek away, so a
+    /// commit's work follows the files it writes, not the number of
+    /// periods it passes.
     fn write_final_files(
         &self,
         commit: &Commit<'_>,
         coverage: &mut Coverage,
         frontier: Option<Time>,
+        billed: &RowsByPeriod,
     ) -> Result<u64, SinkError> {
         let mut files = 0;
         let mut staged = StagedFiles::default();
@@ -385,7 +416,11 @@ impl BillingSink {
                 // misled.
                 return Err(SinkError::Stopped);
             }
-            let next_billed = commit.next_billed_period(due)?;
+            let first_from = |rows: &RowsByPeriod| rows.range(due..).next().map(|(&p, _)| p);
+            let next_billed = match (first_from(&self.unwritten), first_from(billed)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let Some(next) = coverage.take_files(&self.periods.policy, next_billed, frontier)
             else {
                 break;
@@ -395,7 +430,13 @@ impl BillingSink {
                 files += 1;
             }
             if let Some((start, end)) = next.billed {
-                let rows = commit.billed_rows(start)?;
+                let mut rows: Vec<BilledRow> = [&self.unwritten, billed]
+                    .into_iter()
+                    .filter_map(|rows| rows.get(&start))
+                    .flatten()
+                    .cloned()
+                    .collect();
+                sort_rows(&mut rows);
                 self.periods.write(commit, &mut staged, start, end, &rows)?;
                 files += 1;
             }
@@ -435,6 +476,8 @@ struct Recorded<'a> {
     expired: Vec<&'a Outcome>,
     /// Outcomes whose id or period was already final: late.
     already_final: Vec<LateRecord>,
+    /// The rows of the outcomes billed by this commit.
+    billed_rows: RowsByPeriod,
 }
 
 fn source_name(sources: &[Arc<str>], partition: u32) -> &str {

@@ -18,8 +18,9 @@
 //! add (an earlier livepipe still reads what it knows).
 
 use livepipe_dataflow::billing::{LateRecord, Outcome};
+use livepipe_dataflow::event::Text;
 use livepipe_dataflow::resume::Checkpoint;
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use rusqlite::{params, CachedStatement, Connection, OptionalExtension, Transaction};
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::OpenOptionsExt;
@@ -112,18 +113,48 @@ pub struct ResumePosition {
     pub prefix_sha256: Option<[u8; 32]>,
 }
 
-/// One row of a billing file, in file column order.
+/// One row of a billing file, in file column order: what the ledger's
+/// `finalized` table holds for a billed impression.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BilledRow {
-    pub impression_id: String,
-    pub ad_id: String,
-    pub campaign_id: String,
-    pub advertiser_id: String,
-    pub stream_id: String,
-    pub viewer_id: String,
+    pub impression_id: Text,
+    pub ad_id: Text,
+    pub campaign_id: Text,
+    pub advertiser_id: Text,
+    pub stream_id: Text,
+    pub viewer_id: Text,
     pub impression_ts: u64,
     pub qualified_ts: u64,
     pub price_micros: u64,
+}
+
+impl BilledRow {
+    /// The row [`Finalizer::finalize`] records for `outcome`, if it is
+    /// billed.
+    pub fn of(outcome: &Outcome) -> Option<BilledRow> {
+        let imp = &outcome.impression;
+        let ad = &imp.ad;
+        Some(BilledRow {
+            impression_id: outcome.impression_id.clone(),
+            ad_id: ad.ad_id.clone(),
+            campaign_id: ad.campaign_id.clone(),
+            advertiser_id: ad.advertiser_id.clone(),
+            stream_id: ad.stream_id.clone(),
+            viewer_id: ad.viewer_id.clone(),
+            impression_ts: imp.ts,
+            qualified_ts: outcome.qualified_ts?,
+            price_micros: ad.price_micros,
+        })
+    }
+}
+
+/// Billed rows by period start, in no particular order within a period.
+pub type RowsByPeriod = BTreeMap<u64, Vec<BilledRow>>;
+
+/// Sorts a period's rows as its file lists them: by impression id in byte
+/// order (`str`'s order, and SQLite's BINARY collation: `memcmp`).
+pub fn sort_rows(rows: &mut [BilledRow]) {
+    rows.sort_unstable_by(|a, b| a.impression_id.cmp(&b.impression_id));
 }
 
 /// A period file as recorded in the ledger.
@@ -230,6 +261,40 @@ impl Ledger {
         rows.collect()
     }
 
+    /// The billed rows of every period from `period_start` on: at open,
+    /// the rows an earlier run committed for periods it had not written
+    /// yet.
+    pub fn billed_rows_from(&self, period_start: u64) -> rusqlite::Result<RowsByPeriod> {
+        let mut stmt = self.conn.prepare(
+            "SELECT period_start, impression_id, ad_id, campaign_id, advertiser_id, stream_id,
+                    viewer_id, impression_ts, qualified_ts, price_micros
+             FROM finalized WHERE billed = 1 AND period_start >= ?1",
+        )?;
+        let mut periods = RowsByPeriod::new();
+        let rows = stmt.query_map([period_start as i64], |row| {
+            let text = |n| row.get::<_, String>(n).map(Text::from);
+            Ok((
+                row.get::<_, i64>(0)? as u64,
+                BilledRow {
+                    impression_id: text(1)?,
+                    ad_id: text(2)?,
+                    campaign_id: text(3)?,
+                    advertiser_id: text(4)?,
+                    stream_id: text(5)?,
+                    viewer_id: text(6)?,
+                    impression_ts: row.get::<_, i64>(7)? as u64,
+                    qualified_ts: row.get::<_, i64>(8)? as u64,
+                    price_micros: row.get::<_, i64>(9)? as u64,
+                },
+            ))
+        })?;
+        for row in rows {
+            let (period, row) = row?;
+            periods.entry(period).or_default().push(row);
+        }
+        Ok(periods)
+    }
+
     /// Least and greatest period holding a finalized impression.
     pub fn period_range(&self) -> rusqlite::Result<Option<(u64, u64)>> {
         // Two queries: SQLite answers a lone MIN or MAX from the index, but
@@ -284,35 +349,17 @@ pub struct Commit<'l> {
 }
 
 impl Commit<'_> {
-    /// Records a final outcome. Returns false if the id was already final
-    /// (then nothing changes).
-    pub fn finalize(&self, outcome: &Outcome, period_start: u64) -> rusqlite::Result<bool> {
-        let imp = &outcome.impression;
-        let ad = &imp.ad;
-        let mut stmt = self.tx.prepare_cached(
-            "INSERT OR IGNORE INTO finalized (impression_id, billed, period_start, event_id,
-                ad_id, campaign_id, advertiser_id, stream_id, viewer_id,
-                impression_ts, qualified_ts, price_micros, duplicates, partition, record_offset)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-        )?;
-        let inserted = stmt.execute(params![
-            outcome.impression_id.as_str(),
-            outcome.is_billed(),
-            period_start as i64,
-            imp.event_id.as_str(),
-            ad.ad_id.as_str(),
-            ad.campaign_id.as_str(),
-            ad.advertiser_id.as_str(),
-            ad.stream_id.as_str(),
-            ad.viewer_id.as_str(),
-            imp.ts as i64,
-            outcome.qualified_ts.map(|ts| ts as i64),
-            ad.price_micros as i64,
-            outcome.duplicates,
-            imp.position.partition as i64,
-            imp.position.offset as i64,
-        ])?;
-        Ok(inserted == 1)
+    /// The statement that records final outcomes, prepared once for all of
+    /// a commit's outcomes.
+    pub fn finalizer(&self) -> rusqlite::Result<Finalizer<'_>> {
+        Ok(Finalizer {
+            insert: self.tx.prepare_cached(
+                "INSERT OR IGNORE INTO finalized (impression_id, billed, period_start, event_id,
+                    ad_id, campaign_id, advertiser_id, stream_id, viewer_id,
+                    impression_ts, qualified_ts, price_micros, duplicates, partition, record_offset)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            )?,
+        })
     }
 
     /// Whether `late` (an outcome found already final) is the id's
@@ -360,31 +407,6 @@ impl Commit<'_> {
         Ok(())
     }
 
-    /// The billed rows of one period, sorted by impression id in byte order
-    /// (SQLite's BINARY collation is `memcmp`).
-    pub fn billed_rows(&self, period_start: u64) -> rusqlite::Result<Vec<BilledRow>> {
-        let mut stmt = self.tx.prepare_cached(
-            "SELECT impression_id, ad_id, campaign_id, advertiser_id, stream_id, viewer_id,
-                    impression_ts, qualified_ts, price_micros
-             FROM finalized WHERE period_start = ?1 AND billed = 1
-             ORDER BY impression_id",
-        )?;
-        let rows = stmt.query_map([period_start as i64], |row| {
-            Ok(BilledRow {
-                impression_id: row.get(0)?,
-                ad_id: row.get(1)?,
-                campaign_id: row.get(2)?,
-                advertiser_id: row.get(3)?,
-                stream_id: row.get(4)?,
-                viewer_id: row.get(5)?,
-                impression_ts: row.get::<_, i64>(6)? as u64,
-                qualified_ts: row.get::<_, i64>(7)? as u64,
-                price_micros: row.get::<_, i64>(8)? as u64,
-            })
-        })?;
-        rows.collect()
-    }
-
     /// The file covering the period starting at `period_start`, if one was
     /// written: its own, or the header-only file of the run it lies in.
     pub fn file_for(&self, period_start: u64) -> rusqlite::Result<Option<String>> {
@@ -399,16 +421,6 @@ impl Commit<'_> {
                 |row| row.get(0),
             )
             .optional()
-    }
-
-    /// The least period at or after `period_start` with billed rows.
-    pub fn next_billed_period(&self, period_start: u64) -> rusqlite::Result<Option<u64>> {
-        self.tx
-            .prepare_cached(
-                "SELECT MIN(period_start) FROM finalized WHERE billed = 1 AND period_start >= ?1",
-            )?
-            .query_row([period_start as i64], |row| row.get::<_, Option<i64>>(0))
-            .map(|period| period.map(|p| p as u64))
     }
 
     pub fn record_file(&self, file: &FileRecord) -> rusqlite::Result<()> {
@@ -455,6 +467,38 @@ impl Commit<'_> {
 
     pub fn commit(self) -> rusqlite::Result<()> {
         self.tx.commit()
+    }
+}
+
+/// Records final outcomes in a [`Commit`].
+pub struct Finalizer<'c> {
+    insert: CachedStatement<'c>,
+}
+
+impl Finalizer<'_> {
+    /// Records a final outcome. Returns false if the id was already final
+    /// (then nothing changes).
+    pub fn finalize(&mut self, outcome: &Outcome, period_start: u64) -> rusqlite::Result<bool> {
+        let imp = &outcome.impression;
+        let ad = &imp.ad;
+        let inserted = self.insert.execute(params![
+            outcome.impression_id.as_str(),
+            outcome.is_billed(),
+            period_start as i64,
+            imp.event_id.as_str(),
+            ad.ad_id.as_str(),
+            ad.campaign_id.as_str(),
+            ad.advertiser_id.as_str(),
+            ad.stream_id.as_str(),
+            ad.viewer_id.as_str(),
+            imp.ts as i64,
+            outcome.qualified_ts.map(|ts| ts as i64),
+            ad.price_micros as i64,
+            outcome.duplicates,
+            imp.position.partition as i64,
+            imp.position.offset as i64,
+        ])?;
+        Ok(inserted == 1)
     }
 }
 

@@ -156,6 +156,46 @@ fn an_id_is_final_once_whatever_comes_later() {
     assert_eq!(files(dir.path()).len(), 2);
 }
 
+#[test]
+fn a_file_lists_its_period_rows_from_every_commit_and_from_an_earlier_run() {
+    let (dir, mut sink) = fresh();
+    // Period 1000's rows come in three commits, the first two before a
+    // restart; none is final before the last.
+    sink.accept(outcome("m", 1_300, Some(1_310))).unwrap();
+    sink.accept(outcome("x", 1_100, None)).unwrap();
+    sink.advance(Some(1_000)).unwrap();
+    sink.accept(outcome("z", 1_200, Some(1_210))).unwrap();
+    sink.advance(Some(1_100)).unwrap();
+    drop(sink);
+    assert!(files(dir.path()).is_empty());
+
+    let mut again = open(dir.path());
+    again.accept(outcome("a", 1_400, Some(1_410))).unwrap();
+    again.accept(outcome("n", 2_100, Some(2_110))).unwrap();
+    again.advance(Some(2_500)).unwrap();
+    again.advance(None).unwrap();
+    let billing = dir.path().join("billing");
+    let header = HEADER;
+    assert_eq!(
+        std::fs::read_to_string(billing.join("billable-1000-2000.csv")).unwrap(),
+        format!(
+            "{header}a,ad,\"c,1\",adv,s,v,1400,1410,7\n\
+             m,ad,\"c,1\",adv,s,v,1300,1310,7\n\
+             z,ad,\"c,1\",adv,s,v,1200,1210,7\n"
+        )
+    );
+    assert_eq!(
+        std::fs::read_to_string(billing.join("billable-2000-3000.csv")).unwrap(),
+        format!("{header}n,ad,\"c,1\",adv,s,v,2100,2110,7\n")
+    );
+    // And the file says what the ledger says.
+    let billed = query_strings(
+        &dir.path().join(LEDGER_FILE),
+        "SELECT impression_id FROM finalized WHERE billed = 1 ORDER BY impression_id",
+    );
+    assert_eq!(billed, ["a", "m", "n", "z"]);
+}
+
 fn marker(out: &Path, csv: &str) -> Marker {
     serde_json::from_slice(&std::fs::read(out.join(format!("billing/{csv}.done"))).unwrap())
         .unwrap()
