@@ -41,7 +41,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::fsutil::{create_private_dir, sync_dir, StagedFiles, TEMP_PREFIX};
 use crate::ledger::{
@@ -575,7 +575,8 @@ pub struct SinkInput {
 ///
 /// The dataflow never waits for the disk: worker 0 hands over final
 /// outcomes and frontier moves and goes on (it also runs the live path).
-/// The thread commits them in order; when a commit fails (disk full, a
+/// The thread commits them in order, at most once per
+/// [`MIN_COMMIT_INTERVAL`] until the input ends; when a commit fails (disk full, a
 /// directory that refuses writes) it says so in [`BillingStats`] and tries
 /// the same commit again, with backoff, until it succeeds or the job stops.
 /// Nothing changes outside a transaction that failed, so catching up bills
@@ -595,6 +596,16 @@ pub struct SinkThread {
 /// that completes many periods at once.
 const MAX_STAGED_FILES: usize = 128;
 
+/// Least time from one commit to the next, unless the input has ended.
+///
+/// Every commit rewrites the ledger pages it touches (the outcomes' ids
+/// are spread over the whole `finalized` tree) and fsyncs: a replay moves
+/// the frontier every few milliseconds, and committing each move made the
+/// sink the job's third-busiest thread. A tenth of a second delays a
+/// period file by at most that, and lets one commit take what several
+/// moves finalized.
+const MIN_COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Longest pause between attempts while the billing output refuses writes.
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(10);
 
@@ -607,14 +618,28 @@ impl SinkThread {
         let thread = std::thread::Builder::new()
             .name("billing-sink".into())
             .spawn(move || {
-                // Everything waiting is taken at once: after a stall the
-                // backlog is committed in one transaction, not one per
-                // frontier move.
-                while let Ok(first) = receiver.recv() {
-                    let mut frontier = None;
-                    let mut messages = vec![first];
-                    messages.extend(receiver.try_iter());
-                    for message in messages {
+                // The frontier waiting for its commit, and when the last
+                // commit started. Everything waiting is taken at once: after
+                // a stall, or between two commits, the backlog is committed
+                // in one transaction, not one per frontier move.
+                let mut due: Option<Option<Time>> = None;
+                let mut last_commit: Option<Instant> = None;
+                loop {
+                    let next_commit = last_commit.map(|at| at + MIN_COMMIT_INTERVAL);
+                    let first = match (due, next_commit) {
+                        (Some(_), Some(at)) => match receiver
+                            .recv_timeout(at.saturating_duration_since(Instant::now()))
+                        {
+                            Ok(message) => Some(message),
+                            Err(mpsc::RecvTimeoutError::Timeout) => None,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        },
+                        _ => match receiver.recv() {
+                            Ok(message) => Some(message),
+                            Err(_) => break,
+                        },
+                    };
+                    for message in first.into_iter().chain(receiver.try_iter()) {
                         if stop.load(Ordering::Relaxed) {
                             return;
                         }
@@ -631,15 +656,29 @@ impl SinkThread {
                                     sink.checkpoints.record(partition, checkpoint);
                                 }
                             }
-                            SinkMessage::Frontier(moved) => frontier = Some(moved),
+                            SinkMessage::Frontier(moved) => due = Some(moved),
                         }
                     }
-                    if let Some(frontier) = frontier {
-                        if stop.load(Ordering::Relaxed)
-                            || !sink.retry(&stop, |sink| sink.advance(frontier))
-                        {
-                            return;
-                        }
+                    let Some(frontier) = due else { continue };
+                    // The end of the input is committed at once; other moves
+                    // wait for the interval since the last commit.
+                    let waited = next_commit.is_none_or(|at| Instant::now() >= at);
+                    if frontier.is_some() && !waited {
+                        continue;
+                    }
+                    last_commit = Some(Instant::now());
+                    due = None;
+                    if stop.load(Ordering::Relaxed)
+                        || !sink.retry(&stop, |sink| sink.advance(frontier))
+                    {
+                        return;
+                    }
+                }
+                // The dataflow is gone (its last move, the end of the input,
+                // is committed above); a move still waiting gets its commit.
+                if let Some(frontier) = due {
+                    if !stop.load(Ordering::Relaxed) {
+                        sink.retry(&stop, |sink| sink.advance(frontier));
                     }
                 }
             })
