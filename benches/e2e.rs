@@ -112,8 +112,8 @@ struct Run {
 /// A new output directory for every run, all removed when the harness
 /// ends ([`remove_run_outputs`]). Deleting a run's outputs right before the
 /// next run slowed that run: ext4 without a journal skips inodes deleted in
-/// the last seconds when it allocates new ones, and a run over the sparse
-/// file creates 480 files (~12% of its time, see BENCHMARKS.md).
+/// the last minute or more when it allocates new ones, and a run over the
+/// sparse file creates 480 files (~12% of its time, see BENCHMARKS.md).
 fn new_run_output(workers: u32) -> PathBuf {
     static RUNS: AtomicUsize = AtomicUsize::new(0);
     let n = RUNS.fetch_add(1, Ordering::Relaxed);
