@@ -576,9 +576,10 @@ pub struct SinkInput {
 /// The dataflow never waits for the disk: worker 0 hands over final
 /// outcomes and frontier moves and goes on (it also runs the live path).
 /// The thread commits them in order, at most once per
-/// [`MIN_COMMIT_INTERVAL`] until the input ends; when a commit fails (disk full, a
-/// directory that refuses writes) it says so in [`BillingStats`] and tries
-/// the same commit again, with backoff, until it succeeds or the job stops.
+/// [`MIN_COMMIT_INTERVAL`] until the input ends; when a commit fails (disk
+/// full, a directory that refuses writes) it says so in [`BillingStats`]
+/// and tries the same commit again, with backoff, until it succeeds or the
+/// job stops.
 /// Nothing changes outside a transaction that failed, so catching up bills
 /// exactly once. While stalled, final outcomes queue in memory.
 ///
