@@ -94,12 +94,11 @@ fn run_sink(out: &Path, outcomes: Vec<BillingEvent>) {
 
 fn sink(c: &mut Criterion) {
     let outcomes = outcomes();
-    // A new directory per run, all removed at the end, none before: this
-    // ext4 (no journal) skips inodes freed in the last minutes when it
-    // allocates one, so files created right after many were deleted cost
-    // several times more (see BENCHMARKS.md).
-    // `LIVEPIPE_BENCH_SINK_DIR` measures on another disk (`/dev/shm`: CPU
-    // alone, no fsync).
+    // `LIVEPIPE_BENCH_SINK_DIR` measures on another disk (`/dev/shm`: the
+    // CPU alone, no fsync). A new directory per run, all removed at the
+    // end, none before: ext4 without a journal skips inodes freed in the
+    // last minute or more when it allocates one, so files created right
+    // after many were deleted cost several times more (see BENCHMARKS.md).
     let base = std::env::var_os("LIVEPIPE_BENCH_SINK_DIR")
         .map_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")), PathBuf::from);
     let root = base.join(format!("bench-sink-{}", std::process::id()));

@@ -132,6 +132,7 @@ impl BilledRow {
     /// The row [`Finalizer::finalize`] records for `outcome`, if it is
     /// billed.
     pub fn of(outcome: &Outcome) -> Option<BilledRow> {
+        let qualified_ts = outcome.qualified_ts?;
         let imp = &outcome.impression;
         let ad = &imp.ad;
         Some(BilledRow {
@@ -142,7 +143,7 @@ impl BilledRow {
             stream_id: ad.stream_id.clone(),
             viewer_id: ad.viewer_id.clone(),
             impression_ts: imp.ts,
-            qualified_ts: outcome.qualified_ts?,
+            qualified_ts,
             price_micros: ad.price_micros,
         })
     }
