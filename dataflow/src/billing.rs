@@ -667,29 +667,39 @@ fn arrivals<'b, C>(
 }
 
 /// The facts of the id under the cursor that the decision at `bucket`
-/// reads: present at the bucket, or arrived after it (and so late, even if
-/// retracted since). A fact retracted by the bucket belonged to an earlier
-/// decision of the id, or can no longer matter (progress before it).
-/// Into `facts`, cleared first.
-fn facts_at<'b, C>(cursor: &mut C, storage: &'b C::Storage, bucket: Time, facts: &mut Vec<&'b Fact>)
-where
+/// reads: `present` at the bucket, and `later`, every arrival after it
+/// (late, if it comes while the decision's tombstone lives, even if
+/// retracted since), in time order. A fact retracted by the bucket belonged
+/// to an earlier decision of the id, or can no longer matter (progress
+/// before it). Both cleared first.
+fn facts_at<'b, C>(
+    cursor: &mut C,
+    storage: &'b C::Storage,
+    bucket: Time,
+    present: &mut Vec<&'b Fact>,
+    later: &mut Vec<(Time, &'b Fact)>,
+) where
     C: for<'a> Cursor<Val<'a> = &'a Fact, TimeGat<'a> = &'a Time, DiffGat<'a> = &'a isize>,
 {
-    facts.clear();
+    present.clear();
+    later.clear();
     while let Some(fact) = cursor.get_val(storage) {
-        let (mut at_bucket, mut arrived_later) = (0isize, false);
+        let mut at_bucket = 0isize;
         cursor.map_times(storage, |&time, &diff| {
             if time <= bucket {
                 at_bucket += diff;
-            } else if diff > 0 {
-                arrived_later = true;
+            } else {
+                for _ in 0..diff.max(0) {
+                    later.push((time, fact));
+                }
             }
         });
-        if at_bucket > 0 || arrived_later {
-            facts.push(fact);
+        if at_bucket > 0 {
+            present.push(fact);
         }
         cursor.step_val(storage);
     }
+    later.sort_by_key(|&(time, _)| time);
 }
 
 /// The decision operator's state: ids waiting for their deadline, decided
@@ -805,7 +815,13 @@ impl Decider {
             let (cap, mut keys) = entry.remove();
             keys.sort_unstable();
             keys.dedup();
-            keys.retain(|key| !self.decided.contains_key(key));
+            // A tombstone that expired by the bucket no longer stands,
+            // even if `forget_expired` has not run since.
+            keys.retain(|key| {
+                self.decided
+                    .get(key)
+                    .is_none_or(|tomb| tomb.expiry <= bucket)
+            });
             if !keys.is_empty() {
                 let ids = DueIds {
                     bucket,
@@ -831,7 +847,7 @@ impl Decider {
     ) where
         C: FactCursor,
     {
-        let mut facts = Vec::new();
+        let (mut present, mut later) = (Vec::new(), Vec::new());
         while ids.pending() && slice.take() {
             let key = ids.keys[ids.next].clone();
             ids.next += 1;
@@ -839,21 +855,45 @@ impl Decider {
             if cursor.get_key(storage) != Some(&key) {
                 continue;
             }
-            facts_at(cursor, storage, ids.bucket, &mut facts);
-            self.settled(key, &facts, ids.bucket).for_each(&mut emit);
+            facts_at(cursor, storage, ids.bucket, &mut present, &mut later);
+            self.settled(key, &present, &later, ids.bucket)
+                .for_each(&mut emit);
         }
     }
 
     /// Decides `key` from the `facts` read at `bucket`, if its deadline's
     /// bucket is this one (or passed): its outcome, then the facts that came
     /// after it was final; a tombstone stays.
+    ///
+    /// The tombstone lives until the latest [`Retirement::forgotten`] of
+    /// the facts present at the bucket. A fact that came after the bucket
+    /// is late only while it lives, and extends it, in time order: the
+    /// judgement [`Decider::arrive`] makes of a fact that comes after the
+    /// decision, so the answer does not depend on whether the operator
+    /// received a fact before deciding (a replay moves the frontier far at
+    /// once) or after. The rest start the id afresh (`arrive` registered
+    /// any impression among them).
     fn settled(
         &mut self,
         key: ImpressionKey,
-        facts: &[&Fact],
+        present: &[&Fact],
+        later: &[(Time, &Fact)],
         bucket: Time,
     ) -> impl Iterator<Item = BillingEvent> {
-        let (Some(outcome), late) = decide_impression(&key.id, facts, self.window) else {
+        let mut expiry = present
+            .iter()
+            .map(|fact| self.retirement.forgotten(fact))
+            .max()
+            .unwrap_or(0);
+        let mut facts = present.to_vec();
+        for &(time, fact) in later {
+            if time >= expiry {
+                break;
+            }
+            expiry = expiry.max(self.retirement.forgotten(fact));
+            facts.push(fact);
+        }
+        let (Some(outcome), late) = decide_impression(&key.id, &facts, self.window) else {
             return None.into_iter().chain(Vec::new());
         };
         let deadline = outcome.impression.ts + self.window;
@@ -871,11 +911,6 @@ impl Decider {
         self.probes
             .pending_impressions
             .fetch_sub(records, Ordering::Relaxed);
-        let expiry = facts
-            .iter()
-            .map(|fact| self.retirement.forgotten(fact))
-            .max()
-            .unwrap_or(0);
         self.decided
             .insert(key.clone(), Tombstone { deadline, expiry });
         self.expiring.entry(expiry).or_default().push(key);
@@ -1236,6 +1271,86 @@ mod tests {
             assert_eq!(billed, n.div_ceil(2));
             assert!(steps_with_outcomes >= 3, "{steps_with_outcomes} turns");
         });
+    }
+
+    /// The late records of one impression and two of its `ad_progress`
+    /// that come after its deadline, fed with the worker stepped between
+    /// them (each arrives after the decision, or after its tombstone has
+    /// gone) or all at once (the decision receives them first).
+    fn late_progress_ts(step_between: bool) -> Vec<u64> {
+        use crate::event::{AdProgress, Impression};
+        use std::cell::RefCell;
+        use std::rc::Rc;
+        use timely::dataflow::operators::{Input, Inspect, Probe};
+
+        let config = PipelineConfig {
+            qualify_window_ms: 60_000,
+            state_retention_ms: 10_000,
+            ..PipelineConfig::default()
+        };
+        let t = 1_700_000_000_000;
+        let granularity = config.time_granularity_ms();
+        timely::execute_directly(move |worker| {
+            let late = Rc::new(RefCell::new(Vec::new()));
+            let seen = late.clone();
+            let (mut input, probe) = worker.dataflow::<Time, _, _>(|scope| {
+                let (input, stream) = scope.new_input::<Vec<Ingested>>();
+                let out = billing(stream, &config, RouteKey::new([1, 2]), Arc::default());
+                let probe = out
+                    .inspect(move |event: &BillingEvent| {
+                        if let BillingEvent::Late(late) = event {
+                            seen.borrow_mut().push(late.ts);
+                        }
+                    })
+                    .probe()
+                    .0;
+                (input, probe)
+            });
+            let ad: Text = "a".into();
+            let impression = EventKind::Impression(Box::new(Impression {
+                impression_id: "imp-1".into(),
+                ad_id: ad.clone(),
+                campaign_id: ad.clone(),
+                advertiser_id: ad,
+                price_micros: 1,
+            }));
+            let progress = || {
+                EventKind::AdProgress(AdProgress {
+                    impression_id: "imp-1".into(),
+                    watched_ms: 5_000,
+                })
+            };
+            // The impression's deadline is t + 60 s: decided at that bucket,
+            // its tombstone lives until t + 72 s. The first progress comes
+            // before that (late, and it keeps the tombstone until t + 138
+            // s), the second after (the id starts afresh: nothing to say).
+            let records = [
+                (t, ingested("imp-1", t, impression)),
+                (t + 65_000, ingested("imp-1", t + 66_000, progress())),
+                (t + 140_000, ingested("imp-1", t + 141_000, progress())),
+            ];
+            for (watermark, mut record) in records {
+                record.watermark = watermark;
+                let time = coarse(watermark, granularity);
+                input.advance_to(time);
+                if step_between {
+                    worker.step_while(|| probe.less_than(&time));
+                }
+                input.send(record);
+            }
+            input.close();
+            worker.step_while(|| !probe.done());
+            let mut late = late.borrow().clone();
+            late.sort_unstable();
+            late
+        })
+    }
+
+    #[test]
+    fn a_record_after_the_deadline_is_judged_alike_however_the_decision_met_it() {
+        let t = 1_700_000_000_000;
+        assert_eq!(late_progress_ts(true), [t + 66_000]);
+        assert_eq!(late_progress_ts(false), [t + 66_000]);
     }
 
     #[test]
