@@ -861,9 +861,10 @@ impl Decider {
         }
     }
 
-    /// Decides `key` from the `facts` read at `bucket`, if its deadline's
-    /// bucket is this one (or passed): its outcome, then the facts that came
-    /// after it was final; a tombstone stays.
+    /// Decides `key` from the facts read at `bucket` (`present` there, and
+    /// `later` ones), if its deadline's bucket is this one (or passed): its
+    /// outcome, then the facts that came after it was final; a tombstone
+    /// stays.
     ///
     /// The tombstone lives until the latest [`Retirement::forgotten`] of
     /// the facts present at the bucket. A fact that came after the bucket
@@ -885,15 +886,26 @@ impl Decider {
             .map(|fact| self.retirement.forgotten(fact))
             .max()
             .unwrap_or(0);
-        let mut facts = present.to_vec();
+        let mut within = 0;
         for &(time, fact) in later {
             if time >= expiry {
                 break;
             }
             expiry = expiry.max(self.retirement.forgotten(fact));
-            facts.push(fact);
+            within += 1;
         }
-        let (Some(outcome), late) = decide_impression(&key.id, &facts, self.window) else {
+        let joined: Vec<&Fact>;
+        let facts = if within == 0 {
+            present
+        } else {
+            joined = present
+                .iter()
+                .copied()
+                .chain(later[..within].iter().map(|&(_, fact)| fact))
+                .collect();
+            &joined
+        };
+        let (Some(outcome), late) = decide_impression(&key.id, facts, self.window) else {
             return None.into_iter().chain(Vec::new());
         };
         let deadline = outcome.impression.ts + self.window;
