@@ -3,7 +3,8 @@
 //! All billing output is written by one worker (worker 0, in process 0 of a
 //! cluster), so files do not depend on the number of workers or processes. Outcomes arrive already final; the sink
 //! commits them to the [`Ledger`] and, once its input frontier shows that a
-//! whole period is final, renders the period's file from the ledger:
+//! whole period is final, renders the period's file from the billed rows it
+//! committed (kept in memory until then, read back from the ledger at open):
 //!
 //! ```text
 //! OUT/billing/billable-<start_ms>-<end_ms>.csv        the rows, sorted by impression_id

@@ -4,8 +4,9 @@
 //! the id, inserted with `INSERT OR IGNORE`: an id is final once, forever,
 //! whatever the dataflow says later (a duplicate arriving after its state
 //! was retired, or a replay after a restart). Billed rows are also the
-//! content of the period files, which are rendered from here, and every
-//! written file is recorded with its checksum, and every input partition's
+//! content of the period files, which list exactly the rows committed here
+//! for their period, and every written file is recorded with its checksum,
+//! and every input partition's
 //! resume position (see `livepipe_dataflow::resume`). Outcomes, files and
 //! positions of one commit go in one transaction.
 //!
