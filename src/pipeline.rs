@@ -25,7 +25,7 @@
 
 use crate::cli::RunPaths;
 use crate::cluster::{self, ClusterSpec, JobShape};
-use crate::stop::{step_until_done, StopAgreement, STOP_CHECK};
+use crate::stop::{step_until_done, OutputsDone, StopAgreement, STOP_CHECK};
 use anyhow::Context;
 use livepipe_dataflow::billing::billing;
 use livepipe_dataflow::config::PipelineConfig;
@@ -203,7 +203,7 @@ fn run_dataflow(
         false => Outputs::live_only(),
     };
     let (side, billing_stats) = (outputs.side, outputs.billing_stats);
-    let (sink_input, sink_thread) = spawn_sink(outputs.sink, &job.stop);
+    let (sink_input, sink_thread, outputs_done) = spawn_sink(outputs.sink, &job.stop);
     let board = LiveBoard::default();
     let gauges = Gauges::new(job.workers);
     let metrics = job_metrics(&job, &gauges, &board, &billing_stats, outputs.lost_records);
@@ -242,9 +242,15 @@ fn run_dataflow(
             let mut agreement = StopAgreement::install(worker);
             let main = worker.next_dataflow_index();
             worker.dataflow::<Time, _, _>(|scope| build_dataflow(scope, index, resume, &wiring));
-            step_until_done(worker, main, &mut agreement, &wiring.stop, |announcer| {
-                wiring.heard_stop(announcer)
-            });
+            step_until_done(
+                worker,
+                main,
+                &mut agreement,
+                &wiring.stop,
+                &outputs_done,
+                |announcer| wiring.heard_stop(announcer),
+                || wiring.finished_part(index),
+            );
         },
     )
     .map_err(|err| anyhow::anyhow!("starting timely workers: {err}"))?;
@@ -293,6 +299,19 @@ impl Wiring {
              nothing pending is finalized, and a restart of every process resumes"
         );
     }
+
+    /// Worker `index` has read its part of the input and (in process 0)
+    /// committed the billing output. Said once per process in a cluster, so
+    /// that an operator knows why a process that read its part keeps
+    /// running: it waits for the others, and a stop still stops them all.
+    fn finished_part(&self, index: usize) {
+        if self.cluster.is_some() && index.is_multiple_of(self.workers.max(1)) {
+            tracing::info!(
+                "this process's part of the job is done; waiting for every process of the \
+                 cluster to finish its part (SIGTERM to any process still stops them all)"
+            );
+        }
+    }
 }
 
 /// The counters and status cells shared by sources, workers, reporters and
@@ -324,16 +343,20 @@ impl Gauges {
 
 /// The sink commits on a thread of its own: worker 0 never waits on the
 /// disk, and a billing output that refuses writes stalls billing only.
+/// The workers wait for it only once their dataflow has ended (see
+/// [`OutputsDone`]).
 fn spawn_sink(
     sink: Option<BillingSink>,
     stop: &Arc<AtomicBool>,
-) -> (Option<SinkInput>, Option<SinkThread>) {
+) -> (Option<SinkInput>, Option<SinkThread>, OutputsDone) {
     match sink {
         Some(sink) => {
-            let (input, thread) = SinkThread::spawn(sink, stop.clone());
-            (Some(input), Some(thread))
+            let done = OutputsDone::default();
+            let on_end = done.clone();
+            let (input, thread) = SinkThread::spawn(sink, stop.clone(), move || on_end.set());
+            (Some(input), Some(thread), done)
         }
-        None => (None, None),
+        None => (None, None, OutputsDone::already()),
     }
 }
 

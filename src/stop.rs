@@ -23,9 +23,17 @@
 //! shutdown message. A peer that dies without announcing a stop is still
 //! a lost peer.
 //!
-//! A worker whose input ended on its own (a file read to its end) closes
-//! its agreement input without announcing anything, so a finished job
-//! ends as before.
+//! A job that ends on its own (files read to their end) ends through the
+//! agreement too, in two steps, because a worker that has closed its input
+//! can no longer announce anything. A worker whose dataflow has ended, and
+//! whose process's billing sink has committed all it was handed
+//! ([`OutputsDone`]), advances its input from [`WORKING`] to [`FINISHED`]
+//! and keeps it open; once every worker's has (the agreement's frontier is
+//! past `WORKING`), each closes it. Until then a stop that reaches any
+//! process still reaches every other one, the sink included: a SIGTERM to
+//! process 1 while process 0 still writes period files stops both, and
+//! both exit as stopped ones. The processes of a file cluster therefore
+//! end together, when process 0's outputs are complete.
 
 use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::operators::vec::Input as _;
@@ -36,14 +44,22 @@ use timely::worker::Worker;
 use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::Thread;
 use std::time::Duration;
 
 /// How often a parked worker looks at the stop flag.
 pub const STOP_CHECK: Duration = Duration::from_millis(100);
 
+/// The agreement's time while a worker's part of the job is under way.
+const WORKING: u64 = 0;
+/// The agreement's time once a worker's part is done (see the module docs).
+const FINISHED: u64 = 1;
+
 /// One worker's end of the stop agreement (see the module docs).
 pub struct StopAgreement {
-    /// Open until this worker knows the job is stopping or its input ended.
+    /// Open until this worker knows the job is stopping or every worker's
+    /// part is done.
     input: Option<InputHandleVec<u64, usize>>,
     probe: ProbeHandle<u64>,
     /// The first worker index heard announcing a stop.
@@ -87,7 +103,24 @@ impl StopAgreement {
         }
     }
 
-    /// This worker knows the job is stopping or has ended on its own.
+    /// This worker's part of a job that ends on its own is done; it can
+    /// still announce a stop. True the first time.
+    fn finish(&mut self) -> bool {
+        match &mut self.input {
+            Some(input) if input.time() < &FINISHED => {
+                input.advance_to(FINISHED);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Every worker's part is done: the job has ended on its own.
+    fn all_finished(&self) -> bool {
+        !self.probe.less_equal(&WORKING)
+    }
+
+    /// This worker knows the job is stopping or has ended.
     fn close(&mut self) {
         self.input.take();
     }
@@ -98,22 +131,77 @@ impl StopAgreement {
     }
 }
 
-/// Steps until the job's dataflow `main` ends on its own (files) or the job
-/// is stopped, locally (`stop`, set by a signal) or by any worker of the
-/// cluster. On a stop, `main` is dropped, never let run to its end, and
-/// only once every worker knows of the stop. `on_heard` is called with the
-/// announcing worker's index when a stop is first learnt from another
-/// worker rather than from `stop`. The timeout only bounds how late a stop
-/// is noticed.
+/// Whether this process's outputs are complete: set when its billing sink
+/// thread ends (at once in a process without one). Setting it wakes the
+/// workers waiting for it, so a finished run ends without a parked
+/// worker's timeout.
+#[derive(Clone, Default)]
+pub struct OutputsDone {
+    inner: Arc<OutputsDoneInner>,
+}
+
+#[derive(Default)]
+struct OutputsDoneInner {
+    done: AtomicBool,
+    /// The worker threads to wake when `done` is set.
+    waiting: Mutex<Vec<Thread>>,
+}
+
+impl OutputsDone {
+    /// For a process that writes no billing output.
+    pub fn already() -> Self {
+        let done = OutputsDone::default();
+        done.set();
+        done
+    }
+
+    /// The outputs are complete (or abandoned on a stop).
+    pub fn set(&self) {
+        self.inner.done.store(true, Ordering::Release);
+        let waiting = self
+            .inner
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for thread in waiting.iter() {
+            thread.unpark();
+        }
+    }
+
+    fn is_set(&self) -> bool {
+        self.inner.done.load(Ordering::Acquire)
+    }
+
+    /// Wakes the calling thread when set.
+    fn wake_me(&self) {
+        let mut waiting = self
+            .inner
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        waiting.push(std::thread::current());
+    }
+}
+
+/// Steps until the job's dataflow `main` ends on its own (files) and
+/// `outputs` are complete, or the job is stopped, locally (`stop`, set by
+/// a signal) or by any worker of the cluster. On a stop, `main` is dropped,
+/// never let run to its end, and only once every worker knows of the stop.
+/// `on_heard` is called with the announcing worker's index when a stop is
+/// first learnt from another worker rather than from `stop`; `on_finished`
+/// when this worker's part is done and it waits for the others'. The
+/// timeout only bounds how late a stop is noticed.
 pub fn step_until_done(
     worker: &mut Worker,
     main: usize,
     agreement: &mut StopAgreement,
     stop: &AtomicBool,
+    outputs: &OutputsDone,
     on_heard: impl Fn(usize),
+    on_finished: impl Fn(),
 ) {
+    outputs.wake_me();
     loop {
-        let running = worker.installed_dataflows().contains(&main);
         if agreement.agreed() {
             // Dropping the dataflow, unlike letting its sources end, never
             // empties a frontier: nothing pending is finalized.
@@ -122,18 +210,25 @@ pub fn step_until_done(
             }
             return;
         }
-        if stop.load(Ordering::Relaxed) {
-            agreement.announce();
-        } else if let Some(announcer) = agreement.heard.get() {
-            // The flag makes this whole process stop as if signalled: the
-            // other workers, the sink, and the peer watch, which must take
-            // the announcer's connection closing for a stop.
-            if !stop.swap(true, Ordering::Relaxed) {
-                on_heard(announcer);
+        if agreement.input.is_some() {
+            if stop.load(Ordering::Relaxed) {
+                agreement.announce();
+            } else if let Some(announcer) = agreement.heard.get() {
+                // The flag makes this whole process stop as if signalled:
+                // the other workers, the sink, and the peer watch, which
+                // must take the announcer's connection closing for a stop.
+                if !stop.swap(true, Ordering::Relaxed) {
+                    on_heard(announcer);
+                }
+                agreement.close();
+            } else if agreement.all_finished() {
+                agreement.close();
+            } else if !worker.installed_dataflows().contains(&main)
+                && outputs.is_set()
+                && agreement.finish()
+            {
+                on_finished();
             }
-            agreement.close();
-        } else if !running {
-            agreement.close();
         }
         worker.step_or_park(Some(STOP_CHECK));
     }

@@ -459,73 +459,142 @@ fn sigterm_to_either_process_stops_a_topic_cluster_as_one() {
     topic.restart_to_the_reference();
 }
 
+/// Two processes replaying one file, each with its own `--out`, and the
+/// reference's answer. 50 ms periods: some 5,000 files, each fsynced, so
+/// that process 0 writes them for seconds after the dataflow has ended; a
+/// 10 s window, so that impressions become final (and files are written)
+/// from the first seconds of the file's 500 s on.
+struct FileCluster {
+    dir: tempfile::TempDir,
+    input: PathBuf,
+    want: Expected,
+    layout: Layout,
+    out: [PathBuf; 2],
+}
+
+impl FileCluster {
+    fn new(events: u64, seed: u64) -> FileCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let records = generated_traffic(events, seed);
+        let input = dir.path().join("events.jsonl");
+        write_records(&input, &records);
+        let rules = Rules {
+            period: 50,
+            window: 10_000,
+            ..Rules::DEFAULTS
+        };
+        let lines_in: Vec<&[u8]> = records.iter().map(|r| &r[..]).collect();
+        let want = expected(&lines_in, rules);
+        let layout = Layout::new(dir.path());
+        let out = [dir.path().join("out0"), dir.path().join("out1")];
+        FileCluster {
+            dir,
+            input,
+            want,
+            layout,
+            out,
+        }
+    }
+
+    /// Process `process` on the file, logging to `<log>.log`.
+    fn start(&self, process: usize, log: &str) -> Job {
+        let args = [
+            "--input",
+            self.input.to_str().unwrap(),
+            "--billing-period-ms",
+            "50",
+            "--qualify-window-ms",
+            "10000",
+        ];
+        let log = self.dir.path().join(format!("{log}.log"));
+        self.layout.start(process, &args, &self.out[process], &log)
+    }
+
+    /// Both processes run again to the end of the file: they resume from
+    /// process 0's ledger, and the billing files and the ledger are the
+    /// reference's.
+    fn restart_to_the_reference(&self) {
+        for job in [self.start(0, "final-p0"), self.start(1, "final-p1")] {
+            let (status, said) = job.finish(LIMIT);
+            assert!(status.success(), "restart: {status}\n{said}");
+        }
+        let files = billing_files(&self.out[0]);
+        let csvs: BTreeMap<_, _> = files
+            .iter()
+            .filter(|(n, _)| n.ends_with(".csv"))
+            .map(|(n, b)| (n.clone(), b.clone()))
+            .collect();
+        assert_eq!(csvs, self.want.files);
+        assert_ledger_matches(&self.out[0], &files);
+    }
+}
+
 /// The same on a file input, stopped mid-run: both processes stop as one,
 /// each exiting 1 like a single process whose file run is stopped before
 /// its end (exit 0 would say the input was finished), neither reporting a
-/// lost peer. A restart of both reads the files to their end, and the
-/// billing files equal the reference byte for byte.
+/// lost peer. A restart of both reads the file to its end, and the billing
+/// files equal the reference byte for byte.
 #[test]
 fn sigterm_to_either_process_stops_a_file_cluster_as_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let records = generated_traffic(200_000, 67);
-    let input = dir.path().join("events.jsonl");
-    write_records(&input, &records);
-    // 50 ms periods: some 2,000 files, each fsynced, so that the run is
-    // long enough to be stopped in the middle; a 10 s window, so that
-    // impressions become final (and files are written) from the first
-    // seconds of the file's 500 s on, while the workers still read.
-    let rules = Rules {
-        period: 50,
-        window: 10_000,
-        ..Rules::DEFAULTS
-    };
-    let lines_in: Vec<&[u8]> = records.iter().map(|r| &r[..]).collect();
-    let want = expected(&lines_in, rules);
-    let args = [
-        "--input",
-        input.to_str().unwrap(),
-        "--billing-period-ms",
-        "50",
-        "--qualify-window-ms",
-        "10000",
-    ];
-    let layout = Layout::new(dir.path());
-    let out = [dir.path().join("out0"), dir.path().join("out1")];
-    let start = |process: usize, log: &str| {
-        let log = dir.path().join(format!("{log}.log"));
-        layout.start(process, &args, &out[process], &log)
-    };
+    let cluster = FileCluster::new(200_000, 67);
     for (round, victim) in [(0, 1usize), (1, 0)] {
         let round = format!("round {round}, SIGTERM to process {victim}");
-        let mut jobs = vec![start(0, "p0"), start(1, "p1")];
+        let mut jobs = vec![cluster.start(0, "p0"), cluster.start(1, "p1")];
         for job in jobs.iter_mut() {
             wait_formed(job);
         }
-        // Mid-run means while the workers still read: the billing files
-        // trail the dataflow (the sink works off its backlog after every
-        // impression is final), so only the first round waits for one.
+        // The first round waits for billing to be under way (the files
+        // trail the dataflow: this may be while the workers still read or
+        // while process 0 writes files after its end, which a stop must
+        // reach all the same); the second stops at once.
         if round.starts_with("round 0") {
             wait_for(&mut jobs[0], LIMIT, "the first billing file", || {
-                !billing_files(&out[0]).is_empty()
+                !billing_files(&cluster.out[0]).is_empty()
             });
         }
         jobs[victim].send("TERM");
         assert_stopped_as_one(jobs, victim, 1, &round);
-        assert_only_final(&out[0], &want, &round);
+        assert_only_final(&cluster.out[0], &cluster.want, &round);
     }
+    cluster.restart_to_the_reference();
+}
 
-    for job in [start(0, "final-p0"), start(1, "final-p1")] {
-        let (status, said) = job.finish(LIMIT);
-        assert!(status.success(), "restart: {status}\n{said}");
+/// A process that has read its part of a file waits for the rest of the
+/// cluster, and a stop still reaches every process then: while process 0's
+/// billing output refuses writes (its sink retrying, the dataflow done),
+/// SIGTERM to process 1 stops both, each exiting 1 (the billing files are
+/// not complete). Once the output takes writes again, a restart completes
+/// them exactly.
+#[test]
+fn a_stop_reaches_process_0_while_it_still_writes_billing_files() {
+    let cluster = FileCluster::new(200_000, 68);
+    let mut jobs = vec![cluster.start(0, "p0"), cluster.start(1, "p1")];
+    for job in jobs.iter_mut() {
+        wait_formed(job);
     }
-    assert_eq!(
-        billing_files(&out[0])
-            .into_iter()
-            .filter(|(n, _)| n.ends_with(".csv"))
-            .collect::<BTreeMap<_, _>>(),
-        want.files
-    );
-    assert_ledger_matches(&out[0], &billing_files(&out[0]));
+    // The billing directory stops taking files: it is moved aside and a
+    // plain file takes its name (permissions would not stop root).
+    let billing = cluster.out[0].join("billing");
+    let aside = cluster.out[0].join("billing.aside");
+    std::fs::rename(&billing, &aside).unwrap();
+    std::fs::write(&billing, b"in the way").unwrap();
+    let health = cluster.layout.http[0];
+    wait_for(&mut jobs[0], LIMIT, "process 0's billing to stall", || {
+        get(health, "/healthz").1.contains("\"billing\":\"stalled")
+    });
+    let log = jobs[1].stderr.clone();
+    wait_for(&mut jobs[1], LIMIT, "process 1 to finish its part", || {
+        lines(&log)
+            .iter()
+            .any(|l| l.contains("part of the job is done"))
+    });
+
+    jobs[1].send("TERM");
+    assert_stopped_as_one(jobs, 1, 1, "stalled");
+    std::fs::remove_file(&billing).unwrap();
+    std::fs::rename(&aside, &billing).unwrap();
+    assert_only_final(&cluster.out[0], &cluster.want, "stalled");
+    cluster.restart_to_the_reference();
 }
 
 #[test]

@@ -613,13 +613,20 @@ const MAX_RETRY_PAUSE: Duration = Duration::from_secs(10);
 
 impl SinkThread {
     /// Starts the thread. It ends when the [`SinkInput`] is dropped and
-    /// everything sent is committed, or soon after `stop` is set.
-    pub fn spawn(mut sink: BillingSink, stop: Arc<AtomicBool>) -> (SinkInput, SinkThread) {
+    /// everything sent is committed, or soon after `stop` is set; `on_end`
+    /// is called then (also if the thread panics), so that whoever waits for
+    /// the outputs to be complete need not poll.
+    pub fn spawn(
+        mut sink: BillingSink,
+        stop: Arc<AtomicBool>,
+        on_end: impl FnOnce() + Send + 'static,
+    ) -> (SinkInput, SinkThread) {
         let (sender, receiver) = mpsc::channel::<SinkMessage>();
         sink.stop = stop.clone();
         let thread = std::thread::Builder::new()
             .name("billing-sink".into())
             .spawn(move || {
+                let _on_end = OnDrop(Some(on_end));
                 // The frontier waiting for its commit, and when the last
                 // commit started. Everything waiting is taken at once: after
                 // a stall, or between two commits, the backlog is committed
@@ -692,6 +699,18 @@ impl SinkThread {
     /// stop).
     pub fn join(self) {
         let _ = self.thread.join();
+    }
+}
+
+/// Calls its function when dropped: at the end of the sink thread, however
+/// it ends.
+struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
     }
 }
 
