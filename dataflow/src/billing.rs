@@ -766,7 +766,11 @@ impl Decider {
             _ => {
                 // The tombstone's retention is over (and every fact it
                 // stood for has left the arrangement): the id starts afresh.
-                self.decided.remove(key);
+                // The tombstone itself stays until the frontier passes its
+                // expiry (`forget_expired`): a bucket before this arrival
+                // may still be due, and its decision must find the id
+                // decided as it was then, however early the operator
+                // received this fact (`next_due` tells an expired one).
                 if let Fact::Impression(imp) = fact {
                     let bucket = coarse(imp.ts + self.window, self.granularity).max(time);
                     self.due
@@ -1285,77 +1289,114 @@ mod tests {
         });
     }
 
+    /// One step of feeding the billing sub-graph in a test.
+    enum Feed {
+        /// Advance the input to the record's coarse watermark, and send it.
+        Send(Ingested),
+        /// Advance the input to a time and step until the frontier is there.
+        StepTo(Time),
+    }
+
+    /// Every event the billing sub-graph emits for `feed`, in order.
+    fn billing_events(config: PipelineConfig, feed: Vec<Feed>) -> Vec<BillingEvent> {
+        use std::cell::RefCell;
+        use std::rc::Rc;
+        use timely::dataflow::operators::{Input, Inspect, Probe};
+
+        timely::execute_directly(move |worker| {
+            let events = Rc::new(RefCell::new(Vec::new()));
+            let seen = events.clone();
+            let (mut input, probe) = worker.dataflow::<Time, _, _>(|scope| {
+                let (input, stream) = scope.new_input::<Vec<Ingested>>();
+                let out = billing(stream, &config, RouteKey::new([1, 2]), Arc::default());
+                let probe = out
+                    .inspect(move |event: &BillingEvent| seen.borrow_mut().push(event.clone()))
+                    .probe()
+                    .0;
+                (input, probe)
+            });
+            for step in feed {
+                match step {
+                    Feed::Send(record) => {
+                        input.advance_to(coarse(record.watermark, config.time_granularity_ms()));
+                        input.send(record);
+                    }
+                    Feed::StepTo(time) => {
+                        input.advance_to(time);
+                        worker.step_while(|| probe.less_than(&time));
+                    }
+                }
+            }
+            input.close();
+            worker.step_while(|| !probe.done());
+            events.take()
+        })
+    }
+
+    fn impression_of(id: &str, ts: u64, watermark: u64) -> Ingested {
+        use crate::event::Impression;
+        let ad: Text = "a".into();
+        let impression = EventKind::Impression(Box::new(Impression {
+            impression_id: "imp-1".into(),
+            ad_id: ad.clone(),
+            campaign_id: ad.clone(),
+            advertiser_id: ad,
+            price_micros: 1,
+        }));
+        Ingested {
+            watermark,
+            ..ingested(id, ts, impression)
+        }
+    }
+
+    fn progress_of(id: &str, ts: u64, watermark: u64) -> Ingested {
+        let progress = EventKind::AdProgress(crate::event::AdProgress {
+            impression_id: "imp-1".into(),
+            watched_ms: 5_000,
+        });
+        Ingested {
+            watermark,
+            ..ingested(id, ts, progress)
+        }
+    }
+
     /// The late records of one impression and two of its `ad_progress`
     /// that come after its deadline, fed with the worker stepped between
     /// them (each arrives after the decision, or after its tombstone has
     /// gone) or all at once (the decision receives them first).
     fn late_progress_ts(step_between: bool) -> Vec<u64> {
-        use crate::event::{AdProgress, Impression};
-        use std::cell::RefCell;
-        use std::rc::Rc;
-        use timely::dataflow::operators::{Input, Inspect, Probe};
-
         let config = PipelineConfig {
             qualify_window_ms: 60_000,
             state_retention_ms: 10_000,
             ..PipelineConfig::default()
         };
         let t = 1_700_000_000_000;
+        // The impression's deadline is t + 60 s: decided at that bucket,
+        // its tombstone lives until t + 72 s. The first progress comes
+        // before that (late, and it keeps the tombstone until t + 138
+        // s), the second after (the id starts afresh: nothing to say).
+        let records = [
+            impression_of("i", t, t),
+            progress_of("p1", t + 66_000, t + 65_000),
+            progress_of("p2", t + 141_000, t + 140_000),
+        ];
         let granularity = config.time_granularity_ms();
-        timely::execute_directly(move |worker| {
-            let late = Rc::new(RefCell::new(Vec::new()));
-            let seen = late.clone();
-            let (mut input, probe) = worker.dataflow::<Time, _, _>(|scope| {
-                let (input, stream) = scope.new_input::<Vec<Ingested>>();
-                let out = billing(stream, &config, RouteKey::new([1, 2]), Arc::default());
-                let probe = out
-                    .inspect(move |event: &BillingEvent| {
-                        if let BillingEvent::Late(late) = event {
-                            seen.borrow_mut().push(late.ts);
-                        }
-                    })
-                    .probe()
-                    .0;
-                (input, probe)
-            });
-            let ad: Text = "a".into();
-            let impression = EventKind::Impression(Box::new(Impression {
-                impression_id: "imp-1".into(),
-                ad_id: ad.clone(),
-                campaign_id: ad.clone(),
-                advertiser_id: ad,
-                price_micros: 1,
-            }));
-            let progress = || {
-                EventKind::AdProgress(AdProgress {
-                    impression_id: "imp-1".into(),
-                    watched_ms: 5_000,
-                })
-            };
-            // The impression's deadline is t + 60 s: decided at that bucket,
-            // its tombstone lives until t + 72 s. The first progress comes
-            // before that (late, and it keeps the tombstone until t + 138
-            // s), the second after (the id starts afresh: nothing to say).
-            let records = [
-                (t, ingested("imp-1", t, impression)),
-                (t + 65_000, ingested("imp-1", t + 66_000, progress())),
-                (t + 140_000, ingested("imp-1", t + 141_000, progress())),
-            ];
-            for (watermark, mut record) in records {
-                record.watermark = watermark;
-                let time = coarse(watermark, granularity);
-                input.advance_to(time);
-                if step_between {
-                    worker.step_while(|| probe.less_than(&time));
-                }
-                input.send(record);
+        let mut feed = Vec::new();
+        for record in records {
+            if step_between {
+                feed.push(Feed::StepTo(coarse(record.watermark, granularity)));
             }
-            input.close();
-            worker.step_while(|| !probe.done());
-            let mut late = late.borrow().clone();
-            late.sort_unstable();
-            late
-        })
+            feed.push(Feed::Send(record));
+        }
+        let mut late: Vec<u64> = billing_events(config, feed)
+            .into_iter()
+            .filter_map(|event| match event {
+                BillingEvent::Late(late) => Some(late.ts),
+                BillingEvent::Final(_) => None,
+            })
+            .collect();
+        late.sort_unstable();
+        late
     }
 
     #[test]
@@ -1363,6 +1404,40 @@ mod tests {
         let t = 1_700_000_000_000;
         assert_eq!(late_progress_ts(true), [t + 66_000]);
         assert_eq!(late_progress_ts(false), [t + 66_000]);
+    }
+
+    /// An impression decided at its deadline's bucket with a duplicate
+    /// whose own deadline falls in the next bucket, then (with no
+    /// retention) a record of the id long after its tombstone: the
+    /// duplicate is counted once, and the late record starts the id afresh
+    /// without reopening the next bucket, whether the decision receives it
+    /// first, between the two buckets, or after both.
+    #[test]
+    fn a_record_that_starts_an_id_afresh_does_not_reopen_a_passed_bucket() {
+        let config = PipelineConfig {
+            qualify_window_ms: 60_000,
+            state_retention_ms: 0,
+            ..PipelineConfig::default()
+        };
+        let t = 1_700_000_000_000;
+        let granularity = config.time_granularity_ms();
+        // Buckets of 2 s: "i" is due at t + 60 s, "dup" at t + 62 s; both
+        // are read at t + 60 s, and "dup" is still arranged at t + 62 s.
+        let between = coarse(t + 62_500, granularity);
+        for pause in [None, Some(between), Some(t + 120_000)] {
+            let mut feed = vec![
+                Feed::Send(impression_of("i", t, t)),
+                Feed::Send(impression_of("dup", t + 2_500, t + 2_500)),
+            ];
+            feed.extend(pause.map(Feed::StepTo));
+            feed.push(Feed::Send(progress_of("p", t + 120_000, t + 120_000)));
+            let events = billing_events(config.clone(), feed);
+            let [BillingEvent::Final(outcome)] = &events[..] else {
+                panic!("one outcome, nothing late (paused at {pause:?}): {events:?}");
+            };
+            assert_eq!(outcome.impression.event_id, "i-impression");
+            assert_eq!(outcome.duplicates, 1);
+        }
     }
 
     #[test]
