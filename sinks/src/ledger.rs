@@ -15,8 +15,9 @@
 //! transaction as the billing they explain: each final impression's
 //! on-time duplicates, and every late record. The schema is versioned with
 //! `PRAGMA user_version`; [`MIGRATIONS`] bring a ledger written by an
-//! earlier livepipe up to date when it is opened for a run, and only ever
-//! add (an earlier livepipe still reads what it knows).
+//! earlier livepipe up to date when it is opened for a run: they add
+//! columns and tables, and drop only an index nothing reads (an earlier
+//! livepipe still reads and writes what it knows).
 
 use livepipe_dataflow::billing::{LateRecord, Outcome};
 use livepipe_dataflow::event::Text;
@@ -46,9 +47,6 @@ CREATE TABLE IF NOT EXISTS finalized (
     price_micros INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS finalized_by_period ON finalized (period_start, billed);
--- The next period with billed rows at or after a period, in one seek
--- however many expired-only periods lie between.
-CREATE INDEX IF NOT EXISTS finalized_billed_periods ON finalized (billed, period_start);
 CREATE TABLE IF NOT EXISTS files (
     name TEXT PRIMARY KEY,
     period_start INTEGER NOT NULL UNIQUE,
@@ -69,8 +67,9 @@ CREATE TABLE IF NOT EXISTS positions (
 ";
 
 /// Schema changes after the first version, in order: migration `n` takes a
-/// ledger from `user_version` n to n + 1. Only additions, so the inserts of
-/// an earlier livepipe still work on a migrated ledger.
+/// ledger from `user_version` n to n + 1. Additions (and one unused index
+/// dropped), so the inserts of an earlier livepipe still work on a migrated
+/// ledger.
 const MIGRATIONS: &[&str] = &[
     // 1: what reconciliation needs beyond billed rows. Rows written before
     // have 0 duplicates and no position; their late records were never
@@ -94,6 +93,10 @@ const MIGRATIONS: &[&str] = &[
     // a SHA-256 (written before, or by an earlier livepipe since) is
     // checked with SHA-256 (see `ResumePosition::prefix_sha256`).
     "ALTER TABLE positions ADD COLUMN prefix_blake3 TEXT;",
+    // 3: the sink keeps the rows of the periods it has not written yet in
+    // memory; nothing looks for the next billed period in the ledger any
+    // more, and the index cost every outcome's insert a third B-tree.
+    "DROP INDEX IF EXISTS finalized_billed_periods;",
 ];
 
 /// The ledger connection's page cache, in KiB (SQLite's default: 2,000).
