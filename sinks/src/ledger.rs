@@ -99,6 +99,9 @@ const MIGRATIONS: &[&str] = &[
     "DROP INDEX IF EXISTS finalized_billed_periods;",
 ];
 
+/// The page size of a new ledger (SQLite's default: 4,096).
+const LEDGER_PAGE_BYTES: i64 = 16 * 1024;
+
 /// The ledger connection's page cache, in KiB (SQLite's default: 2,000).
 const LEDGER_CACHE_KIB: i64 = 32 * 1024;
 
@@ -189,6 +192,12 @@ impl Ledger {
         let conn = Connection::open(path)?;
         // busy_timeout first: WAL needs a lock when another reader has it open.
         conn.busy_timeout(Duration::from_secs(10))?;
+        // Before anything is written (a ledger that exists keeps its page
+        // size): each outcome's row lives in the leaves of a tree keyed by
+        // a random id, and with 16 KiB pages instead of SQLite's 4 KiB a
+        // commit splits and rewrites a quarter as many of them (the sink
+        // bench: a third less time on disk).
+        conn.pragma_update(None, "page_size", LEDGER_PAGE_BYTES)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         // Outcomes land all over the `finalized` tree (it is keyed by a
