@@ -329,7 +329,7 @@ fn a_ledger_of_the_previous_schema_is_reported_and_resumed() {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     let after = report_json(&out, &[]);
     assert_eq!(report_sums(&after), report_sums(&before));
     assert!(!after["notes"].to_string().contains("earlier livepipe"));

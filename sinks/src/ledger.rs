@@ -532,6 +532,11 @@ mod tests {
         {
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(SCHEMA).unwrap();
+            // Version 0 had this index too (migration 3 drops it).
+            conn.execute_batch(
+                "CREATE INDEX finalized_billed_periods ON finalized (billed, period_start)",
+            )
+            .unwrap();
             conn.execute(VERSION_0_INSERT, ["old"]).unwrap();
         }
         let ledger = Ledger::open(&path).unwrap();
@@ -540,6 +545,15 @@ mod tests {
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+        let dropped: i64 = ledger
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'finalized_billed_periods'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(dropped, 0);
         let duplicates: i64 = ledger
             .conn
             .query_row(
