@@ -1333,7 +1333,8 @@ mod tests {
         })
     }
 
-    fn impression_of(id: &str, ts: u64, watermark: u64) -> Ingested {
+    /// An impression of `imp-1`, event id `{event}-impression`.
+    fn impression_of(event: &str, ts: u64, watermark: u64) -> Ingested {
         use crate::event::Impression;
         let ad: Text = "a".into();
         let impression = EventKind::Impression(Box::new(Impression {
@@ -1345,18 +1346,19 @@ mod tests {
         }));
         Ingested {
             watermark,
-            ..ingested(id, ts, impression)
+            ..ingested(event, ts, impression)
         }
     }
 
-    fn progress_of(id: &str, ts: u64, watermark: u64) -> Ingested {
+    /// A qualifying `ad_progress` of `imp-1`, event id `{event}-ad_progress`.
+    fn progress_of(event: &str, ts: u64, watermark: u64) -> Ingested {
         let progress = EventKind::AdProgress(crate::event::AdProgress {
             impression_id: "imp-1".into(),
             watched_ms: 5_000,
         });
         Ingested {
             watermark,
-            ..ingested(id, ts, progress)
+            ..ingested(event, ts, progress)
         }
     }
 
