@@ -632,7 +632,7 @@ impl SinkThread {
         let thread = std::thread::Builder::new()
             .name("billing-sink".into())
             .spawn(move || {
-                let _on_end = OnDrop(Some(on_end));
+                let _on_end = scopeguard::guard((), |()| on_end());
                 // The frontier waiting for its commit, and when the last
                 // commit started. Everything waiting is taken at once: after
                 // a stall, or between two commits, the backlog is committed
@@ -705,18 +705,6 @@ impl SinkThread {
     /// stop).
     pub fn join(self) {
         let _ = self.thread.join();
-    }
-}
-
-/// Calls its function when dropped: at the end of the sink thread, however
-/// it ends.
-struct OnDrop<F: FnOnce()>(Option<F>);
-
-impl<F: FnOnce()> Drop for OnDrop<F> {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f();
-        }
     }
 }
 

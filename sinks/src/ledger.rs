@@ -5,10 +5,10 @@
 //! whatever the dataflow says later (a duplicate arriving after its state
 //! was retired, or a replay after a restart). Billed rows are also the
 //! content of the period files, which list exactly the rows committed here
-//! for their period, and every written file is recorded with its checksum,
-//! and every input partition's
-//! resume position (see `livepipe_dataflow::resume`). Outcomes, files and
-//! positions of one commit go in one transaction.
+//! for their period. Every written file is recorded with its checksum, and
+//! every input partition's resume position (see
+//! `livepipe_dataflow::resume`). Outcomes, files and positions of one
+//! commit go in one transaction.
 //!
 //! Reconciliation (`livepipe report`) reads the ledger alone, so the facts
 //! it needs beyond the files are committed here too, in the same
