@@ -12,7 +12,7 @@ use criterion::{criterion_group, Criterion, Throughput};
 use livepipe_dataflow::billing::billing;
 use livepipe_dataflow::config::PipelineConfig;
 use livepipe_dataflow::event::{EventKind, Ingested, Position};
-use livepipe_dataflow::live::live;
+use livepipe_dataflow::live::{live, Signal};
 use livepipe_dataflow::parse::parse_event;
 use livepipe_dataflow::probe::Probes;
 use livepipe_dataflow::route::RouteKey;
@@ -20,6 +20,7 @@ use livepipe_dataflow::time::{coarse, Time};
 use livepipe_tools::generator::{GenConfig, Generator};
 use timely::dataflow::operators::vec::input::Handle as InputHandle;
 use timely::dataflow::operators::vec::Input as _;
+use timely::dataflow::operators::vec::Map as _;
 use timely::dataflow::operators::Probe;
 use timely::dataflow::ProbeHandle;
 
@@ -105,7 +106,7 @@ fn build_path(
                 .0
         } else {
             live(
-                stream,
+                stream.flat_map(|record| Signal::of(record).ok()),
                 ticks,
                 &config,
                 RouteKey::new([1, 2]),

@@ -72,7 +72,6 @@ use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::generic::Operator;
-use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::Capability;
 use timely::dataflow::StreamVec;
 
@@ -144,9 +143,9 @@ pub enum LiveUpdate {
     Dropped(u64),
 }
 
-/// The part of an event the live path needs.
+/// The part of an event the live path needs: what enters [`live`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct Signal {
+pub struct Signal {
     stream_id: Text,
     viewer_id: Text,
     ts: u64,
@@ -601,16 +600,16 @@ fn stream_hash(stream_id: &str) -> u64 {
 }
 
 impl Signal {
-    /// What the live path needs of an ingested record; `None` for the
-    /// records only billing reads.
-    fn of(record: Ingested) -> Option<Signal> {
+    /// What the live path needs of an ingested record, or the record back
+    /// if only billing reads it.
+    pub fn of(record: Ingested) -> Result<Signal, Ingested> {
         let kind = match record.event.kind {
             EventKind::Join | EventKind::Heartbeat => SignalKind::Presence,
             EventKind::Chat => SignalKind::Chat,
             EventKind::Leave => SignalKind::Leave,
-            EventKind::Impression(_) | EventKind::AdProgress(_) => return None,
+            EventKind::Impression(_) | EventKind::AdProgress(_) => return Err(record),
         };
-        Some(Signal {
+        Ok(Signal {
             stream_id: record.event.stream_id,
             viewer_id: record.event.viewer_id,
             ts: record.event.ts,
@@ -716,7 +715,7 @@ fn apply_slice(
 /// activations, and what it does with it is in [`LiveStreams`] and
 /// [`Ticker`]; what is left here is the order of the steps.)
 pub fn live<'s>(
-    ingested: StreamVec<'s, Time, Ingested>,
+    signals: StreamVec<'s, Time, Signal>,
     clock: StreamVec<'s, Time, u64>,
     config: &PipelineConfig,
     route: RouteKey,
@@ -724,10 +723,10 @@ pub fn live<'s>(
 ) -> StreamVec<'s, Time, LiveUpdate> {
     let ttl = config.presence_ttl_ms;
     let tick = Duration::from_millis(config.tick_ms);
-    let scope = ingested.scope();
+    let scope = signals.scope();
     // Streams are spread by hash: each worker holds its share of the bound.
     let max_streams = (MAX_LIVE_STREAMS / scope.peers()).max(1);
-    ingested.flat_map(Signal::of).binary_frontier(
+    signals.binary_frontier(
         clock,
         Exchange::new(move |signal: &Signal| route.hash(&signal.stream_id)),
         Pipeline,
@@ -815,6 +814,7 @@ mod tests {
         use crate::event::{Event, Position};
         use std::cell::RefCell;
         use std::rc::Rc;
+        use timely::dataflow::operators::vec::Map;
         use timely::dataflow::operators::{Input, Inspect, Probe};
 
         let n = 3 * LIVE_SLICE_SIGNALS as u64 + 11;
@@ -827,7 +827,8 @@ mod tests {
                 let (input, stream) = scope.new_input::<Vec<Ingested>>();
                 let (clock, ticks) = scope.new_input::<Vec<u64>>();
                 let probes = Arc::new(Probes::default());
-                let probe = live(stream, ticks, &config, RouteKey::new([1, 2]), probes)
+                let signals = stream.flat_map(|record| Signal::of(record).ok());
+                let probe = live(signals, ticks, &config, RouteKey::new([1, 2]), probes)
                     .inspect(move |update: &LiveUpdate| sink.borrow_mut().push(update.clone()))
                     .probe()
                     .0;

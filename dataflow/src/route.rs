@@ -15,6 +15,7 @@ use timely::dataflow::operators::vec::Broadcast;
 use timely::dataflow::StreamVec;
 
 use crate::event::{EventKind, Ingested};
+use crate::live::Signal;
 use crate::probe::Probes;
 use crate::time::Time;
 use crate::turns::Path;
@@ -58,8 +59,9 @@ impl std::fmt::Debug for RouteKey {
 
 /// The streams the two paths start from.
 pub struct Paths<'s> {
-    /// Joins, heartbeats, leaves and chat.
-    pub live: StreamVec<'s, Time, Ingested>,
+    /// Joins, heartbeats, leaves and chat, as the live path reads them
+    /// (converted here: a live record is not moved whole once more).
+    pub live: StreamVec<'s, Time, Signal>,
     /// Every worker's highest event time so far, on every worker.
     pub clock: StreamVec<'s, Time, u64>,
     /// Impressions and ad progress.
@@ -97,11 +99,9 @@ pub fn split_paths<'s>(
                     for record in batch.drain(..) {
                         on_event(&record.event.kind);
                         highest = highest.max(record.event.ts);
-                        match record.event.kind {
-                            EventKind::Impression(_) | EventKind::AdProgress(_) => {
-                                to_billing.give(record)
-                            }
-                            _ => to_live.give(record),
+                        match Signal::of(record) {
+                            Ok(signal) => to_live.give(signal),
+                            Err(record) => to_billing.give(record),
                         }
                     }
                 }
