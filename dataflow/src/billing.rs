@@ -20,51 +20,59 @@
 //! [`decide_impression`]; the dataflow only decides when to call it, and
 //! with which facts.
 //!
-//! Facts are arranged by impression id (`arrange_by_key`: the dedup
-//! arrangement), and one operator, `DecideImpression`, reads the batches of
-//! that arrangement as they come and holds a handle on its trace:
+//! Facts are exchanged by impression id, so that an id's records meet on
+//! one worker. Impressions are arranged there by id (the dedup
+//! arrangement); one operator, `DecideImpression`, reads the batches of
+//! that arrangement as they come, holds a handle on its trace, and holds
+//! the qualifying progress itself (each progress record is read by one
+//! decision at most: arranging it, three quarters of billing's records,
+//! cost more than the rest of billing's dataflow). It reads both inputs
+//! up to one cut, the upper bound of the arranged batches it has read,
+//! which it moves only once the progress input has passed it:
 //!
 //! * an impression registers its id under its deadline bucket
 //!   `coarse(ts + window)` (see [`crate::time`]);
-//! * once the frontier has passed a bucket, every record with
-//!   `watermark <= D` of an id due there has arrived (it travels at a time
-//!   at or before `coarse(D)`). The operator reads the id's facts once,
-//!   from the trace through the upper bound of the batches it has received,
-//!   decides, emits the final outcome and the late records among them, and
-//!   leaves a tombstone: the deadline, for the retention (see below);
-//! * a fact of a decided id received later is late (its watermark is above
+//! * once the cut has passed a bucket, every record with `watermark <= D`
+//!   of an id due there has been read (it travels at a time at or before
+//!   `coarse(D)`). The operator reads the id's facts once, from the trace
+//!   through the cut and from the progress it holds, decides, emits the
+//!   final outcome and the late records among them, and leaves a
+//!   tombstone: the deadline, for the retention (see below);
+//! * a fact of a decided id read later is late (its watermark is above
 //!   `D`, or it would have been read) and is reported on arrival.
 //!
 //! So each fact is reported at most once, and each outcome is final once:
-//! the facts in batches received before the decision are exactly those the
-//! decision reads (the trace is cut at the received batches' upper bound,
-//! and the decision takes those present at the bucket or arriving after
-//! it), and the facts in batches received after it meet the tombstone.
-//! Every admitted impression record leaves `pending_impressions` once: as
-//! the canonical one, a duplicate, or late.
+//! the facts read before the decision are exactly those the decision reads
+//! (everything before the cut, of which it takes those present at the
+//! bucket or arriving after it), and the facts read after it meet the
+//! tombstone. Every admitted impression record leaves
+//! `pending_impressions` once: as the canonical one, a duplicate, or late.
 //!
-//! State stays bounded: each record leaves the arrangement once the latest
-//! deadline it can influence has passed, and a tombstone stays
-//! `state_retention_ms` longer than the latest of its id's records (see
-//! [`Retirement`]). The trace is compacted up to the frontier (every
-//! undecided bucket is at or after it, so what the decisions read stays
-//! exact). A fact of an id whose tombstone has gone starts the id afresh
-//! (none of its earlier records is left); a second outcome for the id is
-//! rejected by the billing sink's ledger (every finalized id, forever).
+//! State stays bounded: each record leaves (the arrangement, or the held
+//! progress) once the latest deadline it can influence has passed, and a
+//! tombstone stays `state_retention_ms` longer than the latest of its id's
+//! records (see [`Retirement`]). The trace is compacted up to the cut
+//! (every undecided bucket is at or after it, so what the decisions read
+//! stays exact). A fact of an id whose tombstone has gone starts the id
+//! afresh (none of its earlier records is left); a second outcome for the
+//! id is rejected by the billing sink's ledger (every finalized id,
+//! forever).
 
+use differential_dataflow::operators::arrange::arrangement::arrange_core;
 use differential_dataflow::trace::cursor::cursor_list;
-use differential_dataflow::trace::{Cursor, Navigable, TraceReader};
-use differential_dataflow::AsCollection;
+use differential_dataflow::trace::implementations::{ValBatcher, ValSpine};
+use differential_dataflow::trace::{Cursor, Navigable, SpanOf, TraceReader};
 use serde::{Deserialize, Serialize};
-use timely::dataflow::channels::pact::Pipeline;
-use timely::dataflow::operators::core::OkErr;
-use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::channels::pact::{Exchange, Pipeline};
+use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
+use timely::dataflow::operators::generic::{Operator, OutputBuilder};
 use timely::dataflow::operators::vec::Map;
-use timely::dataflow::operators::{Capability, Concat, InputCapability};
+use timely::dataflow::operators::{Capability, Concat};
 use timely::dataflow::StreamVec;
+use timely::order::PartialOrder;
 use timely::progress::Antichain;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -270,79 +278,118 @@ pub fn billing<'s>(
     route: RouteKey,
     probes: Arc<Probes>,
 ) -> StreamVec<'s, Time, BillingEvent> {
-    let (facts, window_closed) = admit(ingested, config, route, probes.clone());
-    decide(facts, config, probes).concat(window_closed.map(BillingEvent::Late))
+    let admitted = admit(ingested, config, route, probes.clone());
+    decide(admitted.impressions, admitted.progress, config, probes)
+        .concat(admitted.window_closed.map(BillingEvent::Late))
+}
+
+/// A billing fact with the id it concerns.
+type KeyedFact = (ImpressionKey, Fact);
+
+/// What admission hands on, keyed by impression id.
+struct Admitted<'s> {
+    /// Impressions within their own window, for the arrangement.
+    impressions: StreamVec<'s, Time, KeyedFact>,
+    /// `ad_progress` records at or above the qualifying threshold.
+    progress: StreamVec<'s, Time, KeyedFact>,
+    /// Impressions whose own window had closed when they arrived.
+    window_closed: StreamVec<'s, Time, LateRecord>,
 }
 
 /// Turns ingested records into billing facts, early: below-threshold
-/// progress and other event types are dropped here, so differential sees
-/// about two records per impression; impressions already past their own
-/// window are late on arrival.
+/// progress and other event types are dropped here, so billing sees about
+/// four records per impression; impressions already past their own window
+/// are late on arrival.
 fn admit<'s>(
     ingested: StreamVec<'s, Time, Ingested>,
     config: &PipelineConfig,
     route: RouteKey,
     probes: Arc<Probes>,
-) -> (
-    StreamVec<'s, Time, (ImpressionKey, Fact)>,
-    StreamVec<'s, Time, LateRecord>,
-) {
+) -> Admitted<'s> {
     let qualify_ms = config.qualify_ms;
     let window = config.qualify_window_ms;
-    type Admitted<'s> = StreamVec<'s, Time, Option<(ImpressionKey, Fact)>>;
-    let (facts, late): (Admitted<'s>, StreamVec<'s, Time, LateRecord>) =
-        ingested.ok_err(move |record: Ingested| {
-            let Ingested {
-                event,
-                position,
-                watermark,
-                ..
-            } = record;
-            match event.kind {
-                EventKind::Impression(imp) => {
-                    let fact = Fact::Impression(ImpressionFact {
-                        ts: event.ts,
-                        event_id: event.event_id,
-                        watermark,
+    let mut builder = OperatorBuilder::new("AdmitBilling".to_owned(), ingested.scope());
+    let mut input = builder.new_input(ingested, Pipeline);
+    let (impressions, impressions_stream) = builder.new_output();
+    let (progress, progress_stream) = builder.new_output();
+    let (window_closed, window_closed_stream) = builder.new_output();
+    let mut impressions = OutputBuilder::from(impressions);
+    let mut progress = OutputBuilder::from(progress);
+    let mut window_closed = OutputBuilder::from(window_closed);
+    builder.build(move |_capabilities| {
+        move |_frontiers| {
+            let mut impressions = impressions.activate();
+            let mut progress = progress.activate();
+            let mut window_closed = window_closed.activate();
+            input.for_each_stamp(|cap, batches| {
+                let mut to_impressions = impressions.session(&cap);
+                let mut to_progress = progress.session(&cap);
+                let mut to_window_closed = window_closed.session(&cap);
+                for record in batches.flat_map(|batch| batch.drain(..)) {
+                    let Ingested {
+                        event,
                         position,
-                        ad: Arc::new(AdDetails {
-                            ad_id: imp.ad_id,
-                            campaign_id: imp.campaign_id,
-                            advertiser_id: imp.advertiser_id,
-                            stream_id: event.stream_id,
-                            viewer_id: event.viewer_id,
-                            price_micros: imp.price_micros,
-                        }),
-                    });
-                    if watermark > event.ts + window {
-                        Err(LateRecord::of(
-                            &fact,
-                            &imp.impression_id,
-                            LateReason::WindowClosed,
-                        ))
-                    } else {
-                        // Pending until it is part of a final outcome (or
-                        // late because its id already was): see finalize.
-                        probes.pending_impressions.fetch_add(1, Ordering::Relaxed);
-                        Ok(Some((ImpressionKey::new(imp.impression_id, &route), fact)))
+                        watermark,
+                        ..
+                    } = record;
+                    match event.kind {
+                        EventKind::Impression(imp) => {
+                            let fact = Fact::Impression(ImpressionFact {
+                                ts: event.ts,
+                                event_id: event.event_id,
+                                watermark,
+                                position,
+                                ad: Arc::new(AdDetails {
+                                    ad_id: imp.ad_id,
+                                    campaign_id: imp.campaign_id,
+                                    advertiser_id: imp.advertiser_id,
+                                    stream_id: event.stream_id,
+                                    viewer_id: event.viewer_id,
+                                    price_micros: imp.price_micros,
+                                }),
+                            });
+                            if watermark > event.ts + window {
+                                to_window_closed.give(LateRecord::of(
+                                    &fact,
+                                    &imp.impression_id,
+                                    LateReason::WindowClosed,
+                                ));
+                            } else {
+                                // Pending until it is part of a final
+                                // outcome (or late because its id already
+                                // was): see `Decider::settled`.
+                                probes.pending_impressions.fetch_add(1, Ordering::Relaxed);
+                                let key = ImpressionKey::new(imp.impression_id, &route);
+                                to_impressions.give((key, fact));
+                            }
+                        }
+                        EventKind::AdProgress(watch) if watch.watched_ms >= qualify_ms => {
+                            let fact = Fact::Progress(ProgressFact {
+                                ts: event.ts,
+                                event_id: event.event_id,
+                                watermark,
+                                position,
+                            });
+                            let key = ImpressionKey::new(watch.impression_id, &route);
+                            to_progress.give((key, fact));
+                        }
+                        _ => {}
                     }
                 }
-                EventKind::AdProgress(progress) if progress.watched_ms >= qualify_ms => {
-                    let fact = Fact::Progress(ProgressFact {
-                        ts: event.ts,
-                        event_id: event.event_id,
-                        watermark,
-                        position,
-                    });
-                    Ok(Some((
-                        ImpressionKey::new(progress.impression_id, &route),
-                        fact,
-                    )))
-                }
-                _ => Ok(None),
-            }
-        });
-    (facts.flat_map(|fact| fact), late)
+            });
+        }
+    });
+    Admitted {
+        impressions: impressions_stream,
+        progress: progress_stream,
+        window_closed: window_closed_stream,
+    }
+}
+
+/// Where a fact is held: the worker of its id's keyed hash. Impressions
+/// and progress of one id meet there.
+fn by_id(fact: &KeyedFact) -> u64 {
+    fact.0.hash
 }
 
 /// When billing lets go of a fact, in two steps.
@@ -418,23 +465,24 @@ impl Retirement {
     }
 }
 
-/// Every fact enters at its arrival time and leaves again once it can no
-/// longer matter (see [`Retirement`]). A frontier jump can make many
-/// retirements due at once: at most [`RETIRE_SLICE_FACTS`] are released per
-/// invocation, the rest wait under the held capability for the next.
+/// Every impression enters the arrangement at its arrival time, on the
+/// worker of its id, and leaves again once it can no longer matter (see
+/// [`Retirement`]). A frontier jump can make many retirements due at once:
+/// at most [`RETIRE_SLICE_FACTS`] are released per invocation, the rest
+/// wait under the held capability for the next.
 fn enter_and_retire<'s>(
-    facts: StreamVec<'s, Time, (ImpressionKey, Fact)>,
+    facts: StreamVec<'s, Time, KeyedFact>,
     retirement: Retirement,
     probes: Arc<Probes>,
-) -> StreamVec<'s, Time, ((ImpressionKey, Fact), Time, isize)> {
+) -> StreamVec<'s, Time, (KeyedFact, Time, isize)> {
     let scope = facts.scope();
-    facts.unary_frontier(Pipeline, "EnterAndRetire", move |_, info| {
+    facts.unary_frontier(Exchange::new(by_id), "EnterAndRetire", move |_, info| {
         let activator = scope.activator_for(info.address);
         // Retractions wait here, by retire time, until the frontier reaches
         // them. Handing them to differential up front would park them in the
         // arrangement's batcher, which re-sorts every pending future update
         // each time the frontier moves: quadratic in the retention.
-        let mut retiring: BTreeMap<Time, Vec<(ImpressionKey, Fact)>> = BTreeMap::new();
+        let mut retiring: BTreeMap<Time, Vec<KeyedFact>> = BTreeMap::new();
         let mut retire_cap: Option<Capability<Time>> = None;
         move |(input, frontier), output| {
             let _turn = probes.turns.time(Path::Billing);
@@ -497,8 +545,14 @@ struct Tombstone {
     expiry: Time,
 }
 
-/// The differential part: facts arranged by impression id, and one operator
-/// that reads an id's facts once, when the frontier passes its deadline.
+/// The differential part: impressions arranged by id, and one operator
+/// that reads an id's facts once, when the cut passes its deadline.
+///
+/// Qualifying progress does not enter the arrangement: each record is read
+/// by one decision at most, so the operator holds it by id itself, cut at
+/// the same bounds as the arranged batches (see [`Decider::received`]).
+/// Arranging it cost more than all the rest of billing's dataflow: it is
+/// three quarters of billing's records, each sorted, merged and retracted.
 ///
 /// A frontier jump can make a whole period's ids due at once. The operator
 /// settles a [`Slice`] of them per invocation and keeps the rest, with the
@@ -506,22 +560,30 @@ struct Tombstone {
 /// no input and leaves the trace's compaction where it was, so the rest is
 /// decided from exactly the facts the first slice saw (see [`Backlog`]).
 fn decide<'s>(
-    facts: StreamVec<'s, Time, (ImpressionKey, Fact)>,
+    impressions: StreamVec<'s, Time, KeyedFact>,
+    progress: StreamVec<'s, Time, KeyedFact>,
     config: &PipelineConfig,
     probes: Arc<Probes>,
 ) -> StreamVec<'s, Time, BillingEvent> {
     let retirement = Retirement::new(config);
-    let scope = facts.scope();
-    let arranged = enter_and_retire(facts, retirement, probes.clone())
-        .as_collection()
-        .arrange_by_key_named("ImpressionFacts");
+    let scope = impressions.scope();
+    // Already on the worker of their id (`EnterAndRetire` exchanged them).
+    let arranged = arrange_core::<_, _, ImpressionBatcher, ImpressionSpine>(
+        enter_and_retire(impressions, retirement, probes.clone()),
+        Pipeline,
+        "ImpressionFacts",
+        ImpressionBatcher::new,
+    );
     let mut trace = Some(arranged.trace);
     let mut decider = Decider::new(config, retirement, probes);
-    arranged
-        .stream
-        .unary_frontier(Pipeline, "DecideImpression", move |_, info| {
+    arranged.stream.binary_frontier(
+        progress,
+        Pipeline,
+        Exchange::new(by_id),
+        "DecideImpression",
+        move |_, info| {
             let activator = scope.activator_for(info.address);
-            move |(input, frontier), output| {
+            move |(arranged, arranged_frontier), (progress, progress_frontier), output| {
                 let probes = decider.probes.clone();
                 let _turn = probes.turns.time(Path::Billing);
                 let mut slice = Slice::new(SETTLE_SLICE_IDS);
@@ -529,25 +591,66 @@ fn decide<'s>(
                 loop {
                     if decider.backlog.is_none() && !read {
                         read = true;
-                        input.for_each_stamp(|cap, spans| {
+                        arranged.for_each_stamp(|cap, spans| {
                             for span in spans.flat_map(|spans| spans.drain(..)) {
-                                decider.seen_upper.clone_from(span.upper());
-                                let (Some(batch), Some(&least)) = (span.inner, cap.least()) else {
-                                    continue;
-                                };
-                                let mut cursor = batch.cursor();
-                                decider.arrive_all(
-                                    &mut cursor,
-                                    &batch,
-                                    least,
-                                    &cap,
-                                    |time, late| output.session(&cap.delayed(&time, 0)).give(late),
-                                );
+                                decider.received.push_back((cap.retain_least(0), span));
                             }
                         });
+                        progress.for_each_stamp(|cap, batches| {
+                            let Some(&time) = cap.least() else { return };
+                            let (_, waiting) = decider
+                                .waiting
+                                .entry(time)
+                                .or_insert_with(|| (cap.delayed(&time, 0), Vec::new()));
+                            for batch in batches {
+                                waiting.append(batch);
+                            }
+                        });
+                        // A span is read once every progress record before
+                        // its upper bound is in: the cut moves for both.
+                        while let Some((_, span)) = decider.received.front() {
+                            if !PartialOrder::less_equal(
+                                &span.upper().borrow(),
+                                &progress_frontier.frontier(),
+                            ) {
+                                break;
+                            }
+                            let (cap, span) = decider.received.pop_front().expect("a front");
+                            decider.seen_upper.clone_from(span.upper());
+                            let waiting = decider.waiting_before(span.upper());
+                            let mut emit = |cap: &Capability<Time>, time: Time, late| {
+                                output.session(&cap.delayed(&time)).give(late)
+                            };
+                            match (span.inner, cap) {
+                                (Some(batch), Some(cap)) => {
+                                    let least = *cap.time();
+                                    let mut cursor = batch.cursor();
+                                    decider.arrive_batch(
+                                        (&mut cursor, &batch, least, &cap),
+                                        waiting,
+                                        &mut emit,
+                                    );
+                                }
+                                _ => decider.arrive_progress(waiting, &mut emit),
+                            }
+                        }
+                        let ended = arranged_frontier.is_empty()
+                            && progress_frontier.is_empty()
+                            && decider.received.is_empty();
+                        if ended {
+                            // Nothing else comes: every bucket is passed.
+                            let waiting = decider.waiting_before(&Antichain::new());
+                            decider.arrive_progress(waiting, |cap, time, late| {
+                                output.session(&cap.delayed(&time)).give(late)
+                            });
+                            decider.cut = Antichain::new();
+                        } else {
+                            decider.cut.clone_from(&decider.seen_upper);
+                        }
                     }
                     if decider.backlog.is_none() {
-                        decider.backlog = decider.next_due(|bucket| !frontier.less_equal(bucket));
+                        let cut = decider.cut.clone();
+                        decider.backlog = decider.next_due(|bucket| !cut.less_equal(bucket));
                     }
                     let Some(mut backlog) = decider.backlog.take() else {
                         break;
@@ -571,18 +674,28 @@ fn decide<'s>(
                         return;
                     }
                 }
-                decider.forget_expired(|expiry| !frontier.less_than(expiry));
-                if frontier.is_empty() {
+                // Every bucket before the cut is decided: what the cut has
+                // reached can no longer be read.
+                let cut = decider.cut.clone();
+                decider.forget_expired(|expiry| !cut.less_than(expiry));
+                decider.retire_progress(|leaves| !cut.less_than(leaves));
+                if cut.is_empty() {
                     trace = None;
                 } else if let Some(trace) = trace.as_mut() {
-                    // Undecided buckets are all at or after the frontier, so
+                    // Undecided buckets are all at or after the cut, so
                     // accumulations there stay exact.
-                    trace.set_logical_compaction(frontier.frontier());
+                    trace.set_logical_compaction(cut.borrow());
                     trace.set_physical_compaction(decider.seen_upper.borrow());
                 }
             }
-        })
+        },
+    )
 }
+
+/// The arrangement of impressions: differential's default layout for
+/// `(key, value)` updates.
+type ImpressionBatcher = ValBatcher<ImpressionKey, Fact, Time, isize>;
+type ImpressionSpine = ValSpine<ImpressionKey, Fact, Time, isize>;
 
 /// At most this many ids are settled per invocation of `DecideImpression`
 /// (and at most [`crate::turns::SLICE_TIME`]): a few microseconds each.
@@ -702,8 +815,32 @@ fn facts_at<'b, C>(
     later.sort_by_key(|&(time, _)| time);
 }
 
+/// Adds an id's held progress to what [`facts_at`] read of its
+/// impressions, by the same rule: `present` if it came by `bucket` and
+/// leaves after it, `later` if it came after it. `later` stays in time
+/// order, impressions first at equal times.
+fn watches_at<'b>(
+    watches: &'b [HeldWatch],
+    bucket: Time,
+    present: &mut Vec<&'b Fact>,
+    later: &mut Vec<(Time, &'b Fact)>,
+) {
+    let impressions_later = later.len();
+    for watch in watches {
+        if watch.arrived > bucket {
+            later.push((watch.arrived, &watch.fact));
+        } else if watch.leaves > bucket {
+            present.push(&watch.fact);
+        }
+    }
+    if later.len() > impressions_later {
+        // Stable: impressions were first.
+        later.sort_by_key(|&(time, _)| time);
+    }
+}
+
 /// The decision operator's state: ids waiting for their deadline, decided
-/// ids' tombstones, and how far the arranged batches have been read.
+/// ids' tombstones, held progress, and how far the inputs have been read.
 struct Decider {
     window: u64,
     granularity: u64,
@@ -714,11 +851,42 @@ struct Decider {
     due: BTreeMap<Time, (Capability<Time>, Vec<ImpressionKey>)>,
     decided: HashMap<ImpressionKey, Tombstone>,
     expiring: BTreeMap<Time, Vec<ImpressionKey>>,
-    /// The upper bound of the batches received so far: the trace through
-    /// it holds exactly the facts this operator has seen.
+    /// Arranged spans received and not read yet, with their capability: a
+    /// span is read once the progress input has passed its upper bound, so
+    /// that the facts read so far, of both kinds, are exactly those before
+    /// one bound (the cut).
+    received: VecDeque<(Option<Capability<Time>>, SpanOf<ImpressionSpine>)>,
+    /// Progress received and not read yet, by time.
+    waiting: BTreeMap<Time, (Capability<Time>, Vec<KeyedFact>)>,
+    /// Progress read and not retired, by id: what the arrangement would
+    /// hold of it.
+    watches: HashMap<ImpressionKey, Vec<HeldWatch>>,
+    /// When held progress leaves, by time (an id once per record).
+    watches_leaving: BTreeMap<Time, Vec<ImpressionKey>>,
+    /// The upper bound of the spans read so far: the trace through it
+    /// holds exactly the impressions this operator has read.
     seen_upper: Antichain<Time>,
+    /// Every fact before it has been read: `seen_upper`, or nothing once
+    /// both inputs have ended.
+    cut: Antichain<Time>,
     /// The bucket being settled over several invocations, if any.
     backlog: Option<Backlog>,
+}
+
+/// A qualifying `ad_progress` held by [`Decider`], with the times the
+/// arrangement would have given it: when it came, and when it leaves (see
+/// [`Retirement::leaves`]).
+struct HeldWatch {
+    arrived: Time,
+    leaves: Time,
+    fact: Fact,
+}
+
+/// Progress taken off [`Decider::waiting`] to be read, sorted by id and
+/// time, with a capability at each of its times for late records.
+struct Waiting {
+    caps: BTreeMap<Time, Capability<Time>>,
+    facts: Vec<(ImpressionKey, Time, Fact)>,
 }
 
 impl Decider {
@@ -731,84 +899,192 @@ impl Decider {
             due: BTreeMap::new(),
             decided: HashMap::new(),
             expiring: BTreeMap::new(),
+            received: VecDeque::new(),
+            waiting: BTreeMap::new(),
+            watches: HashMap::new(),
+            watches_leaving: BTreeMap::new(),
             seen_upper: Antichain::from_elem(0),
+            cut: Antichain::from_elem(0),
             backlog: None,
         }
     }
 
-    /// A fact of `key` arriving at `time` (under `cap`): late if its id was
-    /// decided before it came, else an impression registers its id under
-    /// its deadline bucket.
+    /// The waiting progress before `upper` (all of it if `upper` is empty).
+    fn waiting_before(&mut self, upper: &Antichain<Time>) -> Waiting {
+        let after = match upper.elements().first() {
+            Some(upper) => self.waiting.split_off(upper),
+            None => BTreeMap::new(),
+        };
+        let before = std::mem::replace(&mut self.waiting, after);
+        let mut waiting = Waiting {
+            caps: BTreeMap::new(),
+            facts: Vec::new(),
+        };
+        for (time, (cap, records)) in before {
+            let facts = records.into_iter().map(|(key, fact)| (key, time, fact));
+            waiting.facts.extend(facts);
+            waiting.caps.insert(time, cap);
+        }
+        waiting
+            .facts
+            .sort_by(|(a, a_time, _), (b, b_time, _)| (a, a_time).cmp(&(b, b_time)));
+        waiting
+    }
+
+    /// A fact of `key` arriving at `time`: late if its id was decided before
+    /// it came (and then it keeps the tombstone at least as long as itself).
+    fn late_if_decided(
+        &mut self,
+        key: &ImpressionKey,
+        time: Time,
+        fact: &Fact,
+    ) -> Option<LateRecord> {
+        let tomb = self
+            .decided
+            .get_mut(key)
+            .filter(|tomb| time < tomb.expiry)?;
+        // It was not read at the decision, and every fact with
+        // `watermark <= D` was (its time is at most `coarse(D)`).
+        debug_assert!(fact.watermark() > tomb.deadline);
+        let retire = self.retirement.forgotten(fact);
+        if retire > tomb.expiry {
+            tomb.expiry = retire;
+            self.expiring.entry(retire).or_default().push(key.clone());
+        }
+        if matches!(fact, Fact::Impression(_)) {
+            self.probes
+                .pending_impressions
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+        Some(LateRecord::of(fact, &key.id, LateReason::ImpressionFinal))
+    }
+
+    /// An impression of `key` arriving at `time` (under `cap`): late if its
+    /// id was decided before it came, else it registers its id under its
+    /// deadline bucket.
     fn arrive(
         &mut self,
         key: &ImpressionKey,
         time: Time,
         fact: &Fact,
-        cap: &InputCapability<Time>,
+        cap: &Capability<Time>,
     ) -> Option<LateRecord> {
-        match self.decided.get_mut(key) {
-            Some(tomb) if time < tomb.expiry => {
-                // It was not read at the decision, and every fact with
-                // `watermark <= D` was (its time is at most `coarse(D)`).
-                debug_assert!(fact.watermark() > tomb.deadline);
-                let retire = self.retirement.forgotten(fact);
-                if retire > tomb.expiry {
-                    tomb.expiry = retire;
-                    self.expiring.entry(retire).or_default().push(key.clone());
-                }
-                if matches!(fact, Fact::Impression(_)) {
-                    self.probes
-                        .pending_impressions
-                        .fetch_sub(1, Ordering::Relaxed);
-                }
-                Some(LateRecord::of(fact, &key.id, LateReason::ImpressionFinal))
-            }
-            _ => {
-                // The tombstone's retention is over (and every fact it
-                // stood for has left the arrangement): the id starts afresh.
-                // The tombstone itself stays until the frontier passes its
-                // expiry (`forget_expired`): a bucket before this arrival
-                // may still be due, and its decision must find the id
-                // decided as it was then, however early the operator
-                // received this fact (`next_due` tells an expired one).
-                if let Fact::Impression(imp) = fact {
-                    let bucket = coarse(imp.ts + self.window, self.granularity).max(time);
-                    self.due
-                        .entry(bucket)
-                        .or_insert_with(|| (cap.delayed(&bucket, 0), Vec::new()))
-                        .1
-                        .push(key.clone());
-                }
-                None
-            }
+        if let Some(late) = self.late_if_decided(key, time, fact) {
+            return Some(late);
         }
+        // The tombstone's retention is over (and every fact it stood for
+        // has left): the id starts afresh. The tombstone itself stays until
+        // the cut passes its expiry (`forget_expired`): a bucket before this
+        // arrival may still be due, and its decision must find the id
+        // decided as it was then, however early the operator received this
+        // fact (`next_due` tells an expired one).
+        if let Fact::Impression(imp) = fact {
+            let bucket = coarse(imp.ts + self.window, self.granularity).max(time);
+            self.due
+                .entry(bucket)
+                .or_insert_with(|| (cap.delayed(&bucket), Vec::new()))
+                .1
+                .push(key.clone());
+        }
+        None
     }
 
-    /// Every arrival in a received batch (`cursor` over it, times before
-    /// `least` read as `least`): `late` gets the late ones with their time.
-    fn arrive_all<C>(
+    /// A qualifying progress record of `key` arriving at `time`: late if
+    /// its id was decided before it came, else held for the decision.
+    fn arrive_watch(
         &mut self,
-        cursor: &mut C,
-        batch: &C::Storage,
-        least: Time,
-        cap: &InputCapability<Time>,
-        mut late: impl FnMut(Time, BillingEvent),
+        (key, time, fact): (ImpressionKey, Time, Fact),
+        caps: &BTreeMap<Time, Capability<Time>>,
+        emit: &mut impl FnMut(&Capability<Time>, Time, BillingEvent),
+    ) {
+        if let Some(late) = self.late_if_decided(&key, time, &fact) {
+            emit(&caps[&time], time, BillingEvent::Late(late));
+            return;
+        }
+        let leaves = self.retirement.leaves(&fact);
+        debug_assert!(leaves > time);
+        self.watches_leaving
+            .entry(leaves)
+            .or_default()
+            .push(key.clone());
+        self.watches.entry(key).or_default().push(HeldWatch {
+            arrived: time,
+            leaves,
+            fact,
+        });
+    }
+
+    /// Every arrival through a read span: the impressions of its batch
+    /// (`cursor` over it, times before `least` read as `least`) and the
+    /// `waiting` progress before its upper bound. Each id's arrivals in
+    /// time order, an impression first at equal times, as one arrangement
+    /// of both would hand them over; `emit` gets the late ones.
+    fn arrive_batch<C>(
+        &mut self,
+        (cursor, batch, least, cap): (&mut C, &C::Storage, Time, &Capability<Time>),
+        waiting: Waiting,
+        mut emit: impl FnMut(&Capability<Time>, Time, BillingEvent),
     ) where
         C: FactCursor,
     {
+        let Waiting { caps, facts } = waiting;
+        let mut watches = facts.into_iter().peekable();
         let mut arrived = Vec::new();
         while let Some(key) = cursor.get_key(batch) {
+            while let Some(watch) = watches.next_if(|(id, _, _)| id < key) {
+                self.arrive_watch(watch, &caps, &mut emit);
+            }
             arrivals(cursor, batch, least, &mut arrived);
             for &(time, fact) in &arrived {
-                if let Some(record) = self.arrive(key, time, fact, cap) {
-                    late(time, BillingEvent::Late(record));
+                while let Some(watch) = watches.next_if(|(id, at, _)| id == key && *at < time) {
+                    self.arrive_watch(watch, &caps, &mut emit);
                 }
+                if let Some(late) = self.arrive(key, time, fact, cap) {
+                    emit(cap, time, BillingEvent::Late(late));
+                }
+            }
+            while let Some(watch) = watches.next_if(|(id, _, _)| id == key) {
+                self.arrive_watch(watch, &caps, &mut emit);
             }
             cursor.step_key(batch);
         }
+        for watch in watches {
+            self.arrive_watch(watch, &caps, &mut emit);
+        }
     }
 
-    /// The next bucket the frontier has `passed`, with its capability and
+    /// The `waiting` progress of a span without impressions.
+    fn arrive_progress(
+        &mut self,
+        waiting: Waiting,
+        mut emit: impl FnMut(&Capability<Time>, Time, BillingEvent),
+    ) {
+        let Waiting { caps, facts } = waiting;
+        for watch in facts {
+            self.arrive_watch(watch, &caps, &mut emit);
+        }
+    }
+
+    /// Lets go of held progress once the cut has `reached` the time it
+    /// leaves.
+    fn retire_progress(&mut self, reached: impl Fn(&Time) -> bool) {
+        while let Some(entry) = self.watches_leaving.first_entry() {
+            let leaves = *entry.key();
+            if !reached(&leaves) {
+                break;
+            }
+            for key in entry.remove() {
+                if let Some(held) = self.watches.get_mut(&key) {
+                    held.retain(|watch| watch.leaves > leaves);
+                    if held.is_empty() {
+                        self.watches.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next bucket the cut has `passed`, with its capability and
     /// its ids not decided yet (each once).
     fn next_due(&mut self, passed: impl Fn(&Time) -> bool) -> Option<Backlog> {
         while let Some(entry) = self.due.first_entry() {
@@ -851,7 +1127,6 @@ impl Decider {
     ) where
         C: FactCursor,
     {
-        let (mut present, mut later) = (Vec::new(), Vec::new());
         while ids.pending() && slice.take() {
             let key = ids.keys[ids.next].clone();
             ids.next += 1;
@@ -859,9 +1134,17 @@ impl Decider {
             if cursor.get_key(storage) != Some(&key) {
                 continue;
             }
+            let (mut present, mut later) = (Vec::new(), Vec::new());
             facts_at(cursor, storage, ids.bucket, &mut present, &mut later);
-            self.settled(key, &present, &later, ids.bucket)
+            // Taken out while the decision borrows them, then put back:
+            // they leave in their own time.
+            let watches = self.watches.remove(&key).unwrap_or_default();
+            watches_at(&watches, ids.bucket, &mut present, &mut later);
+            self.settled(key.clone(), &present, &later, ids.bucket)
                 .for_each(&mut emit);
+            if !watches.is_empty() {
+                self.watches.insert(key, watches);
+            }
         }
     }
 

@@ -602,6 +602,10 @@ fn stream_hash(stream_id: &str) -> u64 {
 impl Signal {
     /// What the live path needs of an ingested record, or the record back
     /// if only billing reads it.
+    #[allow(
+        clippy::result_large_err,
+        reason = "the record goes on by value: boxing it would allocate per billing record"
+    )]
     pub fn of(record: Ingested) -> Result<Signal, Ingested> {
         let kind = match record.event.kind {
             EventKind::Join | EventKind::Heartbeat => SignalKind::Presence,
