@@ -72,7 +72,8 @@ use timely::dataflow::StreamVec;
 use timely::order::PartialOrder;
 use timely::progress::Antichain;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use foldhash::{HashMap, HashMapExt};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -91,10 +92,20 @@ pub use crate::event::Text;
 /// compared at every step of every merge and seek; comparing the hash first
 /// settles almost all of them without touching the text, and the text
 /// itself keeps distinct ids distinct when hashes collide.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ImpressionKey {
     hash: u64,
     pub id: Text,
+}
+
+/// A key hashes as its keyed hash alone: equal keys have equal hashes, and
+/// the decision's maps of ids then hash one word, not the id's text. The
+/// word is already the job's keyed SipHash of the id, which producers
+/// cannot predict, so a fast hasher over it keeps those maps safe.
+impl std::hash::Hash for ImpressionKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
 }
 
 impl ImpressionKey {
