@@ -629,20 +629,16 @@ fn decide<'s>(
                             let (cap, span) = decider.received.pop_front().expect("a front");
                             decider.seen_upper.clone_from(span.upper());
                             let waiting = decider.waiting_before(span.upper());
-                            let mut emit = |cap: &Capability<Time>, time: Time, late| {
+                            let emit = |cap: &Capability<Time>, time: Time, late| {
                                 output.session(&cap.delayed(&time)).give(late)
                             };
-                            match (span.inner, cap) {
-                                (Some(batch), Some(cap)) => {
-                                    let least = *cap.time();
-                                    let mut cursor = batch.cursor();
-                                    decider.arrive_batch(
-                                        (&mut cursor, &batch, least, &cap),
-                                        waiting,
-                                        &mut emit,
-                                    );
-                                }
-                                _ => decider.arrive_progress(waiting, &mut emit),
+                            if let (Some(batch), Some(cap)) = (span.inner, cap) {
+                                let mut cursor = batch.cursor();
+                                let least = *cap.time();
+                                let batch = (&mut cursor, &batch, least, &cap);
+                                decider.arrive_span(Some(batch), waiting, emit);
+                            } else {
+                                decider.arrive_span::<SpanCursor>(None, waiting, emit);
                             }
                         }
                         let ended = arranged_frontier.is_empty()
@@ -651,7 +647,7 @@ fn decide<'s>(
                         if ended {
                             // Nothing else comes: every bucket is passed.
                             let waiting = decider.waiting_before(&Antichain::new());
-                            decider.arrive_progress(waiting, |cap, time, late| {
+                            decider.arrive_span::<SpanCursor>(None, waiting, |cap, time, late| {
                                 output.session(&cap.delayed(&time)).give(late)
                             });
                             decider.cut = Antichain::new();
@@ -707,6 +703,8 @@ fn decide<'s>(
 /// `(key, value)` updates.
 type ImpressionBatcher = ValBatcher<ImpressionKey, Fact, Time, isize>;
 type ImpressionSpine = ValSpine<ImpressionKey, Fact, Time, isize>;
+/// A cursor over one of its batches.
+type SpanCursor = <<ImpressionSpine as TraceReader>::Batch as Navigable>::Cursor;
 
 /// At most this many ids are settled per invocation of `DecideImpression`
 /// (and at most [`crate::turns::SLICE_TIME`]): a few microseconds each.
@@ -765,30 +763,33 @@ impl<C> FactCursor for C where
 {
 }
 
-/// One id's arrivals in a batch (the cursor at its key), in time order: a
-/// fact arriving after everything about a decided id retired starts it
-/// afresh, one arriving before is late. Retractions only shrink the
-/// arrangement and are not arrivals. Times before `least` (the batch's
-/// capability) are read as `least`. Into `arrivals`, cleared first.
-fn arrivals<'b, C>(
-    cursor: &mut C,
-    storage: &'b C::Storage,
-    least: Time,
-    arrivals: &mut Vec<(Time, &'b Fact)>,
-) where
-    C: for<'a> Cursor<Val<'a> = &'a Fact, TimeGat<'a> = &'a Time, DiffGat<'a> = &'a isize>,
+/// A batch's arrivals, in time order: a fact arriving after everything
+/// about a decided id retired starts it afresh, one arriving before is
+/// late. Retractions only shrink the arrangement and are not arrivals.
+/// Times before `least` (the batch's capability) are read as `least`.
+fn arrivals<'b, C>(cursor: &mut C, storage: &'b C::Storage, least: Time) -> Vec<Arrival<'b>>
+where
+    C: FactCursor,
 {
-    arrivals.clear();
-    while let Some(fact) = cursor.get_val(storage) {
-        cursor.map_times(storage, |&time, &diff| {
-            for _ in 0..diff.max(0) {
-                arrivals.push((time.max(least), fact));
-            }
-        });
-        cursor.step_val(storage);
+    let mut arrivals = Vec::new();
+    while let Some(key) = cursor.get_key(storage) {
+        while let Some(fact) = cursor.get_val(storage) {
+            cursor.map_times(storage, |&time, &diff| {
+                for _ in 0..diff.max(0) {
+                    arrivals.push((time.max(least), key, fact));
+                }
+            });
+            cursor.step_val(storage);
+        }
+        cursor.step_key(storage);
     }
-    arrivals.sort_by_key(|&(time, _)| time);
+    // Stable, and a batch mostly spans one time: nearly free.
+    arrivals.sort_by_key(|&(time, _, _)| time);
+    arrivals
 }
+
+/// An arranged fact as it arrived: its time, id and fact.
+type Arrival<'b> = (Time, &'b ImpressionKey, &'b Fact);
 
 /// The facts of the id under the cursor that the decision at `bucket`
 /// reads: `present` at the bucket, and `later`, every arrival after it
@@ -868,7 +869,7 @@ struct Decider {
     /// one bound (the cut).
     received: VecDeque<(Option<Capability<Time>>, SpanOf<ImpressionSpine>)>,
     /// Progress received and not read yet, by time.
-    waiting: BTreeMap<Time, (Capability<Time>, Vec<KeyedFact>)>,
+    waiting: Waiting,
     /// Progress read and not retired, by id: what the arrangement would
     /// hold of it.
     watches: HashMap<ImpressionKey, Vec<HeldWatch>>,
@@ -893,12 +894,9 @@ struct HeldWatch {
     fact: Fact,
 }
 
-/// Progress taken off [`Decider::waiting`] to be read, sorted by id and
-/// time, with a capability at each of its times for late records.
-struct Waiting {
-    caps: BTreeMap<Time, Capability<Time>>,
-    facts: Vec<(ImpressionKey, Time, Fact)>,
-}
+/// Progress taken off [`Decider::waiting`] to be read: by time, with a
+/// capability at each time (for late records).
+type Waiting = BTreeMap<Time, (Capability<Time>, Vec<KeyedFact>)>;
 
 impl Decider {
     fn new(config: &PipelineConfig, retirement: Retirement, probes: Arc<Probes>) -> Self {
@@ -926,20 +924,7 @@ impl Decider {
             Some(upper) => self.waiting.split_off(upper),
             None => BTreeMap::new(),
         };
-        let before = std::mem::replace(&mut self.waiting, after);
-        let mut waiting = Waiting {
-            caps: BTreeMap::new(),
-            facts: Vec::new(),
-        };
-        for (time, (cap, records)) in before {
-            let facts = records.into_iter().map(|(key, fact)| (key, time, fact));
-            waiting.facts.extend(facts);
-            waiting.caps.insert(time, cap);
-        }
-        waiting
-            .facts
-            .sort_by(|(a, a_time, _), (b, b_time, _)| (a, a_time).cmp(&(b, b_time)));
-        waiting
+        std::mem::replace(&mut self.waiting, after)
     }
 
     /// A fact of `key` arriving at `time`: late if its id was decided before
@@ -1000,16 +985,18 @@ impl Decider {
         None
     }
 
-    /// A qualifying progress record of `key` arriving at `time`: late if
-    /// its id was decided before it came, else held for the decision.
+    /// A qualifying progress record of `key` arriving at `time` (under
+    /// `cap`): late if its id was decided before it came, else held for
+    /// the decision.
     fn arrive_watch(
         &mut self,
-        (key, time, fact): (ImpressionKey, Time, Fact),
-        caps: &BTreeMap<Time, Capability<Time>>,
+        (key, fact): KeyedFact,
+        time: Time,
+        cap: &Capability<Time>,
         emit: &mut impl FnMut(&Capability<Time>, Time, BillingEvent),
     ) {
         if let Some(late) = self.late_if_decided(&key, time, &fact) {
-            emit(&caps[&time], time, BillingEvent::Late(late));
+            emit(cap, time, BillingEvent::Late(late));
             return;
         }
         let leaves = self.retirement.leaves(&fact);
@@ -1026,53 +1013,48 @@ impl Decider {
     }
 
     /// Every arrival through a read span: the impressions of its batch
-    /// (`cursor` over it, times before `least` read as `least`) and the
-    /// `waiting` progress before its upper bound. Each id's arrivals in
-    /// time order, an impression first at equal times, as one arrangement
-    /// of both would hand them over; `emit` gets the late ones.
-    fn arrive_batch<C>(
+    /// (`cursor` over it, times before `least` read as `least`), if any,
+    /// and the `waiting` progress before its upper bound. In time order
+    /// (impressions first at equal times, whose order does not matter), as
+    /// one arrangement of both would hand them over: a late arrival extends
+    /// its id's tombstone, which decides whether a later one is late.
+    /// `emit` gets the late ones.
+    fn arrive_span<C>(
         &mut self,
-        (cursor, batch, least, cap): (&mut C, &C::Storage, Time, &Capability<Time>),
+        batch: Option<(&mut C, &C::Storage, Time, &Capability<Time>)>,
         waiting: Waiting,
         mut emit: impl FnMut(&Capability<Time>, Time, BillingEvent),
     ) where
         C: FactCursor,
     {
-        let Waiting { caps, facts } = waiting;
-        let mut watches = facts.into_iter().peekable();
-        let mut arrived = Vec::new();
-        while let Some(key) = cursor.get_key(batch) {
-            while let Some(watch) = watches.next_if(|(id, _, _)| id < key) {
-                self.arrive_watch(watch, &caps, &mut emit);
+        let (impressions, cap) = match batch {
+            Some((cursor, storage, least, cap)) => (arrivals(cursor, storage, least), Some(cap)),
+            None => (Vec::new(), None),
+        };
+        let mut impressions = impressions.into_iter().peekable();
+        for (time, (watch_cap, watches)) in waiting {
+            while let Some(impression) = impressions.next_if(|&(at, _, _)| at <= time) {
+                self.arrive_impression(impression, cap, &mut emit);
             }
-            arrivals(cursor, batch, least, &mut arrived);
-            for &(time, fact) in &arrived {
-                while let Some(watch) = watches.next_if(|(id, at, _)| id == key && *at < time) {
-                    self.arrive_watch(watch, &caps, &mut emit);
-                }
-                if let Some(late) = self.arrive(key, time, fact, cap) {
-                    emit(cap, time, BillingEvent::Late(late));
-                }
+            for watch in watches {
+                self.arrive_watch(watch, time, &watch_cap, &mut emit);
             }
-            while let Some(watch) = watches.next_if(|(id, _, _)| id == key) {
-                self.arrive_watch(watch, &caps, &mut emit);
-            }
-            cursor.step_key(batch);
         }
-        for watch in watches {
-            self.arrive_watch(watch, &caps, &mut emit);
+        for impression in impressions {
+            self.arrive_impression(impression, cap, &mut emit);
         }
     }
 
-    /// The `waiting` progress of a span without impressions.
-    fn arrive_progress(
+    /// [`Decider::arrive`] for an arrival read from a batch under `cap`.
+    fn arrive_impression(
         &mut self,
-        waiting: Waiting,
-        mut emit: impl FnMut(&Capability<Time>, Time, BillingEvent),
+        (time, key, fact): Arrival<'_>,
+        cap: Option<&Capability<Time>>,
+        emit: &mut impl FnMut(&Capability<Time>, Time, BillingEvent),
     ) {
-        let Waiting { caps, facts } = waiting;
-        for watch in facts {
-            self.arrive_watch(watch, &caps, &mut emit);
+        let cap = cap.expect("impressions come with their batch's capability");
+        if let Some(late) = self.arrive(key, time, fact, cap) {
+            emit(cap, time, BillingEvent::Late(late));
         }
     }
 
