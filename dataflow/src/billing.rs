@@ -719,7 +719,8 @@ const RETIRE_SLICE_FACTS: usize = 16 * 1024;
 /// Exactness is kept by making the slices indistinguishable from one long
 /// invocation: `cap` holds the bucket, so nothing downstream sees it pass
 /// before its last outcome; no input is read until the backlog is done, so
-/// `seen_upper` (the facts the decisions read) does not move; and the
+/// `seen_upper` and the held progress (the facts the decisions read) do
+/// not move; and the
 /// trace's logical compaction stays at or before `bucket`, so the
 /// accumulations read at the bucket stay what they were.
 struct Backlog {
@@ -1210,8 +1211,8 @@ impl Decider {
         Some(BillingEvent::Final(outcome)).into_iter().chain(late)
     }
 
-    /// Forgets tombstones once the frontier `passed` their expiry (every
-    /// fact they stood for left the arrangement before).
+    /// Forgets tombstones once the cut has `passed` their expiry (every
+    /// fact they stood for was let go before).
     fn forget_expired(&mut self, passed: impl Fn(&Time) -> bool) {
         while let Some(entry) = self.expiring.first_entry() {
             let expiry = *entry.key();
