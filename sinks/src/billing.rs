@@ -340,12 +340,13 @@ impl BillingSink {
         recorded: &Recorded<'_>,
     ) -> Result<(), SinkError> {
         let policy = &self.periods.policy;
+        let mut recorder = commit.late_recorder()?;
         for late in &self.late {
-            commit.record_late(late, policy.period_start(late.ts))?;
+            recorder.record(late, policy.period_start(late.ts))?;
         }
         for late in &recorded.already_final {
             if !commit.is_replay(late)? {
-                commit.record_late(late, policy.period_start(late.ts))?;
+                recorder.record(late, policy.period_start(late.ts))?;
             }
         }
         Ok(())

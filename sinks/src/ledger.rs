@@ -399,26 +399,16 @@ impl Commit<'_> {
             .map(|n| n > 0)
     }
 
-    /// Records a late record for reconciliation, in the period of its own
-    /// `ts`. Keyed by its input position: the same record read again after
-    /// a restart is not counted twice (the first reason stands).
-    pub fn record_late(&self, late: &LateRecord, period_start: u64) -> rusqlite::Result<()> {
-        self.tx
-            .prepare_cached(
+    /// The statement that records late records, prepared once for all of a
+    /// commit's.
+    pub fn late_recorder(&self) -> rusqlite::Result<LateRecorder<'_>> {
+        Ok(LateRecorder {
+            insert: self.tx.prepare_cached(
                 "INSERT OR IGNORE INTO late (partition, record_offset, reason, kind,
                      impression_id, ts, period_start)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![
-                late.position.partition as i64,
-                late.position.offset as i64,
-                late.reason.code(),
-                late.kind.code(),
-                late.impression_id.as_str(),
-                late.ts as i64,
-                period_start as i64,
-            ])?;
-        Ok(())
+            )?,
+        })
     }
 
     /// The file covering the period starting at `period_start`, if one was
@@ -513,6 +503,29 @@ impl Finalizer<'_> {
             imp.position.offset as i64,
         ])?;
         Ok(inserted == 1)
+    }
+}
+
+/// Records late records in a [`Commit`].
+pub struct LateRecorder<'c> {
+    insert: CachedStatement<'c>,
+}
+
+impl LateRecorder<'_> {
+    /// Records a late record for reconciliation, in the period of its own
+    /// `ts`. Keyed by its input position: the same record read again after
+    /// a restart is not counted twice (the first reason stands).
+    pub fn record(&mut self, late: &LateRecord, period_start: u64) -> rusqlite::Result<()> {
+        self.insert.execute(params![
+            late.position.partition as i64,
+            late.position.offset as i64,
+            late.reason.code(),
+            late.kind.code(),
+            late.impression_id.as_str(),
+            late.ts as i64,
+            period_start as i64,
+        ])?;
+        Ok(())
     }
 }
 
