@@ -205,8 +205,12 @@ impl Ledger {
         // of a large run read their leaf page back from the OS first.
         // Pages are only taken as the ledger grows.
         conn.pragma_update(None, "cache_size", -LEDGER_CACHE_KIB)?;
-        conn.execute_batch(SCHEMA)?;
-        migrate(&conn)?;
+        // One transaction: a new ledger's schema is one commit (one fsync),
+        // not one per statement.
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(SCHEMA)?;
+        migrate(&tx)?;
+        tx.commit()?;
         Ok(Ledger { conn })
     }
 
@@ -323,20 +327,19 @@ impl Ledger {
     }
 }
 
-/// Applies the [`MIGRATIONS`] a ledger lacks, all in one transaction with
-/// the version bump: a crash leaves the old schema or the new one.
+/// Applies the [`MIGRATIONS`] a ledger lacks and bumps its version, inside
+/// the caller's transaction (the one that creates the schema): a crash
+/// leaves the old schema or the new one.
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     if version >= SCHEMA_VERSION {
         return Ok(());
     }
-    let tx = conn.unchecked_transaction()?;
     for migration in &MIGRATIONS[version.max(0) as usize..] {
-        tx.execute_batch(migration)?;
+        conn.execute_batch(migration)?;
     }
     // PRAGMA takes no parameters; the value is our own constant.
-    tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
-    tx.commit()
+    conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
 }
 
 /// Creates the ledger file empty (a valid new database) and private before
