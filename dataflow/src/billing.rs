@@ -70,6 +70,7 @@ use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Capability, Concat};
 use timely::dataflow::StreamVec;
 use timely::order::PartialOrder;
+use timely::progress::frontier::AntichainRef;
 use timely::progress::Antichain;
 
 use foldhash::{HashMap, HashMapExt};
@@ -617,43 +618,13 @@ fn decide<'s>(
                                 waiting.append(batch);
                             }
                         });
-                        // A span is read once every progress record before
-                        // its upper bound is in: the cut moves for both.
-                        while let Some((_, span)) = decider.received.front() {
-                            if !PartialOrder::less_equal(
-                                &span.upper().borrow(),
-                                &progress_frontier.frontier(),
-                            ) {
-                                break;
-                            }
-                            let (cap, span) = decider.received.pop_front().expect("a front");
-                            decider.seen_upper.clone_from(span.upper());
-                            let waiting = decider.waiting_before(span.upper());
-                            let emit = |cap: &Capability<Time>, time: Time, late| {
-                                output.session(&cap.delayed(&time)).give(late)
-                            };
-                            if let (Some(batch), Some(cap)) = (span.inner, cap) {
-                                let mut cursor = batch.cursor();
-                                let least = *cap.time();
-                                let batch = (&mut cursor, &batch, least, &cap);
-                                decider.arrive_span(Some(batch), waiting, emit);
-                            } else {
-                                decider.arrive_span::<SpanCursor>(None, waiting, emit);
-                            }
-                        }
-                        let ended = arranged_frontier.is_empty()
-                            && progress_frontier.is_empty()
-                            && decider.received.is_empty();
-                        if ended {
-                            // Nothing else comes: every bucket is passed.
-                            let waiting = decider.waiting_before(&Antichain::new());
-                            decider.arrive_span::<SpanCursor>(None, waiting, |cap, time, late| {
-                                output.session(&cap.delayed(&time)).give(late)
-                            });
-                            decider.cut = Antichain::new();
-                        } else {
-                            decider.cut.clone_from(&decider.seen_upper);
-                        }
+                        let inputs_ended =
+                            arranged_frontier.is_empty() && progress_frontier.is_empty();
+                        decider.read_through(
+                            progress_frontier.frontier(),
+                            inputs_ended,
+                            |cap, time, late| output.session(&cap.delayed(&time)).give(late),
+                        );
                     }
                     if decider.backlog.is_none() {
                         let cut = decider.cut.clone();
@@ -916,6 +887,44 @@ impl Decider {
             seen_upper: Antichain::from_elem(0),
             cut: Antichain::from_elem(0),
             backlog: None,
+        }
+    }
+
+    /// Reads the received spans whose upper bound the progress input has
+    /// passed (`progress_frontier`: every progress record before it is in),
+    /// each with the waiting progress before it, and moves the cut there.
+    /// Once both inputs have ended and every span is read, the rest of the
+    /// progress is read too and the cut passes every bucket. `emit` gets
+    /// the late records.
+    fn read_through(
+        &mut self,
+        progress_frontier: AntichainRef<'_, Time>,
+        inputs_ended: bool,
+        mut emit: impl FnMut(&Capability<Time>, Time, BillingEvent),
+    ) {
+        while let Some((_, span)) = self.received.front() {
+            if !PartialOrder::less_equal(&span.upper().borrow(), &progress_frontier) {
+                break;
+            }
+            let (cap, span) = self.received.pop_front().expect("a front");
+            self.seen_upper.clone_from(span.upper());
+            let waiting = self.waiting_before(span.upper());
+            if let (Some(batch), Some(cap)) = (span.inner, cap) {
+                let mut cursor = batch.cursor();
+                let least = *cap.time();
+                let batch = (&mut cursor, &batch, least, &cap);
+                self.arrive_span(Some(batch), waiting, &mut emit);
+            } else {
+                self.arrive_span::<SpanCursor>(None, waiting, &mut emit);
+            }
+        }
+        if inputs_ended && self.received.is_empty() {
+            // Nothing else comes: every bucket is passed.
+            let waiting = self.waiting_before(&Antichain::new());
+            self.arrive_span::<SpanCursor>(None, waiting, &mut emit);
+            self.cut = Antichain::new();
+        } else {
+            self.cut.clone_from(&self.seen_upper);
         }
     }
 
