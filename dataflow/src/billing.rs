@@ -1071,12 +1071,8 @@ impl Decider {
     /// Lets go of held progress once the cut has `reached` the time it
     /// leaves.
     fn retire_progress(&mut self, reached: impl Fn(&Time) -> bool) {
-        while let Some(entry) = self.watches_leaving.first_entry() {
-            let leaves = *entry.key();
-            if !reached(&leaves) {
-                break;
-            }
-            for key in entry.remove() {
+        while let Some((leaves, keys)) = pop_reached(&mut self.watches_leaving, &reached) {
+            for key in keys {
                 if let Some(held) = self.watches.get_mut(&key) {
                     held.retain(|watch| watch.leaves > leaves);
                     if held.is_empty() {
@@ -1090,12 +1086,7 @@ impl Decider {
     /// The next bucket the cut has `passed`, with its capability and
     /// its ids not decided yet (each once).
     fn next_due(&mut self, passed: impl Fn(&Time) -> bool) -> Option<Backlog> {
-        while let Some(entry) = self.due.first_entry() {
-            let bucket = *entry.key();
-            if !passed(&bucket) {
-                return None;
-            }
-            let (cap, mut keys) = entry.remove();
+        while let Some((bucket, (cap, mut keys))) = pop_reached(&mut self.due, &passed) {
             keys.sort_unstable();
             keys.dedup();
             // A tombstone that expired by the bucket no longer stands,
@@ -1223,12 +1214,8 @@ impl Decider {
     /// Forgets tombstones once the cut has `passed` their expiry (every
     /// fact they stood for was let go before).
     fn forget_expired(&mut self, passed: impl Fn(&Time) -> bool) {
-        while let Some(entry) = self.expiring.first_entry() {
-            let expiry = *entry.key();
-            if !passed(&expiry) {
-                break;
-            }
-            for key in entry.remove() {
+        while let Some((expiry, keys)) = pop_reached(&mut self.expiring, &passed) {
+            for key in keys {
                 if self
                     .decided
                     .get(&key)
@@ -1239,6 +1226,15 @@ impl Decider {
             }
         }
     }
+}
+
+/// Removes the first entry of `by_time` if the cut has `reached` its time.
+fn pop_reached<V>(
+    by_time: &mut BTreeMap<Time, V>,
+    reached: impl Fn(&Time) -> bool,
+) -> Option<(Time, V)> {
+    let entry = by_time.first_entry()?;
+    reached(entry.key()).then(|| entry.remove_entry())
 }
 
 /// The pure rule of the module docs, for the facts of one impression id
