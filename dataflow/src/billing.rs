@@ -691,9 +691,8 @@ const RETIRE_SLICE_FACTS: usize = 16 * 1024;
 /// invocation: `cap` holds the bucket, so nothing downstream sees it pass
 /// before its last outcome; no input is read until the backlog is done, so
 /// `seen_upper` and the held progress (the facts the decisions read) do
-/// not move; and the
-/// trace's logical compaction stays at or before `bucket`, so the
-/// accumulations read at the bucket stay what they were.
+/// not move; and the trace's logical compaction stays at or before
+/// `bucket`, so the accumulations read at the bucket stay what they were.
 struct Backlog {
     cap: Capability<Time>,
     ids: DueIds,
