@@ -674,8 +674,6 @@ fn decide<'s>(
 /// `(key, value)` updates.
 type ImpressionBatcher = ValBatcher<ImpressionKey, Fact, Time, isize>;
 type ImpressionSpine = ValSpine<ImpressionKey, Fact, Time, isize>;
-/// A cursor over one of its batches.
-type SpanCursor = <<ImpressionSpine as TraceReader>::Batch as Navigable>::Cursor;
 
 /// At most this many ids are settled per invocation of `DecideImpression`
 /// (and at most [`crate::turns::SLICE_TIME`]): a few microseconds each.
@@ -909,18 +907,16 @@ impl Decider {
             self.seen_upper.clone_from(span.upper());
             let waiting = self.waiting_before(span.upper());
             if let (Some(batch), Some(cap)) = (span.inner, cap) {
-                let mut cursor = batch.cursor();
-                let least = *cap.time();
-                let batch = (&mut cursor, &batch, least, &cap);
-                self.arrive_span(Some(batch), waiting, &mut emit);
+                let impressions = arrivals(&mut batch.cursor(), &batch, *cap.time());
+                self.arrive_span(Some((impressions, &cap)), waiting, &mut emit);
             } else {
-                self.arrive_span::<SpanCursor>(None, waiting, &mut emit);
+                self.arrive_span(None, waiting, &mut emit);
             }
         }
         if inputs_ended && self.received.is_empty() {
             // Nothing else comes: every bucket is passed.
             let waiting = self.waiting_before(&Antichain::new());
-            self.arrive_span::<SpanCursor>(None, waiting, &mut emit);
+            self.arrive_span(None, waiting, &mut emit);
             self.cut = Antichain::new();
         } else {
             self.cut.clone_from(&self.seen_upper);
@@ -1022,24 +1018,19 @@ impl Decider {
     }
 
     /// Every arrival through a read span: the impressions of its batch
-    /// (`cursor` over it, times before `least` read as `least`), if any,
-    /// and the `waiting` progress before its upper bound. In time order
-    /// (impressions first at equal times, whose order does not matter), as
-    /// one arrangement of both would hand them over: a late arrival extends
-    /// its id's tombstone, which decides whether a later one is late.
-    /// `emit` gets the late ones.
-    fn arrive_span<C>(
+    /// (with the batch's capability), if any, and the `waiting` progress
+    /// before its upper bound. In time order (impressions first at equal
+    /// times, whose order does not matter), as one arrangement of both
+    /// would hand them over: a late arrival extends its id's tombstone,
+    /// which decides whether a later one is late. `emit` gets the late ones.
+    fn arrive_span(
         &mut self,
-        batch: Option<(&mut C, &C::Storage, Time, &Capability<Time>)>,
+        batch: Option<(Vec<Arrival<'_>>, &Capability<Time>)>,
         waiting: Waiting,
         mut emit: impl FnMut(&Capability<Time>, Time, BillingEvent),
-    ) where
-        C: FactCursor,
-    {
-        let (impressions, cap) = match batch {
-            Some((cursor, storage, least, cap)) => (arrivals(cursor, storage, least), Some(cap)),
-            None => (Vec::new(), None),
-        };
+    ) {
+        let (impressions, cap) =
+            batch.map_or((Vec::new(), None), |(arrived, cap)| (arrived, Some(cap)));
         let mut impressions = impressions.into_iter().peekable();
         for (time, (watch_cap, watches)) in waiting {
             while let Some(impression) = impressions.next_if(|&(at, _, _)| at <= time) {
