@@ -1,10 +1,13 @@
 //! Billing sink: final outcomes into the ledger, period files out of it.
 //!
 //! All billing output is written by one worker (worker 0, in process 0 of a
-//! cluster), so files do not depend on the number of workers or processes. Outcomes arrive already final; the sink
-//! commits them to the [`Ledger`] and, once its input frontier shows that a
-//! whole period is final, renders the period's file from the billed rows it
-//! committed (kept in memory until then, read back from the ledger at open):
+//! cluster), so files do not depend on the number of workers or processes.
+//! Outcomes arrive already final; the sink commits them to the [`Ledger`]
+//! and, once its input frontier shows that a whole period is final, renders
+//! the period's file from the billed rows it committed (kept in memory until
+//! then, read back from the ledger at open). The files are written by a
+//! thread of their own and recorded in the ledger by a later commit, once
+//! they are in place ([`crate::period_files`]):
 //!
 //! ```text
 //! OUT/billing/billable-<start_ms>-<end_ms>.csv        the rows, sorted by impression_id
@@ -32,22 +35,22 @@ use livepipe_dataflow::policy::{BillingPolicy, Coverage};
 use livepipe_dataflow::resume::{Checkpoint, Checkpoints};
 use livepipe_dataflow::time::{wall_clock_ms, Time};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::builder_rc::OperatorBuilder;
 use timely::dataflow::StreamVec;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::fsutil::{create_private_dir, sync_dir, StagedFiles, TEMP_PREFIX};
+use crate::fsutil::{create_private_dir, TEMP_PREFIX};
 use crate::ledger::{
-    sort_rows, BilledRow, Commit, FileRecord, Ledger, ResumePosition, RowsByPeriod, LEDGER_FILE,
+    sort_rows, BilledRow, Commit, Ledger, ResumePosition, RowsByPeriod, LEDGER_FILE,
 };
+use crate::period_files::{PeriodFile, PeriodFiles};
 use crate::side::SideOutputs;
 
 pub const CSV_HEADER: &str = "impression_id,ad_id,campaign_id,advertiser_id,stream_id,viewer_id,impression_ts,qualified_ts,price_micros";
@@ -132,7 +135,9 @@ impl BillingStats {
 
 pub struct BillingSink {
     ledger: Ledger,
-    periods: PeriodWriter,
+    policy: BillingPolicy,
+    /// Writes the files of final periods, which a later commit records.
+    files: PeriodFiles,
     side: Arc<SideOutputs>,
     /// Source name per partition, for `late.jsonl`.
     sources: Vec<Arc<str>>,
@@ -152,13 +157,6 @@ pub struct BillingSink {
     /// Set when the job stops: a commit in progress is abandoned (see
     /// [`SinkThread`]).
     stop: Arc<AtomicBool>,
-}
-
-/// Renders and writes period files; the part of the sink that needs the
-/// period rules but not the ledger connection itself.
-struct PeriodWriter {
-    billing_dir: PathBuf,
-    policy: BillingPolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -199,10 +197,8 @@ impl BillingSink {
         let stats = Arc::<BillingStats>::default();
         Ok(BillingSink {
             ledger,
-            periods: PeriodWriter {
-                billing_dir,
-                policy: BillingPolicy::new(&config),
-            },
+            policy: BillingPolicy::new(&config),
+            files: PeriodFiles::new(billing_dir),
             side,
             sources,
             buffered: Vec::new(),
@@ -252,23 +248,40 @@ impl BillingSink {
         Ok(())
     }
 
-    /// Commits buffered outcomes and writes every period that `frontier`
-    /// (the sink's input frontier; `None` once the input is exhausted) shows
-    /// to be final, all in one ledger transaction.
+    /// Commits buffered outcomes, the files written since the last commit
+    /// and the positions now safe, in one ledger transaction, then hands the
+    /// writer the files of every period that `frontier` (the sink's input
+    /// frontier; `None` once the input is exhausted) shows to be final. At
+    /// the end of the input it waits for them and records them too.
     pub fn advance(&mut self, frontier: Option<Time>) -> Result<(), SinkError> {
         self.stats
             .frontier_ms
             .store(frontier.unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.commit(frontier)?;
+        if frontier.is_none() {
+            self.files.wait_installed()?;
+            self.commit(frontier)?;
+        }
+        Ok(())
+    }
+
+    /// One ledger transaction (see [`BillingSink::advance`]).
+    fn commit(&mut self, frontier: Option<Time>) -> Result<(), SinkError> {
         // Most frontier moves finalize nothing: skip the transaction (and its
-        // fsync) unless there are outcomes to record, a period to write, or
-        // positions to move on: sources move on while nothing is final (a
-        // quiet topic, periods without impressions).
-        let period_due = self.coverage.due(&self.periods.policy, frontier).is_some();
-        let safe = self
-            .checkpoints
-            .safe(self.periods.policy.resume_bound(frontier));
+        // fsync) unless there are outcomes to record, a period to write,
+        // written files to record, or positions to move on: sources move on
+        // while nothing is final (a quiet topic, periods without
+        // impressions).
+        let period_due = self.coverage.due(&self.policy, frontier).is_some();
+        let safe = self.checkpoints.safe(self.policy.resume_bound(frontier));
         let positions_moved = !self.checkpoints.holds(&safe);
-        if self.buffered.is_empty() && self.late.is_empty() && !period_due && !positions_moved {
+        let written = self.files.installed().len();
+        if self.buffered.is_empty()
+            && self.late.is_empty()
+            && !period_due
+            && !positions_moved
+            && written == 0
+        {
             self.side.flush()?;
             return Ok(());
         }
@@ -279,8 +292,10 @@ impl BillingSink {
         let mut recorded = self.record_outcomes(&commit, &mut coverage)?;
         self.record_late_in_ledger(&commit, &recorded)?;
         tracing::debug!(?frontier, ?coverage, "billing commit");
-        let files =
-            self.write_final_files(&commit, &mut coverage, frontier, &recorded.billed_rows)?;
+        for file in &self.files.reported()[..written] {
+            commit.record_file(file)?;
+        }
+        let final_files = self.final_files(&mut coverage, frontier, &recorded.billed_rows);
         self.record_positions(&commit, &safe)?;
         // Side lines go out, and every rejected line so far is flushed,
         // before the commit: a crash right after it then loses none (the
@@ -306,7 +321,7 @@ impl BillingSink {
         stats
             .expired
             .fetch_add(recorded.expired.len() as u64, Ordering::Relaxed);
-        stats.files.fetch_add(files, Ordering::Relaxed);
+        stats.files.fetch_add(written as u64, Ordering::Relaxed);
         let again = recorded.already_final.len() as u64;
         stats
             .duplicates
@@ -316,7 +331,9 @@ impl BillingSink {
         self.keep_unwritten(billed_rows);
         self.buffered.clear();
         self.late.clear();
-        Ok(())
+        self.files.recorded(written);
+        let stop = self.stop.clone();
+        self.files.write(final_files, &self.stats, &stop)
     }
 
     /// After a commit: adds its billed rows to those waiting for a file,
@@ -339,7 +356,7 @@ impl BillingSink {
         commit: &Commit<'_>,
         recorded: &Recorded<'_>,
     ) -> Result<(), SinkError> {
-        let policy = &self.periods.policy;
+        let policy = &self.policy;
         let mut recorder = commit.late_recorder()?;
         for late in &self.late {
             recorder.record(late, policy.period_start(late.ts))?;
@@ -372,7 +389,7 @@ impl BillingSink {
                 // Dropping `commit` rolls the transaction back.
                 return Err(SinkError::Stopped);
             }
-            let period = self.periods.policy.period_start(outcome.impression.ts);
+            let period = self.policy.period_start(outcome.impression.ts);
             recorded.duplicates += u64::from(outcome.duplicates);
             if coverage.covers(period) || !finalizer.finalize(outcome, period)? {
                 // Already final (state retired long ago, or a replay), or
@@ -394,48 +411,34 @@ impl BillingSink {
         Ok(recorded)
     }
 
-    /// Writes the files [`Coverage`] says are due at `frontier` and records
-    /// them in `commit`. Returns how many. A period's rows are those
+    /// The files [`Coverage`] says are due at `frontier`, to be written once
+    /// the commit that holds their rows is. A period's rows are those
     /// committed before ([`BillingSink::unwritten`]) and this commit's
     /// (`billed`); the next billable period is one map seek away, so a
-    /// commit's work follows the files it writes, not the number of
+    /// commit's work follows the files it finalizes, not the number of
     /// periods it passes.
-    fn write_final_files(
+    fn final_files(
         &self,
-        commit: &Commit<'_>,
         coverage: &mut Coverage,
         frontier: Option<Time>,
         billed: &RowsByPeriod,
-    ) -> Result<u64, SinkError> {
-        let mut files = 0;
-        let mut staged = StagedFiles::default();
-        while let Some(due) = coverage.due(&self.periods.policy, frontier) {
-            if staged.len() >= MAX_STAGED_FILES {
-                std::mem::take(&mut staged).install()?;
-            }
-            if self.stop.load(Ordering::Relaxed) {
-                // Abandon: dropping `commit` rolls the transaction back, so
-                // none of this attempt counts. Files it already renamed into
-                // place are not in the ledger; the next run on the same input
-                // writes them again, over themselves, with the same bytes
-                // (they are rendered from final outcomes, a function of the
-                // input, and a run ends where the next billable period
-                // starts), so that is safe, and a reader who saw one was not
-                // misled.
-                return Err(SinkError::Stopped);
-            }
+    ) -> Vec<PeriodFile> {
+        let mut files = Vec::new();
+        while let Some(due) = coverage.due(&self.policy, frontier) {
             let first_from = |rows: &RowsByPeriod| rows.range(due..).next().map(|(&p, _)| p);
             let next_billed = match (first_from(&self.unwritten), first_from(billed)) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            let Some(next) = coverage.take_files(&self.periods.policy, next_billed, frontier)
-            else {
+            let Some(next) = coverage.take_files(&self.policy, next_billed, frontier) else {
                 break;
             };
             if let Some((start, end)) = next.empty_run {
-                self.periods.write(commit, &mut staged, start, end, &[])?;
-                files += 1;
+                files.push(PeriodFile {
+                    start,
+                    end,
+                    rows: Vec::new(),
+                });
             }
             if let Some((start, end)) = next.billed {
                 let mut rows: Vec<BilledRow> = [&self.unwritten, billed]
@@ -445,15 +448,10 @@ impl BillingSink {
                     .cloned()
                     .collect();
                 sort_rows(&mut rows);
-                self.periods.write(commit, &mut staged, start, end, &rows)?;
-                files += 1;
+                files.push(PeriodFile { start, end, rows });
             }
         }
-        staged.install()?;
-        if files > 0 {
-            sync_dir(&self.periods.billing_dir)?;
-        }
-        Ok(files)
+        files
     }
 
     /// Records in `commit` the resume positions that are `safe` (at the
@@ -492,49 +490,6 @@ fn source_name(sources: &[Arc<str>], partition: u32) -> &str {
     sources
         .get(partition as usize)
         .map_or("unknown", |name| name)
-}
-
-impl PeriodWriter {
-    /// Stages the file covering `[start, end)` (one period and its billed
-    /// rows, or a run of periods without any: no rows), then its marker.
-    fn write(
-        &self,
-        commit: &Commit<'_>,
-        staged: &mut StagedFiles,
-        start: u64,
-        end: u64,
-        rows: &[BilledRow],
-    ) -> Result<(), SinkError> {
-        let (csv, total_price_micros) = render_csv(rows)?;
-        let name = format!("billable-{start}-{end}.csv");
-        let sha256 = hex::encode(Sha256::digest(&csv));
-        staged.stage(&self.billing_dir.join(&name), &csv)?;
-        let marker = Marker {
-            file: name.clone(),
-            period_start_ms: start,
-            period_end_ms: end,
-            rows: rows.len() as u64,
-            total_price_micros,
-            sha256: sha256.clone(),
-            campaigns: campaign_totals(rows),
-        };
-        let mut marker_bytes = serde_json::to_vec_pretty(&marker).map_err(std::io::Error::from)?;
-        marker_bytes.push(b'\n');
-        staged.stage(
-            &self.billing_dir.join(format!("{name}.done")),
-            &marker_bytes,
-        )?;
-        commit.record_file(&FileRecord {
-            name,
-            period_start: start,
-            period_end: end,
-            rows: rows.len() as u64,
-            total_price_micros,
-            sha256,
-            written_at_ms: wall_clock_ms(),
-        })?;
-        Ok(())
-    }
 }
 
 /// The exact bytes of a period file: header, rows, `\n` line ends, fields
@@ -584,26 +539,23 @@ pub struct SinkInput {
 /// The dataflow never waits for the disk: worker 0 hands over final
 /// outcomes and frontier moves and goes on (it also runs the live path).
 /// The thread commits them in order, at most once per
-/// [`MIN_COMMIT_INTERVAL`] until the input ends; when a commit fails (disk
-/// full, a directory that refuses writes) it says so in [`BillingStats`]
-/// and tries the same commit again, with backoff, until it succeeds or the
-/// job stops.
-/// Nothing changes outside a transaction that failed, so catching up bills
-/// exactly once. While stalled, final outcomes queue in memory.
+/// [`MIN_COMMIT_INTERVAL`] until the input ends, and hands the files they
+/// complete to the period files' writer ([`crate::period_files`]); when a
+/// commit or a file fails (disk full, a directory that refuses writes) it
+/// says so in [`BillingStats`] and tries again, with backoff, until it
+/// succeeds or the job stops. Nothing changes outside a transaction that
+/// failed, and a file is recorded only once it is in place, so catching up
+/// bills exactly once. While stalled, final outcomes queue in memory.
 ///
 /// Once `stop` is set the thread ends after at most the transaction in
 /// progress, without draining what is queued: it looks at `stop` between
-/// messages, and a commit abandons (rolls back) when it sees it between two
-/// period files or every few thousand outcomes. Nothing uncommitted counts;
-/// a restart resumes from the committed positions.
+/// messages, a commit abandons (rolls back) when it sees it every few
+/// thousand outcomes, and the writer between two files; the files already
+/// in place are recorded. Nothing uncommitted counts; a restart resumes
+/// from the committed positions.
 pub struct SinkThread {
     thread: std::thread::JoinHandle<()>,
 }
-
-/// Period files (and markers) written before they are made durable and
-/// renamed into place together: bounds the open descriptors of a commit
-/// that completes many periods at once.
-const MAX_STAGED_FILES: usize = 128;
 
 /// Least time from one commit to the next, unless the input has ended.
 ///
@@ -634,69 +586,8 @@ impl SinkThread {
             .name("billing-sink".into())
             .spawn(move || {
                 let _on_end = scopeguard::guard((), |()| on_end());
-                // The frontier waiting for its commit, and when the last
-                // commit started. Everything waiting is taken at once: after
-                // a stall, or between two commits, the backlog is committed
-                // in one transaction, not one per frontier move.
-                let mut due: Option<Option<Time>> = None;
-                let mut last_commit: Option<Instant> = None;
-                loop {
-                    let next_commit = last_commit.map(|at| at + MIN_COMMIT_INTERVAL);
-                    let first = match (due, next_commit) {
-                        (Some(_), Some(at)) => match receiver
-                            .recv_timeout(at.saturating_duration_since(Instant::now()))
-                        {
-                            Ok(message) => Some(message),
-                            Err(mpsc::RecvTimeoutError::Timeout) => None,
-                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                        },
-                        _ => match receiver.recv() {
-                            Ok(message) => Some(message),
-                            Err(_) => break,
-                        },
-                    };
-                    for message in first.into_iter().chain(receiver.try_iter()) {
-                        if stop.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        match message {
-                            SinkMessage::Events(events) => {
-                                for event in events {
-                                    if sink.accept(event).is_err() {
-                                        return;
-                                    }
-                                }
-                            }
-                            SinkMessage::Checkpoints(checkpoints) => {
-                                for (partition, checkpoint) in checkpoints {
-                                    sink.checkpoints.record(partition, checkpoint);
-                                }
-                            }
-                            SinkMessage::Frontier(moved) => due = Some(moved),
-                        }
-                    }
-                    let Some(frontier) = due else { continue };
-                    // The end of the input is committed at once; other moves
-                    // wait for the interval since the last commit.
-                    let waited = next_commit.is_none_or(|at| Instant::now() >= at);
-                    if frontier.is_some() && !waited {
-                        continue;
-                    }
-                    last_commit = Some(Instant::now());
-                    due = None;
-                    if stop.load(Ordering::Relaxed)
-                        || !sink.retry(&stop, |sink| sink.advance(frontier))
-                    {
-                        return;
-                    }
-                }
-                // The dataflow is gone (its last move, the end of the input,
-                // is committed above); a move still waiting gets its commit.
-                if let Some(frontier) = due {
-                    if !stop.load(Ordering::Relaxed) {
-                        sink.retry(&stop, |sink| sink.advance(frontier));
-                    }
-                }
+                run(&mut sink, &receiver, &stop);
+                sink.record_files_left();
             })
             .expect("spawning the billing sink thread");
         (SinkInput { sender }, SinkThread { thread })
@@ -709,56 +600,187 @@ impl SinkThread {
     }
 }
 
+/// The sink thread's work until the dataflow is gone or the job stops:
+/// messages in order, a commit per frontier move at most once per
+/// [`MIN_COMMIT_INTERVAL`], and one when files were written since the last.
+fn run(sink: &mut BillingSink, receiver: &mpsc::Receiver<SinkMessage>, stop: &AtomicBool) {
+    // The frontier waiting for its commit, the last one committed, and when
+    // the last commit started. Everything waiting is taken at once: after a
+    // stall, or between two commits, the backlog is committed in one
+    // transaction, not one per frontier move.
+    let mut due: Option<Option<Time>> = None;
+    let mut committed: Option<Option<Time>> = None;
+    let mut last_commit: Option<Instant> = None;
+    loop {
+        let next_commit = last_commit.map(|at| at + MIN_COMMIT_INTERVAL);
+        let wait = match (due, next_commit) {
+            (Some(_), Some(at)) => Some(at.saturating_duration_since(Instant::now())),
+            // Files are being written: look again for some to record.
+            _ if sink.files.pending() => Some(MIN_COMMIT_INTERVAL),
+            _ => None,
+        };
+        let first = match wait {
+            Some(wait) => match receiver.recv_timeout(wait) {
+                Ok(message) => Some(message),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            },
+            None => match receiver.recv() {
+                Ok(message) => Some(message),
+                Err(_) => break,
+            },
+        };
+        for message in first.into_iter().chain(receiver.try_iter()) {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match message {
+                SinkMessage::Events(events) => {
+                    for event in events {
+                        if sink.accept(event).is_err() {
+                            return;
+                        }
+                    }
+                }
+                SinkMessage::Checkpoints(checkpoints) => {
+                    for (partition, checkpoint) in checkpoints {
+                        sink.checkpoints.record(partition, checkpoint);
+                    }
+                }
+                SinkMessage::Frontier(moved) => due = Some(moved),
+            }
+        }
+        // Written files are recorded by the next commit, also when no
+        // frontier moves (a quiet topic).
+        if due.is_none() && !sink.files.installed().is_empty() {
+            due = committed;
+        }
+        let Some(frontier) = due else { continue };
+        // The end of the input is committed at once; other moves wait for
+        // the interval since the last commit.
+        let waited = next_commit.is_none_or(|at| Instant::now() >= at);
+        if frontier.is_some() && !waited {
+            continue;
+        }
+        last_commit = Some(Instant::now());
+        committed = Some(frontier);
+        due = None;
+        if stop.load(Ordering::Relaxed) || !sink.retry(stop, |sink| sink.advance(frontier)) {
+            return;
+        }
+    }
+    // The dataflow is gone (its last move, the end of the input, is
+    // committed above); a move still waiting gets its commit.
+    if let Some(frontier) = due {
+        if !stop.load(Ordering::Relaxed) {
+            sink.retry(stop, |sink| sink.advance(frontier));
+        }
+    }
+}
+
 impl BillingSink {
-    /// Runs `attempt` until it succeeds, reporting the stall meanwhile.
-    /// False if the job was stopped first (or `attempt` gave up on it).
+    /// When the thread ends: waits for the files' writer (which gives up
+    /// between two files on a stop) and records the files it put in place,
+    /// so that a stopped job's ledger lists every file it left. Best effort:
+    /// a file not recorded is written again by the next run.
+    fn record_files_left(&mut self) {
+        self.files.finish();
+        if let Err(err) = self.record_written_files() {
+            tracing::warn!(
+                "billing files in place but not recorded ({err}); the next run writes them again"
+            );
+        }
+    }
+
+    /// Waits until every file handed to the writer is in place, and records
+    /// them. (A running sink records them with its next commit.)
+    pub fn wait_for_files(&mut self) -> Result<(), SinkError> {
+        self.files.wait_installed()?;
+        self.record_written_files()
+    }
+
+    /// Records the files the writer reported in place, in a transaction of
+    /// their own.
+    fn record_written_files(&mut self) -> Result<(), SinkError> {
+        let written = self.files.installed().len();
+        if written == 0 {
+            return Ok(());
+        }
+        let commit = self.ledger.begin()?;
+        for file in self.files.reported() {
+            commit.record_file(file)?;
+        }
+        commit.commit()?;
+        self.stats
+            .files
+            .fetch_add(written as u64, Ordering::Relaxed);
+        self.files.recorded(written);
+        Ok(())
+    }
+
+    /// Runs `attempt` until it succeeds ([`retry_until_done`]).
     fn retry(
         &mut self,
         stop: &AtomicBool,
         mut attempt: impl FnMut(&mut Self) -> Result<(), SinkError>,
     ) -> bool {
-        let mut pause = Duration::from_millis(100);
-        loop {
-            match attempt(self) {
-                Ok(()) => {
-                    if self
-                        .stats
+        let stats = self.stats.clone();
+        retry_until_done(&stats, stop, || attempt(self))
+    }
+}
+
+/// Runs `attempt` until it succeeds, reporting the stall in `stats`
+/// meanwhile. False if the job was stopped first (or `attempt` gave up on
+/// it). The ledger's commits and the period files' writer each retry on
+/// their own; each clears only a stall it reported.
+pub(crate) fn retry_until_done(
+    stats: &BillingStats,
+    stop: &AtomicBool,
+    mut attempt: impl FnMut() -> Result<(), SinkError>,
+) -> bool {
+    let mut pause = Duration::from_millis(100);
+    let mut stalled = false;
+    loop {
+        match attempt() {
+            Ok(()) => {
+                if stalled
+                    && stats
                         .stall
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .take()
                         .is_some()
-                    {
-                        tracing::info!("billing output writable again: caught up");
-                    }
-                    return true;
+                {
+                    tracing::info!("billing output writable again: caught up");
                 }
-                Err(SinkError::Stopped) => return false,
-                Err(err) => {
-                    let cause = err.to_string();
-                    let mut stall = self.stats.stall.lock().unwrap_or_else(|p| p.into_inner());
-                    if stall.as_ref().is_none_or(|s| s.cause != cause) {
-                        tracing::error!(
-                            "billing stalled: {cause}; the live path goes on, billing retries \
-                             and catches up once the output takes writes again"
-                        );
-                    }
-                    let since = stall.as_ref().map_or_else(wall_clock_ms, |s| s.since_ms);
-                    *stall = Some(Stall {
-                        cause,
-                        since_ms: since,
-                    });
+                return true;
+            }
+            Err(SinkError::Stopped) => return false,
+            Err(err) => {
+                stalled = true;
+                let cause = err.to_string();
+                let mut stall = stats.stall.lock().unwrap_or_else(|p| p.into_inner());
+                if stall.as_ref().is_none_or(|s| s.cause != cause) {
+                    tracing::error!(
+                        "billing stalled: {cause}; the live path goes on, billing retries \
+                         and catches up once the output takes writes again"
+                    );
                 }
+                let since = stall.as_ref().map_or_else(wall_clock_ms, |s| s.since_ms);
+                *stall = Some(Stall {
+                    cause,
+                    since_ms: since,
+                });
             }
-            if stop.load(Ordering::Relaxed) {
-                tracing::warn!(
-                    "stopped while billing was stalled: the ledger keeps what was committed"
-                );
-                return false;
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(MAX_RETRY_PAUSE);
         }
+        if stop.load(Ordering::Relaxed) {
+            tracing::warn!(
+                "stopped while billing was stalled: the ledger keeps what was committed"
+            );
+            return false;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(MAX_RETRY_PAUSE);
     }
 }
 
@@ -904,6 +926,51 @@ mod tests {
         sink.advance(None).unwrap();
         assert_eq!(sink.stats().billed.load(Ordering::Relaxed), 10_000);
         assert_eq!(sink.stats().files.load(Ordering::Relaxed), 5);
+    }
+
+    #[test]
+    fn files_handed_over_but_not_written_before_a_crash_are_written_by_the_next_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let billing = dir.path().join("billing");
+        let aside = dir.path().join("billing.aside");
+        let mut sink = open(dir.path());
+        // The billing directory refuses files (moved aside, a plain file in
+        // its place): the commit goes through, its files' writer stalls.
+        fs::rename(&billing, &aside).unwrap();
+        fs::write(&billing, b"in the way").unwrap();
+        accept_ten_thousand_in_five_periods(&mut sink);
+        sink.advance(Some(10_000)).unwrap();
+        while sink.stats().stall().is_none() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The job dies before the files are in place.
+        sink.stop.store(true, Ordering::Relaxed);
+        drop(sink);
+        let ledger = Ledger::open(&dir.path().join(LEDGER_FILE)).unwrap();
+        assert_eq!(ledger.period_range().unwrap(), Some((1_000, 5_000)));
+        assert_eq!(
+            ledger.next_unwritten_period().unwrap(),
+            None,
+            "no file recorded"
+        );
+        drop(ledger);
+
+        // The next run reads the same input again: every id is final
+        // already, and the files come from the rows the ledger holds.
+        fs::remove_file(&billing).unwrap();
+        fs::rename(&aside, &billing).unwrap();
+        let mut sink = open(dir.path());
+        accept_ten_thousand_in_five_periods(&mut sink);
+        sink.advance(None).unwrap();
+        assert_eq!(sink.stats().billed.load(Ordering::Relaxed), 0);
+        assert_eq!(sink.stats().files.load(Ordering::Relaxed), 5);
+        for period in (1_000..6_000).step_by(1_000) {
+            let csv = billing.join(format!("billable-{period}-{}.csv", period + 1_000));
+            let rows = fs::read_to_string(csv).unwrap().lines().count() - 1;
+            assert_eq!(rows, 2_000);
+        }
+        let ledger = Ledger::open(&dir.path().join(LEDGER_FILE)).unwrap();
+        assert_eq!(ledger.next_unwritten_period().unwrap(), Some(6_000));
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod ledger;
 pub mod live;
 pub mod metrics;
 pub mod out_lock;
+pub mod period_files;
 pub mod process;
 pub mod report;
 pub mod side;

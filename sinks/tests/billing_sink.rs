@@ -76,6 +76,13 @@ fn a_billed_and_b_expired(sink: &mut BillingSink) {
     sink.accept(outcome("b", 3_100, None)).unwrap();
 }
 
+/// Moves the frontier to `frontier` and waits for the files that made
+/// final (a running sink writes them on a thread of its own).
+fn advance_to(sink: &mut BillingSink, frontier: u64) {
+    sink.advance(Some(frontier)).unwrap();
+    sink.wait_for_files().unwrap();
+}
+
 fn files(out: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(out.join("billing"))
         .unwrap()
@@ -119,13 +126,13 @@ fn a_period_is_written_only_once_its_last_deadline_has_passed() {
     let (dir, mut sink) = fresh();
     sink.accept(outcome("a", 1_000, Some(1_001))).unwrap();
     // The last impression of [1000, 2000) has its deadline at 1999 + 500.
-    sink.advance(Some(2_400)).unwrap();
+    advance_to(&mut sink, 2_400);
     assert!(files(dir.path()).is_empty());
-    sink.advance(Some(2_500)).unwrap();
+    advance_to(&mut sink, 2_500);
     assert_eq!(files(dir.path()).len(), 2);
     // Quiet periods after the last impression get no file (yet): a later
     // impression would cover the gap with a header-only file.
-    sink.advance(Some(3_500)).unwrap();
+    advance_to(&mut sink, 3_500);
     assert_eq!(files(dir.path()).len(), 2);
 }
 
@@ -210,10 +217,10 @@ fn a_run_without_billed_rows_is_one_file_written_with_the_period_after_it() {
     let far = 1_000 + 3 * 365 * 24 * 3_600_000;
     sink.accept(outcome("c", far + 50, Some(far + 60))).unwrap();
     // [2000, 4000) is final, but the run it belongs to may go on: no file.
-    sink.advance(Some(4_600)).unwrap();
+    advance_to(&mut sink, 4_600);
     assert_eq!(files(dir.path()).len(), 2, "{:?}", files(dir.path()));
     let started = std::time::Instant::now();
-    sink.advance(Some(far + PERIOD + WINDOW)).unwrap();
+    advance_to(&mut sink, far + PERIOD + WINDOW);
     assert!(
         started.elapsed().as_secs() < 2,
         "one file per run, not per period"
@@ -248,7 +255,7 @@ fn a_run_without_billed_rows_is_one_file_written_with_the_period_after_it() {
 fn the_tail_run_is_written_at_the_end_of_the_input_only() {
     let (dir, mut sink) = fresh();
     a_billed_and_b_expired(&mut sink);
-    sink.advance(Some(10_000)).unwrap();
+    advance_to(&mut sink, 10_000);
     assert_eq!(files(dir.path()), with_markers(&["billable-1000-2000.csv"]));
     sink.advance(None).unwrap();
     assert_eq!(
