@@ -259,6 +259,7 @@ impl BillingSink {
             .store(frontier.unwrap_or(u64::MAX), Ordering::Relaxed);
         self.commit(frontier)?;
         if frontier.is_none() {
+            self.ledger.checkpoint()?;
             self.files.wait_installed()?;
             self.commit(frontier)?;
         }

@@ -214,6 +214,16 @@ impl Ledger {
         Ok(Ledger { conn })
     }
 
+    /// Copies the write-ahead log into the database file, without waiting
+    /// for readers (`PRAGMA wal_checkpoint(PASSIVE)`). SQLite checkpoints
+    /// when the last connection closes, and that copy of every page written
+    /// since the last checkpoint was the end of a run; done while the last
+    /// files are being written, it leaves the close next to nothing.
+    pub fn checkpoint(&self) -> rusqlite::Result<()> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+    }
+
     /// Starts the one transaction of a commit. A shared borrow (rusqlite's
     /// `unchecked_transaction`), so that the sink can read its own state
     /// while the commit is open; the sink never nests commits, and SQLite
