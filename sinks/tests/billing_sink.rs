@@ -219,12 +219,8 @@ fn a_run_without_billed_rows_is_one_file_written_with_the_period_after_it() {
     // [2000, 4000) is final, but the run it belongs to may go on: no file.
     advance_to(&mut sink, 4_600);
     assert_eq!(files(dir.path()).len(), 2, "{:?}", files(dir.path()));
-    let started = std::time::Instant::now();
+    // One file for the whole run, not one per period (the listing below).
     advance_to(&mut sink, far + PERIOD + WINDOW);
-    assert!(
-        started.elapsed().as_secs() < 2,
-        "one file per run, not per period"
-    );
     let run = format!("billable-2000-{far}.csv");
     let last = format!("billable-{far}-{}.csv", far + PERIOD);
     let mut want = with_markers(&["billable-1000-2000.csv", &run, &last]);
