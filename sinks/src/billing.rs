@@ -293,9 +293,7 @@ impl BillingSink {
         let mut recorded = self.record_outcomes(&commit, &mut coverage)?;
         self.record_late_in_ledger(&commit, &recorded)?;
         tracing::debug!(?frontier, ?coverage, "billing commit");
-        for file in &self.files.reported()[..written] {
-            commit.record_file(file)?;
-        }
+        commit.record_files(&self.files.reported()[..written])?;
         let final_files = self.final_files(&mut coverage, frontier, &recorded.billed_rows);
         self.record_positions(&commit, &safe)?;
         // Side lines go out, and every rejected line so far is flushed,
@@ -322,7 +320,6 @@ impl BillingSink {
         stats
             .expired
             .fetch_add(recorded.expired.len() as u64, Ordering::Relaxed);
-        stats.files.fetch_add(written as u64, Ordering::Relaxed);
         let again = recorded.already_final.len() as u64;
         stats
             .duplicates
@@ -332,7 +329,7 @@ impl BillingSink {
         self.keep_unwritten(billed_rows);
         self.buffered.clear();
         self.late.clear();
-        self.files.recorded(written);
+        self.files_recorded(written);
         let stop = self.stop.clone();
         self.files.write(final_files, &self.stats, &stop)
     }
@@ -708,15 +705,17 @@ impl BillingSink {
             return Ok(());
         }
         let commit = self.ledger.begin()?;
-        for file in self.files.reported() {
-            commit.record_file(file)?;
-        }
+        commit.record_files(self.files.reported())?;
         commit.commit()?;
-        self.stats
-            .files
-            .fetch_add(written as u64, Ordering::Relaxed);
-        self.files.recorded(written);
+        self.files_recorded(written);
         Ok(())
+    }
+
+    /// After a commit: the first `n` files the writer reported are in the
+    /// ledger.
+    fn files_recorded(&mut self, n: usize) {
+        self.stats.files.fetch_add(n as u64, Ordering::Relaxed);
+        self.files.recorded(n);
     }
 
     /// Runs `attempt` until it succeeds ([`retry_until_done`]).
@@ -941,9 +940,19 @@ mod tests {
         fs::write(&billing, b"in the way").unwrap();
         accept_ten_thousand_in_five_periods(&mut sink);
         sink.advance(Some(10_000)).unwrap();
-        while sink.stats().stall().is_none() {
+        // Bounded, so that a writer that never stalls fails the test
+        // instead of hanging it.
+        for _ in 0..3_000 {
+            if sink.stats().stall().is_some() {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
+        let stall = sink
+            .stats()
+            .stall()
+            .expect("the files' writer reports the stall");
+        assert!(stall.cause.contains("directory"), "{}", stall.cause);
         // The job dies before the files are in place.
         sink.stop.store(true, Ordering::Relaxed);
         drop(sink);

@@ -440,12 +440,14 @@ impl Commit<'_> {
             .optional()
     }
 
-    pub fn record_file(&self, file: &FileRecord) -> rusqlite::Result<()> {
-        self.tx.prepare_cached(
+    /// Records period files that are in place (see `crate::period_files`).
+    pub fn record_files(&self, files: &[FileRecord]) -> rusqlite::Result<()> {
+        let mut insert = self.tx.prepare_cached(
             "INSERT INTO files (name, period_start, period_end, rows, total_price_micros, sha256, written_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?.execute(
-            params![
+        )?;
+        for file in files {
+            insert.execute(params![
                 file.name,
                 file.period_start as i64,
                 file.period_end as i64,
@@ -453,8 +455,8 @@ impl Commit<'_> {
                 file.total_price_micros as i64,
                 file.sha256,
                 file.written_at_ms as i64,
-            ],
-        )?;
+            ])?;
+        }
         Ok(())
     }
 
